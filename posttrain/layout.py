@@ -1,0 +1,68 @@
+"""The one converter between a live model's tensors and the DeepSeek checkpoint layout.
+
+transformers v5 holds routed experts fused (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj`
+[E, H, I]); DeepSeek checkpoints, vLLM and `save_pretrained` use per-expert names
+(`mlp.experts.{i}.gate_proj.weight`, …). Live → DeepSeek goes through transformers' own
+`revert_weight_conversion` (what `save_pretrained` calls), so the names and values are exactly what
+a saved checkpoint holds. DeepSeek → live is the inverse fusion. Both carry the MTP layers and the
+router's `e_score_correction_bias` buffers, which live in the state dict like any other tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+from transformers.core_model_loading import revert_weight_conversion
+
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def to_deepseek_layout(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Live (fused) tensors → DeepSeek checkpoint names, as `save_pretrained` writes them.
+
+    `state_dict` may be any subset of the model's state (e.g. one layer); by default the whole
+    state, buffers included. Returned tensors may be views of the live ones.
+    """
+    if state_dict is None:
+        state_dict = model.state_dict()
+    return revert_weight_conversion(model, dict(state_dict))
+
+
+def iter_deepseek_layout(model: nn.Module, detach: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Streams the DeepSeek-layout tensors one decoder layer at a time (weight sync to vLLM), so
+    that at most one layer's converted copy exists at once."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        m = _LAYER_KEY.match(name)
+        key = m.group(1) if m else "_top"
+        groups.setdefault(key, {})[name] = tensor.detach() if detach else tensor
+    for key in sorted(groups, key=lambda k: (k != "_top", int(k) if k.isdigit() else -1)):
+        yield from to_deepseek_layout(model, groups[key]).items()
+
+
+def from_deepseek_layout(deepseek_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeepSeek checkpoint names → the live model's (fused) state-dict names."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, tensor in deepseek_state.items():
+        m = _EXPERT_KEY.match(name)
+        if m is None:
+            out[name] = tensor
+            continue
+        experts.setdefault(m["prefix"], {}).setdefault(int(m["idx"]), {})[m["proj"]] = tensor
+    for prefix, by_index in experts.items():
+        n = len(by_index)
+        if sorted(by_index) != list(range(n)):
+            raise ValueError(f"{prefix}: expert indices are not 0..{n - 1}: {sorted(by_index)}")
+        missing = [f"{prefix}.{i}.{p}" for i in range(n) for p in ("gate_proj", "up_proj", "down_proj") if p not in by_index[i]]
+        if missing:
+            raise ValueError(f"missing expert weights: {missing[:4]}{' …' if len(missing) > 4 else ''}")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([by_index[i]["gate_proj"], by_index[i]["up_proj"]], dim=0) for i in range(n)]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([by_index[i]["down_proj"] for i in range(n)])
+    return out

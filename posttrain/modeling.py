@@ -1,0 +1,243 @@
+"""DeepSeek-V3 with its Multi-Token Prediction module, trainable.
+
+transformers' `DeepseekV3ForCausalLM` builds no MTP module and drops the checkpoint's MTP keys;
+its generic `MtpModel` (modeling_layers.py) is inference-only, names the block `mtp_block` and
+re-indexes the MTP layer from 0 (which would make it a dense layer for V3). So this module adds
+the V3 MTP module (report §2.2) as `model.layers[num_hidden_layers + k]`: `DeepseekV3Model.forward`
+only runs `layers[:num_hidden_layers]`, and the parameter names are exactly the DeepSeek
+checkpoint layout (`model.layers.{N}.enorm`, `.hnorm`, `.eh_proj`, the decoder block's own
+`self_attn`/`mlp`/norms, `.shared_head.norm`), so `save_pretrained`/`from_pretrained` write and
+read the layout vLLM's `deepseek_mtp` expects, per-expert names included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3DecoderLayer,
+    DeepseekV3RMSNorm,
+)
+
+IGNORE_INDEX = -100
+
+
+class DeepseekV3SharedHead(nn.Module):
+    """The MTP module's final norm; the output projection itself is the main model's `lm_head`."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden_states)
+
+
+class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
+    """One MTP module (DeepSeek-V3 report §2.2, eq. 21-23).
+
+    h'_i = M_k [RMSNorm(h_i^{k-1}); RMSNorm(Emb(t_{i+k}))], then a full V3 decoder block (MLA + MoE),
+    then the shared output head. The concatenation order (embedding first) is the one of the
+    released checkpoints as read by vLLM's `deepseek_mtp`, so a module trained here drafts there.
+    """
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.enorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = DeepseekV3SharedHead(config)
+
+    def mtp_forward(
+        self,
+        previous_hidden: torch.Tensor,
+        next_token_embeds: torch.Tensor,
+        *,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Returns the block's output before `shared_head` (the hidden the next depth would chain on)."""
+        projected = self.eh_proj(torch.cat([self.enorm(next_token_embeds), self.hnorm(previous_hidden)], dim=-1))
+        return super().forward(
+            projected,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            use_cache=False,
+        )
+
+
+@dataclass
+class MTPCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`loss` is the main next-token loss only; `mtp_loss` is the mean over MTP depths (report eq. 25
+    without λ, which the trainer applies so that it can be scheduled)."""
+
+    mtp_loss: torch.Tensor | None = None
+    mtp_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def sample_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the packed sample each token belongs to: a new sample starts where positions restart at 0."""
+    return torch.cumsum((position_ids == 0).long(), dim=-1)
+
+
+class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
+    """`DeepseekV3ForCausalLM` plus `config.num_nextn_predict_layers` MTP modules, trainable.
+
+    Without MTP work (generation, plain forward) it behaves exactly as the parent class. The MTP
+    loss is computed when `labels` are given and `compute_mtp` is not False. Packed rows are
+    supported: sample boundaries come from `position_ids` restarting at 0, and an MTP input token
+    or target never comes from another sample.
+    """
+
+    # The MTP layers are part of this model; nothing in the checkpoint is to be ignored.
+    _keys_to_ignore_on_load_unexpected = None
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        n_main = config.num_hidden_layers
+        for k in range(num_mtp_layers(config)):
+            self.model.layers.append(DeepseekV3MTPLayer(config, n_main + k))
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def mtp_layers(self) -> list[DeepseekV3MTPLayer]:
+        return list(self.model.layers[self.config.num_hidden_layers :])
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        compute_mtp: bool | None = None,
+        detach_mtp_input: bool = False,
+        **kwargs,
+    ) -> MTPCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if compute_mtp is None:
+            compute_mtp = labels is not None
+        mtp_loss, mtp_logits = None, None
+        if compute_mtp and self.mtp_layers:
+            if input_ids is None:
+                raise ValueError("MTP needs input_ids (the next tokens feed the MTP embedding).")
+            mtp_logits, mtp_loss = self._mtp(hidden, input_ids, position_ids, labels, attention_mask, detach_mtp_input)
+
+        return MTPCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            mtp_loss=mtp_loss,
+            mtp_logits=mtp_logits,
+        )
+
+    def _mtp(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        detach_input: bool,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+        sample_ids = sample_ids_from_positions(position_ids)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.model.rotary_emb(hidden, position_ids)
+        embed = self.model.embed_tokens
+        prev = hidden.detach() if detach_input else hidden
+        all_logits, losses = [], []
+        for depth, layer in enumerate(self.mtp_layers, start=1):
+            # Token t_{i+depth} feeds position i, but only from the same packed sample; elsewhere
+            # (and at a sample's first position, as vLLM's deepseek_mtp does) the embedding is zero.
+            next_ids = _shift_left(input_ids, depth, fill=0)
+            same_sample = _shift_left(sample_ids, depth, fill=-1) == sample_ids
+            keep = same_sample & (position_ids != 0)
+            next_embeds = embed(next_ids) * keep.unsqueeze(-1).to(hidden.dtype)
+            prev = layer.mtp_forward(
+                prev, next_embeds, position_embeddings=position_embeddings, attention_mask=mask, position_ids=position_ids
+            )
+            depth_logits = self.lm_head(layer.shared_head(prev))
+            all_logits.append(depth_logits)
+            if labels is not None:
+                # Position i predicts t_{i+depth+1}; `labels` are unshifted (label[j] is the target
+                # for token j's predecessor), so the target of position i is labels[i + depth + 1].
+                target = _shift_left(labels, depth + 1, fill=IGNORE_INDEX)
+                target_same = _shift_left(sample_ids, depth + 1, fill=-1) == sample_ids
+                target = target.masked_fill(~target_same, IGNORE_INDEX)
+                losses.append(_token_mean_ce(depth_logits, target))
+        mtp_loss = torch.stack(losses).mean() if losses else None
+        return tuple(all_logits), mtp_loss
+
+    # ----------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Saves as a plain `DeepseekV3ForCausalLM` checkpoint (that is the name vLLM and the Auto
+        classes know); the MTP keys sit at `model.layers.{num_hidden_layers}` as in DeepSeek's release."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        config_path = os.path.join(save_directory, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                cfg = json.load(f)
+            cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+            cfg["num_nextn_predict_layers"] = num_mtp_layers(self.config)
+            with open(config_path, "w") as f:
+                json.dump(cfg, f, indent=2, sort_keys=True)
+                f.write("\n")
+        return out
+
+
+def num_mtp_layers(config: DeepseekV3Config) -> int:
+    return int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+
+
+def _shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    out = torch.full_like(x, fill)
+    if n < x.shape[-1]:
+        out[..., : x.shape[-1] - n] = x[..., n:]
+    return out
+
+
+def _token_mean_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    target = target.reshape(-1)
+    valid = (target != IGNORE_INDEX).sum()
+    total = nn.functional.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / valid.clamp(min=1)

@@ -1,0 +1,265 @@
+"""Recipes: one YAML file per run, overridable with `--key value`, parsed into typed config dataclasses.
+
+The config classes are dataclasses whose fields are documented where they are declared (TRL's
+style); many extend TRL's or transformers' argument classes, so field names mean what a TRL user
+expects. Every problem is a `ConfigError` naming the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML recipe into a mapping; a missing or malformed file is a `ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` and bare `--flag` (meaning true) → {key: raw string or True}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: options are given as --key value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value, i = True, i + 1
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def load_config(
+    cls: type[T],
+    recipe: str | Path | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    section: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> T:
+    """Builds `cls` from `defaults`, then the recipe (or its `section` mapping), then `overrides`.
+
+    Command-line strings are converted to each field's declared type; YAML values are checked
+    against it. Unknown keys fail with the closest valid names.
+    """
+    values: dict[str, Any] = dict(defaults or {})
+    source = "defaults"
+    if recipe is not None:
+        data = read_recipe(recipe)
+        if section is not None and isinstance(data.get(section), dict):
+            data = data[section]
+        values.update(data)
+        source = str(recipe)
+    if overrides:
+        ov = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
+        values.update(ov)
+        if ov:
+            source = f"{source} + command line" if recipe else "command line"
+    return build_config(cls, values, source)
+
+
+def build_config(cls: type[T], values: Mapping[str, Any], source: str = "config") -> T:
+    """Checks `values` against `cls`'s fields and instantiates it."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}{hint}")
+        kwargs[key] = coerce(value, hints.get(key, Any), key, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: invalid {cls.__name__}: {e}") from None
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def coerce(value: Any, tp: Any, key: str, source: str = "config") -> Any:
+    """Converts `value` to `tp` or raises a `ConfigError` naming `key` and the expected type."""
+    try:
+        return _coerce(value, tp)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{source}: '{key}' expects {type_name(tp)}, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in [a for a in args if a is not type(None)]:
+            try:
+                return _coerce(value, arg)
+            except (ValueError, TypeError):
+                continue
+        raise TypeError
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ValueError
+    if origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = _parse_str_collection(value, list)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        items = [_coerce(v, item) for v in value]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin in (dict, Mapping, typing.Mapping) or tp is dict:
+        if isinstance(value, str):
+            value = _parse_str_collection(value, dict)
+        if not isinstance(value, dict):
+            raise TypeError
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise TypeError
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            return int(value.replace("_", ""))
+        raise TypeError
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        return tp(value)
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise TypeError
+    return value
+
+
+def _parse_str_collection(text: str, kind: type) -> Any:
+    text = text.strip()
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return yaml.safe_load(text)
+    if kind is list:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    raise TypeError
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a config dataclass (for run manifests and reports)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if isinstance(v, enum.Enum):
+            v = v.value
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = str(v)
+        out[f.name] = v
+    return out
+
+
+def describe_fields(cls: type, own_only: bool = False) -> str:
+    """`--help` text for a config class: one line per field with type, default and help."""
+    lines = []
+    skip = set()
+    if own_only:
+        for base in cls.__mro__[1:]:
+            if dataclasses.is_dataclass(base):
+                skip |= {f.name for f in dataclasses.fields(base)}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip or f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            "(computed)" if f.default_factory is dataclasses.MISSING else f.default_factory()
+        )
+        help_text = f.metadata.get("help", "")
+        lines.append(f"  --{f.name} {type_name(hints.get(f.name, Any))} (default: {default!r})\n      {help_text}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Rollout engines: one interface for sampling completions (vLLM colocated, vLLM server, transformers)."""

@@ -1,0 +1,36 @@
+"""Shared fixtures: one tiny checkpoint per test session, and one vLLM engine when a test needs it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# vLLM in tests: run the engine core in-process (no spawned engine process) with a small KV cache.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The embedded default checkpoint (tiny preset, seed 0), written once per session."""
+    from posttrain.model_init import init_model
+
+    return init_model("tiny", tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_llm(tiny_model_dir):
+    """One vLLM (CPU build) engine on the tiny checkpoint, shared by the session's tests."""
+    from posttrain.rollout.vllm_setup import make_llm
+
+    llm = make_llm(str(tiny_model_dir), max_model_len=256)
+    yield llm
+    del llm

@@ -1,0 +1,95 @@
+"""Recipes and config errors: unknown key, wrong type, missing file -> clear message, non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from posttrain.errors import ConfigError
+from posttrain.recipe import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, str(ROOT / "cli.py")]
+
+
+@dataclass
+class ToyConfig:
+    model_name_or_path: str = field(default="tiny", metadata={"help": "model"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "lr"})
+    max_steps: int = field(default=-1, metadata={"help": "steps"})
+    bf16: bool = field(default=False, metadata={"help": "bf16"})
+    reward_funcs: list[str] = field(default_factory=lambda: ["math_accuracy"], metadata={"help": "rewards"})
+    beta: float | None = field(default=None, metadata={"help": "kl"})
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 3.0e-5\nmax_steps: 10\nreward_funcs: [a, b]\n")
+    cfg = load_config(ToyConfig, recipe, ["--max_steps", "20", "--bf16", "--beta=0.04", "--learning_rate", "1e-6"])
+    assert cfg.max_steps == 20 and cfg.bf16 is True and cfg.beta == 0.04
+    assert cfg.learning_rate == 1e-6 and cfg.reward_funcs == ["a", "b"]
+    assert load_config(ToyConfig, None, ["--reward_funcs", "x,y", "--beta", "none"]).reward_funcs == ["x", "y"]
+
+
+def test_unknown_key_names_closest(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rat: 1e-5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rat'.*did you mean learning_rate"):
+        load_config(ToyConfig, recipe)
+    with pytest.raises(ConfigError, match="max_step.*did you mean max_steps"):
+        load_config(ToyConfig, None, ["--max_step", "3"])
+
+
+def test_wrong_type_names_field_and_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"'max_steps' expects int, got 'ten'"):
+        load_config(ToyConfig, None, ["--max_steps", "ten"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"'learning_rate' expects float"):
+        load_config(ToyConfig, recipe)
+    with pytest.raises(ConfigError, match=r"'bf16' expects bool"):
+        load_config(ToyConfig, None, ["--bf16", "maybe"])
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found: .*nope.yaml"):
+        load_config(ToyConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*line \d+.*invalid YAML"):
+        load_config(ToyConfig, bad)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_help_lists_every_subcommand():
+    r = _cli("--help")
+    assert r.returncode == 0
+    for name in ("init-model", "sft", "grpo", "distill", "rm", "eval", "run", "rewards", "convert", "plan"):
+        assert f"\n  {name} " in r.stdout, name
+
+
+def test_cli_config_errors_exit_nonzero_without_traceback(tmp_path):
+    r = _cli("distill", "--recipe", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "recipe file not found" in r.stderr and "Traceback" not in r.stderr
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("num_generationz: 4\n")
+    r = _cli("distill", "--recipe", str(recipe))
+    assert r.returncode == 2 and "unknown key 'num_generationz'" in r.stderr and "num_generations" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli("distill", "--num_generations", "four")
+    assert r.returncode == 2 and "'num_generations' expects int" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unbuilt_subcommands_fail_loudly():
+    for name in ("plan",):
+        r = _cli(name)
+        assert r.returncode != 0 and "not implemented yet" in r.stderr
+    r = _cli("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
