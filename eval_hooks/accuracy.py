@@ -1,0 +1,70 @@
+"""Held-out accuracy through a rollout engine: greedy pass@1, and sampled pass@k / maj@k.
+
+Correctness is the rewards package's math verifier (math-verify against the gold answer), the
+same check GRPO's `math_accuracy` reward makes, so an evaluation and a reward never disagree.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from posttrain.rollout.engines import RolloutEngine, SamplingSettings
+
+
+def _prompt_ids(tokenizer, prompt: Any) -> list[int]:
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def evaluate_accuracy(
+    engine: RolloutEngine,
+    tokenizer,
+    prompts: Sequence[Any],
+    answers: Sequence[str],
+    *,
+    k: int = 1,
+    temperature: float = 0.0,
+    max_tokens: int = 256,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """pass@1 (greedy when `temperature` is 0); with `k` > 1 also pass@k and maj@k over k samples.
+
+    Returns {"accuracy", "n", "pass@k", "maj@k", "completions"} where `accuracy` is pass@1 over
+    the first sample of each problem."""
+    from rewards import extract_final_answer, math_accuracy
+
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if len(prompts) == 0:
+        raise ValueError("nothing to evaluate: the evaluation set is empty")
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    sampling = SamplingSettings(
+        temperature=temperature, max_tokens=max_tokens, seed=seed, stop_token_ids=[tokenizer.eos_token_id]
+    )
+    outs = engine.generate(ids, k, sampling)
+    texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group] for group in outs]
+    flat_texts = [t for group in texts for t in group]
+    flat_gold = [a for a, group in zip(answers, texts) for _ in group]
+    scores = math_accuracy([""] * len(flat_texts), flat_texts, answer=flat_gold)
+    correct = [[(scores[i * k + j] or 0.0) > 0.5 for j in range(k)] for i in range(len(prompts))]
+    result: dict[str, Any] = {
+        "accuracy": sum(c[0] for c in correct) / len(correct),
+        "n": len(correct),
+        "completions": [group[0] for group in texts],
+    }
+    if k > 1:
+        result[f"pass@{k}"] = sum(any(c) for c in correct) / len(correct)
+        majority = []
+        for group, c in zip(texts, correct):
+            finals = [extract_final_answer(t.split("</think>")[-1]) for t in group]
+            votes = Counter(f for f in finals if f is not None)
+            if not votes:
+                majority.append(False)
+                continue
+            top = votes.most_common(1)[0][0]
+            majority.append(c[finals.index(top)])
+        result[f"maj@{k}"] = sum(majority) / len(majority)
+    return result

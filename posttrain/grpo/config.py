@@ -1,0 +1,92 @@
+"""The GRPO recipe: TRL's `GRPOConfig` plus what V3 needs (MTP, balancing, rewards, data).
+
+Every TRL/transformers field keeps its meaning (`learning_rate`, `num_generations`, `beta`,
+`epsilon`, `loss_type`, `max_completion_length`, `use_vllm`, `vllm_mode`, …). Defaults differ
+where the DeepSeek papers or this CPU say so; each such default is commented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+
+@dataclass
+class GRPORecipeConfig(GRPOConfig):
+    # -- model and data -------------------------------------------------------------------------
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Policy checkpoint (a Hugging Face directory in the DeepSeek layout)."}
+    )
+    dataset_name: str = field(
+        default="builtin:arith",
+        metadata={"help": "Prompt dataset: `builtin:arith`, a local jsonl/parquet file or directory, or a Hub id."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of `dataset_name` to train on."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (chat messages or text)."})
+    answer_column: str = field(
+        default="answer", metadata={"help": "Column with the gold answer, passed to rewards as `answer`."}
+    )
+    max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts (None: all)."})
+    # -- rewards -------------------------------------------------------------------------------
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["math_accuracy"],
+        metadata={
+            "help": "Reward functions by name: a built-in (`dsv3-posttrain rewards list`), `module:function`, "
+            "`path/file.py:function` or an installed plugin. Weights go in `reward_weights`."
+        },
+    )
+    reward_failure_policy: str = field(
+        default="error",
+        metadata={"help": "A reward that raises, hangs, returns the wrong length or NaN: `error` stops the run "
+                  "naming the reward and row; `skip` scores that row None and counts it in rewards/<name>/failures."},
+    )
+    reward_timeout_s: float | None = field(default=120.0, metadata={"help": "Per-call timeout of each reward."})
+    # -- V3 specifics ---------------------------------------------------------------------------
+    mtp_loss_weight: float = field(
+        default=0.3,
+        metadata={"help": "λ of the MTP loss on the policy's own samples (V3 report §2.2); 0 leaves the MTP "
+                  "module untouched (its acceptance rate is still measured)."},
+    )
+    mtp_detach_input: bool = field(
+        default=False, metadata={"help": "Stop the MTP loss's gradient at the trunk's hidden states."}
+    )
+    bias_update_speed: float = field(
+        default=1e-3, metadata={"help": "γ of aux-loss-free balancing (V3 report §2.1.2); 0 freezes the biases."}
+    )
+    seq_balance_alpha: float = field(
+        default=0.0, metadata={"help": "α of the sequence-wise balance loss (V3 report eq. 17); 0 disables."}
+    )
+    vllm_dtype: str = field(default="float32", metadata={"help": "dtype of the colocated vLLM engine."})
+    # -- defaults that differ from TRL's ---------------------------------------------------------
+    # DeepSeekMath's GRPO: per-sequence normalised loss with a k3 KL penalty (TRL's default is dapo, β=0).
+    loss_type: str = field(default="grpo", metadata={"help": "grpo | dapo | dr_grpo | bnpo | … (TRL's loss types)."})
+    beta: float = field(default=0.001, metadata={"help": "KL coefficient β (k3 estimator); 0 loads no reference model."})
+    use_vllm: bool = field(
+        default=True, metadata={"help": "Sample with vLLM (colocated, or a server with vllm_mode=server); "
+                                "False falls back to transformers generate."}
+    )
+    # Truncated importance sampling per token against the engine's sampling log-probs.
+    vllm_importance_sampling_mode: str = field(
+        default="token_truncate", metadata={"help": "TIS granularity: token_truncate | token_mask | sequence_*."}
+    )
+    vllm_importance_sampling_clip_max: float = field(default=2.0, metadata={"help": "TIS cap."})
+    # On CPU bf16 is several times slower than fp32 and gradient checkpointing only costs time.
+    bf16: bool = field(default=False, metadata={"help": "Train in bf16 (GPU)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even if a GPU is present."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    learning_rate: float = field(default=2e-6, metadata={"help": "Peak learning rate (R1 used 3e-6)."})
+    num_generations: int | None = field(default=8, metadata={"help": "Group size G (R1: 16, DeepSeekMath: 64)."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint: steps | epoch | no."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Loggers: none, wandb, tensorboard, …"})
+
+    def __post_init__(self):
+        if self.reward_failure_policy not in ("error", "skip"):
+            raise ValueError(f"reward_failure_policy must be 'error' or 'skip', got {self.reward_failure_policy!r}")
+        if not self.reward_funcs:
+            raise ValueError("`reward_funcs` is empty: name at least one reward function")
+        if self.mtp_loss_weight < 0:
+            raise ValueError("mtp_loss_weight must be >= 0")
+        super().__post_init__()

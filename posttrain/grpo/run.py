@@ -1,0 +1,119 @@
+"""`dsv3-posttrain grpo`: build the data, rewards, engine and trainer from a recipe, train, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..modeling import DeepseekV3ForCausalLMWithMTP
+from ..rollout.engines import HFGenerateEngine, RolloutEngine, VLLMColocateEngine, VLLMServerEngine
+from .config import GRPORecipeConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_prompts(cfg: GRPORecipeConfig):
+    """The prompt dataset with a `prompt` column and, when present, `answer`; clear errors otherwise."""
+    from data_pipelines.loading import load_rows, prompt_problem, require_columns
+
+    ds = load_rows(cfg.dataset_name, cfg.dataset_split)
+    if len(ds) == 0:
+        raise UserError(f"{cfg.dataset_name} ({cfg.dataset_split}): the dataset is empty")
+    require_columns(ds, [cfg.prompt_column], cfg.dataset_name)
+    needs_answer = any(name.split("?")[0] in ("math_accuracy",) for name in cfg.reward_funcs)
+    if needs_answer:
+        require_columns(ds, [cfg.answer_column], cfg.dataset_name)
+    for i in range(min(len(ds), 10_000)):
+        problem = prompt_problem(ds[i][cfg.prompt_column])
+        if problem:
+            raise UserError(f"{cfg.dataset_name} row {i}, column '{cfg.prompt_column}': {problem}")
+    if cfg.prompt_column != "prompt":
+        ds = ds.rename_column(cfg.prompt_column, "prompt")
+    if cfg.answer_column in ds.column_names and cfg.answer_column != "answer":
+        ds = ds.rename_column(cfg.answer_column, "answer")
+    if cfg.max_prompts is not None:
+        ds = ds.select(range(min(cfg.max_prompts, len(ds))))
+    return ds
+
+
+def build_engine(cfg: GRPORecipeConfig, model, tokenizer) -> RolloutEngine:
+    """The rollout engine the recipe asks for: vLLM colocated (default), a vLLM server, or HF generate."""
+    if not cfg.use_vllm:
+        return HFGenerateEngine(model, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    if cfg.vllm_mode == "server":
+        base = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
+        return VLLMServerEngine(base, connection_timeout=cfg.vllm_server_timeout, group_port=cfg.vllm_group_port)
+    max_len = cfg.vllm_max_model_length or min(model.config.max_position_embeddings, 4096)
+    return VLLMColocateEngine(
+        cfg.model_name_or_path,
+        dtype=cfg.vllm_dtype,
+        max_model_len=max_len,
+        seed=cfg.seed,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+    )
+
+
+def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, model=None, train_dataset=None):
+    from rewards import RewardSuite
+    from transformers import AutoTokenizer
+
+    from .trainer import V3GRPOTrainer
+
+    if not cfg.model_name_or_path:
+        raise UserError("model_name_or_path is required (a checkpoint directory, e.g. from `dsv3-posttrain sft`)")
+    if not Path(cfg.model_name_or_path).is_dir():
+        raise UserError(f"model_name_or_path: no checkpoint directory at {cfg.model_name_or_path}")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    if model is None:
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = DeepseekV3ForCausalLMWithMTP.from_pretrained(cfg.model_name_or_path, dtype=dtype)
+    if train_dataset is None:
+        train_dataset = load_prompts(cfg)
+    suite = RewardSuite(list(zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))),
+                        policy=cfg.reward_failure_policy, timeout_s=cfg.reward_timeout_s)
+    if cfg.reward_weights is None:
+        cfg.reward_weights = list(suite.weights)
+    if engine is None:
+        engine = build_engine(cfg, model, tokenizer)
+    return V3GRPOTrainer(
+        model=model,
+        args=cfg,
+        engine=engine,
+        reward_funcs=suite.trl_reward_funcs(),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+
+
+def run_grpo(cfg: GRPORecipeConfig) -> dict[str, Any]:
+    """Trains, saves the final checkpoint (DeepSeek layout, loadable by transformers and vLLM) and
+    returns the last logged metrics. Resumes from the newest checkpoint in `output_dir` when
+    `resume_from_checkpoint` is true or a path."""
+    trainer = build_trainer(cfg)
+    resume: Any = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() == "true":
+        resume = _last_checkpoint(cfg.output_dir)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(cfg.output_dir)
+        trainer.processing_class.save_pretrained(cfg.output_dir)
+        trainer.state.save_to_json(os.path.join(cfg.output_dir, "trainer_state.json"))
+    finally:
+        trainer.engine.close()
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    summary = {"steps": trainer.state.global_step, "last": history[-1] if history else {}}
+    Path(cfg.output_dir, "grpo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
