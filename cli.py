@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_NOT_IMPLEMENTED = 3
@@ -130,6 +131,85 @@ def cmd_distill(argv: list[str]) -> int:
     return 0
 
 
+def cmd_sft(argv: list[str]) -> int:
+    from posttrain.sft.config import SFTRecipeConfig
+    from posttrain.sft.run import run_sft
+
+    cfg = _recipe_config("sft", SFTRecipeConfig, argv,
+                         "Sample-masked SFT of the whole V3 model: packed samples that never see each other, loss on "
+                         "assistant tokens, the MTP loss (report §2.2) and aux-loss-free balancing (§2.1.2).")
+    if cfg is None:
+        return 0
+    summary = run_sft(cfg)
+    print(f"sft: done -> {cfg.output_dir} ({_short(summary)})")
+    return 0
+
+
+def cmd_grpo(argv: list[str]) -> int:
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.grpo.run import run_grpo
+
+    cfg = _recipe_config("grpo", GRPORecipeConfig, argv,
+                         "GRPO (DeepSeekMath §4.1): G completions per prompt sampled with vLLM, rule-based and model "
+                         "rewards, group-normalised advantages, clipped ratio with a k3 KL penalty; the whole MoE model "
+                         "is updated, MTP and router biases included.")
+    if cfg is None:
+        return 0
+    summary = run_grpo(cfg)
+    print(f"grpo: {summary['steps']} steps -> {cfg.output_dir}")
+    return 0
+
+
+def cmd_run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="dsv3-posttrain run",
+        description="Run a recipe that chains the stages (init, distill, sft, grpo, eval), each feeding the next, and "
+        "write report.md, plots and results.json in the run directory. Finished stages are skipped on a rerun; a "
+        "killed stage resumes from its last checkpoint.",
+    )
+    p.add_argument("recipe", help="chain recipe YAML (e.g. recipes/tiny-arith.yaml)")
+    p.add_argument("--output_dir", default=None, help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these stages")
+    p.add_argument("--validate", action="store_true", help="check every stage's config and exit")
+    args = p.parse_args(argv)
+    from eval_hooks.chain import load_chain_recipe, run_chain, validate_chain_recipe
+
+    if args.validate:
+        configs = validate_chain_recipe(load_chain_recipe(args.recipe, args.output_dir))
+        print(f"{args.recipe}: valid ({', '.join(configs)})")
+        return 0
+    run_chain(args.recipe, args.output_dir, args.only)
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from eval_hooks.chain import EvalStage
+    from posttrain.recipe import load_config
+
+    p = argparse.ArgumentParser(
+        prog="dsv3-posttrain eval",
+        description="Evaluate checkpoints on a benchmark (built-in task, MATH-500, GSM8K, AIME-style problem/answer "
+        "sets; local files or Hub ids): greedy pass@1, and with --k N sampled pass@N and maj@N, checked with "
+        "math-verify. Results as JSON.",
+    )
+    p.add_argument("--model_name_or_path", nargs="+", required=True, help="checkpoint directories")
+    p.add_argument("--output_dir", default="runs/eval", help="where the JSON results go")
+    args, rest = p.parse_known_args(argv)
+    cfg = load_config(EvalStage, None, rest)
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    names = {Path(m).name or m: m for m in args.model_name_or_path}
+    evaluate_checkpoints(names, cfg, args.output_dir)
+    return 0
+
+
+def _short(summary) -> str:
+    if not isinstance(summary, dict):
+        return ""
+    keys = [k for k in ("global_step", "steps", "train_loss", "loss") if k in summary]
+    return ", ".join(f"{k}={summary[k]}" for k in keys)
+
+
 def _recipe_config(name: str, cls: type, argv: list[str], description: str, section: str | None = None):
     """Parses `--recipe FILE` + overrides into `cls`; prints field help for -h and returns None."""
     from posttrain.recipe import describe_fields, load_config
@@ -160,11 +240,11 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "rewards": cmd_rewards,
     "convert": cmd_convert,
     "distill": cmd_distill,
-    "sft": _not_implemented("sft", 4),
-    "grpo": _not_implemented("grpo", 6),
+    "sft": cmd_sft,
+    "grpo": cmd_grpo,
     "rm": _not_implemented("rm", 5),
-    "eval": _not_implemented("eval", 8),
-    "run": _not_implemented("run", 8),
+    "eval": cmd_eval,
+    "run": cmd_run,
     "plan": _not_implemented("plan", 8),
 }
 

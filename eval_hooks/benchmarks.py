@@ -1,0 +1,51 @@
+"""Schema adapters: evaluation sets of different shapes -> (prompt messages, gold answer) pairs.
+
+Supported: the built-in task (`prompt`, `answer`), MATH-500 (`problem`, `answer`), GSM8K
+(`question`, `answer` ending in `#### <number>`), AIME-style sets (`problem`/`question`, `answer`).
+Sets come from local files or Hub ids through `data_pipelines.loading.load_rows`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from posttrain.errors import UserError
+
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$")
+
+
+def _messages(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def adapt_row(row: dict[str, Any], index: int, source: str) -> tuple[list[dict[str, str]], str]:
+    """One row -> (prompt messages, gold answer), by the columns it has."""
+    if "prompt" in row and "answer" in row:
+        prompt = row["prompt"]
+        return (prompt if isinstance(prompt, list) else _messages(str(prompt))), str(row["answer"])
+    if "question" in row and "answer" in row:  # GSM8K: the answer column is a worked solution
+        m = _GSM8K_FINAL.search(str(row["answer"]))
+        gold = m.group(1).replace(",", "") if m else str(row["answer"])
+        return _messages(str(row["question"])), gold
+    if "problem" in row and "answer" in row:  # MATH-500, AIME
+        return _messages(str(row["problem"])), str(row["answer"])
+    raise UserError(
+        f"{source} row {index}: no known schema (need prompt+answer, problem+answer or question+answer); "
+        f"columns are {sorted(row)}"
+    )
+
+
+def load_benchmark(dataset_name: str, split: str = "test", limit: int | None = None) -> tuple[list, list[str]]:
+    from data_pipelines.loading import load_rows
+
+    ds = load_rows(dataset_name, split)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    if n == 0:
+        raise UserError(f"{dataset_name} ({split}): the evaluation set is empty")
+    prompts, answers = [], []
+    for i in range(n):
+        p, a = adapt_row(ds[i], i, dataset_name)
+        prompts.append(p)
+        answers.append(a)
+    return prompts, answers

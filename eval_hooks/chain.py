@@ -1,0 +1,231 @@
+"""`dsv3-posttrain run RECIPE`: the stages of a recipe in order, each feeding the next.
+
+    init (or a given model) -> distill -> sft -> grpo -> eval -> report
+
+The runner lives in `eval_hooks` because it is the downstream end: it calls every stage and ends
+with the evaluation and the report. Each stage writes under the run directory
+(`runs/<recipe name>/` unless `--output_dir` says otherwise) and is recorded in `manifest.json`
+(status, a hash of its inputs, output path, metrics). Rerunning skips finished stages whose inputs
+did not change; a stage that was killed resumes from its own checkpoint (distill from its ledger,
+SFT and GRPO from their last Trainer checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError, UserError
+from posttrain.recipe import build_config, read_recipe
+
+log = logging.getLogger(__name__)
+
+STAGES = ("init", "distill", "sft", "grpo", "eval")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class InitStage:
+    """How the starting checkpoint is made: a preset, or an existing directory."""
+
+    preset: str = field(default="tiny", metadata={"help": "Model preset to initialise (tiny, small)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random weights and the tokenizer."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from this checkpoint instead of initialising one."}
+    )
+
+
+@dataclass
+class EvalStage:
+    """Held-out evaluation of every checkpoint the chain produced."""
+
+    dataset_name: str = field(default="builtin:arith", metadata={"help": "Evaluation set."})
+    dataset_split: str = field(default="test", metadata={"help": "Split of the evaluation set."})
+    num_problems: int = field(default=200, metadata={"help": "How many problems to evaluate on."})
+    max_tokens: int = field(default=160, metadata={"help": "Generation budget per answer."})
+    k: int = field(default=1, metadata={"help": "Samples per problem for pass@k / maj@k (1: greedy only)."})
+    max_model_len: int = field(default=512, metadata={"help": "Engine context length."})
+
+
+@dataclass
+class ChainRecipe:
+    name: str
+    output_dir: Path
+    stages: dict[str, dict[str, Any]]
+    source: str
+
+
+def load_chain_recipe(path: str | Path, output_dir: str | None = None) -> ChainRecipe:
+    data = read_recipe(path)
+    unknown = set(data) - {"name", "output_dir", "stages", "description"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected name, output_dir, stages")
+    stages = data.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise ConfigError(f"{path}: 'stages' must be a mapping of stage name to settings")
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"{path}: unknown stage(s) {bad}; stages are {list(STAGES)} (run in that order)")
+    name = str(data.get("name") or Path(path).stem)
+    out = Path(output_dir or data.get("output_dir") or Path("runs") / name)
+    return ChainRecipe(name, out, {k: dict(v or {}) for k, v in stages.items()}, str(path))
+
+
+def validate_chain_recipe(recipe: ChainRecipe) -> dict[str, Any]:
+    """Builds every stage's config (with the chain's wiring filled in) without running anything."""
+    return {stage: _stage_config(recipe, stage, recipe.output_dir) for stage in STAGES if stage in recipe.stages}
+
+
+# -- wiring ----------------------------------------------------------------------------------------
+def _stage_config(recipe: ChainRecipe, stage: str, out: Path) -> Any:
+    values = dict(recipe.stages.get(stage, {}))
+    source = f"{recipe.source} (stages.{stage})"
+    model0 = _initial_model(recipe, out)
+    if stage == "init":
+        return build_config(InitStage, values, source)
+    if stage == "distill":
+        from data_pipelines.distill import DistillConfig
+
+        values.setdefault("output_dir", str(out / "distill"))
+        if values.get("backend", "scripted") != "scripted":
+            values.setdefault("model_name_or_path", model0)
+        return build_config(DistillConfig, values, source)
+    if stage == "sft":
+        from posttrain.sft.config import SFTRecipeConfig
+
+        values.setdefault("model_name_or_path", model0)
+        if "distill" in recipe.stages:
+            values.setdefault("dataset_name", str(out / "distill"))
+        values.setdefault("output_dir", str(out / "sft"))
+        return build_config(SFTRecipeConfig, values, source)
+    if stage == "grpo":
+        from posttrain.grpo.config import GRPORecipeConfig
+
+        values.setdefault("model_name_or_path", str(out / "sft") if "sft" in recipe.stages else model0)
+        values.setdefault("output_dir", str(out / "grpo"))
+        return build_config(GRPORecipeConfig, values, source)
+    if stage == "eval":
+        return build_config(EvalStage, values, source)
+    raise AssertionError(stage)
+
+
+def _initial_model(recipe: ChainRecipe, out: Path) -> str:
+    init = recipe.stages.get("init", {})
+    return str(init.get("model_name_or_path") or out / "model-init")
+
+
+def _inputs_hash(stage: str, config: Any, upstream: dict[str, Any]) -> str:
+    from posttrain.recipe import config_to_dict
+
+    payload = {"stage": stage, "config": config_to_dict(config) if hasattr(config, "__dataclass_fields__") else config,
+               "upstream": upstream}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- manifest ----------------------------------------------------------------------------------------
+class Manifest:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+    def get(self, stage: str) -> dict[str, Any]:
+        return self.data["stages"].get(stage, {})
+
+    def update(self, stage: str, **fields: Any) -> None:
+        self.data["stages"].setdefault(stage, {}).update(fields)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)  # atomic: a kill never leaves half a manifest
+
+
+# -- the stages ----------------------------------------------------------------------------------------
+def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list[str] | None = None) -> dict[str, Any]:
+    recipe = load_chain_recipe(recipe_path, output_dir)
+    out = recipe.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    configs = validate_chain_recipe(recipe)  # every stage's config checked before anything runs
+    manifest = Manifest(out / MANIFEST)
+    manifest.data.update({"recipe": recipe.source, "name": recipe.name})
+    upstream: dict[str, Any] = {}
+    t_start = time.time()
+    for stage in STAGES:
+        if stage not in configs or (only and stage not in only):
+            continue
+        cfg = configs[stage]
+        digest = _inputs_hash(stage, cfg, upstream)
+        prev = manifest.get(stage)
+        if prev.get("status") == "done" and prev.get("inputs_hash") == digest:
+            print(f"[{stage}] done already ({prev.get('output')}), skipping")
+            upstream[stage] = digest
+            continue
+        resuming = prev.get("status") == "running" and prev.get("inputs_hash") == digest
+        print(f"[{stage}] {'resuming' if resuming else 'starting'}")
+        manifest.update(stage, status="running", inputs_hash=digest, started=time.time())
+        t0 = time.time()
+        output, metrics = STAGE_RUNNERS[stage](cfg, recipe, out, resuming)
+        manifest.update(stage, status="done", output=str(output), seconds=round(time.time() - t0, 1), metrics=metrics)
+        upstream[stage] = digest
+        print(f"[{stage}] done in {time.time() - t0:.0f}s -> {output}")
+    manifest.update("_run", seconds=round(time.time() - t_start, 1))
+    from .report import write_report
+
+    return write_report(out, manifest.data)
+
+
+def _run_init(cfg: InitStage, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
+    from posttrain.model_init import init_model
+
+    if cfg.model_name_or_path:
+        if not Path(cfg.model_name_or_path).is_dir():
+            raise UserError(f"stages.init.model_name_or_path: no checkpoint directory at {cfg.model_name_or_path}")
+        return Path(cfg.model_name_or_path), {}
+    return init_model(cfg.preset, out / "model-init", seed=cfg.seed), {"preset": cfg.preset}
+
+
+def _run_distill(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
+    from data_pipelines.distill import run_distill
+
+    stats = run_distill(cfg)
+    keep = ("prompts", "samples", "kept", "acceptance_rate", "rows_written")
+    return Path(cfg.output_dir), {k: stats.get(k) for k in keep if k in stats}
+
+
+def _has_checkpoint(output_dir: str) -> bool:
+    return Path(output_dir).is_dir() and any(p.name.startswith("checkpoint-") for p in Path(output_dir).iterdir())
+
+
+def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
+    from posttrain.sft.run import run_sft
+
+    cfg.resume_from_checkpoint = True if _has_checkpoint(cfg.output_dir) else None
+    summary = run_sft(cfg)
+    return Path(cfg.output_dir), {"train_loss": summary.get("train_loss"), "global_step": summary.get("global_step")}
+
+
+def _run_grpo(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
+    from posttrain.grpo.run import run_grpo
+
+    cfg.resume_from_checkpoint = "true" if _has_checkpoint(cfg.output_dir) else None
+    summary = run_grpo(cfg)
+    return Path(cfg.output_dir), {"steps": summary.get("steps")}
+
+
+def _run_eval(cfg: EvalStage, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
+    from .evaluate import evaluate_checkpoints
+
+    checkpoints = {"init": _initial_model(recipe, out)}
+    if "sft" in recipe.stages:
+        checkpoints["sft"] = str(out / "sft")
+    if "grpo" in recipe.stages:
+        checkpoints["grpo"] = str(out / "grpo")
+    results = evaluate_checkpoints(checkpoints, cfg, out / "eval")
+    return out / "eval", {name: {"accuracy": r["accuracy"], "n": r["n"]} for name, r in results.items()}
+
+
+STAGE_RUNNERS = {"init": _run_init, "distill": _run_distill, "sft": _run_sft, "grpo": _run_grpo, "eval": _run_eval}

@@ -1,0 +1,123 @@
+"""The run's report card: `report.md`, its plots, and `results.json`, from what the stages wrote.
+
+Every number comes from a stage's own output (trainer_state.json log histories, distill stats,
+evaluation results); nothing here is configured or estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return json.loads(path.read_text()).get("log_history", [])
+
+
+def _plot_series(path: Path, title: str, series: dict[str, list[tuple[float, float]]], ylabel: str) -> str | None:
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _points(history: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(h["step"], h[key]) for h in history if key in h and h.get(key) is not None and "step" in h]
+
+
+def _plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> str | None:
+    if not results:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bars = ax.bar(names, [results[n]["accuracy"] for n in names], color=["#999999", "#4c72b0", "#dd8452"][: len(names)])
+    for bar, n in zip(bars, names):
+        ax.annotate(f"{results[n]['accuracy']:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom")
+    ax.set_ylabel(f"held-out accuracy (n={results[names[0]]['n']})")
+    ax.set_ylim(0, 1)
+    ax.set_title("greedy pass@1 per stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    out = Path(out)
+    stages = manifest.get("stages", {})
+    sft_hist = _history(out / "sft" / "trainer_state.json")
+    grpo_hist = _history(out / "grpo" / "trainer_state.json")
+    eval_metrics = stages.get("eval", {}).get("metrics") or {}
+    results = {name: {"accuracy": r["accuracy"], "n": r["n"]} for name, r in eval_metrics.items()}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    plots = {
+        "loss": _plot_series(out / "loss.png", "SFT loss", {
+            "loss": _points(sft_hist, "loss"), "mtp_loss": _points(sft_hist, "mtp_loss")}, "loss"),
+        "reward": _plot_series(out / "reward.png", "GRPO reward", {"reward": _points(grpo_hist, "reward")}, "mean reward"),
+        "mtp": _plot_series(out / "mtp_accept.png", "MTP acceptance (GRPO, on the policy's samples)",
+                            {"mtp/accept_rate": _points(grpo_hist, "mtp/accept_rate")}, "accept rate"),
+        "accuracy": _plot_accuracy(out / "accuracy.png", results),
+    }
+    heatmap = out / "sft" / "expert_load.png"
+    if heatmap.exists():
+        shutil.copyfile(heatmap, out / "expert_load.png")
+        plots["expert_load"] = "expert_load.png"
+
+    lines = [f"# Report: {manifest.get('name', out.name)}", "", f"Recipe: `{manifest.get('recipe')}`", ""]
+    lines += ["## Held-out accuracy (greedy pass@1, measured)", "", "| stage | accuracy | problems |", "| --- | --- | --- |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['n']} |")
+    lines += ["", "## Stages", "", "| stage | status | seconds | output | metrics |", "| --- | --- | --- | --- | --- |"]
+    for name, s in stages.items():
+        if name.startswith("_"):
+            continue
+        metrics = json.dumps(s.get("metrics"), default=str) if name != "eval" else "see above"
+        lines.append(f"| {name} | {s.get('status')} | {s.get('seconds', '')} | `{s.get('output', '')}` | {metrics} |")
+    total = stages.get("_run", {}).get("seconds")
+    if total is not None:
+        lines += ["", f"Wall time of this invocation: {total:.0f} s."]
+    if sft_hist:
+        last = [h for h in sft_hist if "loss" in h]
+        if last:
+            lines += ["", f"SFT: first logged loss {last[0]['loss']:.3f}, last {last[-1]['loss']:.3f}."]
+    if grpo_hist:
+        rw = [h["reward"] for h in grpo_hist if "reward" in h]
+        acc = [h["mtp/accept_rate"] for h in grpo_hist if "mtp/accept_rate" in h]
+        if rw:
+            lines.append(f"GRPO: mean reward first step {rw[0]:.3f}, last step {rw[-1]:.3f}.")
+        if acc:
+            lines.append(f"MTP acceptance on the policy's samples: first step {acc[0]:.3f}, last {acc[-1]:.3f}.")
+    lines += ["", "## Plots", ""]
+    for key, name in plots.items():
+        if name:
+            lines.append(f"![{key}]({name})")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:8 + len(results)]))
+    return {"results": results, "report": str(out / "report.md")}
