@@ -74,6 +74,7 @@ class V3GRPOTrainer(GRPOTrainer):
         self._timing: dict[str, float] = defaultdict(float)
         self._step_tokens = 0
         self._mtp_stash: list[dict[str, Any]] = []
+        self.rollout_ignore_eos = False  # benchmarks set it so every engine generates the same lengths
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.balancer = ExpertLoadBalancer(
@@ -108,6 +109,7 @@ class V3GRPOTrainer(GRPOTrainer):
             top_k=self.top_k or 0,
             max_tokens=self.max_completion_length,
             stop_token_ids=[self.processing_class.eos_token_id],
+            ignore_eos=self.rollout_ignore_eos,
         )
         t0 = time.perf_counter()
         completion_ids: list[list[int]] = []

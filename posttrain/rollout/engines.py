@@ -35,6 +35,7 @@ class SamplingSettings:
     max_tokens: int = 256
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # benchmarks: every completion runs to max_tokens
 
 
 @dataclass
@@ -132,7 +133,8 @@ class VLLMColocateEngine:
             max_tokens=sampling.max_tokens,
             seed=sampling.seed,
             logprobs=0,
-            stop_token_ids=list(sampling.stop_token_ids) or None,
+            stop_token_ids=None if sampling.ignore_eos else (list(sampling.stop_token_ids) or None),
+            ignore_eos=sampling.ignore_eos,
         )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
         result = []
@@ -271,7 +273,8 @@ class HFGenerateEngine:
                     top_p=sampling.top_p,
                     top_k=sampling.top_k or None,
                     max_new_tokens=sampling.max_tokens,
-                    eos_token_id=self.eos_token_ids + list(sampling.stop_token_ids),
+                    min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
+                    eos_token_id=None if sampling.ignore_eos else self.eos_token_ids + list(sampling.stop_token_ids),
                     pad_token_id=self.pad_token_id,
                     output_scores=True,
                     return_dict_in_generate=True,
@@ -284,7 +287,7 @@ class HFGenerateEngine:
                         tok = int(new[r, t])
                         toks.append(tok)
                         lps.append(float(scores[r, t, tok]))
-                        if tok in self.eos_token_ids:
+                        if tok in self.eos_token_ids and not sampling.ignore_eos:
                             break
                     finish = "stop" if toks and toks[-1] in self.eos_token_ids else "length"
                     completions.append(Completion(toks, lps, finish))

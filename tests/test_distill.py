@@ -1,0 +1,358 @@
+"""Distillation with the scripted teacher on the built-in task: rejection sampling, the
+report's two SFT sample types, output layout, stats, keep policies, decontamination and
+bad input.  (OpenAI / vLLM / hf backends and SIGKILL-resume live in test_distill_*.py.)"""
+
+import hashlib
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from data_pipelines import DataError
+from data_pipelines import arith_task as A
+from data_pipelines.decontaminate import ngrams
+from data_pipelines.distill import DistillConfig, run_distill
+from data_pipelines.filters import FilterConfig, first_failure
+from data_pipelines.formatting import DEFAULT_SYSTEM_PROMPT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(out, **kw):
+    base = dict(dataset_name="builtin:arith?n_train=150", output_dir=str(out), shard_size=32, disable_tqdm=True)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _rows(out, sub="data"):
+    rows = []
+    for p in sorted((Path(out) / sub).glob("*.jsonl")):
+        rows += [json.loads(line) for line in p.read_text().splitlines()]
+    return rows
+
+
+def _boxed(text):
+    m = re.findall(r"\\boxed\{(-?\d+)\}", text)
+    return m[-1] if m else None
+
+
+def _tree_digest(out):
+    h = {}
+    for p in sorted(Path(out).rglob("*")):
+        if p.is_file():
+            h[str(p.relative_to(out))] = hashlib.sha1(p.read_bytes()).hexdigest()
+    return h
+
+
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill")
+    cfg = _cfg(out, wrong_fraction=0.3, reference_column="solution")
+    return cfg, run_distill(cfg), out
+
+
+def test_kept_samples_correct_and_rejection_rate_matches(scripted_run):
+    cfg, stats, out = scripted_run
+    kept = [r for r in _rows(out) if r["sample_type"] == "r1_system"]
+    rejected = _rows(out, "rejected")
+    n = 150 * 4
+    assert len(kept) + len(rejected) == n == stats["samples"]["total"]
+    for r in kept:  # re-check every kept answer against the problem text, not the pipeline
+        problem = r["messages"][1]["content"]
+        assert _boxed(r["messages"][-1]["content"]) == str(A.evaluate(*A.parse_problem(problem))) == r["answer"]
+        assert r["verdict"] == "correct" and r["rejection_reason"] is None
+    for r in rejected:
+        assert r["rejection_reason"] == "wrong_answer" and _boxed(r["response"]) != r["answer"]
+    # The scripted teacher is wrong with probability 0.3 per sample; all wrong samples are
+    # rejected and nothing else is.  Binomial bound: |rate - 0.3| <= 4 sigma.
+    rate = len(rejected) / n
+    sigma = math.sqrt(0.3 * 0.7 / n)
+    assert abs(rate - 0.3) <= 4 * sigma, (rate, sigma)
+    assert stats["rejections"]["wrong_answer"]["count"] == len(rejected)
+    assert stats["samples"]["acceptance_rate"] == pytest.approx(len(kept) / n, abs=1e-6)
+
+
+def test_both_sample_types(scripted_run):
+    cfg, stats, out = scripted_run
+    rows = _rows(out)
+    r1 = [r for r in rows if r["sample_type"] == "r1_system"]
+    orig = [r for r in rows if r["sample_type"] == "original"]
+    assert r1 and orig
+    for r in r1:
+        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+        assert r["messages"][0]["content"] == DEFAULT_SYSTEM_PROMPT
+        assert r["messages"][2]["content"].startswith("<think>\n") and r["teacher"] == "scripted (synthetic)"
+    # <problem, original response>: once per instance with a kept sample, no system prompt
+    assert {r["source_id"] for r in orig} == {r["source_id"] for r in r1} and len(orig) == len({r["source_id"] for r in r1})
+    for r in orig:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert r["messages"][1]["content"].endswith(f"\\boxed{{{r['answer']}}}.")
+    assert stats["sft_rows"] == {"original": len(orig), "r1_system": len(r1)}
+    assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_output_loadable_and_stats_files(scripted_run):
+    cfg, stats, out = scripted_run
+    ds = datasets.load_dataset("json", data_dir=str(out / "data"), split="train")
+    assert ds.num_rows == len(_rows(out))
+    top = datasets.load_dataset("json", data_dir=str(out), split="train")  # split found by name
+    assert top.num_rows == ds.num_rows
+    from data_pipelines.loading import load_rows
+    assert sorted(load_rows(str(out))["id"]) == sorted(ds["id"])
+    on_disk = json.loads((out / "stats.json").read_text())
+    assert on_disk["samples"] == stats["samples"] and on_disk["teacher"] == "scripted (synthetic)"
+    assert on_disk["synthetic"] is True and on_disk["config"]["wrong_fraction"] == 0.3
+    assert on_disk["lengths"]["unit"] == "chars" and on_disk["lengths"]["kept"]["count"] == stats["samples"]["kept"]
+    assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_deterministic_and_rerun_is_a_noop(scripted_run, tmp_path):
+    cfg, stats, out = scripted_run
+    other = _cfg(tmp_path / "b", wrong_fraction=0.3, reference_column="solution")
+    run_distill(other)
+    for sub in ("data", "rejected"):
+        assert _tree_digest(out / sub) == _tree_digest(tmp_path / "b" / sub)
+    before = _tree_digest(tmp_path / "b" / "data")
+    again = run_distill(other)  # everything committed: nothing regenerated
+    assert _tree_digest(tmp_path / "b" / "data") == before and again["samples"] == stats["samples"]
+
+
+def test_resume_after_torn_ledger_and_orphan_shard(scripted_run, tmp_path):
+    cfg, stats, out = scripted_run
+    b = tmp_path / "b"
+    run_distill(_cfg(b, wrong_fraction=0.3, reference_column="solution"))
+    ledger = (b / "ledger.jsonl").read_text().splitlines(keepends=True)
+    # as if killed while appending the 4th ledger line, after shard 3's files were in place
+    (b / "ledger.jsonl").write_text("".join(ledger[:3]) + ledger[3][:10])
+    (b / "data" / ".train-00004.jsonl.tmp").write_text('{"half": ')
+    run_distill(_cfg(b, wrong_fraction=0.3, reference_column="solution"))
+    assert _tree_digest(b / "data") == _tree_digest(out / "data")
+    assert (b / "ledger.jsonl").read_text() == (out / "ledger.jsonl").read_text()
+
+
+def test_settings_mismatch_refused_without_touching_output(scripted_run):
+    cfg, stats, out = scripted_run
+    before = _tree_digest(out)
+    with pytest.raises(DataError, match="different settings.*wrong_fraction"):
+        run_distill(_cfg(out, wrong_fraction=0.1, reference_column="solution"))
+    assert _tree_digest(out) == before
+
+
+def test_keep_policies(tmp_path):
+    base = dict(dataset_name="builtin:arith?n_train=40", wrong_fraction=0.4, num_generations=5)
+    runs = {}
+    for policy, extra in [("all_correct", {}), ("shortest_correct", {}), ("first_k_correct", {"keep_k": 2})]:
+        out = tmp_path / policy
+        run_distill(_cfg(out, keep_policy=policy, **base, **extra))
+        runs[policy] = (_rows(out), _rows(out, "rejected"))
+    everything = {}  # (source, index) -> (verdict, length): identical samples in each run
+    for r in runs["all_correct"][0]:
+        everything[(r["source_id"], r["sample_index"])] = ("correct", r["completion_chars"])
+    for r in runs["all_correct"][1]:
+        everything[(r["source_id"], r["sample_index"])] = (r["verdict"], r["completion_chars"])
+    correct = {}
+    for (sid, i), (v, length) in everything.items():
+        if v == "correct":
+            correct.setdefault(sid, []).append((i, length))
+    kept, rej = runs["shortest_correct"]
+    got = {r["source_id"]: r["sample_index"] for r in kept}
+    assert got == {sid: min(c, key=lambda x: (x[1], x[0]))[0] for sid, c in correct.items()}
+    assert sum(r["rejection_reason"] == "not_selected" for r in rej) == sum(len(c) - 1 for c in correct.values())
+    kept, rej = runs["first_k_correct"]
+    got = {}
+    for r in kept:
+        got.setdefault(r["source_id"], []).append(r["sample_index"])
+    assert {k: sorted(v) for k, v in got.items()} == {sid: sorted(i for i, _ in c)[:2] for sid, c in correct.items()}
+    assert all(r["verdict"] == "correct" for r in rej if r["rejection_reason"] == "not_selected")
+
+
+def test_filters_each_reason():
+    cfg = FilterConfig(min_length=30, max_length=400)
+    good = "<think>\n2 + 3 = 5. Check: 5 - 3 = 2. Correct.\n</think>\n\nThe answer is \\boxed{5}."
+    assert first_failure(good, None, "stop", cfg) is None
+    assert first_failure(good.replace("</think>", ""), None, "stop", cfg) == "unclosed_think"
+    assert first_failure("The answer is \\boxed{5}." + " " * 30, None, "stop", cfg) == "no_think"
+    assert first_failure(good, None, "length", cfg) == "too_long"
+    assert first_failure(good + " " * 400, None, "stop", cfg) == "too_long"
+    assert first_failure(good, 401, "stop", cfg) == "too_long"  # tokens, when counted, win over chars
+    assert first_failure("<think>x</think>\\boxed{5}", None, "stop", cfg) == "too_short"
+    mixed = "<think>\n2 + 3 = 5. 所以答案是五，检查一下。 Check: 5 - 3 = 2.\n</think>\n\\boxed{5}"
+    assert first_failure(mixed, None, "stop", cfg) == "language_mixing"
+    loop = "<think>\n" + "so the answer is 5 " * 15 + "\n</think>\n\\boxed{5}"
+    assert first_failure(loop, None, "stop", cfg) == "repetition"
+
+
+def test_filters_and_verifier_reasons_in_pipeline(tmp_path, monkeypatch):
+    """Responses that break each rule are rejected with that reason (a stub teacher)."""
+    import data_pipelines.teachers as T
+    from data_pipelines.teachers.base import Completion
+
+    rows = A.generate_split("train", 3)
+    texts = lambda r: [  # noqa: E731
+        f"<think>\nfine\n</think>\n\n\\boxed{{{r['answer']}}}",
+        f"<think>\nnever closed \\boxed{{{r['answer']}}}",
+        "<think>\nok\n</think>\n\nno box here",
+        f"<think>\n这是中文推理过程\n</think>\n\\boxed{{{r['answer']}}}",
+        "<think>\n" + "again and again and " * 20 + f"\n</think>\n\\boxed{{{r['answer']}}}",
+        f"<think>\nwrong\n</think>\n\\boxed{{{int(r['answer']) + 1}}}",
+    ]
+
+    class Stub:
+        name = "stub"
+        def generate(self, prompts, n, sampling):
+            by_problem = {r["problem"]: r for r in rows}
+            return [[Completion(t, finish_reason="stop") for t in texts(by_problem[p[-1]["content"]])] for p in prompts]
+        def close(self):
+            pass
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows))
+    monkeypatch.setattr(T, "make_teacher", lambda cfg: Stub())
+    stats = run_distill(_cfg(tmp_path / "o", dataset_name=str(path), num_generations=6))
+    reasons = {k: v["count"] for k, v in stats["rejections"].items()}
+    assert reasons == {"unclosed_think": 3, "no_answer": 3, "language_mixing": 3, "repetition": 3, "wrong_answer": 3}
+    assert stats["samples"]["kept"] == 3
+
+
+def test_decontamination(tmp_path):
+    train = A.generate_split("train", 40)
+    leaked = [r["problem"].upper() for r in train[:5]]  # case and spacing do not hide a copy
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text("".join(json.dumps({"question": q}) + "\n" for q in leaked))
+    stats = run_distill(_cfg(tmp_path / "o", dataset_name="builtin:arith?n_train=40",
+                             decontaminate_against=[str(evalset)]))
+    used = {r["source_id"] for r in _rows(tmp_path / "o")} | {r["source_id"] for r in _rows(tmp_path / "o", "rejected")}
+    from data_pipelines.distill import _hash
+    eval_grams = set().union(*(ngrams(q, 8) for q in leaked))
+    dropped = 0
+    for r in train:
+        sid = _hash("prompt", r["prompt"])
+        hit = bool(ngrams(r["problem"], 8) & eval_grams)
+        assert (sid not in used) == hit
+        dropped += hit
+    assert dropped >= 5 and stats["prompts"]["decontaminated"] == dropped
+    assert stats["prompts"]["used"] == 40 - dropped
+
+
+def _jsonl(path, rows, raw_lines=None):
+    lines = [json.dumps(r) for r in rows]
+    for i, text in (raw_lines or {}).items():
+        lines[i] = text
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture()
+def good_rows():
+    return [{"prompt": r["problem"], "answer": r["answer"]} for r in A.generate_split("train", 12)]
+
+
+def test_bad_input_errors_name_file_line_column(tmp_path, good_rows):
+    out = tmp_path / "o"
+    p = _jsonl(tmp_path / "noprompt.jsonl", [{"question": "q", "answer": "1"}])
+    with pytest.raises(DataError, match=r"noprompt\.jsonl: missing column 'prompt'; columns are: \['question', 'answer'\]"):
+        run_distill(_cfg(out, dataset_name=p))
+    p = _jsonl(tmp_path / "noanswer.jsonl", [{"prompt": "q"}])
+    with pytest.raises(DataError, match=r"missing column 'answer'"):
+        run_distill(_cfg(out, dataset_name=p))
+    rows = [dict(r) for r in good_rows]
+    rows[4]["prompt"] = "   "
+    p = _jsonl(tmp_path / "empty.jsonl", rows)
+    with pytest.raises(DataError, match=r"empty\.jsonl line 5: prompt is empty \(column 'prompt'\)"):
+        run_distill(_cfg(out, dataset_name=p))
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in good_rows]
+    rows[10]["prompt"][0]["content"] = ""
+    p = _jsonl(tmp_path / "msgs.jsonl", rows)
+    with pytest.raises(DataError, match=r"msgs\.jsonl line 11: prompt has no non-empty user message"):
+        run_distill(_cfg(out, dataset_name=p))
+    rows = [dict(r) for r in good_rows]
+    rows[6]["prompt"] = [{"role": "user", "content": "x"}]
+    p = _jsonl(tmp_path / "nonstr.jsonl", rows)
+    with pytest.raises(DataError, match=r"nonstr\.jsonl line 7: .*column 'prompt'"):
+        run_distill(_cfg(out, dataset_name=p))
+    rows = [dict(r) for r in good_rows]
+    rows[2]["answer"] = None
+    p = _jsonl(tmp_path / "nullans.jsonl", rows)
+    with pytest.raises(DataError, match=r"nullans\.jsonl line 3: answer is null \(column 'answer'\)"):
+        run_distill(_cfg(out, dataset_name=p))
+    p = _jsonl(tmp_path / "broken.jsonl", good_rows, {8: '{"prompt": "unterminated'})
+    with pytest.raises(DataError, match=r"broken\.jsonl line 9: invalid JSON"):
+        run_distill(_cfg(out, dataset_name=p))
+    with pytest.raises(DataError, match="unknown backend 'gpt5'"):
+        run_distill(_cfg(out, backend="gpt5"))
+    with pytest.raises(DataError, match="needs model_name_or_path"):
+        run_distill(_cfg(out, backend="vllm"))
+    assert not (out / "data").exists() or not any((out / "data").iterdir())
+
+
+def test_on_bad_row_skip_counts(tmp_path, good_rows):
+    rows = [dict(r) for r in good_rows]
+    rows[1]["prompt"] = ""
+    rows[3]["answer"] = None
+    rows[5]["prompt"] = 42  # wrong type in a string column
+    p = _jsonl(tmp_path / "mixed.jsonl", rows, {7: "not json at all"})
+    stats = run_distill(_cfg(tmp_path / "o", dataset_name=p, on_bad_row="skip"))
+    pr = stats["prompts"]
+    assert pr["skipped_bad_rows"] == 4 and pr["used"] == 8 and pr["input_rows"] == 12
+    where = sorted(b["location"].rsplit(" ", 1)[-1] for b in pr["bad_rows"])
+    assert where == ["2", "4", "6", "8"]
+    assert json.loads((tmp_path / "o" / "stats.json").read_text())["prompts"]["skipped_bad_rows"] == 4
+    assert stats["samples"]["total"] == 8 * 4
+
+
+def test_parquet_output(tmp_path, scripted_run):
+    cfg, stats, out = scripted_run
+    run_distill(_cfg(tmp_path / "pq", wrong_fraction=0.3, reference_column="solution", output_format="parquet"))
+    ds = datasets.load_dataset("parquet", data_dir=str(tmp_path / "pq" / "data"), split="train")
+    jl = _rows(out)
+    assert sorted(ds["id"]) == sorted(r["id"] for r in jl)
+    assert ds.to_list()[0]["messages"] == next(r for r in jl if r["id"] == ds[0]["id"])["messages"]
+
+
+def test_cli_error_without_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "data_pipelines.distill", "--backend", "nope",
+                          "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "error: distill config: unknown backend 'nope'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_code_rows_checked_by_their_tests(tmp_path, monkeypatch):
+    """Rows with a `tests` column are verified by running the code (rewards' sandbox)."""
+    import data_pipelines.teachers as T
+    from data_pipelines.teachers.base import Completion
+
+    good = "<think>\nread two ints, print the sum\n</think>\n\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    bad = good.replace("a + b", "a - b")
+    nocode = "<think>\nhmm\n</think>\n\nJust add them."
+
+    class Stub:
+        name = "stub"
+        def generate(self, prompts, n, sampling):
+            return [[Completion(t, finish_reason="stop") for t in (good, bad, nocode)] for _ in prompts]
+        def close(self):
+            pass
+
+    monkeypatch.setattr(T, "make_teacher", lambda cfg: Stub())
+    tests = [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output": "6\n"}]
+    path = tmp_path / "code.jsonl"
+    path.write_text(json.dumps({"prompt": "Add two integers from stdin.", "tests": tests}) + "\n"
+                    + json.dumps({"prompt": "Sum a and b.", "tests": tests}) + "\n")
+    stats = run_distill(_cfg(tmp_path / "o", dataset_name=str(path), num_generations=3))
+    assert stats["samples"]["kept"] == 2
+    assert {k: v["count"] for k, v in stats["rejections"].items()} == {"tests_failed": 2, "no_code": 2}
+    assert all(r["messages"][-1]["content"] == good for r in _rows(tmp_path / "o"))
+
+
+def test_max_prompts_keeps_line_numbers(tmp_path):
+    rows = [{"prompt": r["problem"], "answer": r["answer"]} for r in A.generate_split("train", 10)]
+    rows[3]["prompt"] = ""
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_distill(_cfg(tmp_path / "a", dataset_name=str(p), max_prompts=3))["prompts"]["used"] == 3
+    with pytest.raises(DataError, match=r"d\.jsonl line 4: prompt is empty"):
+        run_distill(_cfg(tmp_path / "b", dataset_name=str(p), max_prompts=5))

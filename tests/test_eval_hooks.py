@@ -1,0 +1,77 @@
+"""Evaluation: schema adapters, pass@1 / pass@k / maj@k arithmetic, recipes that validate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from eval_hooks.accuracy import evaluate_accuracy
+from eval_hooks.benchmarks import adapt_row, load_benchmark
+from eval_hooks.chain import load_chain_recipe, validate_chain_recipe
+from posttrain.errors import ConfigError, UserError
+from posttrain.rollout.engines import Completion
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ScriptedEngine:
+    """Returns fixed texts per prompt, in order (a stand-in for vLLM when only the bookkeeping is tested)."""
+
+    name = "scripted"
+
+    def __init__(self, tokenizer, texts_per_prompt: list[list[str]]):
+        self.tok, self.texts = tokenizer, texts_per_prompt
+
+    def generate(self, prompt_ids, n, sampling):
+        assert len(prompt_ids) == len(self.texts)
+        return [[Completion(self.tok(t, add_special_tokens=False)["input_ids"], None) for t in group[:n]]
+                for group in self.texts]
+
+
+def test_schema_adapters():
+    assert adapt_row({"question": "2+2?", "answer": "Because... #### 4"}, 0, "gsm8k") == (
+        [{"role": "user", "content": "2+2?"}], "4")
+    assert adapt_row({"problem": "Find x.", "answer": "\\frac{1}{2}"}, 0, "math500")[1] == "\\frac{1}{2}"
+    prompt = [{"role": "user", "content": "1+1"}]
+    assert adapt_row({"prompt": prompt, "answer": "2"}, 0, "builtin") == (prompt, "2")
+    with pytest.raises(UserError, match="row 3: no known schema"):
+        adapt_row({"text": "x"}, 3, "weird.jsonl")
+
+
+def test_load_benchmark_from_local_file(tmp_path):
+    f = tmp_path / "aime.jsonl"
+    f.write_text("\n".join(json.dumps({"problem": f"p{i}", "answer": str(i)}) for i in range(5)) + "\n")
+    prompts, answers = load_benchmark(str(f), "train", limit=3)
+    assert answers == ["0", "1", "2"] and prompts[0] == [{"role": "user", "content": "p0"}]
+
+
+def test_accuracy_pass_and_majority(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    right, wrong = "<think>ok</think> \\boxed{5}", "<think>ok</think> \\boxed{7}"
+    texts = [[right, wrong, wrong], [wrong, right, right], [wrong, wrong, wrong]]
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    res = evaluate_accuracy(ScriptedEngine(tok, texts), tok, prompts, ["5", "5", "5"], k=3)
+    assert res["accuracy"] == pytest.approx(1 / 3)  # first sample of each problem
+    assert res["pass@3"] == pytest.approx(2 / 3)
+    assert res["maj@3"] == pytest.approx(1 / 3)  # only problem 2's majority answer (5) is right
+
+
+def test_every_recipe_validates():
+    chains = [p for p in (ROOT / "recipes").glob("*.yaml") if "stages" in p.read_text()]
+    assert chains, "no chain recipe found"
+    for path in chains:
+        configs = validate_chain_recipe(load_chain_recipe(path))
+        assert configs, path
+
+
+def test_chain_recipe_unknown_keys_fail_clearly(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages:\n  sft:\n    learning_rat: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"stages.sft.*unknown key 'learning_rat'.*learning_rate"):
+        validate_chain_recipe(load_chain_recipe(bad))
+    bad.write_text("name: x\nstages:\n  finetune: {}\n")
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_chain_recipe(bad)

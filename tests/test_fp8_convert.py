@@ -1,0 +1,160 @@
+"""Streaming FP8 <-> BF16 conversion (posttrain.fp8.convert)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from posttrain.fp8.convert import convert_bf16_to_fp8, convert_fp8_to_bf16, main, vllm_block_shape_problems
+from posttrain.fp8.layout import INDEX_FILE, fp8_quantization_config, is_fp8_weight_name
+from posttrain.fp8.quant import FP8_DTYPE, dequantize_blockwise, e4m3_error_bound, expand_scale
+from posttrain.fp8.synthetic import write_synthetic_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((d / INDEX_FILE).read_text())
+    out = {}
+    for name, shard in index["weight_map"].items():
+        with safe_open(str(d / shard), framework="pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def _check_index(d: Path) -> None:
+    index = json.loads((d / INDEX_FILE).read_text())
+    total = 0
+    for shard in set(index["weight_map"].values()):
+        with safe_open(str(d / shard), framework="pt") as f:
+            assert set(f.keys()) == {k for k, s in index["weight_map"].items() if s == shard}
+            total += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert index["metadata"]["total_size"] == total
+
+
+@pytest.mark.parametrize(
+    "name, fp8",
+    [
+        ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", True),
+        ("model.layers.3.self_attn.q_a_proj.weight", True),
+        ("model.layers.3.self_attn.q_proj.weight", True),
+        ("model.layers.3.self_attn.o_proj.weight", True),
+        ("model.layers.0.mlp.down_proj.weight", True),
+        ("model.layers.5.mlp.shared_experts.gate_proj.weight", True),
+        ("model.layers.5.mlp.experts.255.up_proj.weight", True),
+        ("model.layers.61.self_attn.kv_b_proj.weight", True),  # the MTP module's own block
+        ("model.layers.61.mlp.experts.0.down_proj.weight", True),
+        ("model.layers.61.eh_proj.weight", False),
+        ("model.layers.61.shared_head.head.weight", False),
+        ("model.layers.61.enorm.weight", False),
+        ("model.layers.5.mlp.gate.weight", False),
+        ("model.layers.5.mlp.gate.e_score_correction_bias", False),
+        ("model.layers.3.self_attn.q_a_layernorm.weight", False),
+        ("model.embed_tokens.weight", False),
+        ("lm_head.weight", False),
+        ("model.layers.5.mlp.experts.gate_up_proj", False),
+    ],
+)
+def test_which_tensors_are_fp8(name, fp8):
+    assert is_fp8_weight_name(name) is fp8
+
+
+def test_fp8_to_bf16_and_back(tmp_path):
+    src = write_synthetic_checkpoint(tmp_path / "fp8", fp8=True, shard_bytes=300_000)
+    src_t = _tensors(src)
+    bf = tmp_path / "bf16"
+    stats = convert_fp8_to_bf16(src, bf, progress=False)
+    bf_t = _tensors(bf)
+    assert stats.fp8_tensors == sum(1 for k in src_t if k.endswith("_scale_inv")) > 0
+    assert set(bf_t) == {k for k in src_t if not k.endswith("_scale_inv")}
+    for k, t in bf_t.items():
+        if src_t[k].dtype == FP8_DTYPE:
+            want = dequantize_blockwise(src_t[k], src_t[k + "_scale_inv"], out_dtype=torch.bfloat16)
+            assert t.dtype == torch.bfloat16 and torch.equal(t, want), k
+        else:
+            assert t.dtype == src_t[k].dtype and torch.equal(t, src_t[k]), k
+    _check_index(bf)
+    cfg = json.loads((bf / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
+    assert (bf / "tokenizer_config.json").exists() and (bf / "generation_config.json").exists()
+
+    fp8 = tmp_path / "fp8again"
+    assert main(["bf16-to-fp8", str(bf), str(fp8), "--scale-fmt", "ue8m0", "--no-progress"]) == 0
+    q_t = _tensors(fp8)
+    assert set(q_t) == set(src_t)
+    for k, t in bf_t.items():
+        if is_fp8_weight_name(k):
+            q, s = q_t[k], q_t[k + "_scale_inv"]
+            assert q.dtype == FP8_DTYPE and s.dtype == torch.float32 and s.shape == src_t[k + "_scale_inv"].shape
+            assert torch.equal(s, torch.exp2(torch.log2(s).round()))
+            err = (dequantize_blockwise(q, s, out_dtype=torch.float32) - t.float()).abs()
+            assert bool((err <= e4m3_error_bound(t, expand_scale(s, t.shape, (128, 128))) * (1 + 1e-5)).all()), k
+        else:
+            assert torch.equal(q_t[k], t) and q_t[k].dtype == t.dtype, k
+    _check_index(fp8)
+    cfg = json.loads((fp8 / "config.json").read_text())
+    assert cfg["quantization_config"] == fp8_quantization_config(scale_fmt="ue8m0")
+    with pytest.raises(ValueError, match="already has a quantization_config"):
+        convert_bf16_to_fp8(fp8, tmp_path / "twice", progress=False)
+
+
+def test_vllm_block_shape_warnings():
+    assert vllm_block_shape_problems({"moe_intermediate_size": 2048, "intermediate_size": 18432, "q_lora_rank": 1536}) == []
+    problems = vllm_block_shape_problems({"moe_intermediate_size": 64, "q_lora_rank": 96})
+    assert len(problems) == 2 and "moe_intermediate_size=64" in problems[0]
+
+
+# VmHWM is the peak RSS of this process image; ru_maxrss would also count the forked pytest
+# process before exec (Linux keeps the high-water mark across execve).
+_RSS_SCRIPT = """
+import json, re, sys
+from posttrain.fp8.convert import main
+if sys.argv[1] != "baseline":
+    main(sys.argv[1:] + ["--no-progress"])
+hwm = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
+print(json.dumps({"maxrss": int(hwm) * 1024}))
+"""
+
+
+def _peak_rss(*args: str) -> int:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, env=env, check=True, cwd=REPO
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["maxrss"]
+
+
+def _max_shard(d: Path) -> int:
+    return max(p.stat().st_size for p in d.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for VmHWM")
+def test_streaming_conversion_peak_rss_is_about_two_shards(tmp_path):
+    """Peak RSS of each direction, over an interpreter that only imported the converter, stays
+    within input shard + output shard + max(48 MiB, half an output shard) of temporaries, while the larger side of the
+    checkpoint is over twice that: a converter that held the whole input or output would blow it."""
+    src = write_synthetic_checkpoint(
+        tmp_path / "fp8", fp8=True, shard_bytes=32 << 20, num_layers=4, hidden=2048, moe_intermediate=1024, n_experts=8
+    )
+    baseline = _peak_rss("baseline")
+    bf, fp8 = tmp_path / "bf16", tmp_path / "fp8again"
+    for direction, a, b in (("fp8-to-bf16", src, bf), ("bf16-to-fp8", bf, fp8)):
+        delta = _peak_rss(direction, str(a), str(b)) - baseline
+        in_shard, out_shard = _max_shard(a), _max_shard(b)
+        total = max(sum(p.stat().st_size for p in d.glob("*.safetensors")) for d in (a, b))
+        bound = in_shard + out_shard + max(48 << 20, out_shard // 2)
+        assert total > 2 * bound, "checkpoint too small for the test to mean anything"
+        print(f"{direction}: peak - baseline {delta / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
+        assert delta <= bound, f"{direction}: peak {delta / 2**20:.0f} MiB over baseline > bound {bound / 2**20:.0f} MiB"
+    # the chained round trip reproduces the source's layout
+    assert json.loads((fp8 / INDEX_FILE).read_text())["weight_map"].keys() == json.loads(
+        (src / INDEX_FILE).read_text()
+    )["weight_map"].keys()

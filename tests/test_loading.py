@@ -1,0 +1,116 @@
+import json
+
+import datasets
+import pytest
+
+from data_pipelines import DataError
+from data_pipelines.loading import (load_rows, parse_builtin, prompt_problem, require_columns, row_location,
+                                    to_messages)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_builtin_task_splits_and_options():
+    ds = load_rows("builtin:arith?n_train=30&seed=2")
+    assert isinstance(ds, datasets.Dataset) and ds.num_rows == 30
+    assert {"id", "prompt", "answer", "problem"} <= set(ds.column_names)
+    test = load_rows("builtin:arith:test?n_test=12", split="train")  # inline split wins
+    assert test.num_rows == 12 and not set(test["id"]) & set(load_rows("builtin:arith?n_train=300")["id"])
+    assert load_rows("builtin:arith", "validation", task_options={"n_validation": 5, "level": "hard"}).num_rows == 5
+    assert parse_builtin("builtin:arith:test?n_test=3&level=medium").options == {"n_test": 3, "level": "medium"}
+    with pytest.raises(DataError, match="unknown built-in task"):
+        load_rows("builtin:nope")
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        load_rows("builtin:arith", "dev")
+
+
+def test_jsonl_json_parquet_and_streaming(tmp_path):
+    rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(5)]
+    _write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
+    for name in ("a.jsonl", "b.json", "c.parquet"):
+        ds = load_rows(str(tmp_path / name))
+        assert ds.to_list() == rows, name
+    it = load_rows(str(tmp_path / "a.jsonl"), streaming=True)
+    assert isinstance(it, datasets.IterableDataset) and [r["answer"] for r in it] == ["0", "1", "2", "3", "4"]
+    # rows with different keys: the union of columns, missing values null
+    _write_jsonl(tmp_path / "u.jsonl", [{"a": 1}, {"b": "x"}])
+    assert load_rows(str(tmp_path / "u.jsonl")).to_list() == [{"a": 1, "b": None}, {"a": None, "b": "x"}]
+
+
+def test_directory_of_shards_uses_split_names(tmp_path):
+    _write_jsonl(tmp_path / "train-00000.jsonl", [{"x": 1}])
+    _write_jsonl(tmp_path / "train-00001.jsonl", [{"x": 2}])
+    _write_jsonl(tmp_path / "test.jsonl", [{"x": 3}])
+    (tmp_path / "stats.json").write_text("{}")  # not a data file of any split
+    assert load_rows(str(tmp_path))["x"] == [1, 2]
+    assert load_rows(str(tmp_path), "test")["x"] == [3]
+    with pytest.raises(DataError, match="no files for split 'validation'"):
+        load_rows(str(tmp_path), "validation")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _write_jsonl(flat / "a.jsonl", [{"x": 1}])
+    _write_jsonl(flat / "b.jsonl", [{"x": 2}])
+    assert load_rows(str(flat))["x"] == [1, 2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .jsonl/.json/.parquet files"):
+        load_rows(str(tmp_path / "empty"))
+
+
+def test_malformed_line_named(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"prompt": f"q{i}", "answer": "1"}) for i in range(20)]
+    lines[16] = '{"prompt": "q16", "answer": '  # line 17
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl line 17: invalid JSON"):
+        load_rows(str(p))
+    bad: list = []
+    ds = load_rows(str(p), bad_rows=bad)
+    assert ds.num_rows == 19 and bad[0]["location"].endswith("bad.jsonl line 17")
+    p.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"line 2: expected a JSON object, got list"):
+        load_rows(str(p))
+
+
+def test_wrong_type_row_named(tmp_path):
+    p = _write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"},
+                                                {"prompt": 7, "answer": "3"}])
+    with pytest.raises(DataError, match=r"mixed\.jsonl line 3: column 'prompt' is a number here but a string"):
+        load_rows(str(p))
+    bad: list = []
+    assert load_rows(str(p), bad_rows=bad)["prompt"] == ["a", "b"] and len(bad) == 1
+
+
+def test_missing_paths_and_hub_errors(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="no such file"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.csv").write_text("a\n1\n")
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+        load_rows(str(tmp_path / "x.csv"))
+    # No network here: the Hub path is tested for its message (offline mode makes it fail fast).
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"could not load 'someorg/no-such-dataset' \(split 'train'\) from the Hugging Face Hub"):
+        load_rows("someorg/no-such-dataset")
+
+
+def test_column_and_prompt_validation(tmp_path):
+    p = _write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "1"}, {"question": "r", "answer": "2"}])
+    ds = load_rows(str(p))
+    with pytest.raises(DataError, match=r"missing column 'prompt'; columns are: \['question', 'answer'\]"):
+        require_columns(ds, ["prompt", "answer"], str(p))
+    require_columns(ds, ["question"], str(p))
+    assert row_location(ds, 1).endswith("d.jsonl line 2")
+    assert row_location(datasets.Dataset.from_dict({"a": [1]}), 0, "src") == "src row 0"
+    assert prompt_problem("hi") is None and prompt_problem([{"role": "user", "content": "hi"}]) is None
+    assert prompt_problem("  ") == "prompt is empty"
+    assert prompt_problem(None) == "prompt is null"
+    assert "not a string" in prompt_problem(3)
+    assert "no non-empty user message" in prompt_problem([{"role": "system", "content": "s"}])
+    assert "unknown role" in prompt_problem([{"role": "bot", "content": "s"}])
+    assert to_messages("hi") == [{"role": "user", "content": "hi"}]
