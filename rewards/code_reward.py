@@ -1,0 +1,150 @@
+"""Rule-based code reward (DeepSeek-V3 report §5.2.1: "for LeetCode problems, a compiler
+can be utilized to generate feedback based on test cases").
+
+The program is the completion's last fenced Python block (after ``</think>``); it runs in
+:mod:`rewards.sandbox` once per stdin/stdout test case, completions and cases in parallel
+(bounded by cores; the work itself happens in the sandboxed child processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .procpool import default_workers
+from .sandbox import SandboxLimits, run_python
+from .text import completion_text, split_think
+
+__all__ = ["extract_code", "parse_tests", "outputs_match", "CodeTests", "make_code_tests", "code_tests",
+           "code_tests_all"]
+
+_FENCE = re.compile(r"```[ \t]*(python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(text: str) -> str | None:
+    """The last fenced ```python block of the answer part (after ``</think>``); None if absent
+    or if a ``<think>`` block was never closed."""
+    _, answer, well_formed = split_think(text)
+    if not well_formed:
+        return None
+    blocks = _FENCE.findall(answer)
+    return blocks[-1][1] if blocks else None
+
+
+def parse_tests(tests: Any) -> list[dict[str, str]]:
+    """Normalise one row's test cases to ``[{"input": str, "output": str}, ...]``.
+
+    Accepts that list, a JSON string of it, or the APPS/TACO form
+    ``{"inputs": [...], "outputs": [...]}`` (also as JSON).
+    """
+    if isinstance(tests, (str, bytes)):
+        tests = json.loads(tests)
+    if isinstance(tests, dict) and "inputs" in tests:
+        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"], strict=True)]
+    if not isinstance(tests, (list, tuple)):
+        raise ValueError(f"tests must be a list of {{'input','output'}} dicts, got {type(tests).__name__}")
+    out = []
+    for case in tests:
+        if not isinstance(case, dict) or "input" not in case or "output" not in case:
+            raise ValueError(f"each test case needs 'input' and 'output', got {case!r:.80}")
+        out.append({"input": str(case["input"]), "output": str(case["output"])})
+    return out
+
+
+def _normalise(text: str) -> str:
+    lines = text.replace("\r\n", "\n").split("\n")
+    return "\n".join(line.rstrip() for line in lines).rstrip("\n")
+
+
+def outputs_match(actual: str, expected: str) -> bool:
+    """Equal up to trailing whitespace on each line and trailing blank lines."""
+    return _normalise(actual) == _normalise(expected)
+
+
+class CodeTests:
+    """The ``code_tests`` reward with its settings (a class, so it pickles).
+
+    ``mode="fraction"``: the fraction of test cases passed; ``mode="all"``: 1.0 only if all
+    pass (remaining cases are skipped after the first failure). No code block → 0.0; a row
+    with no test cases → None (nothing to check).
+    """
+
+    def __init__(self, mode: str = "fraction", limits: SandboxLimits | None = None,
+                 workers: int | None = None, tests_column: str = "tests") -> None:
+        if mode not in ("fraction", "all"):
+            raise ValueError(f"mode must be 'fraction' or 'all', got {mode!r}")
+        self.mode = mode
+        self.limits = limits or SandboxLimits()
+        self.workers = workers
+        self.tests_column = tests_column
+        self.__name__ = "code_tests" if mode == "fraction" else "code_tests_all"
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+        if self.tests_column not in kwargs:
+            raise ValueError(f"{self.__name__} needs a {self.tests_column!r} column; got columns {sorted(kwargs)}")
+        tests_col = kwargs[self.tests_column]
+        programs = [extract_code(completion_text(c)) for c in completions]
+        cases = [parse_tests(t) for t in tests_col]
+        if len(cases) != len(programs):
+            raise ValueError(f"{len(programs)} completions but {len(cases)} rows of tests")
+        passed = [[False] * len(c) for c in cases]
+        failed = [False] * len(programs)  # for mode="all": stop after the first failure
+        lock = threading.Lock()
+
+        def run(i: int, j: int) -> None:
+            if self.mode == "all" and failed[i]:
+                return
+            case = cases[i][j]
+            res = run_python(programs[i], case["input"], self.limits)  # type: ignore[arg-type]
+            ok = res.ok and outputs_match(res.stdout, case["output"])
+            with lock:
+                passed[i][j] = ok
+                failed[i] = failed[i] or not ok
+
+        jobs = [(i, j) for i, p in enumerate(programs) if p is not None for j in range(len(cases[i]))]
+        with ThreadPoolExecutor(max_workers=self.workers or default_workers()) as pool:
+            for fut in [pool.submit(run, i, j) for i, j in jobs]:
+                fut.result()
+        rewards: list[float | None] = []
+        for prog, row_cases, row_passed in zip(programs, cases, passed):
+            if not row_cases:
+                rewards.append(None)
+            elif prog is None:
+                rewards.append(0.0)
+            elif self.mode == "all":
+                rewards.append(float(all(row_passed)))
+            else:
+                rewards.append(sum(row_passed) / len(row_cases))
+        return rewards
+
+
+def make_code_tests(mode: str = "fraction", limits: SandboxLimits | None = None, workers: int | None = None,
+                    tests_column: str = "tests", timeout_s: float | None = None) -> CodeTests:
+    """A ``code_tests`` reward: ``mode`` ``"fraction"`` or ``"all"``; ``timeout_s`` per test case
+    (shorthand for ``limits=SandboxLimits(timeout_s=...)``)."""
+    if timeout_s is not None:
+        limits = dataclasses.replace(limits or SandboxLimits(), timeout_s=timeout_s)
+    return CodeTests(mode, limits, workers, tests_column)
+
+
+_fraction = CodeTests("fraction")
+_all = CodeTests("all")
+
+
+def code_tests(prompts: Sequence[Any], completions: Sequence[Any], tests: Sequence[Any], **kwargs: Any
+               ) -> list[float | None]:
+    """Fraction of the row's stdin/stdout ``tests`` passed by the last ```python block.
+
+    The program runs in the sandbox once per test case (see :class:`CodeTests`)."""
+    return _fraction(prompts, completions, tests=tests, **kwargs)
+
+
+def code_tests_all(prompts: Sequence[Any], completions: Sequence[Any], tests: Sequence[Any], **kwargs: Any
+                   ) -> list[float | None]:
+    """1.0 if the completion's program passes every test case of its row, else 0.0."""
+    return _all(prompts, completions, tests=tests, **kwargs)

@@ -1,0 +1,77 @@
+"""`dsv3-posttrain run`: stages chained through a manifest; a killed SFT resumes; the report is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+def _mini_recipe(tmp_path: Path) -> Path:
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny-arith.yaml").read_text())
+    recipe["name"] = "mini"
+    st = recipe["stages"]
+    st["distill"]["max_prompts"] = 60
+    st["sft"].update(max_steps=24, save_steps=4, logging_steps=2, save_total_limit=3)
+    st["grpo"].update(max_steps=2, per_device_train_batch_size=16, max_completion_length=24, save_steps=1)
+    st["eval"].update(num_problems=8, max_tokens=24)
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _run(recipe: Path, out: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "run", str(recipe), "--output_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
+def test_killed_sft_resumes_and_the_report_is_written(tmp_path):
+    recipe, out = _mini_recipe(tmp_path), tmp_path / "run"
+    proc = _run(recipe, out)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:  # kill once SFT has written a checkpoint
+        if list((out / "sft").glob("checkpoint-*")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before SFT checkpointed:\n" + proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["distill"]["status"] == "done"
+    assert manifest["stages"]["sft"]["status"] == "running"
+    killed_at = sorted(int(p.name.split("-")[1]) for p in (out / "sft").glob("checkpoint-*"))[-1]
+
+    proc = _run(recipe, out)
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log[-4000:]
+    assert "[distill] done already" in log
+    assert "[sft] resuming" in log
+    state = json.loads((out / "sft" / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
+    # the resumed run went on to the last step
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps and max(steps) == 24 and killed_at >= 4
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"init", "sft", "grpo"}
+    for stage in results.values():
+        assert stage["n"] == 8 and 0.0 <= stage["accuracy"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "Held-out accuracy" in report and (out / "accuracy.png").exists() and (out / "loss.png").exists()
+
+    # a third run finds everything done and only rewrites the report
+    proc = _run(recipe, out)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and log.count("done already") == 5, log[-2000:]
