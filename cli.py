@@ -245,7 +245,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "rm": _not_implemented("rm", 5),
     "eval": cmd_eval,
     "run": cmd_run,
-    "plan": _not_implemented("plan", 8),
+    "plan": lambda argv: __import__("posttrain.plan", fromlist=["main_plan"]).main_plan(argv),
 }
 
 
