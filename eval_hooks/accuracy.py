@@ -42,7 +42,8 @@ def evaluate_accuracy(
         raise ValueError("nothing to evaluate: the evaluation set is empty")
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     sampling = SamplingSettings(
-        temperature=temperature, max_tokens=max_tokens, seed=seed, stop_token_ids=[tokenizer.eos_token_id]
+        temperature=temperature, max_tokens=max_tokens, seed=seed if temperature > 0 else None,
+        stop_token_ids=[tokenizer.eos_token_id],
     )
     outs = engine.generate(ids, k, sampling)
     texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group] for group in outs]

@@ -99,7 +99,62 @@ SMALL: dict[str, Any] = {
     "q_lora_rank": 192,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "small": SMALL, "deepseek-v3": DEEPSEEK_V3}
+# A smaller public model of the V3 architecture (MLA, sigmoid noaux_tc routing, shared experts):
+# moonshotai/Moonlight-16B-A3B, 16B parameters, 3B activated. No MTP module and no q-LoRA.
+MOONLIGHT_16B: dict[str, Any] = dict(
+    vocab_size=163840,
+    hidden_size=2048,
+    intermediate_size=11264,
+    moe_intermediate_size=1408,
+    num_hidden_layers=27,
+    num_nextn_predict_layers=0,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    n_shared_experts=2,
+    n_routed_experts=64,
+    routed_scaling_factor=2.446,
+    kv_lora_rank=512,
+    q_lora_rank=None,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    qk_nope_head_dim=128,
+    topk_method="noaux_tc",
+    scoring_func="sigmoid",
+    n_group=1,
+    topk_group=1,
+    num_experts_per_tok=6,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    hidden_act="silu",
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=50000,
+    bos_token_id=163584,
+    eos_token_id=163585,
+    tie_word_embeddings=False,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": TINY,
+    "small": SMALL,
+    "moonlight-16b": MOONLIGHT_16B,
+    "deepseek-v3": DEEPSEEK_V3,
+}
+
+# Public checkpoints whose architecture a preset reproduces (for meta-device checks of recipes).
+MODEL_PRESETS: dict[str, str] = {
+    "deepseek-ai/DeepSeek-V3": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3-Base": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3-0324": "deepseek-v3",
+    "deepseek-ai/DeepSeek-R1": "deepseek-v3",
+    "moonshotai/Moonlight-16B-A3B": "moonlight-16b",
+    "moonshotai/Moonlight-16B-A3B-Instruct": "moonlight-16b",
+}
+
+
+def preset_for_model(name_or_path: str) -> str | None:
+    """The preset with the architecture of a known public checkpoint name (None if unknown)."""
+    return MODEL_PRESETS.get(str(name_or_path).rstrip("/"))
 
 
 def preset_config(name: str, **overrides: Any) -> DeepseekV3Config:

@@ -199,3 +199,19 @@ def test_bad_input(tmp_path, tiny_model_dir, engine):
         trainer.train()
     with pytest.raises(UserError, match="no checkpoint directory"):
         build_trainer(_cfg(tmp_path, tmp_path / "missing"), engine=engine)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, engine):
+    common = dict(save_strategy="steps", save_steps=2, lr_scheduler_type="constant", learning_rate=5e-4)
+    full = build_trainer(_cfg(tmp_path / "a", tiny_model_dir, max_steps=4, **common), engine=engine)
+    full.train()
+    losses = {h["step"]: h["loss"] for h in full.state.log_history if "loss" in h and "step" in h}
+
+    first = build_trainer(_cfg(tmp_path / "b", tiny_model_dir, max_steps=2, **common), engine=engine)
+    first.train()  # "killed" after step 2: its checkpoint-2 is what a restart finds
+    resumed = build_trainer(_cfg(tmp_path / "b", tiny_model_dir, max_steps=4, **common), engine=engine)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "grpo" / "checkpoint-2"))
+    again = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and "step" in h}
+    for step in (3, 4):
+        assert again[step] == pytest.approx(losses[step], rel=1e-4, abs=1e-6), (step, again, losses)
+    assert (tmp_path / "b" / "grpo" / "checkpoint-4" / "model.safetensors").exists()

@@ -21,6 +21,7 @@ that TRL's `_generate` and `_generate_and_score_completions` read.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from typing import Any
@@ -34,6 +35,10 @@ from ..rollout.engines import RolloutEngine, SamplingSettings
 from .config import GRPORecipeConfig
 
 log = logging.getLogger(__name__)
+
+# `rollout_func` is how our engines plug into TRL (tested against trl==1.16.0); its "experimental"
+# warning would otherwise print on every run.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 class _EngineSync:
@@ -110,6 +115,8 @@ class V3GRPOTrainer(GRPOTrainer):
             max_tokens=self.max_completion_length,
             stop_token_ids=[self.processing_class.eos_token_id],
             ignore_eos=self.rollout_ignore_eos,
+            # per step and per prompt: a rerun, a resumed run or a different number of ranks samples the same
+            seed=None if self.args.seed is None else self.args.seed * 1_000_003 + self.state.global_step,
         )
         t0 = time.perf_counter()
         completion_ids: list[list[int]] = []

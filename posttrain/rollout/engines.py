@@ -9,6 +9,7 @@ buffers (moved by balancing; TRL's own sync sends parameters only), and the MTP 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -43,6 +44,13 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float] | None  # of each sampled token, None if the engine cannot give them
     finish_reason: str | None = None
+
+
+def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """A per-prompt sampling seed: the same prompt and seed give the same completions whatever the
+    batch, the engine's other requests or the number of data-parallel ranks."""
+    digest = hashlib.sha1(f"{seed}|{','.join(map(str, prompt_ids))}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 class RolloutEngine(Protocol):
@@ -125,18 +133,22 @@ class VLLMColocateEngine:
                 f"prompt {i} has {len(prompt_ids[i])} tokens, not less than the engine's max_model_len "
                 f"({self.max_model_len}); raise vllm_max_model_length or shorten the prompts"
             )
-        params = SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-            logprobs=0,
-            stop_token_ids=None if sampling.ignore_eos else (list(sampling.stop_token_ids) or None),
-            ignore_eos=sampling.ignore_eos,
+        def params(ids: Sequence[int]) -> SamplingParams:
+            return SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                max_tokens=sampling.max_tokens,
+                seed=None if sampling.seed is None else prompt_seed(sampling.seed, ids),
+                logprobs=0,
+                stop_token_ids=None if sampling.ignore_eos else (list(sampling.stop_token_ids) or None),
+                ignore_eos=sampling.ignore_eos,
+            )
+
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], [params(p) for p in prompt_ids], use_tqdm=False
         )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
         result = []
         for out in outs:
             group = []
@@ -252,13 +264,19 @@ class HFGenerateEngine:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         flat = [list(p) for p in prompt_ids for _ in range(n)]
+        if sampling.seed is None:
+            chunks = [flat[i : i + self.batch_size] for i in range(0, len(flat), self.batch_size)]
+            seeds: list[int | None] = [None] * len(chunks)
+        else:  # one call per prompt, seeded by the prompt: reproducible across batchings and ranks
+            chunks = [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+            seeds = [prompt_seed(sampling.seed, p) for p in prompt_ids]
         completions: list[Completion] = []
+        rng_state = torch.random.get_rng_state()
         try:
-            for start in range(0, len(flat), self.batch_size):
-                chunk = flat[start : start + self.batch_size]
+            for chunk, seed in zip(chunks, seeds):
+                if seed is not None:
+                    torch.manual_seed(seed)
                 width = max(len(p) for p in chunk)
                 ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -293,6 +311,8 @@ class HFGenerateEngine:
                     completions.append(Completion(toks, lps, finish))
         finally:
             model.train(was_training)
+            if sampling.seed is not None:
+                torch.random.set_rng_state(rng_state)  # the trainer's own random stream is left as it was
         return [completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def sync_weights(self, model: nn.Module) -> float:
