@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/dsv3-posttrain smoke --output_dir runs/demo
+	$(BIN)/dsv3-posttrain run recipes/tiny-arith.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
