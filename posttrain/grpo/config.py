@@ -74,7 +74,9 @@ class GRPORecipeConfig(GRPOConfig):
     # On CPU bf16 is several times slower than fp32 and gradient checkpointing only costs time.
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 (GPU)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even if a GPU is present."})
+    use_cpu: bool = field(
+        default=False, metadata={"help": "Train on CPU even if a GPU is present (always on when there is none)."}
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     learning_rate: float = field(default=2e-6, metadata={"help": "Peak learning rate (R1 used 3e-6)."})
     num_generations: int | None = field(default=8, metadata={"help": "Group size G (R1: 16, DeepSeekMath: 64)."})
@@ -89,4 +91,15 @@ class GRPORecipeConfig(GRPOConfig):
             raise ValueError("`reward_funcs` is empty: name at least one reward function")
         if self.mtp_loss_weight < 0:
             raise ValueError("mtp_loss_weight must be >= 0")
+        import torch
+
+        if not torch.cuda.is_available():
+            # Without it transformers sets up no process group on a CPU-only machine, and
+            # `accelerate launch --num_processes 2` would run two independent single-process jobs.
+            self.use_cpu = True
+        if self.ddp_find_unused_parameters is None:
+            # Every parameter takes part when the MTP module is trained (routed experts are fused
+            # tensors); DDP's unused-parameter search would then trip over the output head, which TRL's
+            # fused log-prob head and the MTP head both use. With λ = 0 the MTP module is unused.
+            self.ddp_find_unused_parameters = self.mtp_loss_weight == 0
         super().__post_init__()

@@ -102,14 +102,15 @@ def run_grpo(cfg: GRPORecipeConfig) -> dict[str, Any]:
         resume = _last_checkpoint(cfg.output_dir)
     try:
         trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(cfg.output_dir)
-        trainer.processing_class.save_pretrained(cfg.output_dir)
-        trainer.state.save_to_json(os.path.join(cfg.output_dir, "trainer_state.json"))
+        trainer.save_model(cfg.output_dir)  # every rank takes part (FSDP gathers); rank 0 writes
     finally:
         trainer.engine.close()
     history = [h for h in trainer.state.log_history if "reward" in h]
     summary = {"steps": trainer.state.global_step, "last": history[-1] if history else {}}
-    Path(cfg.output_dir, "grpo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(cfg.output_dir)
+        trainer.state.save_to_json(os.path.join(cfg.output_dir, "trainer_state.json"))
+        Path(cfg.output_dir, "grpo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 

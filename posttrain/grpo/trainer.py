@@ -223,11 +223,18 @@ class V3GRPOTrainer(GRPOTrainer):
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         hits = total = 0
         mtp_losses = []
+        world = self.accelerator.num_processes
         for terms in self._mtp_stash:
             if terms.get("mtp_loss") is not None:
                 mtp_losses.append(terms["mtp_loss"])
                 if self.args.mtp_loss_weight > 0 and terms["mtp_loss"].requires_grad:
-                    loss = loss + self.args.mtp_loss_weight * terms["mtp_loss"] / ga
+                    # token mean over the global batch: DDP averages gradients over ranks, so each
+                    # rank's mean is reweighted by its share of the MTP targets
+                    share = 1.0
+                    if world > 1:
+                        count = torch.tensor(float(terms["accept_total"]), device=loss.device)
+                        share = world * count / self.accelerator.gather(count).sum().clamp(min=1)
+                    loss = loss + self.args.mtp_loss_weight * terms["mtp_loss"] * share / ga
             if terms.get("balance_loss") is not None:
                 loss = loss + terms["balance_loss"] / ga
             hits += terms.get("accept_hits", 0)
