@@ -37,6 +37,8 @@ class Difficulty:
 
 
 LEVELS: dict[str, Difficulty] = {
+    # one step on single digits: the level the tiny model learns in a few CPU minutes (the demo's)
+    "digits": Difficulty(max_operand=9, ops=("+", "-"), max_steps=1, multi_step_prob=0.0),
     "easy": Difficulty(),
     "medium": Difficulty(max_operand=99, ops=("+", "-", "*"), max_steps=2, multi_step_prob=0.4),
     "hard": Difficulty(max_operand=999, ops=("+", "-", "*"), max_steps=3, multi_step_prob=0.7),
