@@ -32,8 +32,8 @@ def evaluate_accuracy(
 ) -> dict[str, Any]:
     """pass@1 (greedy when `temperature` is 0); with `k` > 1 also pass@k and maj@k over k samples.
 
-    Returns {"accuracy", "n", "pass@k", "maj@k", "completions"} where `accuracy` is pass@1 over
-    the first sample of each problem."""
+    Returns {"accuracy", "mean_correct", "n", "pass@k", "maj@k", "completions"}: `accuracy` is
+    pass@1 over the first sample of each problem, `mean_correct` the fraction of all samples right."""
     from rewards import extract_final_answer, math_accuracy
 
     if len(prompts) != len(answers):
@@ -53,6 +53,7 @@ def evaluate_accuracy(
     correct = [[(scores[i * k + j] or 0.0) > 0.5 for j in range(k)] for i in range(len(prompts))]
     result: dict[str, Any] = {
         "accuracy": sum(c[0] for c in correct) / len(correct),
+        "mean_correct": sum(sum(c) for c in correct) / (len(correct) * k),  # = mean math_accuracy reward
         "n": len(correct),
         "completions": [group[0] for group in texts],
     }

@@ -75,3 +75,23 @@ def test_chain_recipe_unknown_keys_fail_clearly(tmp_path):
     bad.write_text("name: x\nstages:\n  finetune: {}\n")
     with pytest.raises(ConfigError, match="unknown stage"):
         load_chain_recipe(bad)
+
+
+def test_eval_callback_logs_every_n_steps(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from eval_hooks.callback import EvalCallback
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [["\\boxed{5}"], ["\\boxed{4}"]]
+    prompts = [[{"role": "user", "content": "2+3"}], [{"role": "user", "content": "1+1"}]]
+    callbacks = []
+    trainer = SimpleNamespace(processing_class=tok, state=SimpleNamespace(global_step=0, log_history=[]),
+                              add_callback=callbacks.append)
+    cb = EvalCallback(prompts, ["5", "2"], every_n_steps=2, engine=ScriptedEngine(tok, texts)).attach(trainer)
+    assert callbacks == [cb]
+    for step in (1, 2, 3, 4):
+        trainer.state.global_step = step
+        cb.on_step_end(None, trainer.state, None)
+    assert [h["step"] for h in trainer.state.log_history] == [2, 4]
+    assert trainer.state.log_history[0]["eval/accuracy"] == pytest.approx(0.5)
