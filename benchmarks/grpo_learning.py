@@ -7,7 +7,9 @@ effect is within noise at this length, so it is measured here rather than assert
 
     python benchmarks/grpo_learning.py SFT_STEPS GRPO_STEPS GRPO_LR     (e.g. 150 20 2e-5)
 """
-import json, sys, time
+import json
+import sys
+import time
 from pathlib import Path
 from data_pipelines.arith_task import generate_split
 from posttrain.recipe import build_config
@@ -22,7 +24,7 @@ from transformers import AutoTokenizer
 from posttrain.model_init import init_model
 if __name__ == "__main__":
     sft_steps, grpo_steps, grpo_lr = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    out = Path("runs/grpo-learning"); out.mkdir(exist_ok=True); data = out / "sft.jsonl"
+    out = Path("runs/grpo-learning"); out.mkdir(parents=True, exist_ok=True); data = out / "sft.jsonl"
     with data.open("w") as f:
         for r in generate_split("train", 2000, seed=0, level="digits"):
             f.write(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["solution"]}]}) + "\n")
