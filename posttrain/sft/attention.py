@@ -1,0 +1,89 @@
+"""Segment-wise SDPA for packed rows where no varlen kernel exists (CPU).
+
+transformers turns per-sample `position_ids` into a block-diagonal causal mask and runs SDPA over the
+whole row: with ~5 samples in a 512-token row, ~80% of that attention is computed and then masked
+away, and a mask also sends CPU SDPA to its slow "math" path. flash-attention's varlen kernel avoids
+both on GPU; this is the CPU counterpart: each packed sample's attention runs as its own causal SDPA
+call (no mask tensor), so the cost is Σ n_i² instead of L², and the results are those of the mask.
+
+It is registered with transformers' public `AttentionInterface` / `AttentionMaskInterface` under
+`SEGMENTED_SDPA` and used when `attn_implementation` is left unset on CPU. Whenever the caller gives
+a padding mask, a cache offset applies, or there are no position ids, it is plain `sdpa`. Unlike
+`sdpa`/`eager`, it keeps packed samples apart even under the two traps (an all-ones attention mask,
+`use_cache=True`), since the samples are read from the position ids in every case.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+SEGMENTED_SDPA = "sdpa_segmented"
+
+
+def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) of each sample: a sample starts where positions do not continue (+1),
+    the rule transformers' `find_packed_sequence_indices` uses."""
+    pos = position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    length = pos.shape[1]
+    out = []
+    for row in starts.tolist():
+        idx = [i for i, s in enumerate(row) if s]
+        out.append(list(zip(idx, idx[1:] + [length])))
+    return out
+
+
+def segmented_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+):
+    """`AttentionInterface` function: query/key/value [batch, heads, seq, dim] → ([batch, seq, heads, dim], None)."""
+    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, **kwargs)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if position_ids.shape[0] != query.shape[0]:
+        position_ids = position_ids.expand(query.shape[0], -1)
+    p = dropout if module.training else 0.0
+    rows = []
+    # unbind/split rather than slicing: their backward is one stack/cat, where each slice's backward
+    # would allocate and add a full-size zero gradient.
+    for q, k, v, segments in zip(query.unbind(0), key.unbind(0), value.unbind(0), segment_bounds(position_ids)):
+        lengths = [e - s for s, e in segments]
+        parts = [
+            F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=True, scale=scaling)
+            for qs, ks, vs in zip(q.split(lengths, dim=1), k.split(lengths, dim=1), v.split(lengths, dim=1))
+        ]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    out = torch.stack(rows, dim=0)  # [batch, heads, seq, dim]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _segmented_mask(*args, **kwargs):
+    # A fresh forward without padding needs no mask tensor: the attention reads position_ids. With a
+    # cache offset or a padding mask, build SDPA's mask and the attention falls back to SDPA.
+    fresh = kwargs.get("q_length") == kwargs.get("kv_length") and not kwargs.get("q_offset") and not kwargs.get("kv_offset")
+    if fresh and kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_segmented_sdpa() -> str:
+    """Registers the implementation (idempotent) and returns its `attn_implementation` name."""
+    AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa_forward)
+    AttentionMaskInterface.register(SEGMENTED_SDPA, _segmented_mask)
+    return SEGMENTED_SDPA

@@ -1,0 +1,268 @@
+"""`SFTRecipeConfig`: TRL's `SFTConfig` plus the DeepSeek-V3 SFT settings (MTP, balancing, data policy).
+
+Field names follow TRL/transformers (`model_name_or_path`, `dataset_name`, `output_dir`, `max_steps`,
+`learning_rate`, `max_length`, `per_device_train_batch_size`, …). Defaults that differ from TRL's:
+
+* report §5.2 SFT schedule: 2 epochs, cosine decay 5e-6 → 1e-6 (`cosine_with_min_lr`, `min_lr` 1e-6);
+* CPU-friendly: fp32 (`bf16=False`; TRL defaults to bf16, ~7× slower on CPUs without bf16 units)
+  and no gradient checkpointing unless asked;
+* `packing=True` (sample-masked BFD packing) and `assistant_only_loss=True`;
+* `report_to="none"`, `save_only_model=False` (checkpoints are resumable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+from ..errors import ConfigError
+
+# LoRA targets (item 7): MLA projections and the dense / shared-expert MLPs. The routed experts are
+# fused 3-D parameters (`mlp.experts.gate_up_proj`), which peft's Linear LoRA does not wrap, and the
+# router is not a Linear either; both stay frozen under LoRA.
+DEFAULT_LORA_TARGETS = [
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
+
+
+@dataclass
+class SFTRecipeConfig(SFTConfig):
+    """Configuration of `dsv3-posttrain sft` (sample-masked SFT of the whole V3 model).
+
+    Everything in TRL's `SFTConfig` / transformers' `TrainingArguments` applies; the fields below
+    are added or have other defaults. See each field's `help`.
+    """
+
+    # --- model and data ------------------------------------------------------------------------
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model to fine-tune: a local Hugging Face directory in the DeepSeek layout (MTP keys "
+                  "at model.layers.{num_hidden_layers}) or a Hub id. Loaded with DeepseekV3ForCausalLMWithMTP."},
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel. Unset: 'sdpa_segmented' on CPU (one causal SDPA call per packed sample, "
+                  "no mask; posttrain/sft/attention.py) and 'sdpa' on GPU. 'flash_attention_2' on GPU uses its varlen "
+                  "path on packed rows; 'eager' and 'sdpa' also isolate samples (see padding_free)."},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a distill output directory, a local .jsonl/.json/.parquet file or shard "
+                  "directory, or a Hub id (read with data_pipelines.loading.load_rows). Rows are conversational "
+                  "(`messages`) or prompt-completion (`prompt` + `completion`)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default=None,
+        metadata={"help": "Split to evaluate on (eval_lm_loss, eval_mtp_loss) when eval_strategy is not 'no'; "
+                  "tokenized and packed like the training split."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N rows of the split (quick runs)."}
+    )
+    truncation: str = field(
+        default="drop",
+        metadata={"help": "Samples longer than max_length: 'drop' them (default: a truncated response loses its "
+                  "answer and end-of-turn token) or 'truncate' them (keep the first max_length tokens). Counted "
+                  "in the run summary either way.", "choices": ["drop", "truncate"]},
+    )
+    on_bad_row: str = field(
+        default="error",
+        metadata={"help": "A malformed row (no `messages`, no assistant turn, bad message dicts): 'error' stops "
+                  "with a message naming the row; 'skip' drops it and counts it.", "choices": ["error", "skip"]},
+    )
+
+    # --- MTP (report §2.2) ---------------------------------------------------------------------
+    mtp_loss_weight: float = field(
+        default=0.3,
+        metadata={"help": "λ of the MTP loss (report §2.2: 0.3, then 0.1); 0 trains no MTP (the module is "
+                  "then not run)."},
+    )
+    mtp_loss_weight_final: float | None = field(
+        default=None,
+        metadata={"help": "λ after `mtp_loss_weight_switch` of the training steps (the report drops 0.3 → 0.1 "
+                  "after 10T of 14.8T tokens); None keeps mtp_loss_weight throughout."},
+    )
+    mtp_loss_weight_switch: float = field(
+        default=10.0 / 14.8,
+        metadata={"help": "Fraction of max_steps after which mtp_loss_weight_final applies."},
+    )
+    mtp_detach_input: bool = field(
+        default=False,
+        metadata={"help": "Stop the MTP loss's gradient at the main model's hidden states (train the MTP module "
+                  "only through its own weights)."},
+    )
+
+    # --- routing balance (report §2.1.2) -------------------------------------------------------
+    bias_update_speed: float = field(
+        default=1e-3,
+        metadata={"help": "γ of the aux-loss-free balancing: after each optimizer step every router's "
+                  "e_score_correction_bias moves by γ·sign(mean load − load). 0 freezes the biases."},
+    )
+    seq_balance_alpha: float = field(
+        default=1e-4,
+        metadata={"help": "α of the complementary sequence-wise balance loss (report eq. 17-20), per packed "
+                  "sample, summed over MoE layers. 0 disables it."},
+    )
+    balance_history_interval: int = field(
+        default=1,
+        metadata={"help": "Record the per-layer expert load every N optimizer steps for expert_load.png "
+                  "(0: no history, no plot)."},
+    )
+
+    # --- LoRA (item 7) ---------------------------------------------------------------------------
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters (peft) instead of the full model; merged into the weights on export."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "Module names that get adapters: MLA projections and dense / shared-expert MLPs (the "
+                  "fused routed experts cannot take Linear LoRA)."},
+    )
+
+    # --- output ----------------------------------------------------------------------------------
+    save_final_model: bool = field(
+        default=True,
+        metadata={"help": "Write the trained model (DeepSeek layout, MTP keys, updated biases; LoRA merged) and "
+                  "tokenizer to output_dir at the end."},
+    )
+
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate config file for multi-GPU runs (e.g. recipes/accelerate/fsdp2-*.yaml): the "
+                  "launcher (`accelerate launch --config_file`) reads it; run_sft itself does not."},
+    )
+
+    # --- TRL / transformers fields with other defaults -----------------------------------------
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate (report §5.2: 5e-6)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the data (report §5.2: 2)."})
+    lr_scheduler_type: str = field(
+        default="cosine_with_min_lr",
+        metadata={"help": "LR schedule (report §5.2: cosine decay to 1e-6, i.e. cosine_with_min_lr + min_lr)."},
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"min_lr": 1e-6},
+        metadata={"help": "Scheduler arguments; {'min_lr': 1e-6} gives the report's 5e-6 → 1e-6 cosine."},
+    )
+    bf16: bool | None = field(
+        default=False,
+        metadata={"help": "bf16 mixed precision. Off by default: on CPUs without bf16 units it is ~7x slower; "
+                  "set it on GPUs."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."}
+    )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Sample-masked packing: best-fit-decreasing into rows of max_length; each sample attends "
+                  "only to itself and its positions restart at 0."},
+    )
+    packing_strategy: str = field(
+        default="bfd", metadata={"help": "Only 'bfd' (best-fit decreasing, TRL's engine) is supported."}
+    )
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "Flatten each batch of packed rows into one row: no pad tokens at all. None (default): on "
+                  "when the attention kernel reads sample boundaries from position_ids without a mask "
+                  "(flash_attention_2's varlen path, sdpa_segmented, the CPU default); off for sdpa/eager, whose "
+                  "masked attention over one flattened row would cost (batch tokens)^2."},
+    )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Loss on assistant tokens only (end-of-turn token included), from the chat template's "
+                  "{% generation %} spans. False: loss on every token but each sample's first."},
+    )
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluation keeps losses only (no [batch, seq, vocab] logits gathered)."}
+    )
+
+    def __post_init__(self):
+        if self.truncation not in ("drop", "truncate"):
+            raise ConfigError(f"truncation must be 'drop' or 'truncate', got {self.truncation!r}")
+        if self.on_bad_row not in ("error", "skip"):
+            raise ConfigError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.packing and self.packing_strategy != "bfd":
+            raise ConfigError(f"packing_strategy {self.packing_strategy!r}: only 'bfd' keeps samples whole")
+        if self.mtp_loss_weight < 0 or (self.mtp_loss_weight_final is not None and self.mtp_loss_weight_final < 0):
+            raise ConfigError("mtp_loss_weight(s) must be >= 0")
+        if not 0.0 <= self.mtp_loss_weight_switch <= 1.0:
+            raise ConfigError(f"mtp_loss_weight_switch must be in [0, 1], got {self.mtp_loss_weight_switch}")
+        if self.bias_update_speed < 0 or self.seq_balance_alpha < 0:
+            raise ConfigError("bias_update_speed and seq_balance_alpha must be >= 0")
+        if self.max_length is None or self.max_length < 2:
+            raise ConfigError("max_length must be an integer >= 2 (it is also the packed row length)")
+        if self.gradient_checkpointing:
+            # Reentrant checkpointing runs the first forward without grad: the router logits the
+            # sequence-wise balance loss is built from would carry no gradient.
+            kwargs = dict(self.gradient_checkpointing_kwargs or {}) if isinstance(
+                self.gradient_checkpointing_kwargs, dict) else {}
+            kwargs.setdefault("use_reentrant", False)
+            self.gradient_checkpointing_kwargs = kwargs
+        if self.attn_implementation and self.attn_implementation.startswith("flash_attention"):
+            # transformers' varlen path reads sample boundaries from position_ids of one flat row.
+            self.padding_free = True
+        import torch
+
+        if not torch.cuda.is_available():
+            # Without it transformers sets up no process group on a CPU-only machine, and
+            # `accelerate launch` with 2 processes would run two independent single-process jobs.
+            self.use_cpu = True
+        if self.ddp_find_unused_parameters is None:
+            # With λ = 0 (from the start or after the schedule's switch) the MTP module takes no part
+            # in the loss; otherwise every parameter does and DDP's search is wasted work.
+            self.ddp_find_unused_parameters = self.mtp_loss_weight == 0 or self.mtp_loss_weight_final == 0
+        super().__post_init__()
+
+    def resolved_attn_implementation(self) -> str | None:
+        """The kernel the model is loaded with (None: transformers' default, sdpa)."""
+        import torch
+
+        attn = self.attn_implementation
+        if attn is None and not torch.cuda.is_available():
+            attn = "sdpa_segmented"
+        if attn == "sdpa_segmented":
+            from .attention import register_segmented_sdpa
+
+            register_segmented_sdpa()
+        return attn
+
+    def resolved_padding_free(self) -> bool:
+        if self.padding_free is not None:
+            return bool(self.padding_free)
+        attn = self.resolved_attn_implementation() or ""
+        return attn == "sdpa_segmented" or attn.startswith("flash_attention")
+
+    def mtp_weight_at(self, step: int, max_steps: int) -> float:
+        """λ at optimizer step `step` (0-based) of `max_steps`."""
+        if self.mtp_loss_weight_final is None or max_steps <= 0:
+            return self.mtp_loss_weight
+        return self.mtp_loss_weight if step < self.mtp_loss_weight_switch * max_steps else self.mtp_loss_weight_final
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `from_pretrained` (fp32 weights unless model_init_kwargs say otherwise)."""
+        import torch
+
+        kwargs: dict[str, Any] = {"dtype": torch.float32}
+        attn = self.resolved_attn_implementation()
+        if attn:
+            kwargs["attn_implementation"] = attn
+        extra = dict(self.model_init_kwargs or {}) if isinstance(self.model_init_kwargs, dict) else {}
+        if isinstance(extra.get("dtype"), str) and extra["dtype"] != "auto":
+            extra["dtype"] = getattr(torch, extra["dtype"])
+        kwargs.update(extra)
+        return kwargs

@@ -1,0 +1,244 @@
+"""The SFT trainer: next-token loss + λ·MTP loss (report §2.2) + sequence-wise balance loss, with
+aux-loss-free bias updates after every optimizer step (§2.1.2), on sample-masked packed rows (§5.2).
+
+Why `transformers.Trainer` and not TRL's `SFTTrainer` (TRL 1.16.0): SFTTrainer prepares the data
+itself and rejects what this pipeline hands it — a pre-tokenized, pre-packed dataset with
+`assistant_only_loss=True` fails its "conversational dataset" check, and `packing=True` with BFD
+forbids a custom collator — and it patches `model.forward` with a fused LM head that runs only the
+backbone, so the MTP module would never run; its `compute_loss` would be replaced wholesale anyway.
+So the config is TRL's (`SFTRecipeConfig` extends `SFTConfig`), the packing engine is TRL's
+(`pack_dataset(strategy="bfd")`), and the loop is transformers' Trainer, customised through its
+public hooks: `compute_loss`, `log`, callbacks — and one private method, `_load_from_checkpoint`
+(transformers 5.19; see there why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..balancing import BALANCER_STATE_FILE, BalancingCallback, ExpertLoadBalancer
+from ..modeling import sample_ids_from_positions
+from .config import SFTRecipeConfig
+
+log = logging.getLogger(__name__)
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The DeepseekV3ForCausalLMWithMTP under PEFT / accelerate wrappers."""
+    m = model
+    while True:
+        if hasattr(m, "module") and isinstance(m.module, torch.nn.Module):
+            m = m.module
+        elif hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        else:
+            return m
+
+
+class DeepseekV3SFTTrainer(Trainer):
+    """transformers `Trainer` for DeepSeek-V3 SFT with MTP and routing balance.
+
+    Args beyond `Trainer`'s: `balancer` (an `ExpertLoadBalancer` on the model, or None to train
+    without balancing) and `expert_load_plot` (PNG path for the end-of-training heatmap).
+    """
+
+    def __init__(
+        self,
+        *args,
+        balancer: ExpertLoadBalancer | None = None,
+        expert_load_plot: str | Path | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SFTRecipeConfig):
+            raise TypeError("DeepseekV3SFTTrainer needs an SFTRecipeConfig")
+        # compute_loss normalises over the whole accumulated batch itself (num_items_in_batch).
+        self.loss_is_scaled_for_ga = True
+        self.balancer = balancer
+        self._metrics: dict[str, list[torch.Tensor | float]] = defaultdict(list)
+        self._tokens_since_log = 0
+        self._total_tokens = 0
+        self._last_log_time: float | None = None
+        if balancer is not None:
+            cb = BalancingCallback(balancer, expert_load_plot)
+            cb.on_metrics = lambda m: [self._metrics[k].append(v) for k, v in m.items()]
+            self.add_callback(cb)
+
+    # -- loss ------------------------------------------------------------------------------------
+    def current_mtp_weight(self) -> float:
+        return self.args.mtp_weight_at(self.state.global_step, self.state.max_steps or 0)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        # the collator's extras for the trainer, not model inputs
+        token_mask = inputs.pop("token_mask", None)
+        n_tokens = inputs.pop("num_tokens", None)
+        if "attention_mask" in inputs and "position_ids" in inputs:
+            # An attention mask makes transformers ignore the position restarts: samples would leak.
+            raise ValueError("packed batches must not carry an attention_mask")
+        labels = inputs["labels"]
+        position_ids = inputs.get("position_ids")
+        training = model.training
+        base = _unwrap(model)
+        lam = self.current_mtp_weight()
+        has_mtp = bool(getattr(base, "mtp_layers", None))
+        compute_mtp = has_mtp and lam > 0
+
+        if self.balancer is not None and training:
+            sample_ids = sample_ids_from_positions(position_ids) if position_ids is not None else None
+            scope = self.balancer.batch(token_mask=token_mask, sample_ids=sample_ids)
+        else:
+            scope = contextlib.nullcontext()
+        with scope:
+            out = model(
+                **inputs,
+                use_cache=False,  # with a cache transformers skips packed-sequence masking
+                compute_mtp=compute_mtp,
+                detach_mtp_input=self.args.mtp_detach_input,
+            )
+            balance_loss = self.balancer.sequence_balance_loss() if (self.balancer is not None and training) else None
+
+        # `out.loss` is the mean over this micro-batch's targets; rescale to a share of the whole
+        # accumulated batch so that gradient accumulation gives the token-weighted mean exactly.
+        n_valid = (labels[..., 1:] != -100).sum()
+        if num_items_in_batch is not None and training:
+            scale = n_valid / torch.as_tensor(num_items_in_batch, device=n_valid.device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                scale = scale * self.accelerator.num_processes  # DDP averages the gradients across ranks
+            per_micro = 1.0
+        else:
+            scale = 1.0
+            per_micro = 1.0 / self.current_gradient_accumulation_steps if training else 1.0
+        lm_loss = out.loss
+        objective = lm_loss
+        if compute_mtp and out.mtp_loss is not None:
+            objective = objective + lam * out.mtp_loss
+        loss = objective * scale * per_micro
+        if balance_loss is not None:
+            # a per-micro-batch mean: average it over the accumulation steps
+            loss = loss + balance_loss / self.current_gradient_accumulation_steps
+
+        mode = "train" if training else "eval"
+        prefix = "" if training else "eval_"
+        self._metrics[f"{prefix}lm_loss"].append(lm_loss.detach())
+        if out.mtp_loss is not None:
+            self._metrics[f"{prefix}mtp_loss"].append(out.mtp_loss.detach())
+        if mode == "train":
+            self._metrics["mtp_loss_weight"].append(lam if compute_mtp else 0.0)
+            if balance_loss is not None:
+                self._metrics["moe/seq_balance_loss"].append(balance_loss.detach())
+            if n_tokens is None:
+                n_tokens = int(inputs["input_ids"].numel())
+            self._tokens_since_log += int(n_tokens)
+            self._total_tokens += int(n_tokens)
+            if self._last_log_time is None:
+                self._last_log_time = time.perf_counter()
+        return (loss, out) if return_outputs else loss
+
+    # -- logging ---------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_eval = any(k.startswith("eval_") for k in logs)
+        metrics = {}
+        for key, values in list(self._metrics.items()):
+            if is_eval != key.startswith("eval_") or not values:
+                continue
+            vals = [float(v) for v in values]  # one device sync per log, not per micro-batch
+            metrics[key] = sum(vals) / len(vals)
+            self._metrics[key] = []
+        if "loss" in logs and not is_eval:
+            now = time.perf_counter()
+            if self._last_log_time is not None and now > self._last_log_time:
+                metrics["train/tokens_per_second"] = self._tokens_since_log / (now - self._last_log_time)
+            metrics["num_tokens"] = float(self._total_tokens)
+            self._tokens_since_log = 0
+            self._last_log_time = now
+        logs.update(metrics)
+        super().log(logs, start_time)
+
+    # -- resume ----------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self.balancer is not None)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+        if resume_from_checkpoint and self.balancer is not None:
+            if not self.balancer.load(resume_from_checkpoint):
+                log.warning("%s has no balancer state; expert-load history restarts", resume_from_checkpoint)
+        self._last_log_time = None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Checkpoints are written by `save_pretrained` in the DeepSeek layout (per-expert names). Trainer
+        (transformers 5.19) reloads them with `load_state_dict(strict=False)`, which would silently skip
+        the fused expert tensors; reload through the layout converter instead, strictly."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        from ..layout import from_deepseek_layout
+
+        model = self.model if model is None else model
+        files = sorted(Path(resume_from_checkpoint).glob("model*.safetensors"))
+        if isinstance(model, PeftModel):  # adapter checkpoint: Trainer's loading, our LoRA target semantics
+            from .lora import plain_lora_targets
+
+            with plain_lora_targets():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not files:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f), device="cpu"))
+        try:
+            _unwrap(model).load_state_dict(from_deepseek_layout(state), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {resume_from_checkpoint} does not match the model: {e}") from None
+
+    def _set_signature_columns_if_needed(self):
+        # Keep `seq_lengths` (the packed samples' lengths), which is not a forward argument.
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids", "labels", "seq_lengths"]
+
+
+def last_complete_checkpoint(output_dir: str | Path, needs_balancer_state: bool = True) -> str | None:
+    """The newest `checkpoint-N` that was written to the end. Trainer (transformers 5.19) writes a
+    checkpoint in place — model, optimizer, RNG, then `trainer_state.json`; the balancer state comes
+    after, in `on_save` — so a run killed while saving leaves a partial last checkpoint, which
+    `get_last_checkpoint` would pick."""
+    import json
+
+    out = Path(output_dir)
+    if not out.is_dir() or get_last_checkpoint(str(out)) is None:
+        return None
+    steps = sorted(
+        (int(p.name.split("-", 1)[1]) for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+        reverse=True,
+    )
+    for step in steps:
+        ckpt = out / f"checkpoint-{step}"
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("skipping incomplete checkpoint %s (no readable trainer_state.json)", ckpt)
+            continue
+        if needs_balancer_state and not (ckpt / BALANCER_STATE_FILE).exists():
+            log.warning("skipping incomplete checkpoint %s (no balancer state)", ckpt)
+            continue
+        return str(ckpt)
+    return None
+
+
+def make_balancer(model: torch.nn.Module, cfg: SFTRecipeConfig) -> ExpertLoadBalancer:
+    return ExpertLoadBalancer(
+        model,
+        bias_update_speed=cfg.bias_update_speed,
+        seq_balance_alpha=cfg.seq_balance_alpha,
+        history_interval=cfg.balance_history_interval,
+    )
+

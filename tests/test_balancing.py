@@ -1,0 +1,275 @@
+"""Aux-loss-free balancing (report §2.1.2) and the sequence-wise balance loss (eq. 17-20)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.balancing import ExpertLoadBalancer, _seq_balance_term, find_routers
+from posttrain.modeling import DeepseekV3ForCausalLMWithMTP, sample_ids_from_positions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On a shared 2-core machine, one intra-op thread is several times faster than two.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(tiny_model_dir, **kw):
+    torch.manual_seed(0)
+    return DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32, **kw).train()
+
+
+def _batch(seed=0, b=2, n=48, pad=8):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 1000, (b, n), generator=g)
+    pos = torch.cat([torch.arange(20), torch.arange(n - 20 - pad), torch.arange(pad)]).expand(b, -1).contiguous()
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[:, n - pad :] = False  # a pad segment
+    return ids, pos, mask
+
+
+def _manual_counts(model, ids, pos, mask):
+    """Expert counts recomputed from each router's topk output, real tokens only."""
+    got = []
+    hooks = []
+    for _, _, r in find_routers(model):
+        hooks.append(r.register_forward_hook(lambda m, a, out: got.append(out[2])))
+    with torch.no_grad():
+        model(ids, position_ids=pos, labels=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    flat = mask.reshape(-1)
+    return torch.stack([torch.bincount(t[flat].reshape(-1), minlength=8).float() for t in got])
+
+
+def test_routers_found_including_mtp(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    layers = [i for i, _, _ in find_routers(model)]
+    cfg = model.config
+    # MoE layers from first_k_dense_replace, plus the MTP module's block at index num_hidden_layers
+    assert layers == list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers + 1))
+
+
+def test_counts_real_tokens_only(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    ids, pos, mask = _batch()
+    expected = _manual_counts(model, ids, pos, mask)
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.0)
+    with bal.batch(token_mask=mask):
+        out = model(ids, position_ids=pos, labels=ids, use_cache=False)
+    (out.loss + out.mtp_loss).backward()
+    assert torch.equal(bal._counts, expected)
+    assert bal._counts.sum(-1).tolist() == [mask.sum().item() * model.config.num_experts_per_tok] * 2
+    # eval-mode forwards (generation, scoring) are not training traffic
+    model.eval()
+    with torch.no_grad():
+        model(ids, position_ids=pos, use_cache=False)
+    assert torch.equal(bal._counts, expected)
+    bal.remove()
+
+
+def test_gradient_checkpointing_does_not_double_count(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, pos, mask = _batch(1)
+    expected = _manual_counts(model, ids, pos, mask)
+    calls = []
+    h = find_routers(model)[0][2].register_forward_hook(lambda *a: calls.append(1))
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.0, seq_balance_alpha=1e-2)
+    with bal.batch(token_mask=mask, sample_ids=sample_ids_from_positions(pos)):
+        out = model(ids, position_ids=pos, labels=ids, use_cache=False)
+        n_forward = len(calls)
+        loss = out.loss + bal.sequence_balance_loss()
+    loss.backward()
+    h.remove()
+    assert len(calls) == 2 * n_forward  # the backward did recompute the routers …
+    assert torch.equal(bal._counts, expected)  # … and those were not counted
+    assert model.model.layers[1].mlp.gate.weight.grad is not None
+
+
+def _skew_routers(model, ids, pos, expert=0, scale=6.0):
+    """Point one expert's router row along the mean routed hidden state: it wins most tokens."""
+    inputs = {}
+    hooks = [r.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+             for i, (_, _, r) in enumerate(find_routers(model))]
+    with torch.no_grad():
+        model(ids, position_ids=pos, labels=ids, use_cache=False)  # labels: the MTP block runs too
+        for h in hooks:
+            h.remove()
+        for i, (_, _, r) in enumerate(find_routers(model)):
+            mean = inputs[i].mean(0)
+            r.weight[expert] = scale * mean / mean.norm() ** 2
+
+
+def test_bias_update_reduces_maxvio_on_skewed_router(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    ids, pos, mask = _batch(2, b=4, n=64)
+    _skew_routers(model, ids, pos)
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.02)
+    before = bal.biases()
+    vios = []
+    for _ in range(30):
+        with bal.batch(token_mask=mask), torch.no_grad():
+            model(ids, position_ids=pos, labels=ids, use_cache=False)
+        vios.append(bal.step()["moe/maxvio"])
+    after = bal.biases()
+    assert vios[0] > 1.5, vios  # the skew is real
+    assert max(vios[-5:]) < 0.6 * vios[0], vios
+    assert after[:, 0].max() < before[:, 0].max()  # the overloaded expert's bias went down
+    assert len(bal.history) == 30 and torch.allclose(bal.history[0][1].sum(-1), torch.ones(2))
+    bal.remove()
+
+
+def test_zero_speed_freezes_bias_bit_exactly(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, pos, mask = _batch(3)
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.0, seq_balance_alpha=1e-3)
+    before = [r.e_score_correction_bias.clone() for _, _, r in bal.routers]
+    gate_before = bal.routers[0][2].weight.detach().clone()
+    for _ in range(3):
+        with bal.batch(token_mask=mask, sample_ids=sample_ids_from_positions(pos)):
+            out = model(ids, position_ids=pos, labels=ids, use_cache=False)
+            loss = out.loss + out.mtp_loss + bal.sequence_balance_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        metrics = bal.step()
+        assert metrics["moe/maxvio"] >= 0
+    assert all(torch.equal(b, r.e_score_correction_bias) for b, (_, _, r) in zip(before, bal.routers))
+    assert not torch.equal(gate_before, bal.routers[0][2].weight)  # the router itself did train
+    bal.remove()
+
+
+def _naive_seq_balance(logits, topk, seq, mask, n_exp, k):
+    total, n = 0.0, 0
+    for s in seq.unique():
+        sel = (seq == s) & mask
+        t = int(sel.sum())
+        if t == 0:
+            continue
+        sc = logits[sel].sigmoid()
+        p = (sc / sc.sum(-1, keepdim=True)).mean(0)
+        cnt = torch.zeros(n_exp)
+        for row in topk[sel]:
+            cnt[row] += 1
+        f = n_exp / (k * t) * cnt
+        total = total + (f * p).sum()
+        n += 1
+    return total / n
+
+
+def test_sequence_balance_loss_matches_definition():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(30, 8, generator=g, requires_grad=True)
+    topk = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(30)])
+    seq = torch.tensor([0] * 10 + [1] * 12 + [2] * 8)
+    mask = torch.ones(30, dtype=torch.bool)
+    mask[-8:] = False  # sequence 2 is padding: not a sequence at all
+    got = _seq_balance_term(logits, topk, seq, mask, 8, 2)
+    want = _naive_seq_balance(logits.detach(), topk, seq, mask, 8, 2)
+    assert torch.allclose(got, want, atol=1e-6)
+    got.backward()
+    assert logits.grad[:22].abs().sum() > 0 and logits.grad[22:].abs().sum() == 0
+    # perfectly balanced routing with uniform affinities gives the minimum, 1
+    uniform = _seq_balance_term(torch.zeros(8, 8), torch.arange(16).view(8, 2) % 8, torch.zeros(8, dtype=torch.long),
+                                None, 8, 2)
+    assert torch.allclose(uniform, torch.tensor(1.0))
+
+
+def test_state_roundtrip_and_heatmap(tiny_model_dir, tmp_path):
+    model = _model(tiny_model_dir)
+    ids, pos, mask = _batch(4)
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.01)
+    for _ in range(3):
+        with bal.batch(token_mask=mask), torch.no_grad():
+            model(ids, position_ids=pos, use_cache=False)
+        bal.step()
+    bal.save(tmp_path)
+    png = bal.plot_history(tmp_path / "load.png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    other = _model(tiny_model_dir)
+    bal2 = ExpertLoadBalancer(other, bias_update_speed=0.01)
+    assert bal2.load(tmp_path)
+    assert bal2.num_steps == 3 and [s for s, _ in bal2.history] == [1, 2, 3]
+    assert torch.equal(bal2.biases(), bal.biases())
+    bal.remove()
+    bal2.remove()
+
+
+def _router_stack(seed: int = 0):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    cfg = DeepseekV3Config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2)
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(
+        [torch.nn.ModuleDict({"gate": DeepseekV3TopkRouter(cfg)}) for _ in range(2)])})
+    for layer in model["layers"]:
+        torch.nn.init.normal_(layer["gate"].weight)
+    return model.train()
+
+
+def _rank_hidden(rank: int) -> torch.Tensor:
+    return torch.randn(40 + 10 * rank, 16, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = _router_stack()
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.01)
+    for layer in model["layers"]:
+        layer["gate"](_rank_hidden(rank))
+    metrics = bal.step()
+    torch.save({"bias": bal.biases(), "maxvio": metrics["moe/maxvio"]}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_counts_are_all_reduced_across_data_parallel_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # spawn, not fork: forking a process that already runs threads (tqdm, torch, tokenizers) can
+    # deadlock the children; fresh interpreters cost a re-import of torch and transformers.
+    mp.start_processes(_dp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    # reference: one process that sees both ranks' tokens in one step
+    model = _router_stack()
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.01)
+    for layer in model["layers"]:
+        layer["gate"](torch.cat([_rank_hidden(0), _rank_hidden(1)]))
+    ref = bal.step()
+    local = ExpertLoadBalancer(_router_stack(), bias_update_speed=0.01)  # rank 0 alone, for contrast
+    for layer in local.routers:
+        layer[2](_rank_hidden(0))
+    local_metrics = local.step()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["bias"], r1["bias"]) and torch.equal(r0["bias"], bal.biases())
+    assert r0["maxvio"] == ref["moe/maxvio"] != local_metrics["moe/maxvio"]
+
+
+def test_rows_are_sequences_without_sample_ids():
+    """GRPO-style batches (no packing): each row of the token mask is one sequence of the balance loss."""
+    model = _router_stack()
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.0, seq_balance_alpha=1.0)
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    gate = model["layers"][0]["gate"]
+    with bal.batch(token_mask=mask):
+        logits, _, topk = gate(h)
+        loss = bal.sequence_balance_loss()
+    rows = torch.arange(2).repeat_interleave(5)
+    want = _seq_balance_term(logits, topk, rows, mask.reshape(-1).bool(), 8, 2)
+    assert torch.allclose(loss, want)
+    one_sequence = _seq_balance_term(logits, topk, torch.zeros(10, dtype=torch.long), mask.reshape(-1).bool(), 8, 2)
+    assert not torch.allclose(loss, one_sequence)

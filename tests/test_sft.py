@@ -1,0 +1,529 @@
+"""Sample-masked SFT (issue 4): data → packing → isolation → MTP → trainer → checkpoint round trips."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipelines.errors import DataError
+from posttrain.modeling import DeepseekV3ForCausalLMWithMTP, sample_ids_from_positions
+from posttrain.recipe import build_config, load_config
+from posttrain.sft import SFTRecipeConfig, build_trainer, run_sft
+from posttrain.sft.data import IGNORE_INDEX, tokenize_dataset
+from posttrain.sft.packing import PackedCollator, pack_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On a shared 2-core machine, one intra-op thread is several times faster than two.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def arith_rows(n: int, seed: int = 0) -> list[dict]:
+    """Distill-like rows of the built-in task: both SFT sample types of report §5.1, with metadata."""
+    from data_pipelines.arith_task import generate_split, scripted_trace
+    from data_pipelines.formatting import DEFAULT_SYSTEM_PROMPT, sft_messages, with_system
+
+    rng = random.Random(seed)
+    rows = []
+    for i, r in enumerate(generate_split("train", n, seed=seed)):
+        if i % 2:
+            msgs = sft_messages(with_system(r["prompt"], DEFAULT_SYSTEM_PROMPT), scripted_trace(r, rng))
+            kind = "r1_system"
+        else:
+            msgs = sft_messages(r["prompt"], r["solution"])
+            kind = "original"
+        rows.append({"id": f"{r['id']}-{i}", "sample_type": kind, "messages": msgs, "answer": r["answer"]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def distill_dir(tmp_path_factory) -> Path:
+    """A distill output directory: kept rows in data/train-*.jsonl, plus what else distill writes."""
+    root = tmp_path_factory.mktemp("distill")
+    rows = arith_rows(240)
+    write_jsonl(root / "data" / "train-00000.jsonl", rows[:120])
+    write_jsonl(root / "data" / "train-00001.jsonl", rows[120:])
+    write_jsonl(root / "rejected" / "rejected-00000.jsonl",
+                [{"id": "r", "prompt": rows[0]["messages"][:1], "response": "wrong", "rejection_reason": "wrong"}])
+    write_jsonl(root / "ledger.jsonl", [{"index": 0, "ids": ["a"]}])
+    (root / "run_config.json").write_text("{}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _ds(rows):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+def _cfg(model_dir, data, out, **kw) -> SFTRecipeConfig:
+    values = dict(
+        model_name_or_path=str(model_dir), dataset_name=str(data), output_dir=str(out),
+        max_steps=20, learning_rate=3e-3, warmup_steps=3, lr_scheduler_kwargs={"min_lr": 3e-4},
+        per_device_train_batch_size=2, max_length=256, logging_steps=1, save_steps=10, seed=0,
+        disable_tqdm=True,
+    )
+    values.update(kw)
+    return build_config(SFTRecipeConfig, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def test_messages_loss_on_assistant_tokens_only(tokenizer):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "It is 5."},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "<think>\n4 + 4 = 8\n</think>\n\nThe answer is \\boxed{8}."},
+    ]
+    ds, stats = tokenize_dataset(_ds([{"messages": msgs}]), tokenizer, max_length=512)
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    assert labels[0] == IGNORE_INDEX and ids[0] == tokenizer.bos_token_id
+    targets = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    eos = tokenizer.eos_token
+    assert targets == "It is 5." + eos + msgs[-1]["content"] + eos  # both turns, each with its end-of-turn
+    assert stats.target_tokens == sum(t != IGNORE_INDEX for t in labels) and stats.format == "messages"
+
+
+def test_prompt_completion_formats(tokenizer):
+    conv = {"prompt": [{"role": "user", "content": "What is 2 + 3?"}],
+            "completion": [{"role": "assistant", "content": "The answer is \\boxed{5}."}]}
+    ds, _ = tokenize_dataset(_ds([conv]), tokenizer, max_length=512)
+    targets = tokenizer.decode([t for t in ds[0]["labels"] if t != IGNORE_INDEX])
+    assert targets == "The answer is \\boxed{5}." + tokenizer.eos_token
+    plain = {"prompt": "2 + 3 =", "completion": " 5"}
+    ds, stats = tokenize_dataset(_ds([plain]), tokenizer, max_length=512)
+    assert tokenizer.decode([t for t in ds[0]["labels"] if t != IGNORE_INDEX]) == " 5" + tokenizer.eos_token
+    assert stats.format == "prompt_completion"
+
+
+def test_too_long_samples_dropped_or_truncated_and_counted(tokenizer):
+    rows = arith_rows(12)
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows]
+    limit = sorted(lengths)[6]
+    n_long = sum(n > limit for n in lengths)
+    ds, stats = tokenize_dataset(_ds(rows), tokenizer, max_length=limit, truncation="drop")
+    assert stats.too_long == stats.dropped_too_long == n_long > 0 and len(ds) == 12 - n_long
+    ds, stats = tokenize_dataset(_ds(rows), tokenizer, max_length=limit, truncation="truncate")
+    assert stats.truncated == n_long and max(len(x) for x in ds["input_ids"]) == limit
+    assert len(ds) + stats.dropped_no_target == 12
+
+
+def test_bad_rows_name_the_row_or_are_skipped_and_counted(tmp_path, tokenizer):
+    from data_pipelines.loading import load_rows
+
+    good = arith_rows(3)
+    rows = [good[0], {"id": "x", "answer": "1"}, good[1],
+            {"messages": [{"role": "user", "content": "hi"}]}, good[2]]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    ds = load_rows(str(path), "train")
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2: no 'messages'"):
+        tokenize_dataset(ds, tokenizer, max_length=512, source=str(path))
+    ds2 = load_rows(str(write_jsonl(tmp_path / "bad2.jsonl", [good[0], rows[3]])), "train")
+    with pytest.raises(DataError, match=r"bad2\.jsonl line 2: conversation has no assistant turn"):
+        tokenize_dataset(ds2, tokenizer, max_length=512)
+    out, stats = tokenize_dataset(ds, tokenizer, max_length=512, on_bad_row="skip")
+    assert len(out) == 3 and stats.bad_rows == 2
+    assert [b["location"].rsplit(" ", 1)[-1] for b in stats.bad_examples] == ["2", "4"]
+    bad_msg = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}]
+    with pytest.raises(DataError, match="row 0: messages message 1 is not a"):
+        tokenize_dataset(_ds(bad_msg), tokenizer, max_length=512)
+    with pytest.raises(DataError, match="empty"):
+        tokenize_dataset(_ds([]), tokenizer, max_length=512)
+    with pytest.raises(DataError, match=r"'messages' column.*columns are: \['question'\]"):
+        tokenize_dataset(_ds([{"question": "q"}]), tokenizer, max_length=512)
+    with pytest.raises(DataError, match="no trainable sample left"):
+        tokenize_dataset(_ds([rows[3]]), tokenizer, max_length=512, on_bad_row="skip")
+
+
+def test_run_sft_reports_bad_input_as_user_errors(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        run_sft(_cfg(tiny_model_dir, empty, tmp_path / "o1"))
+    with pytest.raises(DataError, match="no such file"):
+        run_sft(_cfg(tiny_model_dir, tmp_path / "missing.jsonl", tmp_path / "o2"))
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+
+
+def _samples(tokenizer, n=60, max_length=256):
+    ds, _ = tokenize_dataset(_ds(arith_rows(n)), tokenizer, max_length=max_length)
+    return ds
+
+
+def test_bfd_packing_keeps_every_sample_whole(tokenizer):
+    samples = _samples(tokenizer)
+    packed = pack_samples(samples, 512)
+    assert len(packed) < len(samples) / 4
+    assert all(len(r) <= 512 and sum(s) == len(r) for r, s in zip(packed["input_ids"], packed["seq_lengths"]))
+    originals = sorted(tuple(x) for x in samples["input_ids"])
+    pieces = []
+    for ids, lengths in zip(packed["input_ids"], packed["seq_lengths"]):
+        start = 0
+        for n in lengths:
+            pieces.append(tuple(ids[start:start + n]))
+            start += n
+    assert sorted(pieces) == originals
+    fill = sum(map(len, packed["input_ids"])) / (512 * len(packed))
+    assert fill > 0.9
+
+
+def test_collator_isolates_samples(tokenizer):
+    packed = pack_samples(_samples(tokenizer), 256)
+    batch = PackedCollator(pad_token_id=tokenizer.pad_token_id)([packed[0], packed[len(packed) - 1]])
+    assert "attention_mask" not in batch
+    pos, labels, mask = batch["position_ids"], batch["labels"], batch["token_mask"]
+    for r, lengths in enumerate([packed[0]["seq_lengths"], packed[len(packed) - 1]["seq_lengths"]]):
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        assert pos[r, starts].tolist() == [0] * len(starts)
+        assert (labels[r, starts] == IGNORE_INDEX).all()  # no sample's first token is a target
+        n = sum(lengths)
+        assert mask[r, :n].all() and not mask[r, n:].any()
+        if n < pos.shape[1]:  # the pad tail is a segment of its own, never a target
+            assert pos[r, n] == 0 and (labels[r, n:] == IGNORE_INDEX).all()
+    assert batch["num_tokens"] == int(mask.sum())
+    flat = PackedCollator(pad_token_id=tokenizer.pad_token_id, padding_free=True)([packed[0], packed[1]])
+    assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
+    assert flat["cu_seq_lens_q"].tolist()[-1] == flat["input_ids"].shape[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# isolation: the packed-attention traps
+
+
+def _alone_and_packed(model, samples, collated, row=0, lengths=None):
+    ids, pos = collated["input_ids"][row:row + 1], collated["position_ids"][row:row + 1]
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, use_cache=False).logits[0]
+        alone = [model(torch.tensor([s]), use_cache=False).logits[0] for s in samples]
+    return packed, alone
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_segmented"])
+def test_packed_samples_equal_their_solo_runs(attn, tiny_model_dir, tokenizer):
+    if attn == "sdpa_segmented":
+        from posttrain.sft.attention import register_segmented_sdpa
+
+        register_segmented_sdpa()
+    model = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                         attn_implementation=attn).eval()
+    samples = _samples(tokenizer, 12)
+    rows = [{"input_ids": sum(samples["input_ids"][0:3], []), "labels": sum(samples["labels"][0:3], []),
+             "seq_lengths": [len(x) for x in samples["input_ids"][0:3]]},
+            {"input_ids": sum(samples["input_ids"][3:5], []), "labels": sum(samples["labels"][3:5], []),
+             "seq_lengths": [len(x) for x in samples["input_ids"][3:5]]}]
+    batch = PackedCollator(pad_token_id=tokenizer.pad_token_id)(rows)  # row 1 gets a pad tail
+    with torch.no_grad():
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False)
+        leak_mask = model(batch["input_ids"], position_ids=batch["position_ids"],
+                          attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False).logits
+        leak_cache = model(batch["input_ids"], position_ids=batch["position_ids"]).logits  # default use_cache
+    losses, counts = [], []
+    for r, idx in enumerate([(0, 1, 2), (3, 4)]):
+        start = 0
+        for i in idx:
+            s, lab = samples["input_ids"][i], samples["labels"][i]
+            with torch.no_grad():
+                solo = model(torch.tensor([s]), labels=torch.tensor([lab]), use_cache=False)
+            seg = slice(start, start + len(s))
+            assert (out.logits[r, seg] - solo.logits[0]).abs().max() <= 1e-5
+            if start > 0 and attn != "sdpa_segmented":  # a later sample sees its predecessors through either trap
+                assert (leak_mask[r, seg] - solo.logits[0]).abs().max() > 1e-3
+                assert (leak_cache[r, seg] - solo.logits[0]).abs().max() > 1e-3
+            elif attn == "sdpa_segmented":  # samples come from position_ids, whatever the mask or cache
+                assert (leak_mask[r, seg] - solo.logits[0]).abs().max() <= 1e-5
+                assert (leak_cache[r, seg] - solo.logits[0]).abs().max() <= 1e-5
+            losses.append(solo.loss)
+            counts.append(sum(t != IGNORE_INDEX for t in lab[1:]))
+            start += len(s)
+    weighted = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
+    assert torch.allclose(out.loss, weighted, atol=1e-5)
+
+
+def test_padding_free_flat_row_is_isolated_too(tiny_model_dir, tokenizer):
+    model = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    samples = _samples(tokenizer, 6)
+    rows = [{"input_ids": s, "labels": l} for s, l in zip(samples["input_ids"][:4], samples["labels"][:4])]
+    flat = PackedCollator(pad_token_id=tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=64)(rows)
+    kwargs = {k: flat[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    with torch.no_grad():
+        logits = model(flat["input_ids"], position_ids=flat["position_ids"], use_cache=False, **kwargs).logits[0]
+        start = 0
+        for s in samples["input_ids"][:4]:
+            solo = model(torch.tensor([s]), use_cache=False).logits[0]
+            assert (logits[start:start + len(s)] - solo).abs().max() <= 1e-5
+            start += len(s)
+
+
+def test_segmented_attention_matches_sdpa_with_padding_and_cache(tiny_model_dir, tokenizer):
+    """The CPU kernel is plain SDPA whenever a padding mask or a KV cache is in play."""
+    from posttrain.sft.attention import register_segmented_sdpa
+
+    name = register_segmented_sdpa()
+    ref = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    seg = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                       attn_implementation=name).eval()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                             add_generation_prompt=True)
+               for c in ("Mia has 3 apples. She finds 4 more apples. How many apples does Mia have?", "2 + 2?")]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    with torch.no_grad():
+        a = ref.generate(**enc, max_new_tokens=8, do_sample=False)
+        b = seg.generate(**enc, max_new_tokens=8, do_sample=False)
+        la = ref(**enc, use_cache=False).logits
+        lb = seg(**enc, use_cache=False).logits
+    assert torch.equal(a, b)
+    real = enc["attention_mask"].bool()
+    assert (la[real] - lb[real]).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# MTP (report §2.2)
+
+
+def test_mtp_targets_never_cross_sample_boundaries(tiny_model_dir, tokenizer):
+    model = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    a = _samples(tokenizer, 4)
+    ids_a, lab_a = a["input_ids"][0], list(a["labels"][0])
+    ids_b, lab_b = a["input_ids"][1], list(a["labels"][1])
+    with torch.no_grad():
+        solo_a = model(torch.tensor([ids_a]), labels=torch.tensor([lab_a]), use_cache=False)
+        # A's last position predicts, two ahead, the 2nd token after A: in a packed row that is B's
+        # second token. Make it the token A's MTP head wants most there, and a target of B.
+        bait = int(solo_a.mtp_logits[0][0, -1].argmax())
+        ids_b = [ids_b[0], bait] + ids_b[2:]
+        lab_b = [IGNORE_INDEX, bait] + lab_b[2:]
+        solo_b = model(torch.tensor([ids_b]), labels=torch.tensor([lab_b]), use_cache=False)
+        ids = torch.tensor([ids_a + ids_b])
+        labels = torch.tensor([lab_a + lab_b])
+        pos = torch.tensor([list(range(len(ids_a))) + list(range(len(ids_b)))])
+        packed = model(ids, position_ids=pos, labels=labels, use_cache=False)
+
+    def n_mtp(lab):  # MTP targets of a sample: labels[i + 2] for positions i inside it
+        return sum(t != IGNORE_INDEX for t in lab[2:])
+
+    na, nb = n_mtp(lab_a), n_mtp(lab_b)
+    expected = (solo_a.mtp_loss * na + solo_b.mtp_loss * nb) / (na + nb)
+    assert torch.allclose(packed.mtp_loss, expected, atol=1e-5)
+    # the same logits scored with a sample-blind shift (targets may come from B) give another loss
+    logits = packed.mtp_logits[0][0]
+    naive = torch.full_like(labels[0], IGNORE_INDEX)
+    naive[:-2] = labels[0, 2:]
+    assert naive[len(ids_a) - 1] == bait
+    leaky = torch.nn.functional.cross_entropy(logits, naive, ignore_index=IGNORE_INDEX)
+    assert abs(leaky - packed.mtp_loss) > 1e-4
+
+
+def test_mtp_weight_schedule():
+    cfg = SFTRecipeConfig(output_dir="x", mtp_loss_weight=0.3, mtp_loss_weight_final=0.1, mtp_loss_weight_switch=0.5)
+    assert [cfg.mtp_weight_at(s, 10) for s in (0, 4, 5, 9)] == [0.3, 0.3, 0.1, 0.1]
+    assert SFTRecipeConfig(output_dir="x").mtp_weight_at(99, 100) == 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, distill_dir, tmp_path_factory):
+    """One short SFT run on the built-in task's scripted traces (distill layout), kept in memory."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    cfg = _cfg(tiny_model_dir, distill_dir, out)
+    trainer = build_trainer(cfg)
+    summary = run_sft(cfg, trainer=trainer)
+    return {"cfg": cfg, "trainer": trainer, "summary": summary, "out": out}
+
+
+def _train_logs(out):
+    return [h for h in json.loads((Path(out) / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
+def test_short_run_learns_and_logs(trained):
+    logs = _train_logs(trained["out"])
+    assert len(logs) == 20
+    for key in ("loss", "lm_loss", "mtp_loss", "moe/maxvio", "grad_norm", "learning_rate",
+                "train/tokens_per_second", "mtp_loss_weight", "moe/seq_balance_loss"):
+        assert all(key in h for h in logs), key
+    first = logs[0]["lm_loss"]
+    last = sum(h["lm_loss"] for h in logs[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert sum(h["mtp_loss"] for h in logs[-3:]) / 3 < 0.8 * logs[0]["mtp_loss"]
+    # loss = lm + λ·mtp + balance
+    h = logs[0]
+    assert h["loss"] == pytest.approx(h["lm_loss"] + 0.3 * h["mtp_loss"] + h["moe/seq_balance_loss"], rel=1e-4)
+    data = trained["summary"]["data"]
+    assert data["kept"] == 240 and data["packed_rows"] < 0.6 * 240 and data["pack_fill"] > 0.7, data
+    assert (trained["out"] / "expert_load.png").stat().st_size > 1000
+
+
+def test_checkpoint_reloads_exactly(trained, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import DeepseekV3ForCausalLM
+
+    out = trained["out"]
+    live = trained["trainer"].model.state_dict()
+    reloaded = DeepseekV3ForCausalLMWithMTP.from_pretrained(out, dtype=torch.float32)
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, live[k]), k
+    plain = DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32)  # transformers' own class
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, live[k]), k
+    n = reloaded.config.num_hidden_layers
+    saved = load_file(str(out / "model.safetensors"))
+    initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    mtp_keys = [k for k in saved if k.startswith(f"model.layers.{n}.")]
+    assert {f"model.layers.{n}.{p}.weight" for p in ("enorm", "hnorm", "eh_proj", "shared_head.norm")} <= set(mtp_keys)
+    assert f"model.layers.{n}.mlp.experts.0.gate_proj.weight" in mtp_keys  # per-expert DeepSeek names
+    assert not torch.equal(saved[f"model.layers.{n}.eh_proj.weight"], initial[f"model.layers.{n}.eh_proj.weight"])
+    bias = f"model.layers.{n}.mlp.gate.e_score_correction_bias"
+    assert saved[bias].dtype == torch.float32 and not torch.equal(saved[bias], initial[bias])
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
+
+
+def test_resume_matches_uninterrupted_run(trained, tiny_model_dir, distill_dir, tmp_path):
+    src = trained["out"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(src / "checkpoint-10", resumed / "checkpoint-10")  # "killed" after step 10 …
+    partial = resumed / "checkpoint-15"  # … while writing the next checkpoint: model only, no state
+    partial.mkdir()
+    shutil.copy(src / "checkpoint-20" / "model.safetensors", partial / "model.safetensors")
+    run_sft(_cfg(tiny_model_dir, distill_dir, resumed, resume_from_checkpoint="last"))
+    full, again = _train_logs(src), _train_logs(resumed)
+    assert [h["step"] for h in again] == list(range(1, 21))
+    for a, b in zip(full[10:], again[10:]):
+        for key in ("loss", "lm_loss", "mtp_loss", "moe/maxvio", "grad_norm"):
+            assert a[key] == b[key], (a["step"], key)
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(src / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    hist = torch.load(resumed / "checkpoint-20" / "moe_balancer.pt", weights_only=True)
+    ref = torch.load(src / "checkpoint-20" / "moe_balancer.pt", weights_only=True)
+    assert hist["history_steps"] == ref["history_steps"] == list(range(1, 21))
+    assert torch.equal(hist["history"], ref["history"])
+
+
+def test_gradient_accumulation_is_token_weighted(tiny_model_dir, distill_dir, tmp_path):
+    """bs 2 × 1 micro-batch and bs 1 × 2 micro-batches take the same (SGD: scale-sensitive) step."""
+    states = []
+    for bs, ga in ((2, 1), (1, 2)):
+        cfg = _cfg(tiny_model_dir, distill_dir, tmp_path / f"ga{ga}", max_steps=1, per_device_train_batch_size=bs,
+                   gradient_accumulation_steps=ga, seq_balance_alpha=0.0, save_strategy="no", optim="sgd",
+                   warmup_steps=0, learning_rate=1e-1, max_grad_norm=0.0,  # no clipping: scale matters
+                   save_final_model=False, max_train_samples=40)
+        trainer = build_trainer(cfg)
+        run_sft(cfg, trainer=trainer)
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=2e-6), k
+
+
+def test_lora_trains_adapters_and_merges_on_export(tiny_model_dir, distill_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    cfg = _cfg(tiny_model_dir, distill_dir, out, use_lora=True, lora_r=4, max_steps=4, save_strategy="no",
+               learning_rate=1e-2, bias_update_speed=0.01, max_train_samples=40)
+    trainer = build_trainer(cfg)
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert not any(".experts." in n and "shared_experts" not in n for n in names)
+    run_sft(cfg, trainer=trainer)
+    before, after = load_file(str(Path(tiny_model_dir) / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(before) == set(after)  # merged: the plain DeepSeek layout, no adapter keys
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "model.layers.0.self_attn.q_a_proj.weight" in changed
+    assert "model.layers.2.mlp.shared_experts.down_proj.weight" in changed
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in changed  # balancing still runs
+    assert not any(".mlp.experts." in k or k.endswith("mlp.gate.weight") or "embed" in k for k in changed)
+    DeepseekV3ForCausalLMWithMTP.from_pretrained(out)
+
+
+_VLLM_SCRIPT = """
+import json, sys
+from vllm import SamplingParams
+from posttrain.rollout.vllm_setup import make_llm
+
+if __name__ == "__main__":
+    llm = make_llm(sys.argv[1], max_model_len=256)
+    outs = llm.generate([sys.argv[2]], SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
+    print("RESULT" + json.dumps(list(outs[0].outputs[0].token_ids)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_trained_checkpoint_generates_in_vllm(trained):
+    """vLLM (CPU build) loads the saved checkpoint from disk and generates. In a child process: the
+    session's shared engine (conftest `vllm_llm`, on the untrained checkpoint) may be alive in this
+    one, and a process should hold one engine at a time."""
+    import os
+    import subprocess
+    import sys
+
+    prompt = trained["trainer"].processing_class.apply_chat_template(
+        [{"role": "user", "content": "Mia has 3 apples. She finds 4 more apples. How many apples does Mia have?"}],
+        tokenize=False, add_generation_prompt=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _VLLM_SCRIPT, str(trained["out"]), prompt], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    token_ids = json.loads(lines[-1][len("RESULT"):])
+    assert len(token_ids) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+
+
+def test_recipes_parse_with_report_defaults():
+    tiny = load_config(SFTRecipeConfig, ROOT / "recipes" / "sft-tiny.yaml")
+    assert tiny.bf16 is False and tiny.gradient_checkpointing is False and tiny.packing
+    # bf16 is only accepted on a GPU host; use_cpu lets this CPU machine check the rest of the recipe
+    real = load_config(SFTRecipeConfig, ROOT / "recipes" / "sft-deepseek-v3.yaml", {"use_cpu": True})
+    assert real.bf16 and real.gradient_checkpointing and real.padding_free  # flash-attention varlen
+    assert real.num_train_epochs == 2 and real.learning_rate == 5e-6
+    assert real.lr_scheduler_type == "cosine_with_min_lr" and real.lr_scheduler_kwargs == {"min_lr": 1e-6}
+    assert real.mtp_loss_weight == 0.3 and real.mtp_loss_weight_final == 0.1
+    assert real.bias_update_speed == 1e-3 and real.seq_balance_alpha == 1e-4
+    defaults = SFTRecipeConfig(output_dir="x")
+    assert (defaults.bf16, defaults.gradient_checkpointing, defaults.learning_rate, defaults.num_train_epochs) == (
+        False, False, 5e-6, 2.0)
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="truncation"):
+        build_config(SFTRecipeConfig, {"output_dir": "x", "truncation": "cut"})
+    with pytest.raises(ConfigError, match="mtp_los_weight.*did you mean mtp_loss_weight"):
+        build_config(SFTRecipeConfig, {"output_dir": "x", "mtp_los_weight": 0.1})
