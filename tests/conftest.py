@@ -26,11 +26,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return init_model("tiny", tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def vllm_llm(tiny_model_dir):
-    """One vLLM (CPU build) engine on the tiny checkpoint, shared by the session's tests."""
-    from posttrain.rollout.vllm_setup import make_llm
+    """A vLLM (CPU build) engine on the tiny checkpoint for one test.
 
-    llm = make_llm(str(tiny_model_dir), max_model_len=256)
-    yield llm
-    del llm
+    In-process engines share vLLM's global parallel state, and closing one tears it down for any
+    other still alive: so no engine outlives the test (or test module) that made it."""
+    from posttrain.rollout.engines import VLLMColocateEngine
+
+    engine = VLLMColocateEngine(str(tiny_model_dir), max_model_len=256)
+    yield engine.llm
+    engine.close()

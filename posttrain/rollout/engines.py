@@ -72,7 +72,7 @@ def _load_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]])
     vLLM's post-load processing again — MLA derives its absorbed `W_UK_T`/`W_UV` from `kv_b_proj`
     at load time. On a weight update vLLM 0.32 skips the experts kernel's own post-load step, which
     on the CPU build is the prepacking of the routed experts, so it is called here. Every tensor is
-    sent on each sync, so nothing gets packed twice. Contact points tested in test_rollout."""
+    sent on each sync, so nothing gets packed twice. Contact points tested in tests/test_grpo.py (sync parity)."""
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
     runner = worker.model_runner
