@@ -242,7 +242,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "distill": cmd_distill,
     "sft": cmd_sft,
     "grpo": cmd_grpo,
-    "rm": _not_implemented("rm", 5),
+    "rm": lambda argv: __import__("posttrain.rm.cli", fromlist=["main_rm"]).main_rm(argv),
     "eval": cmd_eval,
     "run": cmd_run,
     "plan": lambda argv: __import__("posttrain.plan", fromlist=["main_plan"]).main_plan(argv),

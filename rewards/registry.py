@@ -175,6 +175,10 @@ def resolve_named(spec: str) -> tuple[str, RewardFn]:
     if not isinstance(spec, str) or not spec.strip():
         raise RewardError(f"a reward spec must be a non-empty string, got {spec!r}")
     target, params = _split_params(spec)
+    if target.startswith("reward_model:"):  # a trained V3 reward model directory (rewards/reward_model.py)
+        from .reward_model import resolve_spec
+
+        return "reward_model", resolve_spec(target, params)
     if ":" in target:
         where, _, attr = target.rpartition(":")
         if not where or not attr:

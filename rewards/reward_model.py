@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RewardError
-from .text import completion_text
+from .text import _content_text, completion_text
 
 __all__ = [
     "SPEC_PREFIX",
@@ -59,8 +59,7 @@ def _prompt_messages(prompt: Any, row: int) -> list[dict[str, str]]:
     if isinstance(prompt, dict):
         prompt = [prompt]
     if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in prompt):
-        return [{"role": str(m["role"]), "content": completion_text([{"role": "x", "content": m.get("content")}])}
-                for m in prompt]
+        return [{"role": str(m["role"]), "content": _content_text(m.get("content"))} for m in prompt]
     raise RewardError(f"reward_model: row {row}: prompt must be text or chat messages, got {type(prompt).__name__}")
 
 
@@ -195,7 +194,7 @@ class RewardModelScorer:
                                     use_cache=False).logits
             values = logits.float().reshape(len(idx)).cpu().tolist()
             for i, v in zip(idx, values):
-                out[i] = 1.0 / (1.0 + math.exp(-v)) if self.sigmoid else float(v)
+                out[i] = _sigmoid(v) if self.sigmoid else float(v)
         return out
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
@@ -203,6 +202,10 @@ class RewardModelScorer:
 
     def __repr__(self) -> str:
         return f"RewardModelScorer({self.path!r}, batch_size={self.batch_size}, max_length={self.max_length})"
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def resolve_spec(spec: str, params: dict[str, Any] | None = None) -> RewardModelScorer:
@@ -307,8 +310,10 @@ class GenerativeJudge:
         out: list[str | None] = [None] * len(chats)
         fits = []
         for i, chat in enumerate(chats):
-            n = len(tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True))
-            if n <= budget:
+            ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            if len(ids) <= budget:
                 fits.append(i)
         if fits:
             params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, seed=self.seed)
@@ -342,7 +347,7 @@ class GenerativeJudge:
         for i, answer in enumerate(answers):
             s = parse_judge_score(answer, self.max_score) if answer is not None else None
             if s is None and self.policy == "error":
-                why = ("its prompt does not fit max_model_len - max_tokens" if answer is None
+                why = ("no answer (the judge prompt does not fit max_model_len - max_tokens)" if answer is None
                        else f"no 'Score: N/{self.max_score:g}' in the judge's answer {answer[-200:]!r}")
                 raise RewardError(f"generative_judge: row {i}: {why}")
             scores.append(s)

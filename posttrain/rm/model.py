@@ -1,0 +1,80 @@
+"""The reward model's network: a DeepSeek-V3 backbone with a scalar head (report §5.2.1: the RM is
+built from the V3 SFT checkpoints).
+
+`DeepseekV3ForSequenceClassification` with `num_labels=1` loaded from a causal-LM checkpoint: the
+backbone (MLA, dense and MoE layers, router and its correction bias) comes from the checkpoint,
+the `score` head (hidden → 1, no bias) is new. The head reads the hidden state of the last token
+that is not `pad_token_id`, so the config must carry the tokenizer's pad id — with none,
+transformers reads position -1, which is a pad token in every right-padded row of a batch.
+
+The checkpoint's `lm_head` and MTP module (`model.layers.{num_hidden_layers}`) have no place in a
+sequence classifier and are not loaded; the saved RM has neither.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(path: str):
+    """The backbone's tokenizer with a pad token (eos when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
+        raise UserError(f"model_name_or_path {path}: no such directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model_name_or_path {path}: cannot load a tokenizer: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"model_name_or_path {path}: the tokenizer has no chat template; the RM reads "
+                        "prompt + response through it")
+    return tok
+
+
+def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
+    """`DeepseekV3ForSequenceClassification(num_labels=1)` from a V3 checkpoint (causal LM or RM)."""
+    from transformers import AutoConfig, DeepseekV3ForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model_name_or_path {path}: not a model checkpoint: {e}") from None
+    if config.model_type != "deepseek_v3":
+        raise UserError(f"model_name_or_path {path}: model_type {config.model_type!r}; the reward model needs a "
+                        "DeepSeek-V3-architecture checkpoint (model_type 'deepseek_v3')")
+    n_main, n_mtp = config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0) or 0
+    # Expected differences from a causal-LM checkpoint: the new head, and the LM head / MTP layer(s)
+    # that a classifier does not have. Anything else missing is still reported by transformers.
+    mtp_layers = "|".join(str(n_main + k) for k in range(max(n_mtp, 1)))
+    ignore_unexpected = [r"^lm_head\.", rf"^model\.layers\.({mtp_layers})\."]
+    ignore_missing = [r"^score\.weight$"]
+    cls = DeepseekV3ForSequenceClassification
+    saved = cls._keys_to_ignore_on_load_unexpected, cls._keys_to_ignore_on_load_missing
+    cls._keys_to_ignore_on_load_unexpected = list(saved[0] or []) + ignore_unexpected
+    cls._keys_to_ignore_on_load_missing = list(saved[1] or []) + ignore_missing
+    verbosity = hf_logging.get_verbosity()
+    try:
+        hf_logging.set_verbosity_error()  # the load report would list exactly the keys ignored above
+        model = cls.from_pretrained(path, num_labels=1, **model_kwargs)
+    finally:
+        cls._keys_to_ignore_on_load_unexpected, cls._keys_to_ignore_on_load_missing = saved
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.architectures = [cls.__name__]
+    for key in ("topk_method", "scoring_func"):  # keep what vLLM / the V3 layout read from config.json
+        if hasattr(config, key):
+            setattr(model.config, key, getattr(config, key))
+    log.info("reward model: %s + scalar head (%d parameters)", path, sum(p.numel() for p in model.parameters()))
+    return model
+
