@@ -197,7 +197,17 @@ def _run_distill(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[P
 
 
 def _has_checkpoint(output_dir: str) -> bool:
-    return Path(output_dir).is_dir() and any(p.name.startswith("checkpoint-") for p in Path(output_dir).iterdir())
+    """A complete Trainer checkpoint exists (a kill during a save leaves one without its state file)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return False
+    for ckpt in out.glob("checkpoint-*"):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:

@@ -115,6 +115,13 @@ def run_grpo(cfg: GRPORecipeConfig) -> dict[str, Any]:
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    """The newest complete checkpoint: a kill during a save leaves one without a readable state."""
+    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
+        if os.path.isdir(output_dir) else []
+    for ckpt in reversed(ckpts):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return str(ckpt)
+        except (OSError, ValueError):
+            continue
+    return None
