@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
-EXIT_NOT_IMPLEMENTED = 3
 
-# name -> (one-line purpose, issue that builds it or None when built)
+# name -> one-line purpose (shown by `dsv3-posttrain --help`)
 COMMANDS: dict[str, str] = {
     "init-model": "write a randomly initialised DeepSeek-V3-architecture checkpoint (tiny default or a preset)",
     "distill": "build an R1-style SFT dataset: teacher sampling + rejection sampling",
@@ -32,17 +31,6 @@ COMMANDS: dict[str, str] = {
     "plan": "estimate per-GPU memory and step time for a model on a cluster",
     "smoke": "check the install: init the tiny model, a forward/backward pass, a vLLM generation",
 }
-
-
-def _not_implemented(name: str, issue: int) -> Callable[[list[str]], int]:
-    def run(argv: list[str]) -> int:
-        if argv and argv[0] in ("-h", "--help"):
-            print(f"usage: dsv3-posttrain {name} ...\n\n{COMMANDS[name]}.\nNot implemented yet (issue #{issue}).")
-            return 0
-        print(f"dsv3-posttrain {name}: not implemented yet (issue #{issue})", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
-
-    return run
 
 
 # ---------------------------------------------------------------------------------------------
