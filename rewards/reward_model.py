@@ -21,7 +21,6 @@ are imported lazily so ``import rewards`` stays light.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -43,8 +42,6 @@ __all__ = [
     "resolve_spec",
     "conversation",
 ]
-
-log = logging.getLogger(__name__)
 
 SPEC_PREFIX = "reward_model:"
 

@@ -50,7 +50,7 @@ class RMRecipeConfig(RewardConfig):
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     max_train_samples: int | None = field(
         default=None,
-        metadata={"help": "Use only the first N pairs (for the built-in pairs: how many to generate; default 2400)."},
+        metadata={"help": "Use only the first N pairs (for the built-in pairs: how many to generate; default 3200)."},
     )
     eval_dataset_name: str | None = field(
         default=None,

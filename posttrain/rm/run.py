@@ -24,7 +24,7 @@ from .model import load_reward_backbone, load_tokenizer
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "rm_summary.json"
-DEFAULT_BUILTIN_PAIRS = 2400
+DEFAULT_BUILTIN_PAIRS = 3200
 
 
 def _check(cfg: RMRecipeConfig) -> None:
