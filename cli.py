@@ -200,7 +200,7 @@ def _short(summary) -> str:
 
 def _recipe_config(name: str, cls: type, argv: list[str], description: str, section: str | None = None):
     """Parses `--recipe FILE` + overrides into `cls`; prints field help for -h and returns None."""
-    from posttrain.recipe import describe_fields, load_config
+    from posttrain.recipe import describe_fields, load_config, split_recipe_arg
 
     if any(a in ("-h", "--help") for a in argv):
         print(
@@ -208,17 +208,7 @@ def _recipe_config(name: str, cls: type, argv: list[str], description: str, sect
             f"Options (any field below, from the recipe or as --key value):\n{describe_fields(cls)}"
         )
         return None
-    recipe = None
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--recipe" and i + 1 < len(argv):
-            recipe, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--recipe="):
-            recipe, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
+    recipe, rest = split_recipe_arg(argv)
     return load_config(cls, recipe, rest, section=section or name)
 
 

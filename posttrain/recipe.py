@@ -63,6 +63,20 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def split_recipe_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`--recipe FILE` (or `--recipe=FILE`) out of a command line; the rest are overrides."""
+    recipe, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] == "--recipe" and i + 1 < len(argv):
+            recipe, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--recipe="):
+            recipe, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return recipe, rest
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 

@@ -43,7 +43,7 @@ def main_rm(argv: list[str]) -> int:
 
 # --- train -------------------------------------------------------------------------------------
 def _train(argv: list[str]) -> int:
-    from ..recipe import describe_fields, load_config
+    from ..recipe import describe_fields, load_config, split_recipe_arg
     from .config import RMRecipeConfig
 
     if any(a in ("-h", "--help") for a in argv):
@@ -54,16 +54,7 @@ def _train(argv: list[str]) -> int:
               "held-out pairwise accuracy.\n\n"
               f"Options (any field below, from the recipe or as --key value):\n{describe_fields(RMRecipeConfig)}")
         return 0
-    recipe, rest = None, []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--recipe" and i + 1 < len(argv):
-            recipe, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--recipe="):
-            recipe, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
+    recipe, rest = split_recipe_arg(argv)
     cfg = load_config(RMRecipeConfig, recipe, rest, section="rm")
     from .run import run_rm_training
 
