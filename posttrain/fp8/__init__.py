@@ -10,6 +10,7 @@ Modules, one job each:
 * :mod:`.linear` -- ``FP8Linear`` / ``fp8_linear`` / ``swap_linears_to_fp8`` (report §3.3 training recipe).
 * :mod:`.experts` -- the ``"posttrain_fp8"`` experts implementation for transformers' fused MoE experts.
 * :mod:`.optim` -- AdamW with bf16 moments (report §3.3.3).
+* :mod:`.training` -- wiring into SFT/GRPO: ``fp8: true``, FP8 checkpoints in (our loader) and out (imported on use).
 * :mod:`.synthetic` -- random DeepSeek-layout checkpoints for tests and benchmarks.
 """
 

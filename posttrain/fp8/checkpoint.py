@@ -178,6 +178,7 @@ def save_fp8_checkpoint(
     *,
     requantize: str = "changed",
     strict: bool = True,
+    side_files: bool = True,
 ) -> None:
     """Write ``state_dict`` in the layout described by ``meta`` (same shards, names, dtypes).
 
@@ -190,7 +191,8 @@ def save_fp8_checkpoint(
       ``state_dict`` is an error; otherwise it is dropped.
     * Shards are written under temporary names and renamed at the end, so ``dst_dir`` may
       be the source directory. Index (``total_size`` recomputed), ``config.json`` (with
-      its ``quantization_config``) and side files (tokenizer ...) are written alongside.
+      its ``quantization_config``) and, with ``side_files``, the source's other top-level
+      files (tokenizer ...) are written alongside.
     """
     if requantize not in ("changed", "all"):
         raise ValueError("requantize must be 'changed' or 'all'")
@@ -258,6 +260,6 @@ def save_fp8_checkpoint(
         os.replace(tmp, final)
     if layout.indexed:
         write_index(dst, weight_map, total_size, layout.metadata)
-    if meta.source_dir is not None:
+    if side_files and meta.source_dir is not None:
         copy_side_files(meta.source_dir, dst)
     write_config(dst, meta.config)

@@ -147,7 +147,8 @@ def enable_fp8_experts(model: nn.Module, recipe: FP8Recipe = DEFAULT_RECIPE) -> 
     """Switch every fused experts module of ``model`` to FP8; returns their names ([] if none).
 
     Uses ``model.set_experts_implementation`` when the model is a transformers
-    ``PreTrainedModel``, else sets ``config._experts_implementation`` on each experts module.
+    ``PreTrainedModel``, and sets ``config._experts_implementation`` on each experts module
+    where that did not take effect.
     """
     names = [n for n, m in model.named_modules() if _is_fused_experts(m)]
     if not names:
@@ -157,7 +158,10 @@ def enable_fp8_experts(model: nn.Module, recipe: FP8Recipe = DEFAULT_RECIPE) -> 
         model.get_submodule(n).fp8_recipe = recipe
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-    else:
-        for n in names:
-            model.get_submodule(n).config._experts_implementation = EXPERTS_IMPLEMENTATION
+    # transformers 5.19's set_experts_implementation leaves the config alone for a subclass defined outside
+    # transformers (it greps the class's module source for `@use_experts_implementation`), e.g. our MTP model
+    for n in names:
+        config = model.get_submodule(n).config
+        if config._experts_implementation != EXPERTS_IMPLEMENTATION:
+            config._experts_implementation = EXPERTS_IMPLEMENTATION
     return names

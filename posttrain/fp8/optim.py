@@ -30,6 +30,16 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moment_dtype=moment_dtype)
         super().__init__(params, defaults)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded floating-point state to the parameter's dtype; the moments go back to ``moment_dtype``."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key] = state[key].to(group["moment_dtype"])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -58,6 +58,19 @@ class GRPORecipeConfig(GRPOConfig):
         default=0.0, metadata={"help": "α of the sequence-wise balance loss (V3 report eq. 17); 0 disables."}
     )
     vllm_dtype: str = field(default="float32", metadata={"help": "dtype of the colocated vLLM engine."})
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "FP8 training (V3 report §3.3): attention, dense MLP, shared and routed expert projections "
+                  "compute in block-scaled e4m3; embeddings, lm_head, router, norms stay high precision. An FP8 "
+                  "model_name_or_path (DeepSeek block FP8) is trained from dequantized master weights, exported as "
+                  "FP8, and the colocated vLLM engine serves it in FP8 (bf16 engine, re-quantized weight sync)."},
+    )
+    fp8_backward: str = field(
+        default="fp8", metadata={"help": "With fp8: 'fp8' or 'bf16' backward GEMMs.", "choices": ["fp8", "bf16"]}
+    )
+    fp8_bf16_moments: bool = field(
+        default=False, metadata={"help": "AdamW moments in bf16 (V3 report §3.3.3)."}
+    )
     # -- defaults that differ from TRL's ---------------------------------------------------------
     # DeepSeekMath's GRPO: per-sequence normalised loss with a k3 KL penalty (TRL's default is dapo, β=0).
     loss_type: str = field(default="grpo", metadata={"help": "grpo | dapo | dr_grpo | bnpo | … (TRL's loss types)."})
@@ -91,6 +104,9 @@ class GRPORecipeConfig(GRPOConfig):
             raise ValueError("`reward_funcs` is empty: name at least one reward function")
         if self.mtp_loss_weight < 0:
             raise ValueError("mtp_loss_weight must be >= 0")
+        from ..fp8.training import check_fp8_fields
+
+        check_fp8_fields(self)
         import torch
 
         if not torch.cuda.is_available():

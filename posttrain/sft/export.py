@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..fp8.training import finalize_fp8_export
 from ..modeling import DeepseekV3ForCausalLMWithMTP
 from .lora import merged_model
 
@@ -20,6 +21,7 @@ def export_model(model: torch.nn.Module, tokenizer, output_dir: str | Path) -> P
     if not isinstance(model, DeepseekV3ForCausalLMWithMTP):
         raise TypeError(f"expected DeepseekV3ForCausalLMWithMTP, got {type(model).__name__}")
     model.save_pretrained(out)
+    finalize_fp8_export(model, out)  # loaded from an FP8 checkpoint: written back as FP8
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

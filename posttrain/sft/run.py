@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..fp8.training import apply_fp8_training, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
 from .config import SFTRecipeConfig
 from .data import tokenize_dataset
@@ -24,7 +25,7 @@ EXPERT_LOAD_PLOT = "expert_load.png"
 
 def load_model(cfg: SFTRecipeConfig) -> DeepseekV3ForCausalLMWithMTP:
     """The V3 model with its MTP module(s), from the DeepSeek layout."""
-    return DeepseekV3ForCausalLMWithMTP.from_pretrained(cfg.model_name_or_path, **cfg.model_kwargs())
+    return load_pretrained(DeepseekV3ForCausalLMWithMTP, cfg.model_name_or_path, **cfg.model_kwargs())  # FP8 too
 
 
 def load_tokenizer(cfg: SFTRecipeConfig):
@@ -122,6 +123,7 @@ def build_trainer(cfg: SFTRecipeConfig) -> DeepseekV3SFTTrainer:
         expert_load_plot=out / EXPERT_LOAD_PLOT if cfg.balance_history_interval > 0 else None,
     )
     trainer.data_info = data_info
+    apply_fp8_training(trainer, cfg)  # `fp8: true` layers, bf16 AdamW moments (report §3.3)
     return trainer
 
 

@@ -1,0 +1,307 @@
+"""FP8 in SFT and GRPO runs: ``fp8: true`` recipes, and DeepSeek FP8 checkpoints in and out.
+
+The one place where the FP8 building blocks of this package meet the trainers:
+
+* :func:`load_pretrained` -- ``from_pretrained`` for training that also takes a DeepSeek FP8
+  checkpoint (``quantization_config.quant_method: fp8``): its FP8 weights are dequantized by
+  :func:`~posttrain.fp8.checkpoint.load_fp8_checkpoint` (128x128 blocks, ceil-divided) into
+  high-precision master weights (report §3.3: master weights stay high precision).
+  transformers 5.19 cannot be used for this: on a machine without an FP8-capable GPU its
+  ``FineGrainedFP8`` quantizer switches to ``dequantize=True``, and ``Fp8Dequantize``
+  (integrations/finegrained_fp8.py) derives the block as ``rows // scale_rows`` -- the
+  576-row ``kv_a_proj_with_mqa`` with its 5-row scale grid fails to load ("Weight shape
+  (576, ...) not divisible by scale grid"), and shapes that happen to divide come out with
+  the wrong block. The model remembers where it came from (``FP8_SOURCE_ATTR``), and TRL's
+  GRPO reference model, which TRL loads itself from ``config._name_or_path``, is routed
+  through the same loader (:func:`install_trl_reference_loader`).
+* :func:`apply_fp8_training` -- after the trainer is built: ``fp8: true`` puts the
+  attention projections (MLA ``q_a/q_b/kv_a/kv_b/o``), the dense MLP, the shared experts
+  and the routed experts (also inside the MTP block) on the FP8 layers of
+  :mod:`.linear` / :mod:`.experts` (report §3.3.2); embeddings, ``lm_head``, the router
+  (``mlp.gate``) and its bias, norms and MTP ``eh_proj`` stay high precision (§3.3.1).
+  ``fp8_bf16_moments`` makes AdamW keep its moments in bf16 (§3.3.3).
+* :func:`finalize_fp8_export` -- after the final save: a model loaded from an FP8 checkpoint
+  is written back in that checkpoint's own format (:func:`~.checkpoint.save_fp8_checkpoint`:
+  same shards, ``weight_scale_inv``, ``quantization_config``, other tensors in their stored
+  dtypes). Intermediate ``checkpoint-N`` directories keep the high-precision master weights:
+  they exist to resume from, and resuming from re-quantized weights would not be exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .checkpoint import FP8CheckpointMeta, load_fp8_checkpoint, save_fp8_checkpoint
+from .layout import INDEX_FILE, read_config
+from .linear import FP8Recipe, swap_linears_to_fp8
+
+__all__ = [
+    "FP8_SOURCE_ATTR",
+    "apply_fp8_training",
+    "finalize_fp8_export",
+    "fp8_source",
+    "install_trl_reference_loader",
+    "is_fp8_checkpoint",
+    "load_pretrained",
+]
+
+log = logging.getLogger(__name__)
+
+FP8_SOURCE_ATTR = "_posttrain_fp8_source"
+FP8_BACKWARDS = ("fp8", "bf16")
+
+
+def is_fp8_checkpoint(path: str | os.PathLike | None) -> bool:
+    """True for a local directory whose ``config.json`` declares DeepSeek's block FP8."""
+    if not path or not Path(path).is_dir():
+        return False
+    qc = read_config(path).get("quantization_config") or {}
+    return qc.get("quant_method") == "fp8"
+
+
+def check_fp8_fields(cfg: Any) -> None:
+    """Validate the ``fp8*`` recipe fields (called from the recipe configs' ``__post_init__``)."""
+    if getattr(cfg, "fp8_backward", "fp8") not in FP8_BACKWARDS:
+        raise ConfigError(f"fp8_backward must be one of {FP8_BACKWARDS}, got {cfg.fp8_backward!r}")
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained(path, **kwargs)``, except that a DeepSeek FP8 checkpoint is dequantized by our loader.
+
+    For an FP8 checkpoint the weights come in as ``kwargs["dtype"]`` (default fp32) master
+    weights, ``quantization_config`` is dropped from the live config (so intermediate
+    checkpoints are plain high-precision ones), and the checkpoint's metadata is kept on the
+    model for :func:`finalize_fp8_export`. It also installs :func:`install_trl_reference_loader`.
+    """
+    if not is_fp8_checkpoint(path):
+        return cls.from_pretrained(path, **kwargs)
+    from transformers import AutoConfig, GenerationConfig
+
+    dtype = kwargs.pop("dtype", torch.float32)
+    if dtype in (None, "auto"):
+        dtype = torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    for unsupported in ("quantization_config", "state_dict"):
+        if kwargs.pop(unsupported, None) is not None:
+            raise ValueError(f"{unsupported} cannot be given when loading the FP8 checkpoint {path}")
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(
+        path, trust_remote_code=kwargs.get("trust_remote_code", False)
+    )
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    state, meta = load_fp8_checkpoint(path, dtype)
+    if not hasattr(cls, "mtp_layers"):
+        # transformers' own class builds no MTP module (it would drop these keys with a warning)
+        n = config.num_hidden_layers
+        state = {k: v for k, v in state.items() if not _is_layer_at_or_after(k, n)}
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, **kwargs)
+    del state
+    model.config._name_or_path = str(path)  # TRL builds the GRPO reference model from it
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    setattr(model, FP8_SOURCE_ATTR, meta)
+    install_trl_reference_loader()
+    log.info("loaded FP8 checkpoint %s: %d FP8 weights dequantized to %s master weights",
+             path, len(meta.fp8_weights), str(dtype).replace("torch.", ""))
+    return model
+
+
+def _is_layer_at_or_after(name: str, n: int) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= n
+
+
+def install_trl_reference_loader() -> None:
+    """Make TRL's GRPO load its reference model from an FP8 checkpoint through :func:`load_pretrained`.
+
+    trl 1.16's ``GRPOTrainer.__init__`` builds the reference model (``beta > 0``) with
+    ``create_model_from_path(config._name_or_path, ...)``, i.e. transformers' FP8 loading (see
+    the module docstring). The wrapper replaces the name in ``trl.trainer.grpo_trainer`` and
+    hands every other path to TRL's own function unchanged. Idempotent.
+    """
+    try:
+        import trl.trainer.grpo_trainer as grpo_module
+    except ImportError:  # TRL absent: nothing to route
+        return
+    original = grpo_module.create_model_from_path
+    if getattr(original, "_posttrain_fp8", False):
+        return
+
+    def create_model_from_path(model_id: str, architecture: type | None = None, **kwargs: Any) -> nn.Module:
+        if not is_fp8_checkpoint(model_id):
+            return original(model_id, architecture, **kwargs)
+        import transformers
+
+        if architecture is None:
+            arch_name = (read_config(model_id).get("architectures") or ["DeepseekV3ForCausalLM"])[0]
+            architecture = getattr(transformers, arch_name)
+        kwargs.setdefault("device_map", None)
+        return load_pretrained(architecture, model_id, **kwargs)
+
+    create_model_from_path._posttrain_fp8 = True  # type: ignore[attr-defined]
+    grpo_module.create_model_from_path = create_model_from_path
+
+
+def fp8_source(model: nn.Module) -> FP8CheckpointMeta | None:
+    """The FP8 checkpoint ``model`` was loaded from by :func:`load_pretrained` (through PEFT/accelerate wrappers)."""
+    m: Any = model
+    for _ in range(8):
+        meta = getattr(m, FP8_SOURCE_ATTR, None)
+        if meta is not None:
+            return meta
+        if isinstance(getattr(m, "module", None), nn.Module):
+            m = m.module
+        elif hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        elif isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            m = m._orig_mod
+        else:
+            return None
+    return None
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    m: Any = model
+    while isinstance(getattr(m, "module", None), nn.Module):
+        m = m.module
+    return m
+
+
+def apply_fp8_training(trainer: Any, cfg: Any) -> dict[str, Any]:
+    """Apply the recipe's ``fp8`` / ``fp8_backward`` / ``fp8_bf16_moments`` to a built trainer; returns a summary.
+
+    Call it once, after the trainer is constructed and before ``train()`` (layers are swapped
+    in place and share their ``Parameter`` objects, so the optimizer, checkpoints and weight
+    sync see the same tensors). A no-op summary for recipes without FP8.
+    """
+    model = _unwrap(trainer.model)
+    source = fp8_source(model)
+    summary: dict[str, Any] = {
+        "fp8": bool(getattr(cfg, "fp8", False)),
+        "fp8_linear_layers": 0,
+        "fp8_expert_modules": 0,
+        "fp8_backward": getattr(cfg, "fp8_backward", "fp8"),
+        "bf16_moments": bool(getattr(cfg, "fp8_bf16_moments", False)),
+        "fp8_checkpoint_in": source is not None,
+    }
+    if summary["fp8"]:
+        if hasattr(model, "peft_config") or hasattr(model, "get_base_model"):
+            raise ConfigError("fp8: true is not supported together with use_lora (LoRA wraps the Linear layers)")
+        check_fp8_fields(cfg)
+        swapped = swap_linears_to_fp8(model, recipe=FP8Recipe(backward=summary["fp8_backward"]))
+        experts = [n for n in swapped if not isinstance(model.get_submodule(n), nn.Linear)]
+        summary["fp8_linear_layers"] = len(swapped) - len(experts)
+        summary["fp8_expert_modules"] = len(experts)
+        if not swapped:
+            raise ConfigError("fp8: true found no attention / MLP / expert projection to put on FP8 layers")
+    if summary["bf16_moments"]:
+        _use_bf16_moments(trainer, cfg)
+    if summary["fp8"] or summary["bf16_moments"] or source is not None:
+        log.info(
+            "FP8 (DeepSeek-V3 report §3.3): %d Linear layers and %d fused expert modules on FP8 layers "
+            "(backward: %s); embeddings, lm_head, router, norms and MTP eh_proj in %s; AdamW moments in %s; "
+            "final export: %s",
+            summary["fp8_linear_layers"], summary["fp8_expert_modules"], summary["fp8_backward"],
+            str(next(model.parameters()).dtype).replace("torch.", ""),
+            "bf16" if summary["bf16_moments"] else "the parameter dtype",
+            "FP8 (input checkpoint format)" if source is not None else "high precision",
+        )
+    return summary
+
+
+def _use_bf16_moments(trainer: Any, cfg: Any) -> None:
+    """AdamW with bf16 first/second moments (report §3.3.3), built lazily by the Trainer like its own AdamW."""
+    from .optim import AdamWLowPrecisionMoments
+
+    optim = str(getattr(cfg.optim, "value", cfg.optim))
+    if not optim.startswith("adamw"):
+        raise ConfigError(f"fp8_bf16_moments replaces AdamW, but optim is {optim!r}")
+    if getattr(trainer, "optimizer", None) is not None:
+        raise ConfigError("fp8_bf16_moments: the trainer already has an optimizer")
+    trainer.optimizer_cls_and_kwargs = (
+        AdamWLowPrecisionMoments,
+        {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon,
+         "moment_dtype": torch.bfloat16},
+    )
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+class _SavedTensors(Mapping):
+    """The tensors of a saved safetensors directory, read one at a time (mmap), by name."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.files = sorted(directory.glob("*.safetensors"))
+        self._handles = [safe_open(str(f), framework="pt") for f in self.files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        self._where.clear()
+        self._handles.clear()
+
+
+def finalize_fp8_export(model: nn.Module, output_dir: str | os.PathLike, *, main_process: bool = True) -> bool:
+    """Rewrite the model just saved to ``output_dir`` in its FP8 input checkpoint's format; False if not FP8-loaded.
+
+    Reads the high-precision DeepSeek-layout tensors that ``save_pretrained`` / ``Trainer.save_model``
+    wrote (so it works whatever gathered them, FSDP included), re-quantizes the FP8 weights per
+    128x128 block with the source's block size and scale format (an unchanged weight keeps its
+    original bits and scale), casts every other tensor back to its stored dtype, writes the
+    source's shard layout, index and ``config.json`` (``quantization_config`` included), and
+    removes the high-precision weight files. Only ``main_process`` writes.
+    """
+    meta = fp8_source(model)
+    if meta is None or not main_process:
+        return meta is not None
+    out = Path(output_dir)
+    saved = _SavedTensors(out)
+    if not saved.files:
+        raise FileNotFoundError(f"no saved safetensors in {out} to export as FP8")
+    hp_files = {f.name for f in saved.files}
+    if meta.source_dir is not None and meta.source_dir.resolve() == out.resolve():
+        # the source shards were just overwritten: no original bits to compare with, re-quantize all
+        meta = replace(meta, source_dir=None)
+    try:
+        # side files (tokenizer ...) are the trainer's to write; the source's could be stale run outputs
+        save_fp8_checkpoint(saved, meta, out, side_files=False)
+    finally:
+        saved.close()
+    keep = set(meta.layout.shards())
+    for name in hp_files - keep:
+        (out / name).unlink(missing_ok=True)
+    if not meta.layout.indexed:
+        (out / INDEX_FILE).unlink(missing_ok=True)
+    log.info("exported %s as FP8 (%d FP8 weights, block %s, layout of %s)",
+             out, len(meta.fp8_weights), list(meta.block), meta.source_dir)
+    return True
+

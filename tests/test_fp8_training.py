@@ -1,0 +1,362 @@
+"""FP8 wired into training (issue 7, report §3.3): `fp8: true` in SFT/GRPO, FP8 checkpoints in and out,
+FP8 rollouts (re-quantized weight sync into vLLM's block-FP8 layers)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from posttrain.errors import ConfigError
+from posttrain.fp8.experts import EXPERTS_IMPLEMENTATION
+from posttrain.fp8.layout import INDEX_FILE, is_fp8_weight_name, scale_name_for
+from posttrain.fp8.linear import FP8Linear
+from posttrain.fp8.optim import AdamWLowPrecisionMoments
+from posttrain.fp8.quant import (
+    dequantize_blockwise,
+    e4m3_error_bound,
+    expand_scale,
+    quantize_blockwise,
+    scale_grid_shape,
+)
+from posttrain.fp8.training import fp8_source, load_pretrained
+from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
+from posttrain.recipe import build_config
+from posttrain.sft import SFTRecipeConfig, build_trainer, run_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTN = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On a shared 2-core machine, one intra-op thread is several times faster than two.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    """Both SFT sample types of report §5.1 on the built-in arithmetic task (as tests/test_sft.py)."""
+    from data_pipelines.arith_task import generate_split, scripted_trace
+    from data_pipelines.formatting import DEFAULT_SYSTEM_PROMPT, sft_messages, with_system
+
+    rng = random.Random(seed)
+    rows = []
+    for i, r in enumerate(generate_split("train", n, seed=seed)):
+        if i % 2:
+            prompt = with_system(r["prompt"], DEFAULT_SYSTEM_PROMPT)
+            rows.append({"messages": sft_messages(prompt, scripted_trace(r, rng))})
+        else:
+            rows.append({"messages": sft_messages(r["prompt"], r["solution"])})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fp8_sft_data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(240)))
+    return path
+
+
+def _sft_cfg(model_dir, data, out, **kw) -> SFTRecipeConfig:
+    values = dict(
+        model_name_or_path=str(model_dir), dataset_name=str(data), output_dir=str(out),
+        max_steps=4, learning_rate=1e-3, warmup_steps=3, lr_scheduler_kwargs={"min_lr": 1e-4},
+        per_device_train_batch_size=2, max_length=256, logging_steps=1, save_strategy="no", seed=0,
+        disable_tqdm=True,
+    )
+    values.update(kw)
+    return build_config(SFTRecipeConfig, values)
+
+
+def _fp8_checkpoint(root: Path, tokenizer_dir: Path, **overrides) -> Path:
+    """A tiny V3 checkpoint in DeepSeek's FP8 form: e4m3 projections + fp32 `weight_scale_inv`, bf16
+    embeddings / norms / router / head, fp32 `e_score_correction_bias` (converted with our converter)."""
+    from transformers import AutoTokenizer
+
+    from posttrain.fp8.convert import convert_bf16_to_fp8
+    from posttrain.presets import preset_config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = preset_config("tiny", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, **overrides)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLMWithMTP(config).to(torch.bfloat16)
+    for module in model.modules():
+        if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+            module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(root / "bf16")
+    tok.save_pretrained(root / "bf16")
+    convert_bf16_to_fp8(root / "bf16", root / "fp8", progress=False)
+    return root / "fp8"
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) which layers go to FP8, and gradients reach the master weights
+
+
+def test_fp8_true_puts_the_report_set_on_fp8_layers_and_trains_master_weights(tiny_model_dir, sft_data, tmp_path):
+    cfg = _sft_cfg(tiny_model_dir, sft_data, tmp_path / "a", fp8=True, fp8_bf16_moments=True, max_train_samples=16)
+    trainer = build_trainer(cfg)
+    model = trainer.model
+    n_main = model.config.num_hidden_layers
+    fp8_linears = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    expected = set()
+    for i in range(n_main + 1):  # + the MTP block at model.layers.{n_main}
+        expected |= {f"model.layers.{i}.self_attn.{p}" for p in ATTN}
+        ffn = "mlp" if i < model.config.first_k_dense_replace else "mlp.shared_experts"
+        expected |= {f"model.layers.{i}.{ffn}.{p}" for p in MLP}
+    assert fp8_linears == expected
+    # routed experts: transformers' fused experts run the posttrain_fp8 implementation
+    experts = [n for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert len(experts) == 2 and model.config._experts_implementation == EXPERTS_IMPLEMENTATION
+    # high precision (report §3.3.1): embeddings, output head, router, MTP eh_proj, norms
+    for name in ("lm_head", f"model.layers.{n_main}.eh_proj"):
+        assert type(model.get_submodule(name)) is nn.Linear, name
+    assert type(model.model.embed_tokens) is nn.Embedding
+    assert not any(isinstance(m, FP8Linear) for n, m in model.named_modules() if ".gate" in n and "gate_proj" not in n)
+    # master weights stay fp32 parameters
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+    # the forward really is FP8: close to, but not equal to, the same weights in high precision
+    hp = DeepseekV3ForCausalLMWithMTP.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation=cfg.resolved_attn_implementation()).eval()
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
+    model.train()
+    out = model(**inputs, use_cache=False)
+    with torch.no_grad():
+        ref = hp(**inputs, use_cache=False)
+    rel = float((out.logits.detach() - ref.logits).norm() / ref.logits.norm())
+    loss_rel = abs(float(out.loss.detach()) - float(ref.loss)) / float(ref.loss)
+    # measured: logits 8.5%, loss 0.08% (each tiny weight is one 128x128 block, i.e. one scale per matrix)
+    assert 1e-3 < rel < 0.2 and 1e-5 < loss_rel < 0.01, (rel, loss_rel)
+    (out.loss + 0.3 * out.mtp_loss).backward()
+    masters = [f"{n}.weight" for n in sorted(expected)]
+    masters += [f"{e}.{p}" for e in experts for p in ("gate_up_proj", "down_proj")]
+    for name in masters:
+        w = model.get_parameter(name)
+        assert w.grad is not None and w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0, name
+
+    # fp8_bf16_moments: the Trainer builds AdamW with bf16 moments (report §3.3.3), also after a reload
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, AdamWLowPrecisionMoments)
+    opt.step()
+    state = opt.state[model.model.layers[0].self_attn.q_a_proj.weight]
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.bfloat16
+    opt.load_state_dict(opt.state_dict())
+    state = opt.state[model.model.layers[0].self_attn.q_a_proj.weight]
+    assert state["exp_avg"].dtype == torch.bfloat16
+
+
+def test_fp8_recipe_fields_are_validated(tiny_model_dir, sft_data, tmp_path):
+    with pytest.raises(ConfigError, match="fp8_backward"):
+        _sft_cfg(tiny_model_dir, sft_data, tmp_path, fp8=True, fp8_backward="fp4")
+    from posttrain.grpo.config import GRPORecipeConfig
+
+    with pytest.raises(ConfigError, match="fp8_backward"):
+        GRPORecipeConfig(output_dir=str(tmp_path), fp8_backward="e5m2")
+    with pytest.raises(ConfigError, match="use_lora"):
+        build_trainer(_sft_cfg(tiny_model_dir, sft_data, tmp_path / "l", fp8=True, use_lora=True, max_train_samples=8))
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) an SFT run with fp8: true tracks the high-precision run
+
+
+@pytest.mark.slow
+def test_short_sft_run_with_fp8_tracks_the_high_precision_run(tiny_model_dir, sft_data, tmp_path):
+    """50 steps at lr 5e-4, same data order and seed. On CPU the baseline is fp32 (bf16 is ~7x slower
+    on CPUs without bf16 units, see DESIGN.md), so this bounds the FP8 recipe's whole error, not
+    FP8-vs-bf16. Measured end gaps (mean of the last 5 losses): 0.06% here; 0.8% at lr 1e-3; 6% at
+    lr 2e-3 over 60 steps, mostly from the attention projections (kv_a_proj_with_mqa alone: 3%) --
+    each tiny weight is one 128x128 block, i.e. one scale per matrix, much coarser than at V3 width."""
+    losses = {}
+    for fp8 in (False, True):
+        cfg = _sft_cfg(tiny_model_dir, sft_data, tmp_path / f"fp8-{fp8}", max_steps=50, fp8=fp8,
+                       learning_rate=5e-4, lr_scheduler_kwargs={"min_lr": 5e-5}, save_final_model=False)
+        trainer = build_trainer(cfg)
+        assert any(isinstance(m, FP8Linear) for m in trainer.model.modules()) == fp8
+        run_sft(cfg, trainer=trainer)
+        losses[fp8] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    base, fp8 = losses[False], losses[True]
+    assert len(base) == len(fp8) == 50
+    assert base != fp8  # the FP8 run computed differently
+    end_base, end_fp8 = sum(base[-5:]) / 5, sum(fp8[-5:]) / 5
+    assert end_base < 0.7 * base[0] and end_fp8 < 0.7 * fp8[0]  # both learned (measured 9.0 -> 5.7)
+    assert abs(end_fp8 - end_base) / end_base < 0.01, (end_base, end_fp8)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) FP8 checkpoint in -> SFT -> FP8 checkpoint out
+
+
+def test_fp8_checkpoint_in_sft_out_as_fp8(tiny_model_dir, sft_data, tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+
+    src = _fp8_checkpoint(tmp_path / "src", tiny_model_dir)  # tiny preset: partial blocks (576-row kv_a)
+    src_tensors = _tensors(src)
+    src_config = json.loads((src / "config.json").read_text())
+    out = tmp_path / "sft"
+    cfg = _sft_cfg(src, sft_data, out, fp8=True, max_steps=3, save_strategy="steps", save_steps=2)
+    trainer = build_trainer(cfg)
+    assert fp8_source(trainer.model) is not None
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # high-precision masters
+    assert not hasattr(trainer.model.config, "quantization_config")
+    run_sft(cfg, trainer=trainer)
+
+    # the final output is FP8 in the source's own format
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == src_config["quantization_config"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
+    assert (out / "tokenizer.json").exists() and (out / INDEX_FILE).exists() == (src / INDEX_FILE).exists()
+    saved = _tensors(out)
+    assert set(saved) == set(src_tensors)
+    assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in src_tensors.items()}
+    fp8_names = [k for k in saved if is_fp8_weight_name(k)]
+    assert len(fp8_names) > 40 and all(saved[k].dtype == torch.float8_e4m3fn for k in fp8_names)
+    for k in fp8_names:
+        assert saved[scale_name_for(k)].shape == scale_grid_shape(saved[k].shape), k
+    assert saved["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (5, 1)
+    assert saved["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert saved["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    # trained: weights moved
+    q_a = "model.layers.0.self_attn.q_a_proj.weight"
+    assert not torch.equal(saved[q_a].view(torch.uint8), src_tensors[q_a].view(torch.uint8))
+
+    # every FP8 weight is the trained master weight within e4m3's rounding bound of its block
+    from posttrain.layout import to_deepseek_layout
+
+    live = to_deepseek_layout(trainer.model)
+    for k in fp8_names:
+        s = saved[scale_name_for(k)]
+        deq = dequantize_blockwise(saved[k], s, out_dtype=torch.float32)
+        bound = e4m3_error_bound(live[k], expand_scale(s, live[k].shape, (128, 128)))
+        assert ((deq - live[k].float()).abs() <= bound + 1e-12).all(), k
+    assert torch.equal(saved["lm_head.weight"], live["lm_head.weight"].to(torch.bfloat16))
+
+    # ... and it loads back through our loader (transformers' dequantizer cannot read the 5x1 grid)
+    back = load_pretrained(DeepseekV3ForCausalLMWithMTP, out, dtype=torch.float32)
+    deq = dequantize_blockwise(saved[q_a], saved[scale_name_for(q_a)], out_dtype=torch.float32)
+    assert torch.equal(back.state_dict()[q_a], deq)
+    # intermediate checkpoints keep the high-precision master weights (exact resume), no quantization_config
+    ckpt = out / "checkpoint-2"
+    assert "quantization_config" not in json.loads((ckpt / "config.json").read_text())
+    assert all(t.dtype == torch.float32 for t in _tensors(ckpt).values())
+    DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) GRPO with fp8: true from an FP8 checkpoint, rollouts from vLLM's FP8 layers
+
+
+def _logprobs(model, prompt, completion):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + completion]), use_cache=False).logits[0].float()
+    lp = logits.log_softmax(-1)
+    return [lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(completion)]
+
+
+def _requantized_copy(model: nn.Module, block=(128, 128)) -> DeepseekV3ForCausalLMWithMTP:
+    """A high-precision model holding dequant(quant(W)) for every FP8-format weight: what vLLM should serve."""
+    from posttrain.layout import from_deepseek_layout, to_deepseek_layout
+
+    state = {
+        k: dequantize_blockwise(*quantize_blockwise(v, block), block, torch.float32)
+        if v.dim() == 2 and is_fp8_weight_name(k) else v.detach().clone()
+        for k, v in to_deepseek_layout(model).items()
+    }
+    copy = DeepseekV3ForCausalLMWithMTP(model.config).float()
+    copy.load_state_dict(from_deepseek_layout(state), strict=True)
+    return copy.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_model_dir):
+    from posttrain.fp8.training import finalize_fp8_export
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.grpo.run import build_trainer as build_grpo
+    from posttrain.rollout.engines import VLLMColocateEngine, VLLMServerEngine
+
+    # vLLM's block-FP8 loader needs its fused Linear parts (MoE gate/up, q_a + kv_a) in whole 128-row blocks
+    src = _fp8_checkpoint(tmp_path / "src", tiny_model_dir, moe_intermediate_size=128, q_lora_rank=128)
+    engine = VLLMColocateEngine(str(src), max_model_len=256)  # float32 asked: FP8 is served in bf16
+    try:
+        assert engine.fp8_block == (128, 128)
+        cfg = GRPORecipeConfig(
+            output_dir=str(tmp_path / "grpo"), model_name_or_path=str(src), max_steps=1, per_device_train_batch_size=8,
+            num_generations=4, max_completion_length=12, learning_rate=1e-3, max_prompts=16, save_strategy="no",
+            beta=0.01, seed=0, fp8=True, reward_funcs=["math_accuracy"],
+        )
+        trainer = build_grpo(cfg, engine=engine)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        assert fp8_source(policy) is not None and any(isinstance(m, FP8Linear) for m in policy.modules())
+        before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        # TRL's reference model (beta > 0) came through our FP8 loader: the same dequantized weights
+        ref = trainer.ref_model.state_dict()
+        shared = [k for k in ref if k in before]
+        assert len(shared) == 31 and all(torch.equal(ref[k], before[k]) for k in shared)
+        trainer.train()
+        assert trainer.state.global_step == 1
+        after = policy.state_dict()
+        q_a = "model.layers.0.self_attn.q_a_proj.weight"
+        assert not torch.equal(before[q_a], after[q_a])
+
+        tok = trainer.processing_class
+        question = [{"role": "user", "content": "Mia has 12 apples. She buys 7 more. How many?"}]
+        prompt = tok.apply_chat_template(question, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt = prompt["input_ids"]
+        answer = "<think>\n12 + 7 = 19\n</think>\nThe answer is \\boxed{19}."
+        completion = tok(answer, add_special_tokens=False)["input_ids"]
+        stale = engine.score(prompt, completion)  # synced at the step's start: the weights before the update
+        engine.sync_weights(policy)
+        served = engine.score(prompt, completion)
+        policy.eval()
+        want = _logprobs(_requantized_copy(policy), prompt, completion)
+        policy.train()
+        diff = max(abs(a - b) for a, b in zip(served, want))
+        moved = max(abs(a - b) for a, b in zip(stale, want))
+        # vLLM computes in bf16 (FP8 weights, W8A16 on this CPU): measured diff 0.002, moved 0.55
+        assert diff <= 0.02 and moved > 2 * diff, (diff, moved)
+
+        # final export is FP8 again, and vLLM's own checkpoint loader reads it back to the same logprobs
+        out = tmp_path / "final"
+        trainer.save_model(str(out))
+        assert finalize_fp8_export(trainer.model, out)
+        saved = _tensors(out)
+        assert saved["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.float8_e4m3fn
+        assert saved["model.layers.1.mlp.experts.0.up_proj.weight_scale_inv"].shape == (1, 1)
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+
+        def reload_from_disk(worker, path):
+            worker.model_runner.reload_weights(weights_path=path, is_checkpoint_format=True)
+
+        engine.llm.collective_rpc(reload_from_disk, args=(str(out),))
+        engine.llm.reset_prefix_cache()
+        from_disk = engine.score(prompt, completion)
+        assert max(abs(a - b) for a, b in zip(from_disk, served)) <= 1e-3  # measured: 0.0
+
+        # a vLLM server cannot take FP8 weights one tensor at a time: a clear error, not silent bf16
+        server = VLLMServerEngine.__new__(VLLMServerEngine)
+        with pytest.raises(NotImplementedError, match="FP8"):
+            server.sync_weights(policy)
+    finally:
+        engine.close()
