@@ -51,6 +51,14 @@ class EvalStage:
     max_tokens: int = field(default=160, metadata={"help": "Generation budget per answer."})
     k: int = field(default=1, metadata={"help": "Samples per problem for pass@k / maj@k (1: greedy only)."})
     max_model_len: int = field(default=512, metadata={"help": "Engine context length."})
+    every_n_steps: int = field(
+        default=0, metadata={"help": "Also evaluate during SFT and GRPO every N optimizer steps (greedy pass@1, "
+                             "logged as eval/accuracy in each stage's trainer_state.json); 0 disables."}
+    )
+    during_training_problems: int = field(
+        default=100, metadata={"help": "How many problems the during-training evaluation uses (the first ones "
+                               "of the evaluation set)."}
+    )
 
 
 @dataclass
@@ -210,19 +218,38 @@ def _has_checkpoint(output_dir: str) -> bool:
     return False
 
 
+def _attach_eval_callback(trainer, recipe: ChainRecipe, out: Path) -> None:
+    """The eval stage's `every_n_steps`: an EvalCallback on the SFT or GRPO trainer (GRPO evaluates
+    through its own rollout engine, SFT through transformers generate)."""
+    if "eval" not in recipe.stages:
+        return
+    cfg: EvalStage = _stage_config(recipe, "eval", out)
+    if cfg.every_n_steps <= 0:
+        return
+    from .benchmarks import load_benchmark
+    from .callback import EvalCallback
+
+    prompts, answers = load_benchmark(cfg.dataset_name, cfg.dataset_split, cfg.during_training_problems)
+    EvalCallback(prompts, answers, cfg.every_n_steps, max_tokens=cfg.max_tokens, k=cfg.k).attach(trainer)
+
+
 def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
-    from posttrain.sft.run import run_sft
+    from posttrain.sft.run import build_trainer, run_sft
 
     cfg.resume_from_checkpoint = True if _has_checkpoint(cfg.output_dir) else None
-    summary = run_sft(cfg)
+    trainer = build_trainer(cfg)
+    _attach_eval_callback(trainer, recipe, out)
+    summary = run_sft(cfg, trainer)
     return Path(cfg.output_dir), {"train_loss": summary.get("train_loss"), "global_step": summary.get("global_step")}
 
 
 def _run_grpo(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
-    from posttrain.grpo.run import run_grpo
+    from posttrain.grpo.run import build_trainer, run_grpo
 
     cfg.resume_from_checkpoint = "true" if _has_checkpoint(cfg.output_dir) else None
-    summary = run_grpo(cfg)
+    trainer = build_trainer(cfg)
+    _attach_eval_callback(trainer, recipe, out)
+    summary = run_grpo(cfg, trainer)
     return Path(cfg.output_dir), {"steps": summary.get("steps")}
 
 

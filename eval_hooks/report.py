@@ -84,6 +84,9 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "mtp": _plot_series(out / "mtp_accept.png", "MTP acceptance (GRPO, on the policy's samples)",
                             {"mtp/accept_rate": _points(grpo_hist, "mtp/accept_rate")}, "accept rate"),
         "accuracy": _plot_accuracy(out / "accuracy.png", results),
+        # the eval stage's every_n_steps (EvalCallback); x is the step within each stage
+        "accuracy_during_training": _plot_series(out / "accuracy_during_training.png", "Held-out accuracy during training", {
+            "sft": _points(sft_hist, "eval/accuracy"), "grpo": _points(grpo_hist, "eval/accuracy")}, "greedy pass@1"),
     }
     heatmap = out / "sft" / "expert_load.png"
     if heatmap.exists():

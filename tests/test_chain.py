@@ -25,7 +25,7 @@ def _mini_recipe(tmp_path: Path) -> Path:
     st["distill"]["max_prompts"] = 60
     st["sft"].update(max_steps=24, save_steps=4, logging_steps=2, save_total_limit=3)
     st["grpo"].update(max_steps=2, per_device_train_batch_size=16, max_completion_length=24, save_steps=1)
-    st["eval"].update(num_problems=8, max_tokens=24)
+    st["eval"].update(num_problems=8, max_tokens=24, every_n_steps=2, during_training_problems=8)
     path = tmp_path / "mini.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -70,6 +70,12 @@ def test_killed_sft_resumes_and_the_report_is_written(tmp_path):
         assert stage["n"] == 8 and 0.0 <= stage["accuracy"] <= 1.0
     report = (out / "report.md").read_text()
     assert "Held-out accuracy" in report and (out / "accuracy.png").exists() and (out / "loss.png").exists()
+    # the evaluation callback ran inside SFT and GRPO (eval stage's every_n_steps)
+    grpo_state = json.loads((out / "grpo" / "trainer_state.json").read_text())
+    for hist, last in ((state["log_history"], 24), (grpo_state["log_history"], 2)):
+        evals = [h for h in hist if "eval/accuracy" in h]
+        assert evals and evals[-1]["step"] == last and evals[-1]["eval/n"] == 8, evals
+    assert (out / "accuracy_during_training.png").exists()
 
     # a third run finds everything done and only rewrites the report
     proc = _run(recipe, out)
