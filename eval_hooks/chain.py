@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.checkpoints import last_complete_checkpoint
 from posttrain.errors import ConfigError, UserError
 from posttrain.recipe import build_config, read_recipe
 
@@ -204,20 +205,6 @@ def _run_distill(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[P
     return Path(cfg.output_dir), {k: stats.get(k) for k in keep if k in stats}
 
 
-def _has_checkpoint(output_dir: str) -> bool:
-    """A complete Trainer checkpoint exists (a kill during a save leaves one without its state file)."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return False
-    for ckpt in out.glob("checkpoint-*"):
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-            return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
 def _attach_eval_callback(trainer, recipe: ChainRecipe, out: Path) -> None:
     """The eval stage's `every_n_steps`: an EvalCallback on the SFT or GRPO trainer (GRPO evaluates
     through its own rollout engine, SFT through transformers generate)."""
@@ -236,7 +223,7 @@ def _attach_eval_callback(trainer, recipe: ChainRecipe, out: Path) -> None:
 def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from posttrain.sft.run import build_trainer, run_sft
 
-    cfg.resume_from_checkpoint = True if _has_checkpoint(cfg.output_dir) else None
+    cfg.resume_from_checkpoint = True if last_complete_checkpoint(cfg.output_dir) else None
     trainer = build_trainer(cfg)
     _attach_eval_callback(trainer, recipe, out)
     summary = run_sft(cfg, trainer)
@@ -246,7 +233,7 @@ def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path,
 def _run_grpo(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from posttrain.grpo.run import build_trainer, run_grpo
 
-    cfg.resume_from_checkpoint = "true" if _has_checkpoint(cfg.output_dir) else None
+    cfg.resume_from_checkpoint = "true" if last_complete_checkpoint(cfg.output_dir) else None
     trainer = build_trainer(cfg)
     _attach_eval_callback(trainer, recipe, out)
     summary = run_grpo(cfg, trainer)

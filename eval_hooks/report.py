@@ -113,10 +113,14 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     if grpo_hist:
         rw = [h["reward"] for h in grpo_hist if "reward" in h]
         acc = [h["mtp/accept_rate"] for h in grpo_hist if "mtp/accept_rate" in h]
+        k = max(1, min(10, len(rw) // 2))  # one step's reward depends on that step's prompts: average
         if rw:
-            lines.append(f"GRPO: mean reward first step {rw[0]:.3f}, last step {rw[-1]:.3f}.")
+            lines.append(f"GRPO: mean reward over the first {k} steps {sum(rw[:k]) / k:.3f}, "
+                         f"over the last {k} {sum(rw[-k:]) / k:.3f}.")
         if acc:
-            lines.append(f"MTP acceptance on the policy's samples: first step {acc[0]:.3f}, last {acc[-1]:.3f}.")
+            k = max(1, min(10, len(acc) // 2))
+            lines.append(f"MTP acceptance on the policy's samples: first {k} steps {sum(acc[:k]) / k:.3f}, "
+                         f"last {k} {sum(acc[-k:]) / k:.3f}.")
     lines += ["", "## Plots", ""]
     for key, name in plots.items():
         if name:

@@ -107,15 +107,7 @@ class GRPORecipeConfig(GRPOConfig):
         from ..fp8.training import check_fp8_fields
 
         check_fp8_fields(self)
-        import torch
+        from ..trainer_args import apply_process_defaults
 
-        if not torch.cuda.is_available():
-            # Without it transformers sets up no process group on a CPU-only machine, and
-            # `accelerate launch --num_processes 2` would run two independent single-process jobs.
-            self.use_cpu = True
-        if self.ddp_find_unused_parameters is None:
-            # Every parameter takes part when the MTP module is trained (routed experts are fused
-            # tensors); DDP's unused-parameter search would then trip over the output head, which TRL's
-            # fused log-prob head and the MTP head both use. With λ = 0 the MTP module is unused.
-            self.ddp_find_unused_parameters = self.mtp_loss_weight == 0
+        apply_process_defaults(self, self.mtp_loss_weight == 0)
         super().__post_init__()

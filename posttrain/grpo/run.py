@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..balancing import BALANCER_STATE_FILE
+from ..checkpoints import last_complete_checkpoint
 from ..errors import UserError
 from ..fp8.training import apply_fp8_training, finalize_fp8_export, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
@@ -104,7 +106,7 @@ def run_grpo(cfg: GRPORecipeConfig, trainer=None) -> dict[str, Any]:
         trainer = build_trainer(cfg)
     resume: Any = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() == "true":
-        resume = _last_checkpoint(cfg.output_dir)
+        resume = last_complete_checkpoint(cfg.output_dir, [BALANCER_STATE_FILE])
     try:
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(cfg.output_dir)  # every rank takes part (FSDP gathers); rank 0 writes
@@ -118,16 +120,3 @@ def run_grpo(cfg: GRPORecipeConfig, trainer=None) -> dict[str, Any]:
         trainer.state.save_to_json(os.path.join(cfg.output_dir, "trainer_state.json"))
         Path(cfg.output_dir, "grpo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
-
-
-def _last_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint: a kill during a save leaves one without a readable state."""
-    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
-        if os.path.isdir(output_dir) else []
-    for ckpt in reversed(ckpts):
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-            return str(ckpt)
-        except (OSError, ValueError):
-            continue
-    return None

@@ -239,16 +239,10 @@ class SFTRecipeConfig(SFTConfig):
         if self.attn_implementation and self.attn_implementation.startswith("flash_attention"):
             # transformers' varlen path reads sample boundaries from position_ids of one flat row.
             self.padding_free = True
-        import torch
+        from ..trainer_args import apply_process_defaults
 
-        if not torch.cuda.is_available():
-            # Without it transformers sets up no process group on a CPU-only machine, and
-            # `accelerate launch` with 2 processes would run two independent single-process jobs.
-            self.use_cpu = True
-        if self.ddp_find_unused_parameters is None:
-            # With λ = 0 (from the start or after the schedule's switch) the MTP module takes no part
-            # in the loss; otherwise every parameter does and DDP's search is wasted work.
-            self.ddp_find_unused_parameters = self.mtp_loss_weight == 0 or self.mtp_loss_weight_final == 0
+        # λ = 0 from the start, or after the schedule's switch, leaves the MTP module out of the loss
+        apply_process_defaults(self, self.mtp_loss_weight == 0 or self.mtp_loss_weight_final == 0)
         super().__post_init__()
 
     def resolved_attn_implementation(self) -> str | None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..balancing import BALANCER_STATE_FILE, BalancingCallback, ExpertLoadBalancer
+from ..checkpoints import last_complete_checkpoint
 from ..modeling import sample_ids_from_positions
 from .config import SFTRecipeConfig
 
@@ -165,7 +165,9 @@ class DeepseekV3SFTTrainer(Trainer):
     # -- resume ----------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self.balancer is not None)
+            resume_from_checkpoint = last_complete_checkpoint(
+                self.args.output_dir, [BALANCER_STATE_FILE] if self.balancer is not None else []
+            )
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
         if resume_from_checkpoint and self.balancer is not None:
@@ -204,34 +206,6 @@ class DeepseekV3SFTTrainer(Trainer):
         # Keep `seq_lengths` (the packed samples' lengths), which is not a forward argument.
         if self._signature_columns is None:
             self._signature_columns = ["input_ids", "labels", "seq_lengths"]
-
-
-def last_complete_checkpoint(output_dir: str | Path, needs_balancer_state: bool = True) -> str | None:
-    """The newest `checkpoint-N` that was written to the end. Trainer (transformers 5.19) writes a
-    checkpoint in place — model, optimizer, RNG, then `trainer_state.json`; the balancer state comes
-    after, in `on_save` — so a run killed while saving leaves a partial last checkpoint, which
-    `get_last_checkpoint` would pick."""
-    import json
-
-    out = Path(output_dir)
-    if not out.is_dir() or get_last_checkpoint(str(out)) is None:
-        return None
-    steps = sorted(
-        (int(p.name.split("-", 1)[1]) for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-        reverse=True,
-    )
-    for step in steps:
-        ckpt = out / f"checkpoint-{step}"
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            log.warning("skipping incomplete checkpoint %s (no readable trainer_state.json)", ckpt)
-            continue
-        if needs_balancer_state and not (ckpt / BALANCER_STATE_FILE).exists():
-            log.warning("skipping incomplete checkpoint %s (no balancer state)", ckpt)
-            continue
-        return str(ckpt)
-    return None
 
 
 def make_balancer(model: torch.nn.Module, cfg: SFTRecipeConfig) -> ExpertLoadBalancer:
