@@ -7,7 +7,8 @@ engine) and after, plus the training reward and MTP acceptance. The runs and the
 are in benchmarks/RESULTS.md ("GRPO learning").
 
     python benchmarks/grpo_learning.py runs/tiny-arith/sft --steps 100 --lr 3e-5 \
-        [--batch 128] [--G 8] [--gamma 1e-3] [--mtp 0.3] [--max-prompts N] [--problems 500]
+        [--batch 128] [--G 8] [--gamma 1e-3] [--mtp 0.3] [--max-prompts N] [--problems 500] \
+        [--task "builtin:arith?level=digits&max_operand=4"]
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-prompts", type=int, default=None, help="train on only the first N prompts")
     ap.add_argument("--problems", type=int, default=500, help="held-out test-split problems")
+    ap.add_argument("--task", default="builtin:arith?level=digits",
+                    help="training prompts; the held-out problems are the test split of the same task")
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--output-dir", default="runs/grpo-learning")
     args = ap.parse_args()
@@ -47,12 +50,12 @@ def main() -> None:
     from posttrain.rollout.engines import VLLMColocateEngine
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
-    prompts, answers = load_benchmark(f"builtin:arith?level=digits&n_test={args.problems}", "test", args.problems)
+    prompts, answers = load_benchmark(f"{args.task}&n_test={args.problems}", "test", args.problems)
     engine = VLLMColocateEngine(args.checkpoint, max_model_len=512)
     try:
         before = evaluate_accuracy(engine, tok, prompts, answers, max_tokens=48)["accuracy"]
         cfg = GRPORecipeConfig(
-            output_dir=args.output_dir, model_name_or_path=args.checkpoint, dataset_name="builtin:arith?level=digits",
+            output_dir=args.output_dir, model_name_or_path=args.checkpoint, dataset_name=args.task,
             max_prompts=args.max_prompts, max_steps=args.steps, per_device_train_batch_size=args.batch,
             num_generations=args.G, max_completion_length=48, learning_rate=args.lr, lr_scheduler_type="constant",
             beta=args.beta, bias_update_speed=args.gamma, mtp_loss_weight=args.mtp, temperature=args.temperature,

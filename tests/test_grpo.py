@@ -141,6 +141,23 @@ def test_mtp_weight_zero_leaves_mtp_untouched_and_gamma_zero_freezes_bias(tmp_pa
     assert any("mtp/accept_rate" in h for h in trainer.state.log_history)
 
 
+def test_v3_reward_model_runs_as_a_grpo_reward(tmp_path, tiny_model_dir, engine):
+    """`reward_model:PATH` (a V3 backbone with a scalar head, as `dsv3-posttrain rm` saves it) scores
+    GRPO's completions next to a rule-based reward, with its own per-reward metrics."""
+    from posttrain.rm.model import load_reward_backbone, load_tokenizer
+
+    rm_dir = tmp_path / "rm"
+    tok = load_tokenizer(str(tiny_model_dir))
+    load_reward_backbone(str(tiny_model_dir), tok).save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    cfg = _cfg(tmp_path, tiny_model_dir, reward_funcs=["math_accuracy", f"reward_model:{rm_dir}"], reward_weights=[1.0, 0.5])
+    trainer = build_trainer(cfg, engine=engine)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/reward_model/mean" in h]
+    assert logs and logs[-1]["rewards/reward_model/failures"] == 0.0
+    assert logs[-1]["rewards/reward_model/std"] > 0  # a real score per completion, not a constant
+
+
 def test_checkpoint_loads_in_transformers_with_mtp(tmp_path, trained):
     trainer, _ = trained
     trainer.save_model(str(tmp_path / "ckpt"))
