@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--task", default="builtin:arith?level=digits",
                     help="training prompts; the held-out problems are the test split of the same task")
     ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default="runs/grpo-learning")
     args = ap.parse_args()
 
@@ -59,7 +60,7 @@ def main() -> None:
             max_prompts=args.max_prompts, max_steps=args.steps, per_device_train_batch_size=args.batch,
             num_generations=args.G, max_completion_length=48, learning_rate=args.lr, lr_scheduler_type="constant",
             beta=args.beta, bias_update_speed=args.gamma, mtp_loss_weight=args.mtp, temperature=args.temperature,
-            save_strategy="no", seed=0, logging_steps=1, disable_tqdm=True,
+            save_strategy="no", seed=args.seed, logging_steps=1, disable_tqdm=True,
         )
         trainer = build_trainer(cfg, engine=engine)
         evals = EvalCallback(prompts, answers, args.every, max_tokens=48).attach(trainer)
@@ -77,7 +78,9 @@ def main() -> None:
           f"{before:.3f} -> {after:.3f}")
     print("during:", [(h["step"], round(h["eval/accuracy"], 3)) for h in evals.history])
     print(f"training reward: first {k} steps {sum(rewards[:k]) / k:.3f}, last {k} {sum(rewards[-k:]) / k:.3f}")
-    print("mtp/accept_rate:", [round(h["mtp/accept_rate"], 3) for h in logs if "mtp/accept_rate" in h][:: max(1, len(logs) // 10)])
+    acc = [h["mtp/accept_rate"] for h in logs if "mtp/accept_rate" in h]
+    if acc:
+        print(f"mtp/accept_rate: first {k} steps {sum(acc[:k]) / k:.3f}, last {k} {sum(acc[-k:]) / k:.3f}")
 
 
 if __name__ == "__main__":
