@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
@@ -42,18 +41,10 @@ import torch  # noqa: E402
 
 
 def arith_messages(n: int, seed: int = 0) -> list[dict]:
-    from data_pipelines.arith_task import generate_split, scripted_trace
-    from data_pipelines.formatting import DEFAULT_SYSTEM_PROMPT, sft_messages, with_system
+    """Messages only: TRL's SFTTrainer gets the same columns as ours."""
+    from data_pipelines.arith_task import sft_rows
 
-    rng = random.Random(seed)
-    rows = []
-    for i, r in enumerate(generate_split("train", n, seed=seed)):
-        if i % 2:
-            msgs = sft_messages(with_system(r["prompt"], DEFAULT_SYSTEM_PROMPT), scripted_trace(r, rng))
-        else:
-            msgs = sft_messages(r["prompt"], r["solution"])
-        rows.append({"messages": msgs})
-    return rows
+    return [{"messages": r["messages"]} for r in sft_rows(n, seed)]
 
 
 class Meter:
@@ -104,6 +95,17 @@ def _result(meter: Meter, times: list[tuple[float, float]], warmup: int) -> dict
     }
 
 
+def _train_timed(trainer, label: str, warmup: int) -> dict:
+    """Train with the token meter on the collator and per-step wall/CPU times; the same for every variant."""
+    meter = Meter(trainer.data_collator, label)
+    trainer.data_collator = meter
+    times: list[tuple[float, float]] = []
+    trainer.add_callback(_timing_callback(times))
+    times.append((time.perf_counter(), time.process_time()))
+    trainer.train()
+    return _result(meter, times, warmup)
+
+
 def run_ours(model_dir, data_file, out, *, steps, rows, max_length, mtp: bool, warmup: int) -> dict:
     from posttrain.recipe import build_config
     from posttrain.sft import SFTRecipeConfig, build_trainer
@@ -115,14 +117,7 @@ def run_ours(model_dir, data_file, out, *, steps, rows, max_length, mtp: bool, w
         mtp_loss_weight=0.3 if mtp else 0.0, bias_update_speed=1e-3, seq_balance_alpha=1e-4,
         balance_history_interval=0, dataloader_pin_memory=False,
     ))
-    trainer = build_trainer(cfg)
-    meter = Meter(trainer.data_collator, "ours")
-    trainer.data_collator = meter
-    times: list[tuple[float, float]] = []
-    trainer.add_callback(_timing_callback(times))
-    times.append((time.perf_counter(), time.process_time()))
-    trainer.train()
-    return _result(meter, times, warmup)
+    return _train_timed(build_trainer(cfg), "ours", warmup)
 
 
 def run_trl(model_dir, ds, out, *, steps, batch, max_length, packing: bool, warmup: int, attn: str = "sdpa") -> dict:
@@ -144,14 +139,7 @@ def run_trl(model_dir, ds, out, *, steps, batch, max_length, packing: bool, warm
         report_to="none", disable_tqdm=True, seed=0, dataloader_pin_memory=False,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-5},
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    meter = Meter(trainer.data_collator, "trl")
-    trainer.data_collator = meter
-    times: list[tuple[float, float]] = []
-    trainer.add_callback(_timing_callback(times))
-    times.append((time.perf_counter(), time.process_time()))
-    trainer.train()
-    return _result(meter, times, warmup)
+    return _train_timed(SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok), "trl", warmup)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .formatting import DEFAULT_SYSTEM_PROMPT, user_messages
+from .formatting import (
+    DEFAULT_SYSTEM_PROMPT,
+    SAMPLE_TYPE_ORIGINAL,
+    SAMPLE_TYPE_R1,
+    sft_messages,
+    user_messages,
+    with_system,
+)
 
 SPLITS = ("train", "validation", "test")
 # Share of the hash space owned by each split (percent buckets 0..99).
@@ -340,6 +347,24 @@ def scripted_trace(problem_row: dict[str, Any], rng: random.Random, wrong: bool 
     lines.append(rng.choice(_WRAP).format(v=value))
     think = "\n".join(line for line in lines if line)
     return f"<think>\n{think}\n</think>\n\nThe answer is \\boxed{{{value}}}."
+
+
+def sft_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` SFT rows of the train split without running distill, alternating the two sample types
+    of the V3 report §5.1: <problem, original response> (the reference solution) and <system
+    prompt, problem, R1 response> (a scripted trace). Columns as distill writes them: ``id``,
+    ``sample_type``, ``messages``, ``answer``. For tests and benchmarks."""
+    rng = random.Random(seed)
+    rows = []
+    for i, r in enumerate(generate_split("train", n, seed=seed)):
+        if i % 2:
+            msgs = sft_messages(with_system(r["prompt"], DEFAULT_SYSTEM_PROMPT), scripted_trace(r, rng))
+            kind = SAMPLE_TYPE_R1
+        else:
+            msgs = sft_messages(r["prompt"], r["solution"])
+            kind = SAMPLE_TYPE_ORIGINAL
+        rows.append({"id": f"{r['id']}-{i}", "sample_type": kind, "messages": msgs, "answer": r["answer"]})
+    return rows
 
 
 def task_corpus(n: int, seed: int = 0) -> Iterator[str]:

@@ -26,6 +26,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return init_model("tiny", tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For training-heavy modules (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on a
+    shared 2-core machine one intra-op thread is several times faster than two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def vllm_llm(tiny_model_dir):
     """A vLLM (CPU build) engine on the tiny checkpoint for one test.

@@ -8,14 +8,7 @@ import torch
 from posttrain.balancing import ExpertLoadBalancer, _seq_balance_term, find_routers
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP, sample_ids_from_positions
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # On a shared 2-core machine, one intra-op thread is several times faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(tiny_model_dir, **kw):

@@ -4,7 +4,6 @@ FP8 rollouts (re-quantized weight sync into vLLM's block-FP8 layers)."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -24,45 +23,22 @@ from posttrain.fp8.quant import (
     quantize_blockwise,
     scale_grid_shape,
 )
+from data_pipelines.arith_task import sft_rows
 from posttrain.fp8.training import fp8_source, load_pretrained
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
 from posttrain.recipe import build_config
 from posttrain.sft import SFTRecipeConfig, build_trainer, run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ATTN = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # On a shared 2-core machine, one intra-op thread is several times faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _rows(n: int, seed: int = 0) -> list[dict]:
-    """Both SFT sample types of report §5.1 on the built-in arithmetic task (as tests/test_sft.py)."""
-    from data_pipelines.arith_task import generate_split, scripted_trace
-    from data_pipelines.formatting import DEFAULT_SYSTEM_PROMPT, sft_messages, with_system
-
-    rng = random.Random(seed)
-    rows = []
-    for i, r in enumerate(generate_split("train", n, seed=seed)):
-        if i % 2:
-            prompt = with_system(r["prompt"], DEFAULT_SYSTEM_PROMPT)
-            rows.append({"messages": sft_messages(prompt, scripted_trace(r, rng))})
-        else:
-            rows.append({"messages": sft_messages(r["prompt"], r["solution"])})
-    return rows
 
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fp8_sft_data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(240)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(240)))
     return path
 
 

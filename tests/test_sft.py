@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -12,39 +11,17 @@ import torch
 
 from data_pipelines.errors import DataError
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP, sample_ids_from_positions
+from data_pipelines.arith_task import sft_rows
 from posttrain.recipe import build_config, load_config
 from posttrain.sft import SFTRecipeConfig, build_trainer, run_sft
 from posttrain.sft.data import IGNORE_INDEX, tokenize_dataset
 from posttrain.sft.packing import PackedCollator, pack_samples
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # On a shared 2-core machine, one intra-op thread is several times faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def arith_rows(n: int, seed: int = 0) -> list[dict]:
-    """Distill-like rows of the built-in task: both SFT sample types of report §5.1, with metadata."""
-    from data_pipelines.arith_task import generate_split, scripted_trace
-    from data_pipelines.formatting import DEFAULT_SYSTEM_PROMPT, sft_messages, with_system
-
-    rng = random.Random(seed)
-    rows = []
-    for i, r in enumerate(generate_split("train", n, seed=seed)):
-        if i % 2:
-            msgs = sft_messages(with_system(r["prompt"], DEFAULT_SYSTEM_PROMPT), scripted_trace(r, rng))
-            kind = "r1_system"
-        else:
-            msgs = sft_messages(r["prompt"], r["solution"])
-            kind = "original"
-        rows.append({"id": f"{r['id']}-{i}", "sample_type": kind, "messages": msgs, "answer": r["answer"]})
-    return rows
+arith_rows = sft_rows  # distill-like rows of the built-in task (both §5.1 sample types)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
