@@ -265,8 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     logging.basicConfig(level=os.environ.get("DSV3_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     user_errors = _user_error_types()
+    finished = False
     try:
-        return HANDLERS[name](rest)
+        rc = HANDLERS[name](rest)
+        finished = True
+        return rc
     except user_errors as e:  # the user's to fix: one line, no traceback
         print(f"dsv3-posttrain {name}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -276,6 +279,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dsv3-posttrain {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_process_group(wait_for_peers=finished)
+
+
+def end_process_group(wait_for_peers: bool) -> None:
+    """Tear down the process group of an `accelerate launch` run before the interpreter exits.
+
+    A rank that exits with its gloo group still alive can die in static destruction ("terminate
+    called without an active exception", SIGABRT), which the launcher reports as a failed run. So
+    every rank first waits for the others (rank 0 may still be writing the final model) and then
+    destroys the group. After an error there is no barrier: the other ranks may never reach it."""
+    if "torch" not in sys.modules:  # commands that never touched torch have no group
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

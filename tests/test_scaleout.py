@@ -31,7 +31,9 @@ def _run(args: list[str], nproc: int, timeout: int = 900) -> None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_2PROC),
                str(ROOT / "cli.py"), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    if r.returncode != 0:  # pytest.fail keeps the whole message (an assert's repr is cut short)
+        pytest.fail(f"{' '.join(cmd[:6])} ... exited {r.returncode}\n--- stderr (tail) ---\n{r.stderr[-6000:]}"
+                    f"\n--- stdout (tail) ---\n{r.stdout[-2000:]}", pytrace=False)
 
 
 def _losses(out: Path, key: str = "loss") -> dict[int, float]:
@@ -78,3 +80,23 @@ def test_grpo_two_processes_match_one(tmp_path, tiny_model_dir):
         assert sorted(one) == sorted(two) == [1, 2]
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=2e-3, abs=1e-5), (key, step, one, two)
+
+
+def test_cli_tears_down_the_process_group_before_exit(monkeypatch):
+    """A rank that exits with its gloo group alive can abort in static destruction (SIGABRT; seen
+    in CI on the 2-process SFT run), so `main` barriers and destroys the group when a command ends."""
+    import torch.distributed as dist
+
+    import cli
+
+    def fake_command(argv: list[str]) -> int:
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+        return 0
+
+    monkeypatch.setitem(cli.HANDLERS, "fake-distributed", fake_command)
+    try:
+        assert cli.main(["fake-distributed"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
