@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from posttrain.fp8.checkpoint import load_fp8_checkpoint, save_fp8_checkpoint
+from posttrain.fp8.checkpoint import _ShardReader, load_fp8_checkpoint, open_fp8_checkpoint, save_fp8_checkpoint
 from posttrain.fp8.layout import INDEX_FILE, fp8_quantization_config
 from posttrain.fp8.quant import FP8_DTYPE, FP8_MAX, dequantize_blockwise
 from posttrain.fp8.synthetic import write_synthetic_checkpoint
@@ -59,6 +59,24 @@ def test_synthetic_checkpoint_is_deepseek_like(fp8_ckpt):
     assert tensors["model.layers.1.mlp.gate.weight"][1].dtype == torch.bfloat16
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"][1].dtype == torch.float32
     assert any(tensors[n][0] != tensors[n + "_scale_inv"][0] for n in tensors if n + "_scale_inv" in tensors)
+
+
+def test_open_reads_headers_only_and_its_lazy_tensors_are_the_loaded_ones(fp8_ckpt, monkeypatch):
+    """The lazy form `load_pretrained` hands to transformers: no tensor is read (or dequantized)
+    until indexed, then it equals the eager loader's, whole or sliced."""
+    reads: list[str] = []
+    get = _ShardReader.get
+    monkeypatch.setattr(_ShardReader, "get", lambda self, name: reads.append(name) or get(self, name))
+    lazy, meta = open_fp8_checkpoint(fp8_ckpt, torch.float32)
+    assert reads == []
+    state, eager_meta = load_fp8_checkpoint(fp8_ckpt, torch.float32)
+    assert set(lazy) == set(state) and meta.fp8_weights == eager_meta.fp8_weights and meta.dtypes == eager_meta.dtypes
+    reads.clear()
+    assert torch.equal(lazy[KV_A][...], state[KV_A])
+    assert reads == [KV_A, KV_A + "_scale_inv"]
+    assert torch.equal(lazy[EXPERT][1:3], state[EXPERT][1:3])
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert lazy[bias][...].dtype == torch.float32 and torch.equal(lazy[bias][...], state[bias])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -14,7 +14,7 @@ Modules, one job each:
 * :mod:`.synthetic` -- random DeepSeek-layout checkpoints for tests and benchmarks.
 """
 
-from .checkpoint import FP8CheckpointMeta, load_fp8_checkpoint, save_fp8_checkpoint
+from .checkpoint import FP8CheckpointMeta, LazyCheckpointTensor, load_fp8_checkpoint, open_fp8_checkpoint, save_fp8_checkpoint
 from .experts import EXPERTS_IMPLEMENTATION, enable_fp8_experts, fp8_grouped_linear, register_fp8_experts
 from .layout import fp8_quantization_config, is_fp8_weight_name, scale_name_for
 from .linear import FP8Linear, FP8Recipe, fp8_linear, swap_linears_to_fp8
@@ -56,6 +56,8 @@ __all__ = [
     "fp8_quantization_config",
     "is_fp8_weight_name",
     "load_fp8_checkpoint",
+    "open_fp8_checkpoint",
+    "LazyCheckpointTensor",
     "quantize_blockwise",
     "quantize_tilewise_act",
     "register_fp8_experts",

@@ -39,7 +39,8 @@ from .layout import (
 )
 from .quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise
 
-__all__ = ["FP8CheckpointMeta", "load_fp8_checkpoint", "save_fp8_checkpoint"]
+__all__ = ["FP8CheckpointMeta", "LazyCheckpointTensor", "load_fp8_checkpoint", "open_fp8_checkpoint",
+           "save_fp8_checkpoint"]
 
 
 @dataclass
@@ -81,59 +82,88 @@ class _ShardReader:
         self._handles.clear()
 
 
-def load_fp8_checkpoint(
+# safetensors header dtype names -> torch dtypes (read without loading a tensor)
+_SAFETENSORS_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}
+
+
+class LazyCheckpointTensor:
+    """One tensor of a checkpoint, read -- and for an FP8 weight dequantized -- only when indexed.
+
+    ``t[...]`` materializes it, the way transformers' loader materializes the lazy safetensors
+    slices it builds itself, so ``from_pretrained(state_dict={name: LazyCheckpointTensor})``
+    holds one dequantized tensor at a time instead of the whole high-precision model, and a rank
+    that loads onto the meta device (FSDP's CPU-RAM-efficient loading) reads nothing.
+    """
+
+    __slots__ = ("_reader", "name", "scale_name", "block", "dtype", "upcast")
+
+    def __init__(self, reader: _ShardReader, name: str, scale_name: str | None, block: tuple[int, int],
+                 dtype: torch.dtype, upcast: bool = False):
+        self._reader, self.name, self.scale_name = reader, name, scale_name
+        self.block, self.dtype, self.upcast = block, dtype, upcast
+
+    def materialize(self) -> torch.Tensor:
+        t = self._reader.get(self.name)
+        if self.scale_name is not None:
+            return dequantize_blockwise(t, self._reader.get(self.scale_name), self.block, self.dtype)
+        if self.upcast and t.is_floating_point() and t.itemsize < self.dtype.itemsize:
+            return t.to(self.dtype)
+        return t
+
+    def __getitem__(self, index) -> torch.Tensor:
+        t = self.materialize()
+        return t if index is Ellipsis else t[index]
+
+    def __repr__(self) -> str:
+        return f"LazyCheckpointTensor({self.name!r}, fp8={self.scale_name is not None})"
+
+
+def open_fp8_checkpoint(
     ckpt_dir: str | os.PathLike,
     dtype: torch.dtype = torch.bfloat16,
     *,
     upcast_others: bool = False,
-    keep_originals: bool = False,
-) -> tuple[dict[str, torch.Tensor], FP8CheckpointMeta]:
-    """Load a DeepSeek-layout checkpoint (FP8 or not) into a high-precision state dict.
+) -> tuple[dict[str, LazyCheckpointTensor], FP8CheckpointMeta]:
+    """A DeepSeek-layout checkpoint (FP8 or not) as lazy high-precision tensors, plus its metadata.
 
-    FP8 weights are dequantized to ``dtype`` (128x128 blocks, ceil-divided) and their
-    ``*_scale_inv`` tensors are consumed (not in the returned dict). Other tensors keep
-    their stored dtype, or with ``upcast_others=True`` are widened to ``dtype`` when that
-    is wider (never narrowed, so saving casts back exactly).
-
-    ``keep_originals=True`` holds the original fp8 bits and scales in memory (1 byte per
-    FP8 parameter) instead of re-reading them from ``ckpt_dir`` at save time; use it when
-    the source directory may change or disappear before saving.
+    Reads only the shard headers. Each returned :class:`LazyCheckpointTensor` reads its tensor when
+    indexed: FP8 weights dequantized to ``dtype`` (128x128 blocks, ceil-divided; their
+    ``*_scale_inv`` tensors are consumed, not returned), other tensors in their stored dtype, or
+    with ``upcast_others=True`` widened to ``dtype`` when that is wider (never narrowed, so saving
+    casts back exactly). The shard handles stay open (mmap) while any returned tensor is alive.
     """
     src = Path(ckpt_dir)
     config = read_config(src)
     layout = read_layout(src)
     block = block_size_from_config(config)
     reader = _ShardReader(src, layout.weight_map)
-    state: dict[str, torch.Tensor] = {}
+    lazy: dict[str, LazyCheckpointTensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     fp8_weights: dict[str, str] = {}
     shard_metadata: dict[str, dict[str, str] | None] = {}
-    originals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if keep_originals else None
     keys_by_shard = layout.by_shard()
-    try:
-        for shard in layout.shards():
-            handle = reader.handle(shard)
-            shard_metadata[shard] = handle.metadata()
-            for name in keys_by_shard[shard]:
-                t = handle.get_tensor(name)
-                dtypes[name] = t.dtype
-                if is_scale_name(name):
-                    continue
-                if t.dtype == FP8_DTYPE:
-                    scale_name = scale_name_for(name)
-                    if scale_name not in layout.weight_map:
-                        raise ValueError(f"fp8 tensor {name} has no {scale_name} in the checkpoint")
-                    scale = reader.get(scale_name)
-                    fp8_weights[name] = scale_name
-                    state[name] = dequantize_blockwise(t, scale, block, dtype)
-                    if originals is not None:
-                        originals[name] = (t, scale)
-                elif upcast_others and t.is_floating_point() and t.itemsize < dtype.itemsize:
-                    state[name] = t.to(dtype)
-                else:
-                    state[name] = t
-    finally:
-        reader.close()
+    for shard in layout.shards():
+        handle = reader.handle(shard)  # opened here, once: the lazy tensors may be read from several threads
+        shard_metadata[shard] = handle.metadata()
+        for name in keys_by_shard[shard]:
+            stored = handle.get_slice(name).get_dtype()
+            if stored not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{src / shard}: tensor {name} has unsupported dtype {stored}")
+            dtypes[name] = _SAFETENSORS_DTYPES[stored]
+    for name, stored in dtypes.items():
+        if is_scale_name(name):
+            continue
+        scale_name = None
+        if stored == FP8_DTYPE:
+            scale_name = scale_name_for(name)
+            if scale_name not in layout.weight_map:
+                raise ValueError(f"{src}: fp8 tensor {name} has no {scale_name} in the checkpoint")
+            fp8_weights[name] = scale_name
+        lazy[name] = LazyCheckpointTensor(reader, name, scale_name, block, dtype, upcast=upcast_others)
     meta = FP8CheckpointMeta(
         source_dir=src,
         config=config,
@@ -143,8 +173,29 @@ def load_fp8_checkpoint(
         shard_metadata=shard_metadata,
         block=block,
         scale_fmt=scale_fmt_from_config(config),
-        originals=originals,
     )
+    return lazy, meta
+
+
+def load_fp8_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    upcast_others: bool = False,
+    keep_originals: bool = False,
+) -> tuple[dict[str, torch.Tensor], FP8CheckpointMeta]:
+    """Load a DeepSeek-layout checkpoint (FP8 or not) into a high-precision state dict.
+
+    :func:`open_fp8_checkpoint`, every tensor materialized. ``keep_originals=True`` holds the
+    original fp8 bits and scales in memory (1 byte per FP8 parameter) instead of re-reading them
+    from ``ckpt_dir`` at save time; use it when the source directory may change or disappear
+    before saving.
+    """
+    lazy, meta = open_fp8_checkpoint(ckpt_dir, dtype, upcast_others=upcast_others)
+    state = {name: t.materialize() for name, t in lazy.items()}
+    if keep_originals:
+        reader = _ShardReader(meta.source_dir, meta.layout.weight_map)
+        meta.originals = {w: (reader.get(w), reader.get(s)) for w, s in meta.fp8_weights.items()}
     return state, meta
 
 

@@ -4,8 +4,9 @@ The one place where the FP8 building blocks of this package meet the trainers:
 
 * :func:`load_pretrained` -- ``from_pretrained`` for training that also takes a DeepSeek FP8
   checkpoint (``quantization_config.quant_method: fp8``): its FP8 weights are dequantized by
-  :func:`~posttrain.fp8.checkpoint.load_fp8_checkpoint` (128x128 blocks, ceil-divided) into
-  high-precision master weights (report §3.3: master weights stay high precision).
+  :func:`~posttrain.fp8.checkpoint.open_fp8_checkpoint` (128x128 blocks, ceil-divided, one
+  tensor at a time as transformers loads it) into high-precision master weights (report
+  §3.3: master weights stay high precision).
   transformers 5.19 cannot be used for this: on a machine without an FP8-capable GPU its
   ``FineGrainedFP8`` quantizer switches to ``dequantize=True``, and ``Fp8Dequantize``
   (integrations/finegrained_fp8.py) derives the block as ``rows // scale_rows`` -- the
@@ -29,6 +30,7 @@ The one place where the FP8 building blocks of this package meet the trainers:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .checkpoint import FP8CheckpointMeta, load_fp8_checkpoint, save_fp8_checkpoint
+from .checkpoint import FP8CheckpointMeta, open_fp8_checkpoint, save_fp8_checkpoint
 from .layout import INDEX_FILE, read_config
 from .linear import FP8Recipe, swap_linears_to_fp8
 
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 FP8_SOURCE_ATTR = "_posttrain_fp8_source"
 FP8_BACKWARDS = ("fp8", "bf16")
+ASYNC_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers at each load
 
 
 def is_fp8_checkpoint(path: str | os.PathLike | None) -> bool:
@@ -102,12 +105,15 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     )
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    state, meta = load_fp8_checkpoint(path, dtype)
+    # lazy tensors: transformers materializes (dequantizes) one at a time, so the load never holds
+    # a second high-precision copy of the model, and meta-device ranks read nothing
+    state, meta = open_fp8_checkpoint(path, dtype)
     if not hasattr(cls, "mtp_layers"):
         # transformers' own class builds no MTP module (it would drop these keys with a warning)
         n = config.num_hidden_layers
         state = {k: v for k, v in state.items() if not _is_layer_at_or_after(k, n)}
-    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, **kwargs)
+    with _materialize_one_tensor_at_a_time():
+        model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, **kwargs)
     del state
     model.config._name_or_path = str(path)  # TRL builds the GRPO reference model from it
     try:
@@ -119,6 +125,23 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     log.info("loaded FP8 checkpoint %s: %d FP8 weights dequantized to %s master weights",
              path, len(meta.fp8_weights), str(dtype).replace("torch.", ""))
     return model
+
+
+@contextlib.contextmanager
+def _materialize_one_tensor_at_a_time() -> Iterator[None]:
+    """transformers (5.x, core_model_loading) materializes the state dict's lazy values on a thread
+    pool that runs ahead of the loop consuming them; a materialized value here is a freshly
+    dequantized tensor, so run-ahead would hold a second high-precision copy of much of the model.
+    ``HF_DEACTIVATE_ASYNC_LOAD`` makes it materialize each value when it is consumed."""
+    previous = os.environ.get(ASYNC_LOAD_ENV)
+    os.environ[ASYNC_LOAD_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ASYNC_LOAD_ENV, None)
+        else:
+            os.environ[ASYNC_LOAD_ENV] = previous
 
 
 def _is_layer_at_or_after(name: str, n: int) -> bool:
