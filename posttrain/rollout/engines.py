@@ -130,9 +130,10 @@ class VLLMColocateEngine:
 
     A DeepSeek FP8 `model_dir` is served in FP8 (vLLM's block-FP8 layers) and synced with
     re-quantized weights + scales (`iter_fp8_deepseek_layout`). vLLM 0.32 runs FP8 models in
-    bf16/fp16 only, so a float32 `dtype` becomes bfloat16 (logged); on CPU the reference `CPU_MLA`
-    attention backend is used, because the AMX one frees `kv_b_proj.weight` after loading
-    (`MLAAttention.process_weights_after_loading`) and a reload has nowhere to put it.
+    bf16/fp16 only, so a float32 `dtype` becomes bfloat16 (logged). On CPU the reference `CPU_MLA`
+    attention backend is always used: the AMX one (chosen for bf16 on CPUs with AMX) frees
+    `kv_b_proj.weight` after loading (`MLAAttention.process_weights_after_loading`), and a weight
+    sync has nowhere to put it.
     """
 
     name = "vllm"
@@ -166,8 +167,10 @@ class VLLMColocateEngine:
                 log.warning("%s is an FP8 checkpoint: vLLM serves FP8 in bf16/fp16 only, engine dtype %s -> bfloat16",
                             model_dir, dtype)
                 dtype = "bfloat16"
-            if on_cpu():
-                extra["attention_config"] = {"backend": "CPU_MLA"}
+        if on_cpu():
+            # vLLM picks AMX_MLA for bf16 on CPUs with AMX; it frees `kv_b_proj.weight` after
+            # loading, so the first sync would fail ("... into parameter (torch.Size([0]))")
+            extra["attention_config"] = {"backend": "CPU_MLA"}
         self.llm = make_llm(
             model_dir,
             dtype=dtype,
