@@ -100,6 +100,11 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
 
     # The MTP layers are part of this model; nothing in the checkpoint is to be ignored.
     _keys_to_ignore_on_load_unexpected = None
+    # transformers (5.x, `_can_set_experts_implementation`) lets a class pick its experts kernel
+    # (grouped_mm by default) only if the source of the class's module applies the
+    # `use_experts_implementation` decorator; this module does not, so the model silently ran the
+    # per-expert Python loop ("eager"). Its experts are transformers' own decorated ones.
+    _can_set_experts_implementation_cached_value = True
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__(config)
