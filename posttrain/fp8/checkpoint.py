@@ -95,8 +95,7 @@ class LazyCheckpointTensor:
 
     ``t[...]`` materializes it, the way transformers' loader materializes the lazy safetensors
     slices it builds itself, so ``from_pretrained(state_dict={name: LazyCheckpointTensor})``
-    holds one dequantized tensor at a time instead of the whole high-precision model, and a rank
-    that loads onto the meta device (FSDP's CPU-RAM-efficient loading) reads nothing.
+    need not hold a dequantized copy of the whole model next to the model itself.
     """
 
     __slots__ = ("_reader", "name", "scale_name", "block", "dtype", "upcast")

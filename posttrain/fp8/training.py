@@ -106,7 +106,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     # lazy tensors: transformers materializes (dequantizes) one at a time, so the load never holds
-    # a second high-precision copy of the model, and meta-device ranks read nothing
+    # a second high-precision copy of the model
     state, meta = open_fp8_checkpoint(path, dtype)
     if not hasattr(cls, "mtp_layers"):
         # transformers' own class builds no MTP module (it would drop these keys with a warning)
