@@ -86,7 +86,7 @@ class _ShardReader:
 _SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
     "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
-    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool, "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
 }
 
 
@@ -150,9 +150,8 @@ def open_fp8_checkpoint(
         shard_metadata[shard] = handle.metadata()
         for name in keys_by_shard[shard]:
             stored = handle.get_slice(name).get_dtype()
-            if stored not in _SAFETENSORS_DTYPES:
-                raise ValueError(f"{src / shard}: tensor {name} has unsupported dtype {stored}")
-            dtypes[name] = _SAFETENSORS_DTYPES[stored]
+            # a dtype missing from the table: read that one tensor to learn it
+            dtypes[name] = _SAFETENSORS_DTYPES.get(stored) or handle.get_tensor(name).dtype
     for name, stored in dtypes.items():
         if is_scale_name(name):
             continue
