@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 RUN_STEPS = 60
 TASK = "builtin:arith?level=digits&max_operand=4"
 HELD_OUT = 300  # test-split problems of TASK
-MARGIN = 0.04   # required gain in held-out greedy accuracy (measured +0.10, +0.11, +0.19 over GRPO seeds 0-2)
+MARGIN = 0.04   # required gain in held-out greedy accuracy (measured +0.10, +0.11, +0.19 over GRPO seeds 0-2;
+                # +0.097 from the weaker SFT checkpoint the grouped_mm experts kernel gives, 0.530)
 
 
 @pytest.fixture(scope="module")
