@@ -113,14 +113,12 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     if grpo_hist:
         rw = [h["reward"] for h in grpo_hist if "reward" in h]
         acc = [h["mtp/accept_rate"] for h in grpo_hist if "mtp/accept_rate" in h]
-        k = max(1, min(10, len(rw) // 2))  # one step's reward depends on that step's prompts: average
         if rw:
-            lines.append(f"GRPO: mean reward over the first {k} steps {sum(rw[:k]) / k:.3f}, "
-                         f"over the last {k} {sum(rw[-k:]) / k:.3f}.")
+            k, head, tail = _first_and_last_means(rw)
+            lines.append(f"GRPO: mean reward over the first {k} steps {head:.3f}, over the last {k} {tail:.3f}.")
         if acc:
-            k = max(1, min(10, len(acc) // 2))
-            lines.append(f"MTP acceptance on the policy's samples: first {k} steps {sum(acc[:k]) / k:.3f}, "
-                         f"last {k} {sum(acc[-k:]) / k:.3f}.")
+            k, head, tail = _first_and_last_means(acc)
+            lines.append(f"MTP acceptance on the policy's samples: first {k} steps {head:.3f}, last {k} {tail:.3f}.")
     lines += ["", "## Plots", ""]
     for key, name in plots.items():
         if name:
@@ -128,3 +126,10 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:8 + len(results)]))
     return {"results": results, "report": str(out / "report.md")}
+
+
+def _first_and_last_means(values: list[float]) -> tuple[int, float, float]:
+    """(k, mean of the first k, mean of the last k), k = up to 10 and at most half the run: one
+    GRPO step's reward depends on that step's prompts, so single steps are not compared."""
+    k = max(1, min(10, len(values) // 2))
+    return k, sum(values[:k]) / k, sum(values[-k:]) / k

@@ -84,6 +84,21 @@ class MTPCausalLMOutput(MoeCausalLMOutputWithPast):
     mtp_logits: tuple[torch.Tensor, ...] | None = None
 
 
+def unwrap_model(model: nn.Module, *, through_peft: bool = True) -> nn.Module:
+    """The model inside accelerate/DDP (`.module`) and torch.compile (`_orig_mod`) wrappers and,
+    with `through_peft`, PEFT's (`get_base_model()`)."""
+    m = model
+    while True:
+        if isinstance(getattr(m, "module", None), nn.Module):
+            m = m.module
+        elif isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            m = m._orig_mod
+        elif through_peft and hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        else:
+            return m
+
+
 def sample_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     """Index of the packed sample each token belongs to: a new sample starts where positions restart at 0."""
     return torch.cumsum((position_ids == 0).long(), dim=-1)

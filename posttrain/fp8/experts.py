@@ -159,7 +159,8 @@ def enable_fp8_experts(model: nn.Module, recipe: FP8Recipe = DEFAULT_RECIPE) -> 
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     # transformers 5.19's set_experts_implementation leaves the config alone for a subclass defined outside
-    # transformers (it greps the class's module source for `@use_experts_implementation`), e.g. our MTP model
+    # transformers that does not declare support (it greps the class's module source for the decorator;
+    # our MTP model declares it, see posttrain/modeling.py)
     for n in names:
         config = model.get_submodule(n).config
         if config._experts_implementation != EXPERTS_IMPLEMENTATION:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..modeling import unwrap_model
 from .checkpoint import FP8CheckpointMeta, open_fp8_checkpoint, save_fp8_checkpoint
 from .layout import INDEX_FILE, read_config
 from .linear import FP8Recipe, swap_linears_to_fp8
@@ -182,30 +183,10 @@ def install_trl_reference_loader() -> None:
 
 def fp8_source(model: nn.Module) -> FP8CheckpointMeta | None:
     """The FP8 checkpoint ``model`` was loaded from by :func:`load_pretrained` (through PEFT/accelerate wrappers)."""
-    m: Any = model
-    for _ in range(8):
-        meta = getattr(m, FP8_SOURCE_ATTR, None)
-        if meta is not None:
-            return meta
-        if isinstance(getattr(m, "module", None), nn.Module):
-            m = m.module
-        elif hasattr(m, "get_base_model"):
-            m = m.get_base_model()
-        elif isinstance(getattr(m, "_orig_mod", None), nn.Module):
-            m = m._orig_mod
-        else:
-            return None
-    return None
+    return getattr(unwrap_model(model), FP8_SOURCE_ATTR, None)
 
 
 # --- training ---------------------------------------------------------------------------------------
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    m: Any = model
-    while isinstance(getattr(m, "module", None), nn.Module):
-        m = m.module
-    return m
 
 
 def apply_fp8_training(trainer: Any, cfg: Any) -> dict[str, Any]:
@@ -215,7 +196,7 @@ def apply_fp8_training(trainer: Any, cfg: Any) -> dict[str, Any]:
     in place and share their ``Parameter`` objects, so the optimizer, checkpoints and weight
     sync see the same tensors). A no-op summary for recipes without FP8.
     """
-    model = _unwrap(trainer.model)
+    model = unwrap_model(trainer.model, through_peft=False)  # LoRA is detected below
     source = fp8_source(model)
     summary: dict[str, Any] = {
         "fp8": bool(getattr(cfg, "fp8", False)),

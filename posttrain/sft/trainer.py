@@ -25,22 +25,10 @@ from transformers import Trainer
 
 from ..balancing import BALANCER_STATE_FILE, BalancingCallback, ExpertLoadBalancer
 from ..checkpoints import last_complete_checkpoint
-from ..modeling import sample_ids_from_positions
+from ..modeling import sample_ids_from_positions, unwrap_model
 from .config import SFTRecipeConfig
 
 log = logging.getLogger(__name__)
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The DeepseekV3ForCausalLMWithMTP under PEFT / accelerate wrappers."""
-    m = model
-    while True:
-        if hasattr(m, "module") and isinstance(m.module, torch.nn.Module):
-            m = m.module
-        elif hasattr(m, "get_base_model"):
-            m = m.get_base_model()
-        else:
-            return m
-
 
 class DeepseekV3SFTTrainer(Trainer):
     """transformers `Trainer` for DeepSeek-V3 SFT with MTP and routing balance.
@@ -86,7 +74,7 @@ class DeepseekV3SFTTrainer(Trainer):
         labels = inputs["labels"]
         position_ids = inputs.get("position_ids")
         training = model.training
-        base = _unwrap(model)
+        base = unwrap_model(model)
         lam = self.current_mtp_weight()
         has_mtp = bool(getattr(base, "mtp_layers", None))
         compute_mtp = has_mtp and lam > 0
@@ -198,7 +186,7 @@ class DeepseekV3SFTTrainer(Trainer):
         for f in files:
             state.update(load_file(str(f), device="cpu"))
         try:
-            _unwrap(model).load_state_dict(from_deepseek_layout(state), strict=True)
+            unwrap_model(model).load_state_dict(from_deepseek_layout(state), strict=True)
         except RuntimeError as e:
             raise ValueError(f"checkpoint {resume_from_checkpoint} does not match the model: {e}") from None
 
