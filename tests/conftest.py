@@ -38,6 +38,34 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+# Appended to the measured code: VmHWM is the peak RSS of this process image; ru_maxrss would also
+# count the forked pytest process before exec (Linux keeps the high-water mark across execve).
+_PRINT_PEAK_RSS = """
+import re as _re
+print(int(_re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024)
+"""
+
+
+@pytest.fixture
+def peak_rss():
+    """`peak_rss(code, *argv, env=...)`: the peak resident memory, in bytes, of a fresh interpreter
+    that runs `code` (with `sys.argv[1:] == argv`, the repository importable and `env` added)."""
+    import subprocess
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc for VmHWM")
+
+    def measure(code: str, *argv: str, env: dict[str, str] | None = None) -> int:
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        r = subprocess.run([sys.executable, "-c", code + _PRINT_PEAK_RSS, *argv], capture_output=True, text=True,
+                           env=full_env, cwd=ROOT)
+        if r.returncode != 0:
+            pytest.fail(f"measured interpreter ({' '.join(argv)}) exited {r.returncode}:\n{r.stderr[-4000:]}", pytrace=False)
+        return int(r.stdout.strip().splitlines()[-1])
+
+    return measure
+
+
 @pytest.fixture
 def vllm_llm(tiny_model_dir):
     """A vLLM (CPU build) engine on the tiny checkpoint for one test.

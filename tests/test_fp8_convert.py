@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,6 @@ from posttrain.fp8.convert import convert_bf16_to_fp8, convert_fp8_to_bf16, main
 from posttrain.fp8.layout import INDEX_FILE, fp8_quantization_config, is_fp8_weight_name
 from posttrain.fp8.quant import FP8_DTYPE, dequantize_blockwise, e4m3_error_bound, expand_scale
 from posttrain.fp8.synthetic import write_synthetic_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -111,24 +106,12 @@ def test_vllm_block_shape_warnings():
     assert len(problems) == 2 and "moe_intermediate_size=64" in problems[0]
 
 
-# VmHWM is the peak RSS of this process image; ru_maxrss would also count the forked pytest
-# process before exec (Linux keeps the high-water mark across execve).
-_RSS_SCRIPT = """
-import json, re, sys
+_CONVERT = """
+import sys
 from posttrain.fp8.convert import main
 if sys.argv[1] != "baseline":
     main(sys.argv[1:] + ["--no-progress"])
-hwm = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
-print(json.dumps({"maxrss": int(hwm) * 1024}))
 """
-
-
-def _peak_rss(*args: str) -> int:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, env=env, check=True, cwd=REPO
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])["maxrss"]
 
 
 def _max_shard(d: Path) -> int:
@@ -136,18 +119,17 @@ def _max_shard(d: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for VmHWM")
-def test_streaming_conversion_peak_rss_is_about_two_shards(tmp_path):
+def test_streaming_conversion_peak_rss_is_about_two_shards(tmp_path, peak_rss):
     """Peak RSS of each direction, over an interpreter that only imported the converter, stays
     within input shard + output shard + max(48 MiB, half an output shard) of temporaries, while the larger side of the
     checkpoint is over twice that: a converter that held the whole input or output would blow it."""
     src = write_synthetic_checkpoint(
         tmp_path / "fp8", fp8=True, shard_bytes=32 << 20, num_layers=4, hidden=2048, moe_intermediate=1024, n_experts=8
     )
-    baseline = _peak_rss("baseline")
+    baseline = peak_rss(_CONVERT, "baseline")
     bf, fp8 = tmp_path / "bf16", tmp_path / "fp8again"
     for direction, a, b in (("fp8-to-bf16", src, bf), ("bf16-to-fp8", bf, fp8)):
-        delta = _peak_rss(direction, str(a), str(b)) - baseline
+        delta = peak_rss(_CONVERT, direction, str(a), str(b)) - baseline
         in_shard, out_shard = _max_shard(a), _max_shard(b)
         total = max(sum(p.stat().st_size for p in d.glob("*.safetensors")) for d in (a, b))
         bound = in_shard + out_shard + max(48 << 20, out_shard // 2)

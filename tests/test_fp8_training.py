@@ -29,7 +29,6 @@ from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
 from posttrain.recipe import build_config
 from posttrain.sft import SFTRecipeConfig, build_trainer, run_sft
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ATTN = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -338,32 +337,18 @@ def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_m
         engine.close()
 
 
-# VmHWM: the peak RSS of this process image (ru_maxrss would count the forked pytest process too)
-_LOAD_RSS_SCRIPT = """
-import json, re, sys, torch
+_LOAD = """
+import sys, torch
 from posttrain.fp8.training import load_pretrained
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
 if sys.argv[1] != "baseline":
     model = load_pretrained(DeepseekV3ForCausalLMWithMTP, sys.argv[1], dtype=torch.float32)
-hwm = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
-print(json.dumps({"peak": int(hwm) * 1024}))
 """
-
-
-def _load_peak_rss(arg: str) -> int:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    out = subprocess.run([sys.executable, "-c", _LOAD_RSS_SCRIPT, arg], capture_output=True, text=True, env=env,
-                         check=True, cwd=ROOT).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak"]
+_LOAD_ENV = {"OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for VmHWM")
-def test_fp8_checkpoint_loads_without_a_second_copy_of_the_weights(tmp_path):
+def test_fp8_checkpoint_loads_without_a_second_copy_of_the_weights(tmp_path, peak_rss):
     """Loading an FP8 checkpoint dequantizes tensor by tensor as transformers materializes them
     (lazy values), so its peak RSS is that of transformers loading the fp32 copy of the same model,
     not that plus a second, dequantized copy of every weight. Measured on a 130M-parameter model (495 MiB
@@ -385,9 +370,9 @@ def test_fp8_checkpoint_loads_without_a_second_copy_of_the_weights(tmp_path):
     convert_bf16_to_fp8(hp, fp8, progress=False)
     assert fp8_source(load_pretrained(DeepseekV3ForCausalLMWithMTP, fp8)) is not None  # it is the FP8 path
 
-    baseline = _load_peak_rss("baseline")
-    plain = _load_peak_rss(str(hp)) - baseline
-    from_fp8 = _load_peak_rss(str(fp8)) - baseline
+    baseline = peak_rss(_LOAD, "baseline", env=_LOAD_ENV)
+    plain = peak_rss(_LOAD, str(hp), env=_LOAD_ENV) - baseline
+    from_fp8 = peak_rss(_LOAD, str(fp8), env=_LOAD_ENV) - baseline
     print(f"{n_params / 1e6:.0f}M params ({n_params * 4 / 2**20:.0f} MiB fp32): peak RSS over imports, fp32 copy "
           f"{plain / 2**20:.0f} MiB, FP8 checkpoint {from_fp8 / 2**20:.0f} MiB")
     fp32_bytes = n_params * 4

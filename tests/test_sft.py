@@ -21,9 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-arith_rows = sft_rows  # distill-like rows of the built-in task (both §5.1 sample types)
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -34,7 +31,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def distill_dir(tmp_path_factory) -> Path:
     """A distill output directory: kept rows in data/train-*.jsonl, plus what else distill writes."""
     root = tmp_path_factory.mktemp("distill")
-    rows = arith_rows(240)
+    rows = sft_rows(240)
     write_jsonl(root / "data" / "train-00000.jsonl", rows[:120])
     write_jsonl(root / "data" / "train-00001.jsonl", rows[120:])
     write_jsonl(root / "rejected" / "rejected-00000.jsonl",
@@ -102,7 +99,7 @@ def test_prompt_completion_formats(tokenizer):
 
 
 def test_too_long_samples_dropped_or_truncated_and_counted(tokenizer):
-    rows = arith_rows(12)
+    rows = sft_rows(12)
     lengths = [len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows]
     limit = sorted(lengths)[6]
     n_long = sum(n > limit for n in lengths)
@@ -116,7 +113,7 @@ def test_too_long_samples_dropped_or_truncated_and_counted(tokenizer):
 def test_bad_rows_name_the_row_or_are_skipped_and_counted(tmp_path, tokenizer):
     from data_pipelines.loading import load_rows
 
-    good = arith_rows(3)
+    good = sft_rows(3)
     rows = [good[0], {"id": "x", "answer": "1"}, good[1],
             {"messages": [{"role": "user", "content": "hi"}]}, good[2]]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
@@ -154,7 +151,7 @@ def test_run_sft_reports_bad_input_as_user_errors(tmp_path, tiny_model_dir):
 
 
 def _samples(tokenizer, n=60, max_length=256):
-    ds, _ = tokenize_dataset(_ds(arith_rows(n)), tokenizer, max_length=max_length)
+    ds, _ = tokenize_dataset(_ds(sft_rows(n)), tokenizer, max_length=max_length)
     return ds
 
 
