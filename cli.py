@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -115,8 +116,16 @@ def cmd_distill(argv: list[str]) -> int:
     if cfg is None:
         return 0
     stats = run_distill(cfg)
-    print(f"distill: kept {stats.get('kept', '?')} of {stats.get('samples', '?')} samples -> {cfg.output_dir}")
+    print(f"distill: {distill_summary(stats)} -> {cfg.output_dir}")
     return 0
+
+
+def distill_summary(stats: dict) -> str:
+    """'kept 317 of 400 samples (79.2%)' from `run_distill`'s statistics (`stats["samples"]`)."""
+    samples = stats.get("samples") or {}
+    kept, total = samples.get("kept", 0), samples.get("total", 0)
+    rate = f" ({kept / total:.1%})" if total else ""
+    return f"kept {kept} of {total} samples{rate}"
 
 
 def cmd_sft(argv: list[str]) -> int:
@@ -170,20 +179,35 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
+# EvalStage fields that only a chain recipe uses (evaluation during SFT and GRPO), not `eval` itself
+EVAL_CHAIN_ONLY_FIELDS = ("every_n_steps", "during_training_problems")
+
+
 def cmd_eval(argv: list[str]) -> int:
     from eval_hooks.chain import EvalStage
-    from posttrain.recipe import load_config
+    from posttrain.recipe import describe_fields, load_config, require_model_dir
 
     p = argparse.ArgumentParser(
         prog="dsv3-posttrain eval",
-        description="Evaluate checkpoints on a benchmark (built-in task, MATH-500, GSM8K, AIME-style problem/answer "
-        "sets; local files or Hub ids): greedy pass@1, and with --k N sampled pass@N and maj@N, checked with "
-        "math-verify. Results as JSON.",
+        usage="dsv3-posttrain eval --model_name_or_path DIR [DIR ...] [--output_dir DIR] [--key value ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Evaluate checkpoints on a benchmark (built-in task, MATH-500, GSM8K, AIME-style problem/answer "
+            "sets; local files or Hub ids): greedy pass@1, and with --k N sampled pass@N and maj@N, checked with "
+            "math-verify. Results as JSON.", width=100, break_on_hyphens=False),
+        epilog="benchmark options (as --key value; in a chain recipe, under stages.eval):\n"
+        + describe_fields(EvalStage, exclude=EVAL_CHAIN_ONLY_FIELDS),
     )
-    p.add_argument("--model_name_or_path", nargs="+", required=True, help="checkpoint directories")
-    p.add_argument("--output_dir", default="runs/eval", help="where the JSON results go")
+    p.add_argument("--model_name_or_path", nargs="+", required=True, metavar="DIR", help="checkpoint directories")
+    p.add_argument("--output_dir", default="runs/eval", metavar="DIR",
+                   help="where the JSON results go (default: runs/eval)")
+    if any(a in ("-h", "--help") for a in argv):
+        p.print_help()
+        return 0
     args, rest = p.parse_known_args(argv)
     cfg = load_config(EvalStage, None, rest)
+    for path in args.model_name_or_path:
+        require_model_dir(path)
     from eval_hooks.evaluate import evaluate_checkpoints
 
     names = {Path(m).name or m: m for m in args.model_name_or_path}
@@ -292,13 +316,37 @@ def end_process_group(wait_for_peers: bool) -> None:
     destroys the group. After an error there is no barrier: the other ranks may never reach it."""
     if "torch" not in sys.modules:  # commands that never touched torch have no group
         return
-    import torch.distributed as dist
+    try:
+        import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if wait_for_peers:
+            dist.barrier()
+        _end_vllm_groups()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as e:  # teardown must never add a second error to the run's own
+        if wait_for_peers:  # the run itself finished: say so in one line, keep its exit status
+            print(f"dsv3-posttrain: warning: process group teardown failed: {e}", file=sys.stderr)
+
+
+def _end_vllm_groups() -> None:
+    """A colocated vLLM engine keeps its own groups (TP, PP, ... on top of the default one) and
+    destroys them when it shuts down, at the latest at interpreter exit. Destroying the default
+    group first would leave those invalid and the engine's shutdown would fail with "Invalid
+    process group specified", after the run's own error. So vLLM's groups go first, through
+    vLLM's own teardown, which also clears its references to them."""
+    parallel_state = sys.modules.get("vllm.distributed.parallel_state")
+    if parallel_state is None:
         return
-    if wait_for_peers:
-        dist.barrier()
-    dist.destroy_process_group()
+    for name in ("destroy_model_parallel", "destroy_distributed_environment"):
+        fn = getattr(parallel_state, name, None)
+        if fn is not None:
+            try:
+                fn()
+            except Exception:  # a group that is already gone: nothing left to tear down
+                pass
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import enum
 import json
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -119,6 +121,12 @@ def build_config(cls: type[T], values: Mapping[str, Any], source: str = "config"
             close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}{hint}")
+        if key in _FIELD_READERS:  # already the field's final value (no second reading of "none")
+            try:
+                kwargs[key] = _FIELD_READERS[key](value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+            continue
         kwargs[key] = coerce(value, hints.get(key, Any), key, source)
     try:
         return cls(**kwargs)
@@ -126,6 +134,46 @@ def build_config(cls: type[T], values: Mapping[str, Any], source: str = "config"
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{source}: invalid {cls.__name__}: {e}") from None
+
+
+def _read_report_to(value: Any) -> Any:
+    from .trainer_args import normalize_report_to
+
+    return normalize_report_to(value)
+
+
+# Fields read as TRL/transformers read them rather than by their declared type (SFT, GRPO, RM):
+# `--report_to none` means no integration there, while coercing to `str | None` would make it None,
+# which transformers turns into `[None]` and rejects when the trainer is built.
+_FIELD_READERS: dict[str, Any] = {"report_to": _read_report_to}
+
+# org/name, as the Hub spells a repository id
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def require_model_dir(
+    path: str | os.PathLike | None,
+    field: str = "model_name_or_path",
+    *,
+    required_hint: str = "",
+    allow_hub: bool = False,
+) -> None:
+    """The one check of a model path before anything is loaded (sft, grpo, rm, eval): a missing or
+    mistyped directory is a `ConfigError` naming it, not transformers' "Repo id must use
+    alphanumeric chars" traceback. With `allow_hub`, an `org/name` id whose first part is not a
+    local directory is left for transformers to fetch from the Hub."""
+    if path is None or not os.fspath(path).strip():
+        raise ConfigError(f"{field} is required" + (f" ({required_hint})" if required_hint else ""))
+    text = os.fspath(path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return
+    if local.exists():
+        raise ConfigError(f"{field}: {text} is a file, not a checkpoint directory")
+    if allow_hub and _HUB_ID.match(text) and not Path(text.split("/")[0]).is_dir():
+        return
+    hub = " (and not a Hub id of the form org/name)" if allow_hub else ""
+    raise ConfigError(f"{field}: no checkpoint directory at {text}{hub}")
 
 
 def type_name(tp: Any) -> str:
@@ -259,10 +307,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-def describe_fields(cls: type, own_only: bool = False) -> str:
+def describe_fields(cls: type, own_only: bool = False, exclude: Sequence[str] = ()) -> str:
     """`--help` text for a config class: one line per field with type, default and help."""
     lines = []
-    skip = set()
+    skip = set(exclude)
     if own_only:
         for base in cls.__mro__[1:]:
             if dataclasses.is_dataclass(base):

@@ -69,10 +69,9 @@ def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, mo
 
     from .trainer import V3GRPOTrainer
 
-    if not cfg.model_name_or_path:
-        raise UserError("model_name_or_path is required (a checkpoint directory, e.g. from `dsv3-posttrain sft`)")
-    if not Path(cfg.model_name_or_path).is_dir():
-        raise UserError(f"model_name_or_path: no checkpoint directory at {cfg.model_name_or_path}")
+    from ..recipe import require_model_dir
+
+    require_model_dir(cfg.model_name_or_path, required_hint="a checkpoint directory, e.g. from `dsv3-posttrain sft`")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     if model is None:
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32

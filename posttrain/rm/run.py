@@ -28,9 +28,10 @@ DEFAULT_BUILTIN_PAIRS = 3200
 
 
 def _check(cfg: RMRecipeConfig) -> None:
-    if not cfg.model_name_or_path:
-        raise ConfigError("model_name_or_path is required (e.g. runs/sft-tiny, or runs/tiny-model from "
-                          "`dsv3-posttrain init-model`)")
+    from ..recipe import require_model_dir
+
+    require_model_dir(cfg.model_name_or_path, allow_hub=True,
+                      required_hint="e.g. runs/sft-tiny, or runs/tiny-model from `dsv3-posttrain init-model`")
     if not cfg.output_dir:
         raise ConfigError("output_dir is required")
     if cfg.max_steps is None or (cfg.max_steps <= 0 and cfg.num_train_epochs <= 0):
