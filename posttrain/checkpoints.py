@@ -39,3 +39,67 @@ def last_complete_checkpoint(output_dir: str | Path, required_files: Sequence[st
             continue
         return str(ckpt)
     return None
+
+
+class DeepSeekLayoutCheckpoints:
+    """Trainer mixin (put it before the Trainer class): checkpoints and the final model are
+    DeepSeek-layout directories whatever the process layout, and resume through the one strict,
+    layout-aware loader.
+
+    Under FSDP2 transformers (5.19) writes model weights only for `FULL_STATE_DICT` (the shipped
+    671B config uses `SHARDED_STATE_DICT`, which would leave `checkpoint-N` without weights that
+    transformers or vLLM can read). Here every rank takes part in gathering the full state dict
+    and rank 0 writes it with the model's `save_pretrained` (per-expert names, the MTP layer at
+    `model.layers.{N}`, the routers' biases)."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        from .distributed import gather_full_state_dict, model_is_sharded
+        from .modeling import unwrap_model
+
+        if not model_is_sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state = gather_full_state_dict(self.model)  # collective: every rank, rank 0 receives
+        if self.args.should_save:
+            import os
+
+            import torch
+            from transformers.trainer import TRAINING_ARGS_NAME
+
+            os.makedirs(output_dir, exist_ok=True)
+            unwrap_model(self.model).save_pretrained(output_dir, state_dict=state)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.model if model is None else model
+        if not load_deepseek_checkpoint(model, resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def load_deepseek_checkpoint(model: "torch.nn.Module", checkpoint_dir: str | Path) -> bool:
+    """Loads a DeepSeek-layout checkpoint (`model*.safetensors`, per-expert names) into a live
+    model, strictly, sharded (FSDP2) or not. False when the directory has no such files (an
+    adapter or FSDP-native checkpoint: the caller falls back to Trainer's loading).
+
+    The one resume path of SFT, GRPO and the reward model: transformers' Trainer (5.19) reloads
+    with `load_state_dict(strict=False)`, which silently skips the per-expert tensors."""
+    from safetensors.torch import load_file
+
+    from .distributed import load_full_state_dict
+    from .errors import UserError
+    from .layout import from_deepseek_layout
+    from .modeling import unwrap_model
+
+    files = sorted(Path(checkpoint_dir).glob("model*.safetensors"))
+    if not files:
+        return False
+    state: dict = {}
+    for f in files:
+        state.update(load_file(str(f), device="cpu"))
+    try:
+        load_full_state_dict(unwrap_model(model), from_deepseek_layout(state), strict=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"checkpoint {checkpoint_dir} does not match the model: {e}") from None
+    return True

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
+from .distributed import full_tensors
+
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -34,14 +36,16 @@ def to_deepseek_layout(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
 
 def iter_deepseek_layout(model: nn.Module, detach: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Streams the DeepSeek-layout tensors one decoder layer at a time (weight sync to vLLM), so
-    that at most one layer's converted copy exists at once."""
+    that at most one layer's converted (and, under FSDP2, gathered) copy exists at once."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
         m = _LAYER_KEY.match(name)
         key = m.group(1) if m else "_top"
         groups.setdefault(key, {})[name] = tensor.detach() if detach else tensor
     for key in sorted(groups, key=lambda k: (k != "_top", int(k) if k.isdigit() else -1)):
-        yield from to_deepseek_layout(model, groups[key]).items()
+        # Under FSDP2 each layer is all-gathered here, one at a time: every rank must consume the
+        # generator to the end, in step with the others.
+        yield from to_deepseek_layout(model, full_tensors(groups[key])).items()
 
 
 def from_deepseek_layout(deepseek_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -55,7 +55,7 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = DeepseekV3SharedHead(config)
 
-    def mtp_forward(
+    def forward(
         self,
         previous_hidden: torch.Tensor,
         next_token_embeds: torch.Tensor,
@@ -63,16 +63,22 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        """Returns the block's output before `shared_head` (the hidden the next depth would chain on)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (the block's output, the chain input of the next depth; its `shared_head` norm,
+        the input of the shared output head).
+
+        The whole module runs in this one `forward` so that wrappers that act on `forward()` calls
+        see all of it: FSDP2 gathers the module's parameters in hooks around it (a separate method
+        would compute on sharded parameters), activation checkpointing wraps it."""
         projected = self.eh_proj(torch.cat([self.enorm(next_token_embeds), self.hnorm(previous_hidden)], dim=-1))
-        return super().forward(
+        hidden = super().forward(
             projected,
             attention_mask=attention_mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
             use_cache=False,
         )
+        return hidden, self.shared_head(hidden)
 
 
 @dataclass
@@ -212,10 +218,13 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
             same_sample = _shift_left(sample_ids, depth, fill=-1) == sample_ids
             keep = same_sample & (position_ids != 0)
             next_embeds = embed(next_ids) * keep.unsqueeze(-1).to(hidden.dtype)
-            prev = layer.mtp_forward(
+            # Called as a module (not a method of it): FSDP2's unshard/reshard and activation
+            # checkpointing hook `__call__`. `prev` is positional so that reentrant checkpointing
+            # propagates its gradient.
+            prev, head_input = layer(
                 prev, next_embeds, position_embeddings=position_embeddings, attention_mask=mask, position_ids=position_ids
             )
-            depth_logits = self.lm_head(layer.shared_head(prev))
+            depth_logits = self.lm_head(head_input)
             all_logits.append(depth_logits)
             if labels is not None:
                 # Position i predicts t_{i+depth+1}; `labels` are unshifted (label[j] is the target

@@ -30,6 +30,9 @@ import torch
 from trl import GRPOTrainer
 
 from ..balancing import BalancingCallback, ExpertLoadBalancer
+from ..checkpoints import DeepSeekLayoutCheckpoints
+from ..compat import apply_training_patches
+from ..distributed import check_launch
 from ..modeling import IGNORE_INDEX, DeepseekV3ForCausalLMWithMTP
 from ..rollout.engines import RolloutEngine, SamplingSettings
 from .config import GRPORecipeConfig
@@ -54,7 +57,7 @@ class _EngineSync:
         trainer._timing["sync_weights"] += seconds
 
 
-class V3GRPOTrainer(GRPOTrainer):
+class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
     def __init__(
         self,
         model: DeepseekV3ForCausalLMWithMTP,
@@ -69,8 +72,10 @@ class V3GRPOTrainer(GRPOTrainer):
         # TRL must not start its own vLLM (its sync cannot send fused experts); ours comes in
         # through `rollout_func`, and the flags below route TRL's IS-correction code to it.
         args.use_vllm = False
+        apply_training_patches()  # before accelerator.prepare (FSDP2 loading)
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, rollout_func=self._rollout, **kwargs)
         args.use_vllm = use_vllm
+        check_launch(self.accelerator.num_processes, self.accelerator.distributed_type)
         self.engine = engine
         self.use_vllm = wants_engine_logprobs
         self.vllm_importance_sampling_correction = True  # always score old log-probs to measure agreement
@@ -144,6 +149,9 @@ class V3GRPOTrainer(GRPOTrainer):
                          ("sampling/sampling_logp_difference/max", "rollout/logprob_diff_max")):
             if metrics.get(src):
                 metrics[dst].append(metrics[src][-1])
+        serves_fp8 = getattr(self.engine, "serves_fp8", None)
+        if serves_fp8 is not None:  # 1: vLLM's FP8 layers; 0: high precision (incl. FP8 dequantized, no kernel)
+            metrics["rollout/fp8"].append(float(serves_fp8))
         if not self._apply_tis and "importance_sampling_ratio" in out:
             # Agreement is measured, but the user turned the correction off.
             out["importance_sampling_ratio"] = torch.ones_like(out["importance_sampling_ratio"])

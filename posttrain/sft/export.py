@@ -13,6 +13,33 @@ from ..modeling import DeepseekV3ForCausalLMWithMTP
 from .lora import merged_model
 
 
+def export_trained_model(trainer, output_dir: str | Path) -> Path | None:
+    """Writes the trainer's model; every rank calls it. Returns the directory on rank 0, else None.
+
+    Under FSDP2 the parameters are shards: the trainer's `save_model` (`DeepSeekLayoutCheckpoints`)
+    gathers the full state dict and rank 0 writes it through the model's `save_pretrained`, so the
+    directory is the same DeepSeek layout as a single-process run's."""
+    from ..distributed import model_is_sharded
+    from ..errors import UserError
+
+    out = Path(output_dir)
+    if model_is_sharded(trainer.model):
+        from peft import PeftModel
+
+        if isinstance(trainer.model, PeftModel):
+            raise UserError("LoRA under FSDP is not supported: merge needs the full model on one rank")
+        trainer.save_model(str(out))
+        if not trainer.is_world_process_zero():
+            return None
+        finalize_fp8_export(trainer.model, out)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(out)
+        return out
+    if not trainer.is_world_process_zero():
+        return None
+    return export_model(trainer.model, trainer.processing_class, out)
+
+
 def export_model(model: torch.nn.Module, tokenizer, output_dir: str | Path) -> Path:
     """Merges LoRA adapters if any, then `save_pretrained` (DeepSeek layout) + the tokenizer."""
     out = Path(output_dir)

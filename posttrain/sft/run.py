@@ -13,7 +13,7 @@ from ..fp8.training import apply_fp8_training, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
 from .config import SFTRecipeConfig
 from .data import tokenize_dataset
-from .export import export_model
+from .export import export_trained_model
 from .packing import PackedCollator, pack_samples
 from .trainer import DeepseekV3SFTTrainer, make_balancer
 
@@ -77,8 +77,10 @@ def _resolve_resume(cfg: SFTRecipeConfig) -> str | bool | None:
 
 
 def _check(cfg: SFTRecipeConfig) -> None:
-    if not cfg.model_name_or_path:
-        raise ConfigError("model_name_or_path is required (e.g. runs/tiny-model from `dsv3-posttrain init-model`)")
+    from ..recipe import require_model_dir
+
+    require_model_dir(cfg.model_name_or_path, required_hint="e.g. runs/tiny-model from `dsv3-posttrain init-model`",
+                      allow_hub=True)
     if not cfg.dataset_name:
         raise ConfigError("dataset_name is required (a distill output directory, a .jsonl/.parquet file or a Hub id)")
     if not cfg.output_dir:
@@ -141,8 +143,9 @@ def run_sft(cfg: SFTRecipeConfig, trainer: DeepseekV3SFTTrainer | None = None) -
     trainer.save_state()  # trainer_state.json (log_history) in output_dir
 
     model_dir = None
-    if cfg.save_final_model and trainer.is_world_process_zero():
-        model_dir = str(export_model(trainer.model, trainer.processing_class, out))
+    if cfg.save_final_model:
+        exported = export_trained_model(trainer, out)  # every rank takes part (FSDP gathers); rank 0 writes
+        model_dir = str(exported) if exported is not None else None
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     balancer = trainer.balancer
     summary = {

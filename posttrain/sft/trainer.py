@@ -8,8 +8,8 @@ forbids a custom collator — and it patches `model.forward` with a fused LM hea
 backbone, so the MTP module would never run; its `compute_loss` would be replaced wholesale anyway.
 So the config is TRL's (`SFTRecipeConfig` extends `SFTConfig`), the packing engine is TRL's
 (`pack_dataset(strategy="bfd")`), and the loop is transformers' Trainer, customised through its
-public hooks: `compute_loss`, `log`, callbacks — and one private method, `_load_from_checkpoint`
-(transformers 5.19; see there why).
+public hooks: `compute_loss`, `log`, callbacks — and, through `DeepSeekLayoutCheckpoints`, the
+private `_load_from_checkpoint` (transformers 5.19; see there why).
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ import torch
 from transformers import Trainer
 
 from ..balancing import BALANCER_STATE_FILE, BalancingCallback, ExpertLoadBalancer
-from ..checkpoints import last_complete_checkpoint
+from ..checkpoints import DeepSeekLayoutCheckpoints, last_complete_checkpoint
+from ..compat import apply_training_patches
+from ..distributed import check_launch
 from ..modeling import sample_ids_from_positions, unwrap_model
 from .config import SFTRecipeConfig
 
 log = logging.getLogger(__name__)
 
-class DeepseekV3SFTTrainer(Trainer):
+class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
     """transformers `Trainer` for DeepSeek-V3 SFT with MTP and routing balance.
 
     Args beyond `Trainer`'s: `balancer` (an `ExpertLoadBalancer` on the model, or None to train
@@ -44,7 +46,9 @@ class DeepseekV3SFTTrainer(Trainer):
         expert_load_plot: str | Path | None = None,
         **kwargs,
     ):
+        apply_training_patches()  # before accelerator.prepare (FSDP2 loading)
         super().__init__(*args, **kwargs)
+        check_launch(self.accelerator.num_processes, self.accelerator.distributed_type)
         if not isinstance(self.args, SFTRecipeConfig):
             raise TypeError("DeepseekV3SFTTrainer needs an SFTRecipeConfig")
         # compute_loss normalises over the whole accumulated batch itself (num_items_in_batch).
@@ -165,30 +169,17 @@ class DeepseekV3SFTTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        """Checkpoints are written by `save_pretrained` in the DeepSeek layout (per-expert names). Trainer
-        (transformers 5.19) reloads them with `load_state_dict(strict=False)`, which would silently skip
-        the fused expert tensors; reload through the layout converter instead, strictly."""
+        """LoRA adapter checkpoints load through Trainer's own loading with our LoRA target semantics;
+        full checkpoints through `DeepSeekLayoutCheckpoints` (strict, layout-aware)."""
         from peft import PeftModel
-        from safetensors.torch import load_file
-
-        from ..layout import from_deepseek_layout
 
         model = self.model if model is None else model
-        files = sorted(Path(resume_from_checkpoint).glob("model*.safetensors"))
-        if isinstance(model, PeftModel):  # adapter checkpoint: Trainer's loading, our LoRA target semantics
+        if isinstance(model, PeftModel):
             from .lora import plain_lora_targets
 
             with plain_lora_targets():
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not files:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f), device="cpu"))
-        try:
-            unwrap_model(model).load_state_dict(from_deepseek_layout(state), strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint {resume_from_checkpoint} does not match the model: {e}") from None
+                return Trainer._load_from_checkpoint(self, resume_from_checkpoint, model)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _set_signature_columns_if_needed(self):
         # Keep `seq_lengths` (the packed samples' lengths), which is not a forward argument.

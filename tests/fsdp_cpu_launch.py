@@ -1,0 +1,42 @@
+"""Runs `cli.main` with accelerate's FSDP2 on CPU (gloo), for the FSDP tests.
+
+Launched by `accelerate launch --config_file recipes/accelerate/fsdp2-*.yaml`, so every FSDP setting
+comes from the shipped config through accelerate's own environment variables. accelerate 1.15 only
+turns a run into FSDP on accelerator backends: on a CPU its state stays MULTI_CPU and the FSDP
+plugin is dropped (a product run stops there with `posttrain.distributed.check_launch`'s one-line
+error). This test-only shim makes the MULTI_CPU state FSDP, so that `accelerator.prepare` runs
+accelerate's real `fsdp2_prepare_model` — torch's `fully_shard` per wrapped layer, RAM-efficient
+loading from rank 0, activation checkpointing — over a gloo group. Nothing else changes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def force_fsdp_on_cpu() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            # both singletons: AcceleratorState re-reads PartialState's on later constructions
+            self.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
+if __name__ == "__main__":
+    force_fsdp_on_cpu()
+    import cli
+
+    sys.exit(cli.main(sys.argv[1:]))
