@@ -330,6 +330,13 @@ class VLLMServerEngine:
             pass
 
 
+def _sharded_across_ranks(model: nn.Module) -> bool:
+    from ..distributed import model_is_sharded
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1 and model_is_sharded(model)
+
+
 class HFGenerateEngine:
     """transformers `generate` on the training model itself: the fallback when vLLM is not
     available. It needs no weight sync (it *is* the trainer's model) and returns the sampled
@@ -356,6 +363,9 @@ class HFGenerateEngine:
         else:  # one call per prompt, seeded by the prompt: reproducible across batchings and ranks
             chunks = [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
             seeds = [prompt_seed(sampling.seed, p) for p in prompt_ids]
+        # Under FSDP2 every decoding step all-gathers each layer: all ranks must take the same number
+        # of steps, or one that finished early would leave the others waiting forever.
+        synced = _sharded_across_ranks(model)
         completions: list[Completion] = []
         rng_state = torch.random.get_rng_state()
         try:
@@ -381,6 +391,7 @@ class HFGenerateEngine:
                     pad_token_id=self.pad_token_id,
                     output_scores=True,
                     return_dict_in_generate=True,
+                    synced_gpus=synced,
                 )
                 new = out.sequences[:, width:].cpu()
                 scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()  # processed logits
