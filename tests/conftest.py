@@ -72,8 +72,33 @@ def vllm_llm(tiny_model_dir):
 
     In-process engines share vLLM's global parallel state, and closing one tears it down for any
     other still alive: so no engine outlives the test (or test module) that made it."""
-    from posttrain.rollout.engines import VLLMColocateEngine
+    from engines.vllm_engine import VLLMColocateEngine
 
     engine = VLLMColocateEngine(str(tiny_model_dir), max_model_len=256)
     yield engine.llm
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device a test runs its model and tensors on: CUDA when the machine has it, else the CPU.
+    Tests that create tensors next to a model take `model.device` (or this) instead of assuming CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`-m gpu` tests exercise the CUDA fast paths (Triton / flex kernels); without CUDA they skip."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="gpu test: needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

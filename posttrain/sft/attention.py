@@ -1,6 +1,23 @@
-"""Segment-wise SDPA for packed rows where no varlen kernel exists (CPU).
+"""Attention for packed SFT rows: the kernel choice per device, and segment-wise SDPA for CPU.
 
-transformers turns per-sample `position_ids` into a block-diagonal causal mask and runs SDPA over the
+Packed rows (many samples per row, positions restarting at 0 per sample) need attention that keeps
+the samples apart without paying for an [L, L] mask:
+
+* CUDA default: transformers' own `flex_attention`. With no `attention_mask`, no cache and
+  restarting `position_ids`, `masking_utils.create_causal_mask` (transformers 5.19) finds the
+  samples (`find_packed_sequence_indices`: a new sample wherever positions do not continue by +1)
+  and ands a document mask into the causal one; for flex that becomes a `BlockMask`, so only the
+  blocks on the diagonal of each sample are computed. The MTP block (posttrain/modeling.py `_mtp`)
+  builds its mask with the same `create_causal_mask` call and gets the same treatment. Measured on
+  one H100 (8k-token packed row, 16 heads, d 192, fwd+bwd): flex 3.06 ms, per-segment SDPA 3.13 ms,
+  dense-mask SDPA 17.9 ms. flex compiles on its first call (13.5 s there); torch.compile's automatic
+  dynamic shapes recompile once more at the second row width and then cover all widths (the step
+  benchmark, benchmarks/bench_gpu_sft.py, varies the width to check it), where cuDNN SDPA builds a
+  plan of 3-5 s at every new row width.
+* CPU default: `sdpa_segmented` below. flex has no CPU backward (torch 2.13: "FlexAttention does
+  not support backward on CPU"); its CPU forward works (compiled C++).
+
+Segment-wise SDPA: transformers turns per-sample `position_ids` into a block-diagonal causal mask and runs SDPA over the
 whole row: with ~5 samples in a 512-token row, ~80% of that attention is computed and then masked
 away, and a mask also sends CPU SDPA to its slow "math" path. flash-attention's varlen kernel avoids
 both on GPU; this is the CPU counterpart: each packed sample's attention runs as its own causal SDPA
@@ -22,6 +39,24 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SEGMENTED_SDPA = "sdpa_segmented"
+FLEX_ATTENTION = "flex_attention"
+FLEX_CPU_ERROR = (
+    "attn_implementation 'flex_attention' cannot train on CPU (torch has no FlexAttention backward there); "
+    "use 'sdpa_segmented' (the CPU default: leave attn_implementation unset), 'sdpa' or 'eager'"
+)
+# Kernels that find the packed samples from position_ids alone, so one flattened row per batch
+# (padding_free) costs Σ n_i² rather than (batch tokens)².
+_POSITION_AWARE = (SEGMENTED_SDPA, FLEX_ATTENTION, "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def default_attn_implementation(device_type: str) -> str:
+    """The packed-row kernel for a device type ('cuda', 'cpu', ...): flex on CUDA, segmented SDPA elsewhere."""
+    return FLEX_ATTENTION if device_type == "cuda" else SEGMENTED_SDPA
+
+
+def reads_samples_from_positions(attn_implementation: str | None) -> bool:
+    """Whether the kernel keeps packed samples apart on one flat row without a dense mask."""
+    return (attn_implementation or "") in _POSITION_AWARE
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:

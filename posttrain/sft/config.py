@@ -50,9 +50,12 @@ class SFTRecipeConfig(SFTConfig):
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel. Unset: 'sdpa_segmented' on CPU (one causal SDPA call per packed sample, "
-                  "no mask; posttrain/sft/attention.py) and 'sdpa' on GPU. 'flash_attention_2' on GPU uses its varlen "
-                  "path on packed rows; 'eager' and 'sdpa' also isolate samples (see padding_free)."},
+        metadata={"help": "Attention kernel for the packed rows. Unset: 'flex_attention' on CUDA (a document mask "
+                  "built from the position_ids restarts: no L^2 mask tensor, one compile instead of cuDNN's "
+                  "per-row-width plans) and 'sdpa_segmented' on CPU (one causal SDPA call per packed sample; flex "
+                  "has no CPU backward). 'flash_attention_2' (if installed) uses its varlen path; 'sdpa' and 'eager' "
+                  "also isolate samples, through a dense [L, L] mask (see padding_free). "
+                  "posttrain/sft/attention.py."},
     )
     dataset_name: str | None = field(
         default=None,
@@ -101,6 +104,14 @@ class SFTRecipeConfig(SFTConfig):
         default=False,
         metadata={"help": "Stop the MTP loss's gradient at the main model's hidden states (train the MTP module "
                   "only through its own weights)."},
+    )
+
+    chunked_lm_loss: bool = field(
+        default=True,
+        metadata={"help": "Compute the LM and MTP losses with the chunked LM head + cross-entropy (on CUDA TRL's "
+                  "Triton log-prob kernel, on CPU token chunks with torch's own kernels; tiles recomputed in "
+                  "backward): the [tokens, vocab] logits are never materialised, same loss and gradients. Used in "
+                  "training and in loss-only evaluation. posttrain/modeling.py lm_head_cross_entropy."},
     )
 
     # --- routing balance (report §2.1.2) -------------------------------------------------------
@@ -198,7 +209,8 @@ class SFTRecipeConfig(SFTConfig):
         default=None,
         metadata={"help": "Flatten each batch of packed rows into one row: no pad tokens at all. None (default): on "
                   "when the attention kernel reads sample boundaries from position_ids without a mask "
-                  "(flash_attention_2's varlen path, sdpa_segmented, the CPU default); off for sdpa/eager, whose "
+                  "(flex_attention's document mask, the CUDA default; sdpa_segmented, the CPU default; "
+                  "flash_attention_2's varlen path); off for sdpa/eager, whose "
                   "masked attention over one flattened row would cost (batch tokens)^2."},
     )
     assistant_only_loss: bool = field(
@@ -245,24 +257,21 @@ class SFTRecipeConfig(SFTConfig):
         apply_process_defaults(self, self.mtp_loss_weight == 0 or self.mtp_loss_weight_final == 0)
         super().__post_init__()
 
-    def resolved_attn_implementation(self) -> str | None:
-        """The kernel the model is loaded with (None: transformers' default, sdpa)."""
-        import torch
+    def resolved_attn_implementation(self) -> str:
+        """The kernel the model is loaded with: the field, or the device's default for packed rows."""
+        from .attention import default_attn_implementation, register_segmented_sdpa
 
-        attn = self.attn_implementation
-        if attn is None and not torch.cuda.is_available():
-            attn = "sdpa_segmented"
+        attn = self.attn_implementation or default_attn_implementation("cpu" if self.use_cpu or not _cuda() else "cuda")
         if attn == "sdpa_segmented":
-            from .attention import register_segmented_sdpa
-
             register_segmented_sdpa()
         return attn
 
     def resolved_padding_free(self) -> bool:
         if self.padding_free is not None:
             return bool(self.padding_free)
-        attn = self.resolved_attn_implementation() or ""
-        return attn == "sdpa_segmented" or attn.startswith("flash_attention")
+        from .attention import reads_samples_from_positions
+
+        return reads_samples_from_positions(self.resolved_attn_implementation())
 
     def mtp_weight_at(self, step: int, max_steps: int) -> float:
         """λ at optimizer step `step` (0-based) of `max_steps`."""
@@ -276,10 +285,20 @@ class SFTRecipeConfig(SFTConfig):
 
         kwargs: dict[str, Any] = {"dtype": torch.float32}
         attn = self.resolved_attn_implementation()
-        if attn:
-            kwargs["attn_implementation"] = attn
+        if attn == "flex_attention" and (self.use_cpu or not _cuda()):
+            # checked here, not when the recipe is parsed: a GPU recipe may be validated on a CPU host
+            from .attention import FLEX_CPU_ERROR
+
+            raise ConfigError(FLEX_CPU_ERROR)
+        kwargs["attn_implementation"] = attn
         extra = dict(self.model_init_kwargs or {}) if isinstance(self.model_init_kwargs, dict) else {}
         if isinstance(extra.get("dtype"), str) and extra["dtype"] != "auto":
             extra["dtype"] = getattr(torch, extra["dtype"])
         kwargs.update(extra)
         return kwargs
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -88,12 +88,16 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
             scope = self.balancer.batch(token_mask=token_mask, sample_ids=sample_ids)
         else:
             scope = contextlib.nullcontext()
+        # Chunked LM head + CE (no [tokens, vocab] logits) whenever nobody reads the logits: in
+        # training, and in evaluation that keeps losses only (Trainer.prediction_step).
+        return_logits = not (self.args.chunked_lm_loss and (training or self.args.prediction_loss_only))
         with scope:
             out = model(
                 **inputs,
                 use_cache=False,  # with a cache transformers skips packed-sequence masking
                 compute_mtp=compute_mtp,
                 detach_mtp_input=self.args.mtp_detach_input,
+                return_logits=return_logits,
             )
             balance_loss = self.balancer.sequence_balance_loss() if (self.balancer is not None and training) else None
 
