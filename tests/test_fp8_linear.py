@@ -212,37 +212,107 @@ def test_swap_linears_and_experts_on_transformers_deepseek_v3():
 
 
 def test_scaled_mm_operands_follow_torch_blockwise_contract(monkeypatch):
-    """No GPU here: check the Hopper path's operand/scale layouts against the contract of torch's
-    test_scaled_mm_block_wise_numerics (A row-major [M,K] with 1x128 scales [M,K/128] outer-dim-major;
-    B column-major [K,N] with 128x128 scales [L4,N/128] stride (1,L4), or 1x128 scales [N,K/128]
-    outer-dim-major) using a fake scaled_mm that decodes exactly that contract."""
-    import torch.nn.functional as F
-    from torch.nn.functional import ScalingType
+    """No GPU here: check the Hopper path's operand/scale layouts with a fake F.scaled_mm that enforces
+    torch's checks (tests/fp8_torch_contract.py: A row-major [M,K] with 1x128 scales [M,K/128] strides
+    (1,M); B column-major [K,N] with 128x128 scales [L4,N/128] strides (1,L4), or 1x128 scales [N,K/128]
+    strides (1,N)) and computes the product in float64 from that layout.
 
+    Tolerance, from the arithmetic rather than from one machine: the reference dequantizes to float32
+    (one rounding per operand), multiplies (one) and sums K terms in float32 in whatever order the
+    BLAS picks, so |fast - reference| <= (K + 3) u sum_k |a_k||b_k| (first order, u = 2^-24); the
+    float64 fake adds one final rounding. (A fixed 1e-5 held on one CPU and failed on another: 4.6e-5.)"""
+    import torch.nn.functional as F
+
+    from fp8_torch_contract import FakeScaledMM
+    from posttrain.fp8 import gemm
     from posttrain.fp8.gemm import BlockQuantized, reference_gemm_nt, scaled_mm_gemm_nt
 
-    def fake_scaled_mm(mat_a, mat_b, scale_a, scale_recipe_a, scale_b, scale_recipe_b, output_dtype, **_):
-        (m, k), (k2, n) = mat_a.shape, mat_b.shape
-        assert k == k2 and k % 128 == 0 and n % 128 == 0 and m % 16 == 0
-        assert mat_a.is_contiguous() and mat_b.t().is_contiguous()
-        assert scale_recipe_a == ScalingType.BlockWise1x128
-        assert scale_a.shape == (m, k // 128) and scale_a.stride(0) == 1
-        a = mat_a.float() * scale_a.repeat_interleave(128, 1)
-        if scale_recipe_b == ScalingType.BlockWise128x128:
-            l4 = -(-k // 128 // 4) * 4
-            assert scale_b.shape == (l4, n // 128) and scale_b.stride() == (1, l4)
-            b = mat_b.float() * scale_b[: k // 128].repeat_interleave(128, 0).repeat_interleave(128, 1)
-        else:
-            assert scale_b.shape == (n, k // 128) and scale_b.stride(0) == 1
-            b = mat_b.float() * scale_b.t().repeat_interleave(128, 0)
-        return (a @ b).to(output_dtype)
+    fake = FakeScaledMM()
+    monkeypatch.setattr(F, "scaled_mm", fake)
 
-    monkeypatch.setattr(F, "scaled_mm", fake_scaled_mm)
+    def check(a: BlockQuantized, b: BlockQuantized) -> None:
+        got, ref = scaled_mm_gemm_nt(a, b), reference_gemm_nt(a, b)
+        k = a.data.shape[1]
+        bound = (k + 3) * 2.0**-24 * (a.dequantize().abs() @ b.dequantize().abs().T) * 1.01
+        err = (got.double() - ref.double()).abs()
+        assert bool((err <= bound).all()), float((err / bound).max())
+        assert float((got - ref).abs().max()) > 0 or k < 2  # the fake really computed (not a copy of ref)
+
     x, w, gy = _inputs(200, 300, 330, seed=4)
     xq = BlockQuantized.quantize(x, (1, 128))
     for b in (BlockQuantized.quantize(w, (128, 128)), BlockQuantized.quantize(w, (1, 128))):
-        torch.testing.assert_close(scaled_mm_gemm_nt(xq, b), reference_gemm_nt(xq, b), rtol=1e-5, atol=1e-5)
-    # dgrad operand: the transposed weight blocks
+        check(xq, b)
+    # dgrad operand: the transposed weight blocks (a view)
     wq = BlockQuantized.quantize(w, (128, 128))
-    gq = BlockQuantized.quantize(gy, (1, 128))
-    torch.testing.assert_close(scaled_mm_gemm_nt(gq, wq.t()), reference_gemm_nt(gq, wq.t()), rtol=1e-5, atol=1e-5)
+    check(BlockQuantized.quantize(gy, (1, 128)), wq.t())
+    assert len(fake.calls) == 3 and gemm.TILE == 128
+
+
+def test_weight_is_quantized_once_per_optimizer_step(monkeypatch):
+    """The FP8 weight is built once per optimizer step (report §3.3: weights are quantized for the GEMMs,
+    the master stays high precision), not at every forward: a second forward (and the backward) reuse it;
+    after an optimizer step -- fused AdamW included, which does not bump version counters -- or an
+    in-place load the next forward re-quantizes and the output follows the new weight."""
+    import gc
+    import weakref
+
+    import posttrain.fp8.linear as L
+
+    calls: list[tuple] = []
+    orig = L._quantize_weight_now
+
+    def counting(weight, scale_fmt):
+        calls.append(tuple(weight.shape))
+        return orig(weight, scale_fmt)
+
+    monkeypatch.setattr(L, "_quantize_weight_now", counting)
+    x, w, gy = _inputs(64, 256, 130, seed=7)
+
+    def fresh(layer):  # what the layer must compute: the same recipe with the cache off
+        with monkeypatch.context() as m:
+            m.setenv(L.WEIGHT_CACHE_ENV, "0")
+            m.setattr(L, "_quantize_weight_now", orig)  # not counted
+            return fp8_linear(x, layer.weight.detach().clone())
+
+    for opt_cls, kw in ((torch.optim.AdamW, {"fused": True}), (torch.optim.SGD, {}), (AdamWLowPrecisionMoments, {})):
+        calls.clear()
+        layer = FP8Linear(256, 130, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        opt = opt_cls(layer.parameters(), lr=1e-2, **kw)
+        y1 = layer(x)
+        y2 = layer(x)
+        (y1 * gy).sum().backward()
+        assert len(calls) == 1, (opt_cls, calls)  # one quantization for two forwards and a backward
+        assert torch.equal(y1, y2)
+        opt.step()
+        y3 = layer(x)
+        assert len(calls) == 2, opt_cls  # the step invalidated it
+        assert not torch.equal(y3, y1)
+        torch.testing.assert_close(y3, fresh(layer), rtol=0, atol=0)
+        with torch.no_grad():
+            layer.weight.copy_(w)  # load_state_dict-style in-place update
+        torch.testing.assert_close(layer(x), y1, rtol=0, atol=0)
+        assert len(calls) == 3
+
+    # a frozen weight is not re-quantized by other parameters' optimizer steps
+    frozen = FP8Linear(256, 130, bias=False).requires_grad_(False)
+    other = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([other], lr=1.0)
+    calls.clear()
+    frozen(x)
+    other.grad = torch.ones(3)
+    opt.step()
+    frozen(x)
+    assert len(calls) == 1
+    # the cache never keeps a parameter alive, and can be switched off
+    ref = weakref.ref(frozen.weight)
+    del frozen
+    gc.collect()
+    assert ref() is None
+    monkeypatch.setenv(L.WEIGHT_CACHE_ENV, "0")
+    layer = FP8Linear(256, 130, bias=False)
+    calls.clear()
+    layer(x)
+    layer(x)
+    assert len(calls) == 2

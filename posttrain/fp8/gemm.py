@@ -11,11 +11,13 @@ scheme needs for all three GEMMs of a Linear (§3.3.2, Figure 7 (a)).
 * Fast path (CUDA, compute capability 9.0 only): torch 2.13's
   ``F.scaled_mm(..., scale_recipe_a=BlockWise1x128, scale_recipe_b=BlockWise128x128 |
   BlockWise1x128)`` (cuBLAS >= 12.9 DeepSeek-style block scaling). Scale layouts follow
-  torch's own ``test_scaled_mm_block_wise_numerics``: 1x128 scales outer-dim-major
+  the CUDA checks (see :func:`scaled_mm_operands`): 1x128 scales outer-dim-major
   (``s.t().contiguous().t()``), 128x128 scales padded to a multiple of 4 along K and
-  transposed. Operands are zero-padded to multiples of 128 (zeros add nothing). The path
-  is probed once per process against the reference and disabled with a warning if it
-  raises or disagrees. ``POSTTRAIN_FP8_GEMM=reference|scaled_mm|auto`` overrides.
+  handed over transposed, every operand copied into that layout whatever view it came as.
+  Operands are zero-padded to multiples of 128 (zeros add nothing). The path is probed
+  once per process against the reference on the forward, dgrad and wgrad orientations and
+  disabled with a warning if any raises or disagrees.
+  ``POSTTRAIN_FP8_GEMM=reference|scaled_mm|auto`` overrides.
 """
 
 from __future__ import annotations
@@ -68,6 +70,17 @@ def reference_gemm_nt(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dty
 
 
 # --- scaled_mm fast path -----------------------------------------------------------------------
+#
+# Contact point: ``torch.nn.functional.scaled_mm`` / ``ScalingType`` (public since torch 2.10; checked
+# against the CUDA checks of torch 2.11-2.13, aten/src/ATen/native/cuda/ScaledBlas.cpp, and measured on
+# an H100 with torch 2.11.0+cu130). Its DeepSeek-recipe kernels accept exactly:
+#   mat_a [M, K] fp8 e4m3 row-major; mat_b [K, N] fp8 e4m3 column-major (SM90: "Only multiplication of
+#   row-major and column-major matrices is supported by cuBLASLt"); K % 16 == 0, N % 16 == 0;
+#   BlockWise1x128 scales [rows, ceil(K/128)] float32 with strides (1, rows) ("outer-dim-major");
+#   BlockWise128x128 scales of B: [round_up(ceil(K/128), 4), ceil(N/128)] with strides (1, L4).
+# Strides are checked, not fixed up, and the kernel reads the scales through their data pointer, so every
+# operand is rebuilt here in exactly that layout whatever view it arrives as (a transposed weight for the
+# dgrad GEMM, an expert of a stack, a transposed activation for the wgrad GEMM).
 
 _fast_state: dict[str, bool] = {}
 
@@ -77,6 +90,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _pad2d(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.Tensor:
+    """Zero-pad (or ``value``-pad) to ``[rows, cols]``; returns ``t`` itself (any view) when no padding is needed."""
     if t.shape[0] == rows and t.shape[1] == cols:
         return t
     if t.dtype == FP8_DTYPE:  # pad through the byte view; fp8 zero is byte 0
@@ -84,9 +98,18 @@ def _pad2d(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.T
     return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]), value=value)
 
 
-def scaled_mm_gemm_nt(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The same product through ``F.scaled_mm`` with block scales (Hopper)."""
-    from torch.nn.functional import ScalingType
+def _outer_dim_major(s: torch.Tensor) -> torch.Tensor:
+    """``[rows, kb]`` with strides ``(1, rows)`` (a column-major copy), torch's BlockWise1x128 layout."""
+    return s.t().contiguous().t()
+
+
+def scaled_mm_operands(a: BlockQuantized, b: BlockQuantized) -> dict:
+    """The arguments of ``F.scaled_mm`` for ``a @ b.T`` in torch's required layout (see the note above).
+
+    M is padded to a multiple of 16, N and K to multiples of 128 with zeros (zeros add nothing; padded
+    scales are 1). Kept as a separate function so that tests can check the layouts without a GPU.
+    """
+    from torch.nn.functional import ScalingType  # torch >= 2.10
 
     if a.group != (1, TILE) or b.group not in ((1, TILE), (TILE, TILE)):
         raise ValueError(f"unsupported groups {a.group} x {b.group}")
@@ -94,26 +117,32 @@ def scaled_mm_gemm_nt(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dty
     n = b.data.shape[0]
     mp, np_, kp = _round_up(m, 16), _round_up(n, TILE), _round_up(k, TILE)
     kb = kp // TILE
-    a_data = _pad2d(a.data.contiguous(), mp, kp)
-    a_scale = _pad2d(a.scale_inv.float(), mp, kb, 1.0).t().contiguous().t()
-    b_data = _pad2d(b.data.contiguous(), np_, kp)  # [N, K] row-major == [K, N] column-major
+    a_data = _pad2d(a.data, mp, kp).contiguous()
+    a_scale = _outer_dim_major(_pad2d(a.scale_inv.float(), mp, kb, 1.0))
+    # B as [N, K] row-major, i.e. mat_b = b_data.t() is [K, N] column-major
+    b_data = _pad2d(b.data, np_, kp).contiguous()
     if b.group == (TILE, TILE):
         l4 = _round_up(kb, 4)
-        b_scale = _pad2d(b.scale_inv.float(), np_ // TILE, l4, 1.0).t()
+        # [N/128, L4] row-major, handed over transposed: [L4, N/128] with strides (1, L4)
+        b_scale = _pad2d(b.scale_inv.float(), np_ // TILE, l4, 1.0).contiguous().t()
         recipe_b = ScalingType.BlockWise128x128
     else:
-        b_scale = _pad2d(b.scale_inv.float(), np_, kb, 1.0).t().contiguous().t()
+        b_scale = _outer_dim_major(_pad2d(b.scale_inv.float(), np_, kb, 1.0))
         recipe_b = ScalingType.BlockWise1x128
-    out = F.scaled_mm(
-        a_data,
-        b_data.t(),
-        scale_a=a_scale,
-        scale_recipe_a=ScalingType.BlockWise1x128,
-        scale_b=b_scale,
-        scale_recipe_b=recipe_b,
-        output_dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32,
-    )
-    return out[:m, :n].to(out_dtype)
+    return dict(mat_a=a_data, mat_b=b_data.t(), scale_a=a_scale, scale_recipe_a=ScalingType.BlockWise1x128,
+                scale_b=b_scale, scale_recipe_b=recipe_b)
+
+
+def scaled_mm_gemm_nt(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same product through ``F.scaled_mm`` with DeepSeek block scales (Hopper), for any operand views."""
+    m, n = a.data.shape[0], b.data.shape[0]
+    kernel_out = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    ops = scaled_mm_operands(a, b)
+    # operands positionally, scales by the keywords the H100 run used (torch 2.11.0+cu130)
+    out = F.scaled_mm(ops.pop("mat_a"), ops.pop("mat_b"), **ops, output_dtype=kernel_out)
+    if out.shape[0] != m or out.shape[1] != n:
+        out = out[:m, :n]
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def _fast_path_available(device: torch.device) -> bool:
@@ -130,29 +159,51 @@ def _fast_path_available(device: torch.device) -> bool:
     return _fast_state[key]
 
 
+# The probe covers the three GEMMs of a Linear (§3.3.2, Figure 7 (a)) as linear.py issues them, on shapes
+# that need padding (200 x 300 x 320) and on one whose dgrad needs none (in 384, out 512: W^T's 3 x 4
+# scale grid is a transposed view that fits torch's [L4, N/128] shape as it is, so only an explicit copy
+# gives it torch's strides -- the case that failed on 8 of the 9 V3 shapes on H100).
+PROBE_ORIENTATIONS = ("forward", "dgrad", "wgrad")
+PROBE_SHAPES = ((200, 300, 320), (256, 384, 512))  # (tokens M, in K, out N)
+
+
+def _probe_cases(device: torch.device):
+    g = torch.Generator(device=device).manual_seed(0)
+    for m, k, n in PROBE_SHAPES:
+        x = torch.randn(m, k, device=device, generator=g)
+        w = torch.randn(n, k, device=device, generator=g)
+        gy = torch.randn(m, n, device=device, generator=g)
+        wq = BlockQuantized.quantize(w, (TILE, TILE))
+        yield "forward", BlockQuantized.quantize(x, (1, TILE)), wq
+        yield "dgrad", BlockQuantized.quantize(gy, (1, TILE)), wq.t()
+        yield "wgrad", BlockQuantized.quantize(gy.t(), (1, TILE)), BlockQuantized.quantize(x.t(), (1, TILE))
+
+
 def _probe(device: torch.device) -> bool:
-    """Check the fast path once on awkward shapes against the reference."""
+    """Check the fast path once, on all three orientations, against the reference; False disables it."""
     try:
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(200, 300, device=device, generator=g)
-        w = torch.randn(320, 300, device=device, generator=g)
-        a = BlockQuantized.quantize(x, (1, TILE))
-        for b in (BlockQuantized.quantize(w, (TILE, TILE)), BlockQuantized.quantize(w, (1, TILE))):
+        for orientation, a, b in _probe_cases(device):
             ref = reference_gemm_nt(a, b)
             got = scaled_mm_gemm_nt(a, b)
-            err = (got - ref).norm() / ref.norm()
+            err = (got.float() - ref).norm() / ref.norm()
             if not bool(err < 1e-3):
-                log.warning("scaled_mm block-FP8 path disagrees with the reference (rel err %.3g); using emulation", err)
+                log.warning("scaled_mm block-FP8 path disagrees with the reference in the %s GEMM %s (rel err %.3g); "
+                            "using emulation", orientation, tuple(a.data.shape) + tuple(b.data.shape), float(err))
                 return False
         return True
     except Exception as e:  # noqa: BLE001 -- any failure means: do not use it
-        log.warning("scaled_mm block-FP8 path unavailable (%s); using emulation", e)
+        log.warning("scaled_mm block-FP8 path unavailable (%s: %s); using emulation", type(e).__name__, e)
         return False
+
+
+def fast_path_active(device: torch.device | str) -> bool:
+    """Whether :func:`fp8_gemm_nt` takes ``F.scaled_mm`` on ``device`` (probed once per device)."""
+    return _fast_path_available(torch.device(device))
 
 
 def fp8_gemm_nt(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``A @ B^T`` for block-quantized operands; picks ``scaled_mm`` on Hopper, the fp32 reference elsewhere."""
-    if _fast_path_available(a.data.device) and a.group == (1, TILE):
+    if a.group == (1, TILE) and _fast_path_available(a.data.device):
         return scaled_mm_gemm_nt(a, b, out_dtype)
     return reference_gemm_nt(a, b, out_dtype)
 

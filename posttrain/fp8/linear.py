@@ -20,16 +20,27 @@ activation dtype from the saved high-precision input and master weight.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .gemm import TILE, BlockQuantized, fp8_gemm_nt
+from .gemm import TILE, BlockQuantized, fast_path_active, fp8_gemm_nt
 from .layout import is_fp8_weight_name
+from .quant import quantize_groups, quantize_groups_t, quantize_rows, requantize_tiles_t
 
-__all__ = ["FP8Recipe", "FP8Linear", "fp8_linear", "swap_linears_to_fp8", "default_fp8_module_filter"]
+__all__ = [
+    "FP8Recipe",
+    "FP8Linear",
+    "fp8_linear",
+    "swap_linears_to_fp8",
+    "default_fp8_module_filter",
+    "clear_weight_cache",
+]
 
 
 @dataclass(frozen=True)
@@ -40,49 +51,174 @@ class FP8Recipe:
     tile scales to powers of two (the report does this for the activations before the MoE
     up-projections and the gradients before the down-projections, §3.3.3 "Low-Precision
     Communication"); weights use ``weight_scale_fmt``.
+
+    ``grouped`` picks the routed experts' GEMMs (:mod:`.experts`): ``"blockwise"`` is the report's
+    1x128 / 128x128 recipe, one GEMM per expert; ``"rowwise"`` is torch's grouped FP8 GEMM with
+    row-wise scales (one launch for all experts, coarser scaling); ``"auto"`` takes ``"rowwise"`` where
+    that kernel exists and passed its start-up check (Hopper), ``"blockwise"`` elsewhere.
     """
 
     backward: str = "fp8"  # "fp8" or "bf16"
     act_scale_fmt: str | None = None
     grad_scale_fmt: str | None = None
     weight_scale_fmt: str | None = None
+    grouped: str = "auto"  # "auto", "rowwise" or "blockwise"
 
     def __post_init__(self) -> None:
         if self.backward not in ("fp8", "bf16"):
             raise ValueError(f"backward must be 'fp8' or 'bf16', got {self.backward!r}")
+        if self.grouped not in ("auto", "rowwise", "blockwise"):
+            raise ValueError(f"grouped must be 'auto', 'rowwise' or 'blockwise', got {self.grouped!r}")
 
 
 DEFAULT_RECIPE = FP8Recipe()
 
 
+# --- the weight, quantized once per optimizer step ---------------------------------------------------
+#
+# The master weight changes only when the optimizer steps, so its FP8 copy is kept between forwards
+# (gradient-accumulation micro-batches, activation-checkpointing recomputation, evaluation) and rebuilt
+# after the next change. A change is: any ``torch.optim.Optimizer`` step (a global post-step hook bumps
+# a generation counter -- needed because the fused AdamW kernels do not bump parameters' version
+# counters), any other in-place update (the version counter: ``copy_`` under no_grad, ``load_state_dict``),
+# or new storage (``data_ptr``). Frozen weights (``requires_grad=False``) ignore optimizer steps. Writes
+# through ``.data`` and optimizers that are not ``torch.optim.Optimizer`` subclasses are not seen: call
+# :func:`clear_weight_cache` after them. Memory: one fp8 copy (1 byte per parameter) per swapped weight,
+# plus its transpose on the Hopper fast path -- of the *unsharded* weights under FSDP, which would undo
+# the sharding; so ``POSTTRAIN_FP8_WEIGHT_CACHE=auto`` (default) caches only in a single process (no
+# initialized torch.distributed group of more than one rank), ``1`` always, ``0`` never.
+
+WEIGHT_CACHE_ENV = "POSTTRAIN_FP8_WEIGHT_CACHE"
+_WEIGHT_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+# contact point: torch.optim.optimizer.register_optimizer_step_post_hook (public since torch 2.0; tested
+# with 2.13): called after the step of every torch.optim.Optimizer, including fused AdamW and
+# accelerate's AcceleratedOptimizer (which calls the wrapped optimizer's step).
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+@dataclass
+class QuantizedWeight:
+    """The FP8 forms of one weight for one optimizer step, each built on first use from ``weight``
+    (the entry holds no reference to the master weight, so it never keeps a parameter alive)."""
+
+    scale_fmt: str | None
+    _forms: dict[str, object] = field(default_factory=dict)
+
+    def _build(self, name: str, fn):
+        got = self._forms.get(name)
+        if got is None:
+            got = self._forms[name] = fn()
+        return got
+
+    def blocks(self, weight: torch.Tensor | None) -> BlockQuantized:
+        """128x128 blocks (report §3.3.2): the forward operand; [E, N, K] stacks quantized per expert."""
+        return self._build("blocks", lambda: _quantize_weight_now(weight, self.scale_fmt))
+
+    def blocks_t(self, weight: torch.Tensor | None = None) -> BlockQuantized:
+        """W^T's operand for the dgrad GEMM: the same blocks, transposed. On the Hopper fast path a
+        contiguous copy (made once per step instead of at every backward); elsewhere a view."""
+        wq = self.blocks(weight)
+        if not fast_path_active(wq.data.device):
+            return wq.t()
+        return self._build("blocks_t", lambda: BlockQuantized(
+            wq.data.transpose(-2, -1).contiguous(), wq.scale_inv.transpose(-2, -1).contiguous(), (TILE, TILE)))
+
+    def rows(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-wise fp8 of W [E, N, K] over K, scales [E, N]: the grouped forward operand."""
+        return self._build("rows", lambda: quantize_rows(weight.detach(), self.scale_fmt))
+
+    def rows_t(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-wise fp8 of W^T [E, K, N] over N (contiguous), scales [E, K]: the grouped dgrad operand."""
+        return self._build("rows_t", lambda: quantize_rows(weight.detach().transpose(-2, -1), self.scale_fmt))
+
+
+def _cache_enabled() -> bool:
+    mode = os.environ.get(WEIGHT_CACHE_ENV, "auto")
+    if mode in ("0", "false", "False", "no"):
+        return False
+    if mode == "auto":
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return False
+    # inference tensors cannot be saved for a later backward; inside torch.compile the cache's Python
+    # state would break the graph (and the compiled graph quantizes at memory speed anyway)
+    compiling = getattr(torch, "compiler", None) is not None and torch.compiler.is_compiling()
+    return not (torch.is_inference_mode_enabled() or compiling)
+
+
+def weight_operand(weight: torch.Tensor, recipe: FP8Recipe) -> QuantizedWeight:
+    """The FP8 forms of ``weight`` for this optimizer step (cached, see the note above)."""
+    fmt = recipe.weight_scale_fmt
+    if not _cache_enabled():
+        return QuantizedWeight(fmt)
+    step = _OPTIMIZER_STEPS[0] if weight.requires_grad else -1
+    key = (step, weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, fmt)
+    entry = _WEIGHT_CACHE.get(weight)
+    if entry is None or entry[0] != key:
+        entry = (key, QuantizedWeight(fmt))
+        _WEIGHT_CACHE[weight] = entry
+    return entry[1]
+
+
+def clear_weight_cache() -> None:
+    """Drop every cached FP8 weight (they are rebuilt on the next forward)."""
+    _WEIGHT_CACHE.clear()
+
+
 # --- the three GEMMs, shared by FP8Linear and the grouped (experts) function ----------------------
 
 
+def _quantize_weight_now(weight: torch.Tensor, scale_fmt: str | None) -> BlockQuantized:
+    # chunked over experts / row blocks: no full-precision temporary of a whole [E, out, in] stack
+    q, s = quantize_groups(weight.detach(), (TILE, TILE), scale_fmt, check_finite=False)
+    return BlockQuantized(q, s, (TILE, TILE))
+
+
 def quantize_weight(weight: torch.Tensor, recipe: FP8Recipe) -> BlockQuantized:
-    """128x128 blocks over the last two dims (an [E, out, in] expert stack is quantized per expert)."""
-    return BlockQuantized.quantize(weight.detach(), (TILE, TILE), recipe.weight_scale_fmt)
+    """128x128 blocks over the last two dims (an [E, out, in] expert stack is quantized per expert), uncached."""
+    return _quantize_weight_now(weight, recipe.weight_scale_fmt)
 
 
 def quantize_act(x2d: torch.Tensor, recipe: FP8Recipe) -> BlockQuantized:
     return BlockQuantized.quantize(x2d, (1, TILE), recipe.act_scale_fmt)
 
 
-def fp8_forward_gemm(xq: BlockQuantized, wq: BlockQuantized) -> torch.Tensor:
-    """Y = X W^T, fp32 out."""
-    return fp8_gemm_nt(xq, wq, torch.float32)
+def fp8_forward_gemm(xq: BlockQuantized, wq: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Y = X W^T (fp32 accumulation; ``out_dtype`` written by the GEMM itself on the fast path)."""
+    return fp8_gemm_nt(xq, wq, out_dtype)
 
 
-def fp8_dgrad_gemm(g2d: torch.Tensor, wq: BlockQuantized, recipe: FP8Recipe) -> torch.Tensor:
-    """dX = dY W: dY in 1x128 tiles along N, W^T's blocks are W's blocks transposed."""
+def fp8_dgrad_gemm(
+    g2d: torch.Tensor, wq_t: BlockQuantized, recipe: FP8Recipe, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """dX = dY W: dY in 1x128 tiles along N; ``wq_t`` is W^T's operand (W's blocks transposed)."""
     gq = BlockQuantized.quantize(g2d, (1, TILE), recipe.grad_scale_fmt)
-    return fp8_gemm_nt(gq, wq.t(), torch.float32)
+    return fp8_gemm_nt(gq, wq_t, out_dtype)
 
 
-def fp8_wgrad_gemm(g2d: torch.Tensor, x2d: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
-    """dW = dY^T X with dY and X both in 128x1 tiles (groups of 128 tokens), fp32 out."""
-    gq = BlockQuantized.quantize(g2d.t(), (1, TILE), recipe.grad_scale_fmt)
-    xq = BlockQuantized.quantize(x2d.t(), (1, TILE), recipe.act_scale_fmt)
-    return fp8_gemm_nt(gq, xq, torch.float32)
+def fp8_wgrad_gemm(
+    g2d: torch.Tensor, xq: BlockQuantized, recipe: FP8Recipe, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """dW = dY^T X with dY and X both in 128x1 tiles (groups of 128 tokens), fp32 accumulation.
+
+    X comes from the forward's FP8 cache (1x128 tiles) and is re-tiled to 128x1 by one fused
+    dequantize-transpose-quantize (report §3.3.3, §3.5.2); dY^T is quantized straight from dY.
+    """
+    gq_t, gs_t = quantize_groups_t(g2d, (1, TILE), recipe.grad_scale_fmt)
+    xq_t, xs_t = requantize_tiles_t(xq.data, xq.scale_inv, TILE, recipe.act_scale_fmt)
+    return fp8_gemm_nt(BlockQuantized(gq_t, gs_t, (1, TILE)), BlockQuantized(xq_t, xs_t, (1, TILE)), out_dtype)
+
+
+def _gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 straight out of the GEMM (no fp32 round trip); anything else through fp32
+    return dtype if dtype == torch.bfloat16 else torch.float32
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -90,8 +226,8 @@ class _FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: FP8Recipe):
         x2d = x.reshape(-1, x.shape[-1])
         xq = quantize_act(x2d, recipe)
-        wq = quantize_weight(weight, recipe)
-        y = fp8_forward_gemm(xq, wq)
+        w = weight_operand(weight, recipe)
+        y = fp8_forward_gemm(xq, w.blocks(weight), _gemm_out_dtype(x.dtype) if bias is None else torch.float32)
         if bias is not None:
             y = y + bias.float()
         ctx.recipe = recipe
@@ -100,7 +236,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         ctx.b_dtype = bias.dtype if bias is not None else None
         if recipe.backward == "fp8":
             # FP8 activation cache (§3.3.3): 1 byte per element instead of 2-4.
-            ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv)
+            ctx.save_for_backward(xq.data, xq.scale_inv)
+            ctx.w_fp8 = w  # this step's FP8 weight (and, on Hopper, its transpose, built once)
         else:
             ctx.save_for_backward(x2d, weight)
         return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
@@ -112,12 +249,11 @@ class _FP8LinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if recipe.backward == "fp8":
-            xq_data, xq_scale, wq_data, wq_scale = ctx.saved_tensors
+            xq_data, xq_scale = ctx.saved_tensors
             if need_x:
-                dx = fp8_dgrad_gemm(g2d, BlockQuantized(wq_data, wq_scale, (TILE, TILE)), recipe)
+                dx = fp8_dgrad_gemm(g2d, ctx.w_fp8.blocks_t(), recipe, _gemm_out_dtype(ctx.x_dtype))
             if need_w:
-                x_hp = BlockQuantized(xq_data, xq_scale, (1, TILE)).dequantize(torch.float32)
-                dw = fp8_wgrad_gemm(g2d, x_hp, recipe)
+                dw = fp8_wgrad_gemm(g2d, BlockQuantized(xq_data, xq_scale, (1, TILE)), recipe, _gemm_out_dtype(ctx.w_dtype))
         else:
             x2d, weight = ctx.saved_tensors
             cdt = ctx.x_dtype

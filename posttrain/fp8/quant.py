@@ -25,10 +25,15 @@ Conventions used everywhere in ``posttrain.fp8``:
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import types
 from collections.abc import Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -90,6 +95,41 @@ def compute_scale_inv(
     return scale_inv
 
 
+def quantize_groups_reference(
+    x: torch.Tensor,
+    group: Sequence[int],
+    scale_fmt: str | None = None,
+    *,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager reference quantizer: the definition every faster path is tested against.
+
+    Quantizes the last two dims of ``x`` in ``group = (rows, cols)`` groups (ceil-divided); returns
+    ``(fp8, scale_inv)`` with ``fp8.shape == x.shape`` and ``scale_inv.shape ==
+    scale_grid_shape(x.shape, group)`` (float32). Math runs in float32 whatever the input dtype. It
+    materializes float32 temporaries of the whole input: :func:`quantize_groups` calls it per chunk.
+    """
+    rows, cols = x.shape[-2], x.shape[-1]
+    q, scale_inv = _quantize_padded(x, int(group[0]), int(group[1]), scale_fmt, check_finite)
+    if q.shape[-2] != rows or q.shape[-1] != cols:
+        q = q[..., :rows, :cols].contiguous()
+    return q, scale_inv
+
+
+def _quantize_padded(x: torch.Tensor, br: int, bc: int, scale_fmt: str | None, check_finite: bool):
+    """The reference math; fp8 comes back padded to whole groups (the caller crops)."""
+    lead = x.shape[:-2]
+    xf = _pad_to_blocks(x.float(), br, bc)
+    gr, gc = xf.shape[-2] // br, xf.shape[-1] // bc
+    xv = xf.reshape(*lead, gr, br, gc, bc)
+    amax = xv.abs().amax(dim=(-3, -1))
+    scale_inv = compute_scale_inv(amax, scale_fmt, check_finite=check_finite)
+    # Division (not multiplication by a reciprocal) keeps the amax element at exactly
+    # ±448 before rounding; the clamp guards against cast behaviours that do not saturate.
+    q = (xv / scale_inv[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.reshape(*lead, gr * br, gc * bc), scale_inv
+
+
 def quantize_groups(
     x: torch.Tensor,
     group: Sequence[int],
@@ -100,24 +140,235 @@ def quantize_groups(
     """Quantize the last two dims of ``x`` in ``group = (rows, cols)`` groups (ceil-divided).
 
     Returns ``(fp8, scale_inv)`` with ``fp8.shape == x.shape`` and
-    ``scale_inv.shape == scale_grid_shape(x.shape, group)`` (float32).
-    Math runs in float32 whatever the input dtype.
+    ``scale_inv.shape == scale_grid_shape(x.shape, group)`` (float32), equal to
+    :func:`quantize_groups_reference`. Large inputs are processed in chunks of whole groups (over the
+    leading dims, e.g. one expert at a time, then over row-groups), so the float32 temporaries are
+    bounded by ``QUANT_CHUNK_ELEMS`` elements instead of the size of ``x`` -- a [256, 4096, 7168] expert
+    stack needed 28 GiB for its ``abs()`` alone. With ``check_finite=False`` (the training path) the
+    kernel is the ``torch.compile``'d reference where :func:`quant_backend` says so.
     """
-    br, bc = int(group[0]), int(group[1])
-    rows, cols = x.shape[-2], x.shape[-1]
-    lead = x.shape[:-2]
-    xf = _pad_to_blocks(x.float(), br, bc)
-    gr, gc = xf.shape[-2] // br, xf.shape[-1] // bc
-    xv = xf.reshape(*lead, gr, br, gc, bc)
-    amax = xv.abs().amax(dim=(-3, -1))
-    scale_inv = compute_scale_inv(amax, scale_fmt, check_finite=check_finite)
-    # Division (not multiplication by a reciprocal) keeps the amax element at exactly
-    # ±448 before rounding; the clamp guards against cast behaviours that do not saturate.
-    q = (xv / scale_inv[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    q = q.reshape(*lead, gr * br, gc * bc)
+    return _chunked(x, (int(group[0]), int(group[1])), scale_fmt, check_finite, transpose=False)
+
+
+def quantize_groups_t(
+    x: torch.Tensor, group: Sequence[int], scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_groups(x.transpose(-2, -1), group)`` without materializing the transpose in high precision.
+
+    The wgrad GEMM contracts over tokens, so it needs dY^T quantized in 1x128 tiles along the token
+    dim (report §3.3.2: 128x1 tiles of dY); the fused kernel reads dY once and writes the fp8 transpose.
+    """
+    return _chunked(x, (int(group[0]), int(group[1])), scale_fmt, False, transpose=True)
+
+
+def requantize_tiles_t(
+    q: torch.Tensor, scale_inv: torch.Tensor, tile: int = DEFAULT_TILE, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From an fp8 ``[M, K]`` tensor in 1 x ``tile`` tiles (the cached forward activation), the fp8 ``[K, M]``
+    transpose in 1 x ``tile`` tiles along M, i.e. the 128x1 tiles the wgrad GEMM needs (report §3.3.3
+    "Low-Precision Storage" and §3.5.2 on converting 1x128 tiles to 128x1 in the backward).
+
+    Equals ``quantize_groups(dequantize_groups(q, s, (1, tile)).t(), (1, tile))``; fused, it never writes
+    the float32 activation.
+    """
+    if q.dim() != 2:
+        raise ValueError(f"requantize_tiles_t expects a 2-D tensor, got {tuple(q.shape)}")
+    k = q.shape[1]
+    chunk_rows = _chunk_rows(k, q.shape[0], tile)
+    if chunk_rows >= k:
+        return _run("requant_t", tile, tile, scale_fmt, q, scale_inv)
+    # chunk over K in whole input tiles: output rows [k0, k1) read input columns [k0, k1) and scale columns k0/tile...
+    m = q.shape[0]
+    out_q = torch.empty(k, m, dtype=FP8_DTYPE, device=q.device)
+    out_s = torch.empty(k, math.ceil(m / tile), dtype=torch.float32, device=q.device)
+    for k0 in range(0, k, chunk_rows):
+        k1 = min(k, k0 + chunk_rows)
+        cq, cs = _run("requant_t", tile, tile, scale_fmt, q[:, k0:k1], scale_inv[:, k0 // tile : math.ceil(k1 / tile)])
+        out_q[k0:k1], out_s[k0:k1] = cq, cs
+    return out_q, out_s
+
+
+def quantize_rows(x: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise quantization (one scale per row of the last two dims): ``(fp8, scale_inv [..., rows])``.
+
+    The scaling torch's grouped FP8 GEMM takes (``ScalingType.RowWise``); coarser than the report's
+    1x128 / 128x128 groups (§3.3.2), used only where no block-scaled grouped kernel exists.
+    """
+    q, s = quantize_groups(x, (1, x.shape[-1]), scale_fmt, check_finite=False)
+    return q, s.squeeze(-1)
+
+
+# --- chunking and the compiled kernels -------------------------------------------------------------
+#
+# Each kernel below is the eager reference math written as a function of tensors and Python constants,
+# so that ``torch.compile`` (Inductor: Triton on CUDA, C++ on CPU) turns it into one or two fused passes
+# over memory. The eager reference is what runs unless quant_backend() says "compiled"; compiled
+# results equal it bit for bit, or differ by at most one e4m3 step (see e4m3_step_distance), with
+# identical scales -- tests/test_fp8_quant.py checks that rule on both backends.
+
+QUANT_CHUNK_ELEMS = 1 << 26  # elements per chunk: bounds the eager path's float32 temporaries (~256 MiB each)
+QUANT_BACKEND_ENV = "POSTTRAIN_FP8_QUANT"  # "auto" (compiled on CUDA), "eager", "compiled"
+
+_compile_state: dict[str, object] = {}
+
+
+def _chunk_rows(lead: int, cols: int, br: int) -> int:
+    """Rows (a multiple of ``br``) per chunk so that one chunk holds about QUANT_CHUNK_ELEMS elements."""
+    per = max(1, QUANT_CHUNK_ELEMS // max(1, cols))
+    return max(br, per // br * br)
+
+
+def _chunked(x: torch.Tensor, group: tuple[int, int], scale_fmt: str | None, check_finite: bool, transpose: bool):
+    _check_scale_fmt(scale_fmt)
+    if x.dim() < 2:
+        raise ValueError(f"block quantization needs a >= 2-D tensor, got shape {tuple(x.shape)}")
+    br, bc = group
+    # shape of the tensor being quantized (x, or x^T)
+    rows, cols = (x.shape[-1], x.shape[-2]) if transpose else (x.shape[-2], x.shape[-1])
+    lead = tuple(x.shape[:-2])
+    kind = "groups_t" if transpose else "groups"
+    if x.numel() <= QUANT_CHUNK_ELEMS:
+        return _run(kind, br, bc, scale_fmt, x, check_finite=check_finite)
+    q = torch.empty(*lead, rows, cols, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(*lead, math.ceil(rows / br), math.ceil(cols / bc), dtype=torch.float32, device=x.device)
+    per_matrix = rows * cols
+    if lead and per_matrix <= QUANT_CHUNK_ELEMS:
+        # whole matrices (experts) per chunk
+        xf, qf, sf = x.reshape(-1, *x.shape[-2:]), q.view(-1, rows, cols), s.view(-1, *s.shape[-2:])
+        n = max(1, QUANT_CHUNK_ELEMS // per_matrix)
+        for e0 in range(0, xf.shape[0], n):
+            qf[e0 : e0 + n], sf[e0 : e0 + n] = _run(kind, br, bc, scale_fmt, xf[e0 : e0 + n], check_finite=check_finite)
+        return q, s
+    # row-groups of one matrix at a time
+    step = _chunk_rows(rows, cols, br)
+    for idx in _lead_indices(lead):
+        xm, qm, sm = x[idx], q[idx], s[idx]
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            part = xm[..., r0:r1] if transpose else xm[r0:r1]
+            qm[r0:r1], sm[r0 // br : math.ceil(r1 / br)] = _run(kind, br, bc, scale_fmt, part, check_finite=check_finite)
+    return q, s
+
+
+def _lead_indices(lead: tuple[int, ...]):
+    if not lead:
+        yield ()
+        return
+    for flat in range(math.prod(lead)):
+        idx, rem = [], flat
+        for d in reversed(lead):
+            idx.append(rem % d)
+            rem //= d
+        yield tuple(reversed(idx))
+
+
+def _reference(kind: str, a: int, b: int, scale_fmt: str | None, tensors: tuple, check_finite: bool = False):
+    """The eager kernels (padded fp8 out): ``groups`` quantizes x in a x b groups, ``groups_t`` quantizes
+    x^T, ``requant_t`` re-tiles an fp8 tensor in 1 x a tiles to its transpose in 1 x a tiles."""
+    if kind == "groups":
+        return _quantize_padded(tensors[0], a, b, scale_fmt, check_finite)
+    if kind == "groups_t":
+        return _quantize_padded(tensors[0].transpose(-2, -1), a, b, scale_fmt, check_finite)
+    q, s = tensors
+    x = dequantize_groups(q, s, (1, a), torch.float32)
+    return _quantize_padded(x.t(), 1, a, scale_fmt, check_finite)
+
+
+def _kernel_fn(kind: str, a: int, b: int, scale_fmt: str | None):
+    """The same math with the group sizes and the scale format as constants (closure cells)."""
+    if kind == "requant_t":
+        def kernel(q, s):
+            return _reference("requant_t", a, b, scale_fmt, (q, s))
+    else:
+        def kernel(x):
+            return _reference(kind, a, b, scale_fmt, (x,))
+    return kernel
+
+
+def _compiled_kernel(kind: str, a: int, b: int, scale_fmt: str | None):
+    """``torch.compile`` of one kernel configuration, built once per process.
+
+    Each configuration gets a code object of its own: Dynamo keeps its compiled graphs, its
+    recompilation count and its automatic-dynamic state per code object, so group sizes stay
+    compile-time constants (a 1x128 and a 128x128 call through one code object would turn them into
+    symbolic sizes) and only the tensors' shapes go dynamic (static first, dynamic after a second shape).
+    The kernels return the fp8 padded to whole groups and the caller crops it: with the crop inside the
+    compiled graph, torch 2.13's C++ (CPU) backend wrote wrong values into a partial last tile of 4
+    columns (found by the compiled-vs-reference test).
+    """
+    key = (kind, a, b, scale_fmt)
+    compiled = _compile_state.get(key)
+    if compiled is None:
+        fn = _kernel_fn(*key)
+        code = fn.__code__.replace(co_name=f"fp8_quant_{kind}_{a}x{b}_{scale_fmt or 'f32'}")
+        fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        compiled = _compile_state[key] = torch.compile(fn, fullgraph=True)
+    return compiled
+
+
+def quant_backend(device: torch.device | str) -> str:
+    """``"compiled"`` or ``"eager"``: which quantizer :func:`quantize_groups` & co. use on ``device``.
+
+    ``POSTTRAIN_FP8_QUANT=auto`` (default) compiles on CUDA only (Triton; on a CPU the first compile of
+    each kernel costs tens of seconds, while the CPU path is an emulation anyway); ``compiled`` also
+    compiles on CPU (C++); ``eager`` never compiles. A compile or run failure switches to eager for the
+    rest of the process, logged once.
+    """
+    mode = os.environ.get(QUANT_BACKEND_ENV, "auto")
+    if mode not in ("auto", "eager", "compiled"):
+        raise ValueError(f"{QUANT_BACKEND_ENV} must be auto, eager or compiled, got {mode!r}")
+    if mode == "eager" or _compile_state.get("broken"):
+        return "eager"
+    if mode == "auto" and torch.device(device).type != "cuda":
+        return "eager"
+    if not hasattr(torch, "compile"):
+        return "eager"
+    return "compiled"
+
+
+def _run(kind: str, a: int, b: int, scale_fmt: str | None, *tensors: torch.Tensor, check_finite: bool = False):
+    """One chunk through the compiled kernel or the eager reference; the fp8 is cropped to the quantized
+    tensor's shape and returned row-major."""
+    x = tensors[0]
+    rows, cols = (x.shape[-2], x.shape[-1]) if kind == "groups" else (x.shape[-1], x.shape[-2])
+    if check_finite or quant_backend(x.device) == "eager" or _is_compiling():
+        q, s = _reference(kind, a, b, scale_fmt, tensors, check_finite)
+    else:
+        try:
+            q, s = _compiled_kernel(kind, a, b, scale_fmt)(*tensors)
+        except Exception as e:  # noqa: BLE001 -- compiler missing, unsupported op, ...: eager is always correct
+            if not _compile_state.get("broken"):
+                log.warning("torch.compile of the FP8 quantizer failed (%s: %s); using the eager quantizer",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _compile_state["broken"] = True
+            q, s = _reference(kind, a, b, scale_fmt, tensors)
     if q.shape[-2] != rows or q.shape[-1] != cols:
-        q = q[..., :rows, :cols].contiguous()
-    return q, scale_inv
+        q = q[..., :rows, :cols]
+    # always row-major: checkpoints need contiguous tensors, and the GEMMs' operand layouts start from it
+    # (elementwise ops keep a transposed input's strides when the group reshape is a view, e.g. row-wise)
+    return q.contiguous(), s
+
+
+def _is_compiling() -> bool:
+    # inside an outer torch.compile the eager reference is traced and fused into the caller's graph
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def e4m3_step_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many e4m3 values lie between ``a`` and ``b`` (int32, elementwise; 0 = same value, +0 == -0).
+
+    e4m3fn's bit patterns, read as sign-magnitude integers, are ordered like the values they encode,
+    so the step distance is the difference of the signed 7-bit magnitudes. The compiled quantizers must
+    satisfy ``e4m3_step_distance(compiled, reference) <= 1`` everywhere (a float32 ``x / s`` computed as
+    ``x * (1 / s)`` can move a value across a rounding boundary by one step, never more).
+    """
+    def signed(t: torch.Tensor) -> torch.Tensor:
+        bits = t.view(torch.uint8).to(torch.int32)
+        mag = bits & 0x7F
+        return torch.where(bits >= 0x80, -mag, mag)
+
+    return (signed(a) - signed(b)).abs()
 
 
 def expand_scale(scale_inv: torch.Tensor, shape: Sequence[int], group: Sequence[int]) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""benchmarks/bench_gpu.py is only run for real on a lent GPU; its --cpu-smoke mode runs every section on
+tiny CPU shapes so that the script cannot rot unnoticed between GPU sessions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cpu_smoke_runs_every_section(tmp_path, capsys, one_torch_thread):
+    bench = _load()
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--cpu-smoke", "--sections", ",".join(bench.SECTIONS), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed[-3000:]
+    data = json.loads(out.read_text())
+    assert data["smoke"] is True
+    for section in ("gemm", "linear"):
+        rows = data[section]
+        assert len(rows) == len(bench.V3_SHAPES) and not [r for r in rows if "error" in r], rows
+        assert all(0.01 < r.get("err_fp8", r.get("err_y")) < 0.06 for r in rows)  # really e4m3, and close
+    experts = data["experts"]
+    assert {r["impl"] for r in experts} == {"grouped_mm (bf16)", "posttrain_fp8 auto", "posttrain_fp8 blockwise"}
+    assert not [r for r in experts if "error" in r], experts
+    assert all("eager_gbs" in r for r in data["quant"])
+    sft = data["sft_step"]
+    assert {r["variant"] for r in sft} == {"fp32", "fp8"} and not [r for r in sft if "error" in r], sft
+    for title in ("### GEMM", "### FP8Linear", "### Routed experts", "### FP8 quantizers", "## SFT step"):
+        assert title in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_without_cuda_it_exits_non_zero_with_a_message(capsys):
+    bench = _load()
+    assert bench.main(["--sections", "gemm"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
