@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "rewards": "list the reward functions that resolve (built-ins, plugins)",
     "convert": "convert checkpoints between FP8 (DeepSeek block-scaled) and bf16",
     "plan": "estimate per-GPU memory and step time for a model on a cluster",
+    "serve": "serve a model over an OpenAI-compatible API (vLLM with the engine fixes; --trl for GRPO's server mode)",
     "smoke": "check the install: init the tiny model, a forward/backward pass, a vLLM generation",
 }
 
@@ -215,6 +216,59 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from posttrain.recipe import require_model_dir
+
+    p = argparse.ArgumentParser(
+        prog="dsv3-posttrain serve",
+        usage="dsv3-posttrain serve MODEL [--host H] [--port P] [--trl] [options] [vLLM server options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Serve MODEL with vLLM's OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, "
+            "/health) in a process where the engine fixes are applied (on vLLM's CPU build: the MLA rotary fix, "
+            "fp32, eager mode, a small KV cache; an FP8 checkpoint is served dequantized where vLLM has no FP8 "
+            "kernel). The openai distillation teacher takes it as api_base http://HOST:PORT/v1 with "
+            "model_name_or_path MODEL.", width=100, break_on_hyphens=False),
+        epilog=textwrap.fill(
+            "--trl adds TRL's `trl vllm-serve` options (processed log-probs, weight-update endpoints, NCCL weight "
+            "transfer on CUDA): GRPO's vllm_mode: server with vllm_server_base_url http://HOST:PORT. Weight sync "
+            "needs CUDA; on CPU, GRPO runs colocated. Any other option is passed to vLLM's server as it is "
+            "(e.g. --max-num-seqs 64; set the KV cache on CPU with VLLM_CPU_KVCACHE_SPACE=GiB).",
+            width=100, break_on_hyphens=False),
+    )
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory (or a Hugging Face Hub id)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--dtype", default=None, help="weight dtype (default: float32 on CPU, the checkpoint's on GPU)")
+    p.add_argument("--max_model_len", "--max-model-len", type=int, default=None,
+                   help="context length (default on CPU: the model's, at most 4096)")
+    p.add_argument("--seed", type=int, default=0, help="vLLM's random seed (default: 0)")
+    p.add_argument("--served_model_name", "--served-model-name", default=None,
+                   help="the model name clients send (default: MODEL as given)")
+    p.add_argument("--trl", action="store_true", help="also speak TRL's vllm-serve protocol (GRPO vllm_mode: server)")
+    args, extra = p.parse_known_args(argv)
+    require_model_dir(args.model, "MODEL", allow_hub=True)
+    _require_free_port(args.host, args.port)
+    from engines.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
+          seed=args.seed, served_model_name=args.served_model_name, trl=args.trl, extra=extra)
+    return 0
+
+
+def _require_free_port(host: str, port: int) -> None:
+    import socket
+
+    from posttrain.errors import UserError
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: only a listener conflicts
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def _short(summary) -> str:
     if not isinstance(summary, dict):
         return ""
@@ -246,6 +300,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "grpo": cmd_grpo,
     "rm": lambda argv: __import__("posttrain.rm.cli", fromlist=["main_rm"]).main_rm(argv),
     "eval": cmd_eval,
+    "serve": cmd_serve,
     "run": cmd_run,
     "plan": lambda argv: __import__("posttrain.plan", fromlist=["main_plan"]).main_plan(argv),
 }

@@ -67,9 +67,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from data_pipelines.arith_task import generate_split
-    from data_pipelines.teachers.base import SamplingConfig
     from data_pipelines.teachers.hf_backend import HFTeacher
     from data_pipelines.teachers.vllm_backend import VLLMTeacher
+    from engines import SamplingSettings
 
     model = args.model
     if model is None:
@@ -77,7 +77,7 @@ def main() -> None:
 
         model = str(init_model("tiny", Path(tempfile.mkdtemp(prefix="bench-tiny-"))))
     prompts = [r["prompt"] for r in generate_split("train", args.prompts, seed=123)]
-    sampling = SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=args.max_tokens, seed=0)
+    sampling = SamplingSettings(temperature=0.6, top_p=0.95, max_tokens=args.max_tokens, seed=0)
     results = {"model": model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
                "repeats": args.repeats, "machine": f"{platform.machine()} {os.cpu_count()} cores, "
                f"load avg at start {os.getloadavg()[0]:.2f}"}

@@ -43,12 +43,13 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from engines.vllm_engine import VLLMColocateEngine
     from eval_hooks.accuracy import evaluate_accuracy
     from eval_hooks.benchmarks import load_benchmark
     from eval_hooks.callback import EvalCallback
     from posttrain.grpo.config import GRPORecipeConfig
     from posttrain.grpo.run import build_trainer
-    from posttrain.rollout.engines import VLLMColocateEngine
+    from posttrain.layout import weights_for_engine
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     prompts, answers = load_benchmark(f"{args.task}&n_test={args.problems}", "test", args.problems)
@@ -67,7 +68,7 @@ def main() -> None:
         t0 = time.time()
         trainer.train()
         seconds = time.time() - t0
-        engine.sync_weights(trainer.model)
+        engine.sync_weights(weights_for_engine(trainer.model, engine))
         after = evaluate_accuracy(engine, tok, prompts, answers, max_tokens=48)["accuracy"]
     finally:
         engine.close()

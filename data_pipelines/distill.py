@@ -372,7 +372,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
 
     from .distill_stats import build_stats, write_histogram, write_stats
     from .shards import ShardStore
-    from .teachers import SamplingConfig, make_teacher
+    from .teachers import SamplingSettings, make_teacher
     from .tokens import TokenCounter
 
     started = time.time()
@@ -388,8 +388,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         teacher = make_teacher(cfg)
         name = teacher.name
         counter = TokenCounter(cfg.model_name_or_path if cfg.backend in ("scripted", "openai") else None)
-        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
-                                  max_tokens=cfg.max_completion_length, seed=cfg.seed)
+        sampling = SamplingSettings(temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_tokens=cfg.max_completion_length, seed=cfg.seed)
         kept_n = total_n = 0
         bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="prompt", desc="distill",
                    disable=cfg.disable_tqdm, dynamic_ncols=True)

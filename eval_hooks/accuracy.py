@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.rollout.engines import RolloutEngine, SamplingSettings
+from engines import RolloutEngine, SamplingSettings
 
 
 def _prompt_ids(tokenizer, prompt: Any) -> list[int]:
@@ -32,7 +32,7 @@ def evaluate_accuracy(
 ) -> dict[str, Any]:
     """pass@1 (greedy when `temperature` is 0); with `k` > 1 also pass@k and maj@k over k samples.
 
-    Returns {"accuracy", "mean_correct", "n", "pass@k", "maj@k", "completions"}: `accuracy` is
+    Returns {"accuracy", "mean_correct", "n", "correct", "pass@k", "maj@k", "completions"}: `accuracy` is
     pass@1 over the first sample of each problem, `mean_correct` the fraction of all samples right."""
     from rewards import extract_final_answer, math_accuracy
 
@@ -55,6 +55,7 @@ def evaluate_accuracy(
         "accuracy": sum(c[0] for c in correct) / len(correct),
         "mean_correct": sum(sum(c) for c in correct) / (len(correct) * k),  # = mean math_accuracy reward
         "n": len(correct),
+        "correct": [c[0] for c in correct],  # per problem, in order: paired comparisons between checkpoints
         "completions": [group[0] for group in texts],
     }
     if k > 1:

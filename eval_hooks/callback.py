@@ -8,7 +8,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from posttrain.rollout.engines import HFGenerateEngine, RolloutEngine
+from engines import RolloutEngine
+from engines.hf import HFGenerateEngine
 
 from .accuracy import evaluate_accuracy
 

@@ -15,8 +15,9 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
     """{name: checkpoint dir} -> {name: {"accuracy", "n", ...}}; each result also written as JSON."""
     from transformers import AutoTokenizer
 
+    from engines.vllm_engine import VLLMColocateEngine
+    from posttrain.layout import weights_for_engine
     from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
-    from posttrain.rollout.engines import VLLMColocateEngine
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,7 +32,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             path = checkpoints[name]
             tokenizer = AutoTokenizer.from_pretrained(path)
             if i > 0 or not own_engine:
-                engine.sync_weights(DeepseekV3ForCausalLMWithMTP.from_pretrained(path))
+                engine.sync_weights(weights_for_engine(DeepseekV3ForCausalLMWithMTP.from_pretrained(path), engine))
             res = evaluate_accuracy(engine, tokenizer, prompts, answers, k=1, temperature=0.0,
                                     max_tokens=cfg.max_tokens)
             if cfg.k > 1:

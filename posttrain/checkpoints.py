@@ -52,6 +52,27 @@ class DeepSeekLayoutCheckpoints:
     and rank 0 writes it with the model's `save_pretrained` (per-expert names, the MTP layer at
     `model.layers.{N}`, the routers' biases)."""
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """A restart from a checkpoint that already reached `max_steps` trains nothing (transformers
+        5.19 would run one more step): the checkpoint's weights and state are loaded, so what the
+        caller saves afterwards is the finished run's model."""
+        from transformers.trainer_utils import TrainOutput
+
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, Path)) and self.args.max_steps and self.args.max_steps > 0:
+            from transformers import TrainerState
+
+            state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+            if state.global_step >= self.args.max_steps:
+                log.info("%s is at step %d of max_steps %d: nothing left to train", checkpoint, state.global_step,
+                         self.args.max_steps)
+                self._load_from_checkpoint(str(checkpoint))
+                self.state = state
+                return TrainOutput(state.global_step, None, {"train_runtime": 0.0})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         from .distributed import gather_full_state_dict, model_is_sharded
         from .modeling import unwrap_model

@@ -6,12 +6,17 @@ transformers v5 holds routed experts fused (`mlp.experts.gate_up_proj` [E, 2I, H
 `revert_weight_conversion` (what `save_pretrained` calls), so the names and values are exactly what
 a saved checkpoint holds. DeepSeek → live is the inverse fusion. Both carry the MTP layers and the
 router's `e_score_correction_bias` buffers, which live in the state dict like any other tensor.
+
+Weight sync streams the same layout into a rollout engine (`weights_for_engine`): plain, or with every
+FP8-format weight re-quantized per the engine's block size and scale format and followed by its
+`weight_scale_inv`, when the engine serves a DeepSeek FP8 checkpoint in FP8.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +51,33 @@ def iter_deepseek_layout(model: nn.Module, detach: bool = True) -> Iterator[tupl
         # Under FSDP2 each layer is all-gathered here, one at a time: every rank must consume the
         # generator to the end, in step with the others.
         yield from to_deepseek_layout(model, full_tensors(groups[key])).items()
+
+
+def iter_fp8_deepseek_layout(
+    model: nn.Module, block: tuple[int, int] = (128, 128), scale_fmt: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`iter_deepseek_layout` with every FP8-format weight (attention, dense/shared/routed expert
+    projections: `posttrain.fp8.layout.is_fp8_weight_name`) re-quantized to e4m3 per `block` and
+    followed by its `weight_scale_inv` -- what a DeepSeek FP8 checkpoint holds (report §3.3.2)."""
+    from .fp8.layout import is_fp8_weight_name, scale_name_for
+    from .fp8.quant import quantize_blockwise
+
+    for name, tensor in iter_deepseek_layout(model):
+        if tensor.dim() == 2 and is_fp8_weight_name(name):
+            q, s = quantize_blockwise(tensor, block, scale_fmt)
+            yield name, q
+            yield scale_name_for(name), s
+        else:
+            yield name, tensor
+
+
+def weights_for_engine(model: nn.Module, engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """What `engine.sync_weights` takes for `model`: the DeepSeek layout, re-quantized per `engine.fp8_block`
+    and `engine.fp8_scale_fmt` when the engine holds FP8 weights (`engines.vllm_engine.VLLMColocateEngine`)."""
+    block = getattr(engine, "fp8_block", None)
+    if block is None:
+        return iter_deepseek_layout(model)
+    return iter_fp8_deepseek_layout(model, block, getattr(engine, "fp8_scale_fmt", None))
 
 
 def from_deepseek_layout(deepseek_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

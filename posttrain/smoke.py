@@ -37,7 +37,7 @@ def run_smoke(output_dir: str | Path = "runs/smoke", use_vllm: bool = True) -> d
     if use_vllm:
         from vllm import SamplingParams
 
-        from .rollout.vllm_setup import make_llm
+        from engines.vllm_engine import make_llm
 
         t0 = time.time()
         llm = make_llm(str(out), max_model_len=256)

@@ -15,8 +15,9 @@ Two ways to turn a DeepSeek-V3-architecture model into rewards, both with TRL's 
   parseable score is a failure: None under ``policy="skip"`` (the suite counts None rows), a
   :class:`RewardError` naming the row under ``policy="error"``.
 
-This module never imports ``posttrain`` (see the package docstring); torch, transformers and vLLM
-are imported lazily so ``import rewards`` stays light.
+This module never imports ``posttrain`` or ``data_pipelines`` (see the package docstring); the judge's
+engine comes from ``engines.vllm_engine``. torch, transformers and vLLM are imported lazily so
+``import rewards`` stays light.
 """
 
 from __future__ import annotations
@@ -290,16 +291,19 @@ class GenerativeJudge:
         self.max_model_len, self.dtype = max_model_len, dtype
         self.llm_kwargs = dict(llm_kwargs or {})
         self._generate, self._llm = generate, llm
+        self._owns_llm = False
         self.last_answers: list[str | None] = []  # the judge's raw texts of the latest call (for inspection)
 
     # vLLM ------------------------------------------------------------------------------------
     def _engine(self) -> Any:
         if self._llm is None:
             self._llm = _start_vllm(str(self.model_path), self.max_model_len, self.seed, self.dtype, self.llm_kwargs)
+            self._owns_llm = True
         return self._llm
 
     def _vllm_generate(self, chats: list[list[dict[str, str]]]) -> list[str | None]:
-        from vllm import SamplingParams
+        from engines import SamplingSettings
+        from engines.vllm_engine import chat_completions
 
         llm = self._engine()
         tok = llm.get_tokenizer()
@@ -313,18 +317,18 @@ class GenerativeJudge:
             if len(ids) <= budget:
                 fits.append(i)
         if fits:
-            params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, seed=self.seed)
-            results = llm.chat([chats[i] for i in fits], params, use_tqdm=False)
-            for i, r in zip(fits, results):
-                out[i] = r.outputs[0].text
+            sampling = SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed)
+            for i, (c,) in zip(fits, chat_completions(llm, [chats[i] for i in fits], 1, sampling)):
+                out[i] = c.text
         return out
 
     def close(self) -> None:
-        """Drop the vLLM engine this judge started."""
-        self._llm = None
-        import gc
+        """Stop the vLLM engine this judge started (one passed in as `llm` is left running)."""
+        llm, self._llm = self._llm, None
+        if llm is not None and self._owns_llm:
+            from engines.vllm_engine import shutdown_llm
 
-        gc.collect()
+            shutdown_llm(llm)
 
     # the reward ------------------------------------------------------------------------------
     def judge_messages(self, prompt: Any, completion: Any) -> list[dict[str, str]]:
@@ -352,30 +356,11 @@ class GenerativeJudge:
 
 
 def _start_vllm(model_path: str, max_model_len: int, seed: int, dtype: str | None, extra: dict[str, Any]) -> Any:
-    """A `vllm.LLM` with the settings its CPU build needs (kept in step with posttrain/rollout/vllm_setup.py,
-    which this package may not import)."""
-    import torch
-
-    kwargs: dict[str, Any] = dict(model=model_path, max_model_len=max_model_len, seed=seed)
-    if not torch.cuda.is_available():
-        # The engine core must run in this process for the rotary fix below to reach it.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # vLLM CPU's C++ rotary op mis-rotates MLA's strided q_pe/k_pe; the native path is exact
-        # (same fix as posttrain/rollout/vllm_setup.py: patch_vllm_cpu_rope).
-        from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
-
-        RotaryEmbedding.forward_cpu = RotaryEmbedding.forward_native
-        kwargs["dtype"] = dtype or "float32"
-        kwargs["enforce_eager"] = True
-        if kwargs["dtype"] in ("float32", "fp32"):
-            kwargs["attention_config"] = {"backend": "CPU_MLA"}  # the only CPU MLA backend taking fp32
-    elif dtype:
-        kwargs["dtype"] = dtype
-    kwargs.update(extra)
-    from vllm import LLM
+    """The judge's `vllm.LLM` (engines.vllm_engine.make_llm: the CPU fixes, fp32 on CPU unless `dtype` says
+    otherwise); a path vLLM cannot serve is a RewardError."""
+    from engines.vllm_engine import make_llm
 
     try:
-        return LLM(**kwargs)
+        return make_llm(model_path, max_model_len=max_model_len, seed=seed, dtype=dtype, **extra)
     except Exception as e:  # vLLM raises many types for a path it cannot serve
         raise RewardError(f"generative_judge: vLLM could not load {model_path}: {type(e).__name__}: {e}") from e

@@ -1,6 +1,6 @@
 """Prepares the tiny V3 model with accelerate's `fsdp2_prepare_model` (RAM-efficient loading on)
 in a one-process gloo group, first with accelerate's own full-state-dict loader, then with
-posttrain.compat's; prints what happened (tests/test_compat.py reads it)."""
+engines.compat's; prints what happened (tests/test_compat.py reads it)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def prepare(model):
 
 
 def main() -> None:
-    from posttrain import compat
+    from engines import compat
     from posttrain.distributed import full_tensor
     from posttrain.model_init import init_model
     from posttrain.modeling import DeepseekV3ForCausalLMWithMTP

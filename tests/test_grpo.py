@@ -15,6 +15,7 @@ import torch
 from posttrain.errors import UserError
 from posttrain.grpo.config import GRPORecipeConfig
 from posttrain.grpo.run import build_trainer, load_prompts
+from posttrain.layout import weights_for_engine
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
 
 VARIED_REWARD = str(Path(__file__).with_name("rewards_for_tests.py")) + ":length_reward"
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from posttrain.rollout.engines import VLLMColocateEngine
+    from engines.vllm_engine import VLLMColocateEngine
 
     eng = VLLMColocateEngine(str(tiny_model_dir), max_model_len=256)
     yield eng
@@ -90,7 +91,7 @@ def test_sync_parity_after_a_step(trained, engine):
     assert not torch.equal(before["model.layers.1.mlp.gate.e_score_correction_bias"],
                            after["model.layers.1.mlp.gate.e_score_correction_bias"])
     assert not torch.equal(before["model.layers.1.mlp.experts.gate_up_proj"], after["model.layers.1.mlp.experts.gate_up_proj"])
-    engine.sync_weights(model)
+    engine.sync_weights(weights_for_engine(model, engine))
     prompt = trainer.processing_class.apply_chat_template(
         [{"role": "user", "content": "Mia has 12 apples. She buys 7 more. How many apples does she have?"}],
         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]

@@ -56,7 +56,8 @@ def test_grpo_raises_reward_and_held_out_accuracy_above_the_sft_checkpoint(sft_c
     from eval_hooks.benchmarks import load_benchmark
     from posttrain.grpo.config import GRPORecipeConfig
     from posttrain.grpo.run import build_trainer
-    from posttrain.rollout.engines import VLLMColocateEngine
+    from engines.vllm_engine import VLLMColocateEngine
+    from posttrain.layout import weights_for_engine
 
     tok = AutoTokenizer.from_pretrained(sft_checkpoint)
     prompts, answers = load_benchmark(f"{TASK}&n_test={HELD_OUT}", "test", HELD_OUT)
@@ -75,7 +76,7 @@ def test_grpo_raises_reward_and_held_out_accuracy_above_the_sft_checkpoint(sft_c
         )
         trainer = build_trainer(cfg, engine=engine)
         trainer.train()
-        engine.sync_weights(trainer.model)
+        engine.sync_weights(weights_for_engine(trainer.model, engine))
         after = evaluate_accuracy(engine, tok, prompts, answers, max_tokens=48)["accuracy"]
         sampled_after = evaluate_accuracy(engine, tok, prompts, answers, k=4, temperature=1.0, max_tokens=48)["mean_correct"]
     finally:
@@ -87,7 +88,8 @@ def test_grpo_raises_reward_and_held_out_accuracy_above_the_sft_checkpoint(sft_c
     print(f"held-out greedy accuracy {before:.3f} -> {after:.3f}; held-out mean reward (k=4) {sampled_before:.3f} -> "
           f"{sampled_after:.3f}; training reward first 10 steps {first:.3f}, last 10 {last:.3f}; "
           f"mtp/accept_rate {sum(accept[:10]) / 10:.3f} -> {sum(accept[-10:]) / 10:.3f}")
-    assert 0.1 < before < 0.9  # a checkpoint with room to improve
+    # room for the required gain: the SFT checkpoint's accuracy differs by machine (0.53 and 0.90 measured)
+    assert 0.1 < before <= 1 - MARGIN
     assert last > first + 0.03, (first, last)  # measured 0.553 -> 0.648
     assert sampled_after > sampled_before, (sampled_before, sampled_after)
     assert after >= before + MARGIN, (before, after)

@@ -1,4 +1,4 @@
-"""The colocated vLLM engine (posttrain/rollout/engines.py) outside the GRPO trainer: what a weight
+"""The colocated vLLM engine (engines/vllm_engine.py) outside the GRPO trainer: what a weight
 sync leaves in the engine equals what loading the same weights from disk gives."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 def test_bf16_engine_after_a_sync_equals_a_fresh_engine_on_the_same_weights(tmp_path, tiny_model_dir):
     """In bf16 on a CPU with AMX, vLLM would pick its AMX_MLA backend, which frees `kv_b_proj.weight`
-    after loading, and the first sync failed ("Attempted to load weight ... into parameter
-    (torch.Size([0]))"); the engine now always takes CPU_MLA on CPU. On any CPU this checks the bf16
-    sync end to end: perturbed weights pushed into a running engine score a completion exactly as a
+    after loading, so a sync fails ("Attempted to load weight ... into parameter (torch.Size([0]))");
+    an engine that takes syncs runs CPU_MLA on CPU. On any CPU this checks the bf16 sync end to end: perturbed weights pushed into a running engine score a completion exactly as a
     new engine loaded from those weights does."""
     from transformers import AutoTokenizer
 
+    from posttrain.layout import weights_for_engine
     from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
-    from posttrain.rollout.engines import VLLMColocateEngine
+    from engines.vllm_engine import VLLMColocateEngine
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = tok("Mia has 12 apples. She buys 7 more.", add_special_tokens=False)["input_ids"]
@@ -35,7 +35,7 @@ def test_bf16_engine_after_a_sync_equals_a_fresh_engine_on_the_same_weights(tmp_
     engine = VLLMColocateEngine(str(tiny_model_dir), dtype="bfloat16", max_model_len=256)
     try:
         before = engine.score(prompt, completion)
-        engine.sync_weights(model)
+        engine.sync_weights(weights_for_engine(model, engine))
         synced = engine.score(prompt, completion)
     finally:
         engine.close()

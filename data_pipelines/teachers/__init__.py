@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DataError
-from .base import Completion, Messages, SamplingConfig, Teacher, fingerprint
+from .base import Completion, Messages, SamplingSettings, Teacher
 
 BACKENDS = ("scripted", "vllm", "hf", "openai")
 
@@ -43,4 +43,4 @@ def make_teacher(cfg: Any) -> Teacher:
                          request_timeout=cfg.request_timeout, backoff_base=cfg.retry_backoff)
 
 
-__all__ = ["BACKENDS", "Completion", "Messages", "SamplingConfig", "Teacher", "fingerprint", "make_teacher"]
+__all__ = ["BACKENDS", "Completion", "Messages", "SamplingSettings", "Teacher", "make_teacher"]

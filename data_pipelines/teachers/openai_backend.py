@@ -18,7 +18,9 @@ import random
 from typing import Any, Sequence
 
 from ..errors import DataError
-from .base import Completion, Messages, SamplingConfig, sample_seed
+from engines.types import prompt_seed
+
+from .base import Completion, Messages, SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,12 @@ class OpenAITeacher:
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    def generate(self, prompts: Sequence[Messages], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Messages], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
         if not prompts:
             return []
         return asyncio.run(self._generate(prompts, n, sampling))
 
-    async def _generate(self, prompts: Sequence[Messages], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+    async def _generate(self, prompts: Sequence[Messages], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
         import aiohttp
 
         sem = asyncio.Semaphore(self.max_concurrency)
@@ -81,10 +83,11 @@ class OpenAITeacher:
         return [flat[k * n:(k + 1) * n] for k in range(len(prompts))]
 
     async def _request(self, session: Any, sem: asyncio.Semaphore, prompt: Messages, index: int,
-                       sampling: SamplingConfig) -> Completion:
+                       sampling: SamplingSettings) -> Completion:
         body = {"model": self.model, "messages": prompt, "n": 1, "temperature": sampling.temperature,
-                "top_p": sampling.top_p, "max_tokens": sampling.max_tokens,
-                "seed": sample_seed(sampling.seed, prompt, index)}
+                "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
+        if sampling.seed is not None:
+            body["seed"] = prompt_seed(sampling.seed, prompt, index)
         last = ""
         for attempt in range(self.max_retries + 1):
             try:

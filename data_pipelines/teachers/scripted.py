@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..arith_task import parse_problem, scripted_trace
 from ..errors import DataError
-from .base import Completion, Messages, SamplingConfig
+from .base import Completion, Messages, SamplingSettings
 
 SCRIPTED_NAME = "scripted (synthetic)"
 
@@ -40,7 +40,7 @@ class ScriptedTeacher:
         text = scripted_trace({"problem": problem, "operands": operands, "ops": ops}, rng, wrong=wrong)
         return Completion(text=text, finish_reason="stop")
 
-    def generate(self, prompts: Sequence[Messages], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Messages], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
         return [[self._one(p, i, sampling.seed) for i in range(n)] for p in prompts]
 
     def close(self) -> None:

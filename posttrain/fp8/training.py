@@ -155,20 +155,12 @@ def install_trl_reference_loader() -> None:
 
     trl 1.16's ``GRPOTrainer.__init__`` builds the reference model (``beta > 0``) with
     ``create_model_from_path(config._name_or_path, ...)``, i.e. transformers' FP8 loading (see
-    the module docstring). The wrapper replaces the name in ``trl.trainer.grpo_trainer`` and
-    hands every other path to TRL's own function unchanged. Idempotent.
+    the module docstring). FP8 checkpoints go through :func:`load_pretrained` instead, every other
+    path to TRL's own function (``engines.compat.apply_trl_reference_loader``). Idempotent.
     """
-    try:
-        import trl.trainer.grpo_trainer as grpo_module
-    except ImportError:  # TRL absent: nothing to route
-        return
-    original = grpo_module.create_model_from_path
-    if getattr(original, "_posttrain_fp8", False):
-        return
+    from engines.compat import apply_trl_reference_loader
 
-    def create_model_from_path(model_id: str, architecture: type | None = None, **kwargs: Any) -> nn.Module:
-        if not is_fp8_checkpoint(model_id):
-            return original(model_id, architecture, **kwargs)
+    def load_reference(model_id: str, architecture: type | None = None, **kwargs: Any) -> nn.Module:
         import transformers
 
         if architecture is None:
@@ -177,8 +169,7 @@ def install_trl_reference_loader() -> None:
         kwargs.setdefault("device_map", None)
         return load_pretrained(architecture, model_id, **kwargs)
 
-    create_model_from_path._posttrain_fp8 = True  # type: ignore[attr-defined]
-    grpo_module.create_model_from_path = create_model_from_path
+    apply_trl_reference_loader(is_fp8_checkpoint, load_reference)
 
 
 def fp8_source(model: nn.Module) -> FP8CheckpointMeta | None:

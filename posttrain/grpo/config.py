@@ -42,11 +42,35 @@ class GRPORecipeConfig(GRPOConfig):
                   "naming the reward and row; `skip` scores that row None and counts it in rewards/<name>/failures."},
     )
     reward_timeout_s: float | None = field(default=120.0, metadata={"help": "Per-call timeout of each reward."})
+    # -- dynamic sampling (DAPO §3.2) -------------------------------------------------------------
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "Drop groups whose rewards all tie (zero advantage) before the loss and sample more "
+                  "prompts, in extra engine calls, until the batch is full of groups with reward spread (DAPO "
+                  "§3.2). Extra prompts are drawn from the training set by (seed, step, round): reruns and "
+                  "resumed runs sample the same. Logged: sampling/groups_dropped, sampling/rounds, "
+                  "timing/extra_generation; frac_reward_zero_std is then that of the trained batch."},
+    )
+    max_sampling_rounds: int = field(
+        default=3,
+        metadata={"help": "With dynamic_sampling: engine calls per step at most, the first included. If the "
+                  "batch is still short, it trains on the groups with spread it has."},
+    )
     # -- V3 specifics ---------------------------------------------------------------------------
-    mtp_loss_weight: float = field(
+    mtp_loss_weight: float | str = field(
         default=0.3,
         metadata={"help": "λ of the MTP loss on the policy's own samples (V3 report §2.2); 0 leaves the MTP "
-                  "module untouched (its acceptance rate is still measured)."},
+                  "module untouched (its acceptance rate is still measured). `auto`: closed loop — λ starts at "
+                  "0.3 and is adjusted after every step from the measured MTP acceptance (the engine's "
+                  "`rollout/spec_accept_rate` when it logs one, else `mtp/accept_rate`) to hold acceptance at its "
+                  "value at the start of GRPO at the least MTP loss weight (posttrain/grpo/mtp_control.py); "
+                  "logged as `mtp_loss_weight`."},
+    )
+    mtp_loss_weight_min: float = field(
+        default=0.01, metadata={"help": "With mtp_loss_weight=auto: the floor λ decays toward while acceptance holds."}
+    )
+    mtp_loss_weight_max: float = field(
+        default=1.0, metadata={"help": "With mtp_loss_weight=auto: the ceiling λ rises to while acceptance is low."}
     )
     mtp_detach_input: bool = field(
         default=False, metadata={"help": "Stop the MTP loss's gradient at the trunk's hidden states."}
@@ -102,8 +126,18 @@ class GRPORecipeConfig(GRPOConfig):
             raise ValueError(f"reward_failure_policy must be 'error' or 'skip', got {self.reward_failure_policy!r}")
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is empty: name at least one reward function")
-        if self.mtp_loss_weight < 0:
+        if isinstance(self.mtp_loss_weight, str):
+            text = self.mtp_loss_weight.strip().lower()
+            try:
+                self.mtp_loss_weight = "auto" if text == "auto" else float(text)
+            except ValueError:
+                raise ValueError(f"mtp_loss_weight must be a number >= 0 or 'auto', got {self.mtp_loss_weight!r}") from None
+        if self.mtp_loss_weight != "auto" and self.mtp_loss_weight < 0:
             raise ValueError("mtp_loss_weight must be >= 0")
+        if not 0 <= self.mtp_loss_weight_min <= self.mtp_loss_weight_max:
+            raise ValueError("mtp_loss_weight_min and mtp_loss_weight_max must satisfy 0 <= min <= max")
+        if self.max_sampling_rounds < 1:
+            raise ValueError("max_sampling_rounds must be >= 1")
         from ..fp8.training import check_fp8_fields
 
         check_fp8_fields(self)

@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 
+from engines import RolloutEngine
+from engines.hf import HFGenerateEngine
+
 from ..balancing import BALANCER_STATE_FILE
 from ..checkpoints import last_complete_checkpoint
 from ..errors import UserError
-from ..fp8.training import apply_fp8_training, finalize_fp8_export, load_pretrained
+from ..fp8.training import apply_fp8_training, finalize_fp8_export, is_fp8_checkpoint, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
-from ..rollout.engines import HFGenerateEngine, RolloutEngine, VLLMColocateEngine, VLLMServerEngine
 from .config import GRPORecipeConfig
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,29 @@ def load_prompts(cfg: GRPORecipeConfig):
     return ds
 
 
+def check_server_mode(cfg: GRPORecipeConfig) -> None:
+    """What `vllm_mode: server` cannot do, said before anything is loaded."""
+    if not (cfg.use_vllm and cfg.vllm_mode == "server"):
+        return
+    if is_fp8_checkpoint(cfg.model_name_or_path):
+        # TRL's client sends one tensor at a time, which vLLM's block-FP8 layers cannot take after
+        # loading, and high-precision weights must not be cast into FP8 parameters without their scales
+        raise UserError(f"{cfg.model_name_or_path} is an FP8 checkpoint: weight sync to a vLLM server cannot send "
+                        "FP8 weights; use vllm_mode: colocate, or train from a bf16 conversion "
+                        "(dsv3-posttrain convert fp8-to-bf16)")
+    if not torch.cuda.is_available():
+        raise UserError("vllm_mode: server pushes the weights to the server over NCCL, which needs CUDA; on CPU "
+                        "use vllm_mode: colocate")
+
+
 def build_engine(cfg: GRPORecipeConfig, model, tokenizer) -> RolloutEngine:
     """The rollout engine the recipe asks for: vLLM colocated (default), a vLLM server, or HF generate."""
     if not cfg.use_vllm:
         return HFGenerateEngine(model, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    from engines.vllm_engine import VLLMColocateEngine, VLLMServerEngine
+
     if cfg.vllm_mode == "server":
+        check_server_mode(cfg)
         base = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
         return VLLMServerEngine(base, connection_timeout=cfg.vllm_server_timeout, group_port=cfg.vllm_group_port)
     max_len = cfg.vllm_max_model_length or min(model.config.max_position_embeddings, 4096)
@@ -72,6 +92,8 @@ def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, mo
     from ..recipe import require_model_dir
 
     require_model_dir(cfg.model_name_or_path, required_hint="a checkpoint directory, e.g. from `dsv3-posttrain sft`")
+    if engine is None:
+        check_server_mode(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     if model is None:
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32

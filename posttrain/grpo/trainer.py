@@ -3,58 +3,89 @@
 TRL supplies the objective (group-normalised advantages, clipped ratio, k3 KL against a
 reference, its loss variants), reward bookkeeping, logging and checkpointing. This subclass adds:
 
-- rollouts from our engines (`posttrain.rollout.engines`) through TRL's `rollout_func` hook, so
-  weight sync goes through the layout converter (per-expert names, router biases, MTP) — TRL's
-  own vLLM sync sends fused expert names that vLLM rejects;
+- rollouts from our engines (`engines`) through TRL's `rollout_func` hook; weight sync streams
+  the layout converter's output into them (`posttrain.layout.weights_for_engine`: per-expert
+  names, router biases, MTP, FP8 re-quantized for an FP8 engine) — TRL's own vLLM sync sends
+  fused expert names that vLLM rejects;
 - train/rollout agreement: the engine's sampled-token log-probs feed TRL's truncated importance
   sampling, and their difference from the trainer's is logged as `rollout/logprob_diff_*`;
 - the MTP loss on the policy's own samples and `mtp/accept_rate` (V3 report §2.2);
 - aux-loss-free balancing of the router biases after each optimizer step (§2.1.2);
-- a time split (generation / scoring / training / sync) and tokens/s.
+- a time split (generation / scoring / training / sync) and tokens/s;
+- dynamic sampling (`dynamic_sampling`, DAPO §3.2; `dynamic_sampling.py`): groups whose rewards tie
+  are dropped and more prompts sampled until the batch is full of groups with spread;
+- the closed-loop MTP loss weight (`mtp_loss_weight: auto`; `mtp_control.py`).
 
-Contact points with TRL internals (pinned trl==1.16.0, exercised by tests/test_grpo.py):
-`add_fused_lm_head`'s patched `model.forward`, `_calculate_rewards`, `_metrics`, and the
-`use_vllm` / `vllm_generation.sync_weights()` / `vllm_importance_sampling_correction` attributes
-that TRL's `_generate` and `_generate_and_score_completions` read.
+Contact points with TRL internals are listed in `engines.compat` (TRL_*; exercised by
+tests/test_grpo.py): `rollout_func`, `add_fused_lm_head`'s patched `model.forward`,
+`_generate_and_score_completions`, `_calculate_rewards`, `_metrics`, and the `use_vllm` /
+`vllm_generation.sync_weights()` / `vllm_importance_sampling_correction` attributes that TRL's
+`_generate` and `_generate_and_score_completions` read.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from trl import GRPOTrainer
+
+from engines import RolloutEngine, SamplingSettings
+from engines.compat import apply_training_patches, silence_trl_rollout_func_warning
 
 from ..balancing import BalancingCallback, ExpertLoadBalancer
 from ..checkpoints import DeepSeekLayoutCheckpoints
-from ..compat import apply_training_patches
 from ..distributed import check_launch
+from ..layout import weights_for_engine
 from ..modeling import IGNORE_INDEX, DeepseekV3ForCausalLMWithMTP
-from ..rollout.engines import RolloutEngine, SamplingSettings
 from .config import GRPORecipeConfig
+from .dynamic_sampling import (TopUp, concat_batches, extra_prompt_indices, group_rows, groups_with_spread,
+                               round_seed, select_rows)
+from .mtp_control import MTPWeightController
 
 log = logging.getLogger(__name__)
 
-# `rollout_func` is how our engines plug into TRL (tested against trl==1.16.0); its "experimental"
-# warning would otherwise print on every run.
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-
 
 class _EngineSync:
-    """What TRL calls `vllm_generation`: here only its `sync_weights()` is used, and it pushes the
-    policy's weights into our engine (timed)."""
+    """What TRL calls `vllm_generation`: here only its `sync_weights()` is used, and it streams the
+    policy's weights, in the layout the engine takes, into our engine (timed)."""
 
     def __init__(self, trainer: "V3GRPOTrainer"):
         self.trainer = trainer
 
     def sync_weights(self) -> None:
         trainer = self.trainer
-        seconds = trainer.engine.sync_weights(trainer.accelerator.unwrap_model(trainer.model))
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        seconds = trainer.engine.sync_weights(weights_for_engine(policy, trainer.engine))
         trainer._timing["sync_weights"] += seconds
+
+
+MTP_CONTROL_FILE = "mtp_control.json"
+
+
+class _MTPWeightCallback(TrainerCallback):
+    """Updates the closed-loop λ after each optimizer step (`on_step_end`: after `optimizer.step()`,
+    before logging and saving) and saves its state next to each checkpoint."""
+
+    def __init__(self, trainer: "V3GRPOTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._update_mtp_weight()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        controller = self.trainer.mtp_controller
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if controller is not None and state.is_world_process_zero and ckpt.is_dir():
+            (ckpt / MTP_CONTROL_FILE).write_text(json.dumps(controller.state_dict()) + "\n")
+        return control
 
 
 class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
@@ -73,6 +104,7 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         # through `rollout_func`, and the flags below route TRL's IS-correction code to it.
         args.use_vllm = False
         apply_training_patches()  # before accelerator.prepare (FSDP2 loading)
+        silence_trl_rollout_func_warning()
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, rollout_func=self._rollout, **kwargs)
         args.use_vllm = use_vllm
         check_launch(self.accelerator.num_processes, self.accelerator.distributed_type)
@@ -95,6 +127,26 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         callback.on_metrics = self._log_balancing
         self.add_callback(callback)
         self._wrap_forward(unwrapped)
+
+        # dynamic sampling (DAPO §3.2): see _dynamic_batch
+        self._sampling_round = 0  # 0: TRL's own batch; k > 0: the k-th extra engine call of the step
+        self._round_rewards: torch.Tensor | None = None
+        if args.dynamic_sampling and not hasattr(self.train_dataset, "__getitem__"):
+            raise ValueError("dynamic_sampling draws extra prompts by index: it needs a map-style train_dataset")
+        # closed-loop λ_mtp (`mtp_loss_weight: auto`): see mtp_control.py and _update_mtp_weight
+        self.mtp_controller = None
+        if args.mtp_loss_weight == "auto":
+            self.mtp_controller = MTPWeightController(floor=args.mtp_loss_weight_min, ceiling=args.mtp_loss_weight_max)
+        self._accept_counts = [0, 0]  # MTP hits / targets of the current optimizer step
+        self._spec_rates: list[float] = []  # the engine's rollout/spec_accept_rate values of the current step
+        self.add_callback(_MTPWeightCallback(self))
+
+    @property
+    def mtp_weight(self) -> float:
+        """λ of the MTP loss for the current step (fixed, or the controller's with `auto`)."""
+        if self.mtp_controller is not None:
+            return self.mtp_controller.weight
+        return float(self.args.mtp_loss_weight)
 
     # -- rollouts --------------------------------------------------------------------------------
     def _tokenize_prompt(self, prompt: Any) -> list[int]:
@@ -121,7 +173,8 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
             stop_token_ids=[self.processing_class.eos_token_id],
             ignore_eos=self.rollout_ignore_eos,
             # per step and per prompt: a rerun, a resumed run or a different number of ranks samples the same
-            seed=None if self.args.seed is None else self.args.seed * 1_000_003 + self.state.global_step,
+            seed=round_seed(None if self.args.seed is None else self.args.seed * 1_000_003 + self.state.global_step,
+                            self._sampling_round),  # extra rounds of dynamic sampling: the round folded in
         )
         t0 = time.perf_counter()
         completion_ids: list[list[int]] = []
@@ -138,10 +191,24 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
                 completion_ids.append(c.token_ids)
                 logprobs.append(c.logprobs if c.logprobs is not None else [float("nan")] * len(c.token_ids))
         self._timing["generation"] += time.perf_counter() - t0
+        if self._sampling_round:
+            self._timing["extra_generation"] += time.perf_counter() - t0
         self._step_tokens += sum(len(p) for p in prompt_ids) + sum(len(c) for c in completion_ids)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
     def _generate_and_score_completions(self, inputs):
+        spec = self._metrics["train"].get("rollout/spec_accept_rate")
+        seen = len(spec) if spec is not None else 0
+        if self.args.dynamic_sampling and self.model.training:
+            out = self._dynamic_batch(inputs)
+        else:
+            out = self._score_batch(inputs)
+        spec = self._metrics["train"].get("rollout/spec_accept_rate")
+        if self.model.training and spec is not None and len(spec) > seen:  # the engine measured its drafts
+            self._spec_rates.extend(spec[seen:])
+        return out
+
+    def _score_batch(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
@@ -157,10 +224,80 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
             out["importance_sampling_ratio"] = torch.ones_like(out["importance_sampling_ratio"])
         return out
 
+    def _dynamic_batch(self, inputs):
+        """Dynamic sampling (DAPO §3.2; the pure parts and their rules are in dynamic_sampling.py):
+        TRL's batch is generated and scored, groups whose rewards tie are dropped, and extra rounds of
+        prompts drawn by (seed, step, round, rank) are generated until every rank has its batch's
+        number of groups with spread, or `max_sampling_rounds` engine calls were made.
+
+        Metrics: TRL's per-batch metrics (reward, completion lengths, …) are those of the first
+        round — the policy on TRL's own draw of prompts, as without dynamic sampling — except
+        `frac_reward_zero_std`, which is the trained batch's; the first round's value is logged as
+        `sampling/frac_reward_zero_std_sampled`."""
+        G = self.num_generations
+        if len(inputs) % G:
+            raise ValueError(f"dynamic_sampling: each rank's generation batch ({len(inputs)} rows) must hold whole "
+                             f"groups of num_generations={G}")
+        metrics = self._metrics["train"]
+        rank = self.accelerator.process_index
+        topup = TopUp(target=len(inputs) // G, world=self.accelerator.num_processes, rank=rank)
+        ds = self.train_dataset
+        used = {json.dumps(x["prompt"], sort_keys=True, default=str) for x in inputs}
+        parts: list[dict[str, Any]] = []
+        first = first_spread = mark = None
+        round_inputs = inputs
+        try:
+            while True:
+                t0 = time.perf_counter()
+                self._sampling_round = topup.rounds
+                out = self._score_batch(round_inputs)
+                spread = groups_with_spread(self._round_rewards, self.reward_weights, G,
+                                            self.multi_objective_aggregation)
+                keep = topup.add_round(spread)
+                if first is None:
+                    first, first_spread = out, spread
+                    mark = {k: len(v) for k, v in metrics.items()}
+                else:
+                    self._timing["extra_rounds"] += time.perf_counter() - t0
+                if keep:
+                    parts.append(select_rows(out, group_rows(keep, G), len(round_inputs)))
+                if topup.full or topup.rounds >= self.args.max_sampling_rounds:
+                    break
+                idx = extra_prompt_indices(
+                    topup.next_draw(), len(ds), self.args.seed, self.state.global_step, topup.rounds, rank,
+                    skip=lambda i: json.dumps(ds[i]["prompt"], sort_keys=True, default=str) in used)
+                rows = [ds[i] for i in idx]
+                used.update(json.dumps(r["prompt"], sort_keys=True, default=str) for r in rows)
+                round_inputs = [dict(r) for r in rows for _ in range(G)]
+        finally:
+            self._sampling_round = 0
+        rows_kept = sum(p["advantages"].shape[0] for p in parts)
+        if rows_kept >= max(1, self.args.steps_per_generation):
+            batch = concat_batches(parts, self._tokenizer.pad_token_id)
+            zero_std = 0.0
+        else:  # no group with spread: the step trains only the MTP and balancing terms (advantages are 0)
+            batch = first
+            zero_std = 1.0 - first_spread.view(topup.world, -1)[rank].float().mean().item()
+        mask = batch["completion_mask"] if batch.get("tool_mask") is None else batch["completion_mask"] * batch["tool_mask"]
+        batch["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
+        for key in list(metrics):  # the extra rounds' TRL metrics describe other prompts: the first round's stand
+            if key in mark:
+                del metrics[key][mark[key]:]
+            else:
+                del metrics[key]
+        if metrics.get("frac_reward_zero_std"):
+            metrics["sampling/frac_reward_zero_std_sampled"].append(metrics["frac_reward_zero_std"][-1])
+            metrics["frac_reward_zero_std"][-1] = zero_std
+        metrics["sampling/rounds"].append(float(topup.rounds))
+        metrics["sampling/groups_dropped"].append(float(topup.dropped))
+        metrics["sampling/groups_kept"].append(float(sum(topup.kept)))
+        return batch
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         t0 = time.perf_counter()
         try:
-            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            self._round_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            return self._round_rewards  # gathered over ranks; dynamic sampling filters groups on it
         finally:
             self._timing["scoring"] += time.perf_counter() - t0
 
@@ -200,7 +337,7 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
     def _mtp_terms(self, model, hidden, input_ids, labels, attention_mask) -> dict[str, Any]:
         """MTP loss on the sampled sequences (completion tokens only) and the acceptance a
         speculative decoder would see: the MTP module's top-1 guess for the token after next."""
-        weight = self.args.mtp_loss_weight
+        weight = self.mtp_weight
         terms: dict[str, Any] = {}
         if not model.mtp_layers:
             return terms
@@ -231,18 +368,19 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         hits = total = 0
         mtp_losses = []
+        weight = self.mtp_weight
         world = self.accelerator.num_processes
         for terms in self._mtp_stash:
             if terms.get("mtp_loss") is not None:
                 mtp_losses.append(terms["mtp_loss"])
-                if self.args.mtp_loss_weight > 0 and terms["mtp_loss"].requires_grad:
+                if weight > 0 and terms["mtp_loss"].requires_grad:
                     # token mean over the global batch: DDP averages gradients over ranks, so each
                     # rank's mean is reweighted by its share of the MTP targets
                     share = 1.0
                     if world > 1:
                         count = torch.tensor(float(terms["accept_total"]), device=loss.device)
                         share = world * count / self.accelerator.gather(count).sum().clamp(min=1)
-                    loss = loss + self.args.mtp_loss_weight * terms["mtp_loss"] * share / ga
+                    loss = loss + weight * terms["mtp_loss"] * share / ga
             if terms.get("balance_loss") is not None:
                 loss = loss + terms["balance_loss"] / ga
             hits += terms.get("accept_hits", 0)
@@ -252,7 +390,29 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
             self._metrics[mode]["mtp_loss"].append(torch.stack([m.detach() for m in mtp_losses]).mean().item())
         if total:
             self._metrics[mode]["mtp/accept_rate"].append(hits / total)
+        if mode == "train":
+            self._accept_counts[0] += hits
+            self._accept_counts[1] += total
+            self._metrics[mode]["mtp_loss_weight"].append(weight)
         return loss
+
+    def _update_mtp_weight(self) -> None:
+        """After each optimizer step: feed the step's measured acceptance to the λ controller
+        (`mtp_loss_weight: auto`) — the engine's own (`rollout/spec_accept_rate`) when it measured
+        its drafts this step, else the trainer's `mtp/accept_rate`."""
+        hits, total = self._accept_counts
+        spec = self._spec_rates
+        self._accept_counts, self._spec_rates = [0, 0], []
+        if self.mtp_controller is None:
+            return
+        rate = sum(spec) / len(spec) if spec else (hits / total if total else None)
+        self.mtp_controller.update(rate)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / MTP_CONTROL_FILE
+        if self.mtp_controller is not None and path.exists():
+            self.mtp_controller.load_state_dict(json.loads(path.read_text()))
 
     def _log_balancing(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -272,6 +432,9 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
             metrics = self._metrics["train"]
             for key in ("generation", "scoring", "sync_weights"):
                 metrics[f"timing/{key}"].append(t.get(key, 0.0))
+            if self.args.dynamic_sampling:  # the extra rounds' engine time, and their whole time (scoring too)
+                metrics["timing/extra_generation"].append(t.get("extra_generation", 0.0))
+                metrics["timing/extra_rounds"].append(t.get("extra_rounds", 0.0))
             metrics["timing/training"].append(max(t["step"] - other, 0.0))
             metrics["timing/step"].append(t["step"])
             metrics["tokens_per_second"].append(self._step_tokens / t["step"])

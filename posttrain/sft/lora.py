@@ -3,35 +3,14 @@ experts, not the router), merged back into the full weights on export."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
+# peft's transformers-v5 MoE target remapping is switched off around LoRA set-up and loading: for V3
+# it would put the adapters on the fused routed experts instead of the MLPs the names mean
+# (engines.compat.PEFT_CONFIG_CONVERTER)
+from engines.compat import plain_lora_targets
+
 from .config import SFTRecipeConfig
-
-
-@contextlib.contextmanager
-def plain_lora_targets() -> Iterator[None]:
-    """Disables peft's transformers-v5 MoE target remapping (peft 0.21.2, `utils/transformers_weight_conversion`).
-
-    For model types whose experts transformers v5 fused (deepseek_v3 maps to the qwen2_moe pattern), peft
-    rewrites the target names `gate_proj` / `up_proj` / `down_proj` into `target_parameters` on the fused
-    routed experts and drops them from `target_modules` — so the dense and shared-expert MLPs would get
-    no adapter and the routed experts would. Here those names mean the `nn.Linear` modules they name.
-    peft looks the functions up at call time, so patching the module attributes is enough.
-    """
-    import peft.utils.transformers_weight_conversion as conv
-
-    saved = (conv.convert_peft_config_for_transformers, conv.convert_peft_adapter_state_dict_for_transformers)
-    conv.convert_peft_config_for_transformers = lambda peft_config, model, conversions=None: None
-    conv.convert_peft_adapter_state_dict_for_transformers = (
-        lambda model, peft_config, adapter_state_dict, adapter_name="default": adapter_state_dict
-    )
-    try:
-        yield
-    finally:
-        conv.convert_peft_config_for_transformers, conv.convert_peft_adapter_state_dict_for_transformers = saved
 
 
 def apply_lora(model: torch.nn.Module, cfg: SFTRecipeConfig):

