@@ -9,12 +9,16 @@ User errors (bad recipe, missing file, bad data) print one line and exit 2, with
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
 
@@ -110,17 +114,6 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
-def cmd_distill(argv: list[str]) -> int:
-    from data_pipelines.distill import DistillConfig, run_distill
-
-    cfg = _recipe_config("distill", DistillConfig, argv, "Build an R1-style SFT dataset (DeepSeek-V3 report §5.1).")
-    if cfg is None:
-        return 0
-    stats = run_distill(cfg)
-    print(f"distill: {distill_summary(stats)} -> {cfg.output_dir}")
-    return 0
-
-
 def distill_summary(stats: dict) -> str:
     """'kept 317 of 400 samples (79.2%)' from `run_distill`'s statistics (`stats["samples"]`)."""
     samples = stats.get("samples") or {}
@@ -129,33 +122,48 @@ def distill_summary(stats: dict) -> str:
     return f"kept {kept} of {total} samples{rate}"
 
 
-def cmd_sft(argv: list[str]) -> int:
-    from posttrain.sft.config import SFTRecipeConfig
-    from posttrain.sft.run import run_sft
+@dataclass(frozen=True)
+class RecipeCommand:
+    """A command whose options are a config dataclass, filled from `--recipe FILE` + `--key value`
+    overrides (posttrain.recipe: did-you-mean, type checks), then handed to its runner."""
 
-    cfg = _recipe_config("sft", SFTRecipeConfig, argv,
-                         "Sample-masked SFT of the whole V3 model: packed samples that never see each other, loss on "
-                         "assistant tokens, the MTP loss (report §2.2) and aux-loss-free balancing (§2.1.2).")
-    if cfg is None:
+    config: str  # "module:Class"
+    runner: str  # "module:function", called with the config; returns its summary
+    description: str  # the --help text
+    done: Callable[[Any, Any], str]  # (config, summary) -> the closing line
+
+    def __call__(self, name: str, argv: list[str]) -> int:
+        config_cls, run = _load(self.config), _load(self.runner)
+        cfg = _recipe_config(name, config_cls, argv, self.description)
+        if cfg is None:
+            return 0
+        summary = run(cfg)
+        print(f"{name}: {self.done(cfg, summary)}")
         return 0
-    summary = run_sft(cfg)
-    print(f"sft: done -> {cfg.output_dir} ({_short(summary)})")
-    return 0
 
 
-def cmd_grpo(argv: list[str]) -> int:
-    from posttrain.grpo.config import GRPORecipeConfig
-    from posttrain.grpo.run import run_grpo
+def _load(ref: str) -> Any:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
 
-    cfg = _recipe_config("grpo", GRPORecipeConfig, argv,
-                         "GRPO (DeepSeekMath §4.1): G completions per prompt sampled with vLLM, rule-based and model "
-                         "rewards, group-normalised advantages, clipped ratio with a k3 KL penalty; the whole MoE model "
-                         "is updated, MTP and router biases included.")
-    if cfg is None:
-        return 0
-    summary = run_grpo(cfg)
-    print(f"grpo: {summary['steps']} steps -> {cfg.output_dir}")
-    return 0
+
+RECIPE_COMMANDS: dict[str, RecipeCommand] = {
+    "distill": RecipeCommand(
+        "data_pipelines.distill:DistillConfig", "data_pipelines.distill:run_distill",
+        "Build an R1-style SFT dataset (DeepSeek-V3 report §5.1).",
+        lambda cfg, stats: f"{distill_summary(stats)} -> {cfg.output_dir}"),
+    "sft": RecipeCommand(
+        "posttrain.sft.config:SFTRecipeConfig", "posttrain.sft.run:run_sft",
+        "Sample-masked SFT of the whole V3 model: packed samples that never see each other, loss on assistant "
+        "tokens, the MTP loss (report §2.2) and aux-loss-free balancing (§2.1.2).",
+        lambda cfg, summary: f"done -> {cfg.output_dir} ({_short(summary)})"),
+    "grpo": RecipeCommand(
+        "posttrain.grpo.config:GRPORecipeConfig", "posttrain.grpo.run:run_grpo",
+        "GRPO (DeepSeekMath §4.1): G completions per prompt sampled with vLLM, rule-based and model rewards, "
+        "group-normalised advantages, clipped ratio with a k3 KL penalty; the whole MoE model is updated, MTP "
+        "and router biases included.",
+        lambda cfg, summary: f"{summary['steps']} steps -> {cfg.output_dir}"),
+}
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -290,20 +298,20 @@ def _recipe_config(name: str, cls: type, argv: list[str], description: str, sect
     return load_config(cls, recipe, rest, section=section or name)
 
 
+# The one dispatch table: command -> handler (a recipe command's handler is its RecipeCommand).
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "init-model": cmd_init_model,
     "smoke": cmd_smoke,
     "rewards": cmd_rewards,
     "convert": cmd_convert,
-    "distill": cmd_distill,
-    "sft": cmd_sft,
-    "grpo": cmd_grpo,
+    **{name: partial(command, name) for name, command in RECIPE_COMMANDS.items()},
     "rm": lambda argv: __import__("posttrain.rm.cli", fromlist=["main_rm"]).main_rm(argv),
     "eval": cmd_eval,
     "serve": cmd_serve,
     "run": cmd_run,
     "plan": lambda argv: __import__("posttrain.plan", fromlist=["main_plan"]).main_plan(argv),
 }
+assert set(HANDLERS) == set(COMMANDS), "every command has a one-line purpose and a handler"
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

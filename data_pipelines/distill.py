@@ -12,8 +12,7 @@ prompts: teacher samples ``num_generations`` responses each → filters + verifi
 (``rewards``) → keep policy → SFT rows + rejection records committed atomically (see
 :mod:`data_pipelines.shards`) → ``stats.json`` and ``lengths.png`` rebuilt from the shards.
 
-Run: ``python -m data_pipelines.distill --config distill.yaml --num_generations 8`` (the
-project CLI's ``dsv3-posttrain distill`` fills :class:`DistillConfig` the same way).
+Run: ``dsv3-posttrain distill --recipe distill.yaml --num_generations 8``.
 """
 
 from __future__ import annotations
@@ -419,53 +418,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     return stats
 
 
-# --- command line (the project CLI wraps the same dataclass) ------------------------
-
-
-def _parse_args(argv: Sequence[str]) -> DistillConfig:
-    """``--config file.(json|yaml)`` then ``--key value`` overrides (values parsed as YAML)."""
-    import dataclasses
-
-    import yaml
-
-    values: dict[str, Any] = {}
-    args = list(argv)
-    if "--config" in args:
-        i = args.index("--config")
-        path = Path(args[i + 1])
-        del args[i:i + 2]
-        try:
-            values.update(yaml.safe_load(path.read_text()) or {})
-        except (OSError, yaml.YAMLError) as e:
-            raise DataError(f"{path}: cannot read config ({e})") from None
-    while args:
-        key = args.pop(0)
-        if not key.startswith("--"):
-            raise DataError(f"unexpected argument {key!r}; use --key value")
-        key = key[2:].replace("-", "_")
-        if "=" in key:
-            key, raw = key.split("=", 1)
-        else:
-            raw = args.pop(0) if args and not args[0].startswith("--") else "true"
-        values[key] = yaml.safe_load(raw)
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise DataError(f"unknown distill option(s): {', '.join(unknown)}")
-    return DistillConfig(**values)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        stats = run_distill(_parse_args(sys.argv[1:] if argv is None else argv))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    s = stats["samples"]
-    print(f"kept {s['kept']} of {s['total']} samples ({s['acceptance_rate']}) -> {stats['config']['output_dir']}")
-    return 0
-
-
-if __name__ == "__main__":  # required: vLLM and the verifier pool spawn processes
-    sys.exit(main())
+if __name__ == "__main__":
+    # One configuration path: `dsv3-posttrain distill --recipe FILE --key value` (posttrain.recipe's
+    # parser, with its did-you-mean and type checks) fills DistillConfig.
+    print("run distillation with: dsv3-posttrain distill --recipe FILE [--key value ...]", file=sys.stderr)
+    sys.exit(2)

@@ -223,7 +223,7 @@ def _attach_eval_callback(trainer, recipe: ChainRecipe, out: Path) -> None:
 def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from posttrain.sft.run import build_trainer, run_sft
 
-    cfg.resume_from_checkpoint = True if last_complete_checkpoint(cfg.output_dir) else None
+    cfg.resume_from_checkpoint = "last" if last_complete_checkpoint(cfg.output_dir) else None
     trainer = build_trainer(cfg)
     _attach_eval_callback(trainer, recipe, out)
     summary = run_sft(cfg, trainer)
@@ -233,7 +233,7 @@ def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path,
 def _run_grpo(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from posttrain.grpo.run import build_trainer, run_grpo
 
-    cfg.resume_from_checkpoint = "true" if last_complete_checkpoint(cfg.output_dir) else None
+    cfg.resume_from_checkpoint = "last" if last_complete_checkpoint(cfg.output_dir) else None
     trainer = build_trainer(cfg)
     _attach_eval_callback(trainer, recipe, out)
     summary = run_grpo(cfg, trainer)

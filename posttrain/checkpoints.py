@@ -10,6 +10,31 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+RESUME_LAST = ("true", "last", "latest", "yes", "1")
+RESUME_NO = ("false", "no", "none", "0", "")
+
+
+def resolve_resume(value: str | bool | Path | None, output_dir: str | Path, required_files: Sequence[str] = ()) -> str | None:
+    """The one resume rule of SFT, GRPO, the reward model and the chain: `resume_from_checkpoint`
+    is false/None (start fresh), true / "last" (the newest complete checkpoint in `output_dir`; an
+    error if there is none) or a checkpoint directory. Returns the directory to resume from, or None."""
+    from .errors import ConfigError
+
+    if value is None or value is False:
+        return None
+    text = str(value).strip()
+    if value is True or text.lower() in RESUME_LAST:
+        found = last_complete_checkpoint(output_dir, required_files)
+        if found is None:
+            raise ConfigError(f"resume_from_checkpoint: no complete checkpoint-N in {output_dir} to resume from")
+        return found
+    if text.lower() in RESUME_NO:
+        return None
+    if not (Path(text) / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint: {text} is not a checkpoint directory (no trainer_state.json)")
+    return text
+
+
 def last_complete_checkpoint(output_dir: str | Path, required_files: Sequence[str] = ()) -> str | None:
     """The newest `checkpoint-N` in `output_dir` that was written to the end, or None.
 

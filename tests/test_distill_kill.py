@@ -27,7 +27,7 @@ def _digest(d: Path) -> dict[str, str]:
 
 
 def _start(cfg_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "data_pipelines.distill", "--config", str(cfg_path)],
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "distill", "--recipe", str(cfg_path)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 

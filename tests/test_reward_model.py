@@ -164,6 +164,27 @@ def test_backbone_is_the_checkpoint_with_a_new_scalar_head(tiny_model_dir):
         load_tokenizer("/no/such/model")
 
 
+def test_rm_resume_restores_the_routed_experts(untrained_rm, tiny_model_dir):
+    """The RM trainer resumes through the strict DeepSeek-layout loader: Trainer's own reload skips
+    the per-expert tensors, so a resumed RM would restart its experts from the backbone."""
+    import torch
+
+    from posttrain.checkpoints import DeepSeekLayoutCheckpoints, load_deepseek_checkpoint
+    from posttrain.rm.model import load_reward_backbone, load_tokenizer
+    from posttrain.rm.trainer import V3RewardTrainer
+
+    assert issubclass(V3RewardTrainer, DeepSeekLayoutCheckpoints)
+    saved = load_reward_backbone(str(untrained_rm), load_tokenizer(str(untrained_rm)))
+    fresh = load_reward_backbone(str(tiny_model_dir), load_tokenizer(str(tiny_model_dir)))
+    experts = "model.layers.1.mlp.experts.gate_up_proj"
+    with torch.no_grad():
+        fresh.get_parameter(experts).add_(1.0)
+        fresh.score.weight.zero_()
+    assert load_deepseek_checkpoint(fresh, untrained_rm)
+    assert torch.equal(fresh.state_dict()[experts], saved.state_dict()[experts])
+    assert torch.equal(fresh.score.weight, saved.score.weight)
+
+
 # --- scoring as a reward ---------------------------------------------------------------------------
 def test_reward_model_spec_follows_the_grpo_contract(untrained_rm):
     fn = rewards.resolve(f"reward_model:{untrained_rm}")

@@ -14,7 +14,7 @@ from engines import RolloutEngine
 from engines.hf import HFGenerateEngine
 
 from ..balancing import BALANCER_STATE_FILE
-from ..checkpoints import last_complete_checkpoint
+from ..checkpoints import resolve_resume
 from ..errors import UserError
 from ..fp8.training import apply_fp8_training, finalize_fp8_export, is_fp8_checkpoint, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
@@ -125,9 +125,7 @@ def run_grpo(cfg: GRPORecipeConfig, trainer=None) -> dict[str, Any]:
     (e.g. with callbacks attached)."""
     if trainer is None:
         trainer = build_trainer(cfg)
-    resume: Any = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() == "true":
-        resume = last_complete_checkpoint(cfg.output_dir, [BALANCER_STATE_FILE])
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, [BALANCER_STATE_FILE])
     try:
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(cfg.output_dir)  # every rank takes part (FSDP gathers); rank 0 writes

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints import resolve_resume
 from ..errors import ConfigError, UserError
 from .config import RMRecipeConfig
 from .data import load_preference_rows, to_preference_examples
@@ -76,9 +77,9 @@ def run_rm_training(cfg: RMRecipeConfig) -> dict[str, Any]:
 
 def _run(cfg: RMRecipeConfig) -> dict[str, Any]:
     from datasets import Dataset
-    from trl import RewardTrainer
-
     from rewards.reward_model import RewardModelScorer
+
+    from .trainer import V3RewardTrainer
 
     _check(cfg)
     t0 = time.time()
@@ -90,7 +91,7 @@ def _run(cfg: RMRecipeConfig) -> dict[str, Any]:
         held_out = load_pairs(eval_source[0], eval_source[1], cfg.max_eval_samples, cfg)
 
     model = load_reward_backbone(cfg.model_name_or_path, tokenizer, **cfg.model_kwargs())
-    trainer = RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(train),
+    trainer = V3RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(train),
                             processing_class=tokenizer)
     kept = len(trainer.train_dataset)
     if kept == 0:
@@ -98,7 +99,7 @@ def _run(cfg: RMRecipeConfig) -> dict[str, Any]:
     if kept < len(train):
         log.warning("%d of %d pairs are longer than max_length=%s tokens and were dropped",
                     len(train) - kept, len(train), cfg.max_length)
-    result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint or None)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir))
 
     summary: dict[str, Any] = {
         "output_dir": str(cfg.output_dir),

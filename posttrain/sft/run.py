@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..balancing import BALANCER_STATE_FILE
+from ..checkpoints import resolve_resume
 from ..errors import ConfigError
 from ..fp8.training import apply_fp8_training, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
@@ -63,17 +65,6 @@ def build_train_dataset(cfg: SFTRecipeConfig, tokenizer, split: str | None = Non
         return packed, info
     info["packed_rows"] = None
     return samples, info
-
-
-def _resolve_resume(cfg: SFTRecipeConfig) -> str | bool | None:
-    r = cfg.resume_from_checkpoint
-    if r is None or r is False:
-        return None
-    if r is True or (isinstance(r, str) and r.lower() in ("true", "last", "latest")):
-        return True
-    if not Path(r).is_dir():
-        raise ConfigError(f"resume_from_checkpoint: {r} is not a checkpoint directory")
-    return r
 
 
 def _check(cfg: SFTRecipeConfig) -> None:
@@ -139,7 +130,8 @@ def run_sft(cfg: SFTRecipeConfig, trainer: DeepseekV3SFTTrainer | None = None) -
         trainer = build_trainer(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = trainer.train(resume_from_checkpoint=_resolve_resume(cfg))
+    required = [BALANCER_STATE_FILE] if trainer.balancer is not None else []
+    result = trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, required))
     trainer.save_state()  # trainer_state.json (log_history) in output_dir
 
     model_dir = None
