@@ -1,10 +1,12 @@
-"""Defaults that SFT and GRPO both set on their transformers `TrainingArguments`, and the one
-reading of `report_to` that the recipe parser gives SFT, GRPO and RM alike."""
+"""What SFT and GRPO share in their transformers `TrainingArguments`: process defaults, the V3
+training fields (declared once), the one MTP-weight check, and the one reading of `report_to`
+that the recipe parser gives SFT, GRPO and RM alike."""
 
 from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
@@ -82,3 +84,57 @@ def apply_process_defaults(args: Any, mtp_module_unused: bool) -> None:
         # tensors) and DDP's unused-parameter search is wasted work; it would also trip over the
         # output head, which the main and MTP heads share. With λ = 0 the MTP module is unused.
         args.ddp_find_unused_parameters = mtp_module_unused
+
+
+@dataclass
+class V3TrainingFields:
+    """The DeepSeek-V3 training fields SFT and GRPO share, declared once (mixed into both recipe
+    configs). `mtp_loss_weight` and `seq_balance_alpha` stay with each stage: GRPO's λ may be
+    `auto` and its rows are single samples, SFT's λ has a schedule and its rows are packed."""
+
+    mtp_detach_input: bool = field(
+        default=False,
+        metadata={"help": "Stop the MTP loss's gradient at the main model's hidden states (train the MTP module "
+                  "only through its own weights)."},
+    )
+    bias_update_speed: float = field(
+        default=1e-3,
+        metadata={"help": "γ of the aux-loss-free balancing (V3 report §2.1.2): after each optimizer step every "
+                  "router's e_score_correction_bias moves by γ·sign(mean load − load). 0 freezes the biases."},
+    )
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "FP8 training (V3 report §3.3): attention projections, dense MLP, shared and routed experts "
+                  "(MTP block included) compute in block-scaled e4m3 (1x128 activation tiles, 128x128 weight "
+                  "blocks, fp32 accumulation); embeddings, lm_head, router, norms stay high precision and master "
+                  "weights keep the model dtype. CPU runs the reference (emulated) FP8 GEMM. Independent of it, an "
+                  "FP8 model_name_or_path (DeepSeek's block-FP8 checkpoint) is trained from dequantized master "
+                  "weights and exported as FP8 again."},
+    )
+    fp8_backward: str = field(
+        default="fp8",
+        metadata={"help": "With fp8: 'fp8' quantizes the two backward GEMMs too (report Figure 7); 'bf16' runs "
+                  "them in the activation dtype.", "choices": ["fp8", "bf16"]},
+    )
+    fp8_bf16_moments: bool = field(
+        default=False,
+        metadata={"help": "AdamW keeps its first and second moments in bf16 (report §3.3.3); needs an AdamW optim."},
+    )
+
+
+def check_mtp_loss_weight(value: Any, *, allow_auto: bool = False, field_name: str = "mtp_loss_weight") -> float | str:
+    """The one check of an MTP loss weight λ (SFT, GRPO): a number >= 0, or `auto` where the stage
+    has the closed loop. Returns the normalised value; the same ConfigError everywhere otherwise."""
+    original = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if allow_auto and text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        expected = "a number >= 0 or 'auto'" if allow_auto else "a number >= 0"
+        raise ConfigError(f"{field_name} must be {expected}, got {original!r}")
+    return float(value)

@@ -90,3 +90,23 @@ def test_cli_config_errors_exit_nonzero_without_traceback(tmp_path):
 def test_unknown_subcommand_fails_loudly():
     r = _cli("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_v3_fields_are_declared_once_and_mtp_weight_is_checked_the_same_way():
+    import dataclasses
+
+    from posttrain.errors import ConfigError
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.sft.config import SFTRecipeConfig
+    from posttrain.trainer_args import V3TrainingFields
+
+    shared = {f.name for f in dataclasses.fields(V3TrainingFields)}
+    assert {"fp8", "fp8_backward", "fp8_bf16_moments", "bias_update_speed", "mtp_detach_input"} <= shared
+    for cls in (SFTRecipeConfig, GRPORecipeConfig):
+        assert issubclass(cls, V3TrainingFields)
+        assert not shared & set(vars(cls).get("__annotations__", {})), f"{cls.__name__} redeclares a shared field"
+    for cls, section in ((SFTRecipeConfig, "sft"), (GRPORecipeConfig, "grpo")):
+        with pytest.raises(ConfigError, match=r"^mtp_loss_weight must be a number >= 0"):
+            load_config(cls, None, ["--output_dir", "/tmp/x", "--mtp_loss_weight", "-1"], section=section)
+    assert load_config(GRPORecipeConfig, None, ["--output_dir", "/tmp/x", "--mtp_loss_weight", "auto"],
+                       section="grpo").mtp_loss_weight == "auto"

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..trainer_args import V3TrainingFields, check_mtp_loss_weight
+
 
 @dataclass
-class GRPORecipeConfig(GRPOConfig):
+class GRPORecipeConfig(V3TrainingFields, GRPOConfig):
     # -- model and data -------------------------------------------------------------------------
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Policy checkpoint (a Hugging Face directory in the DeepSeek layout)."}
@@ -72,28 +74,17 @@ class GRPORecipeConfig(GRPOConfig):
     mtp_loss_weight_max: float = field(
         default=1.0, metadata={"help": "With mtp_loss_weight=auto: the ceiling λ rises to while acceptance is low."}
     )
-    mtp_detach_input: bool = field(
-        default=False, metadata={"help": "Stop the MTP loss's gradient at the trunk's hidden states."}
-    )
-    bias_update_speed: float = field(
-        default=1e-3, metadata={"help": "γ of aux-loss-free balancing (V3 report §2.1.2); 0 freezes the biases."}
-    )
     seq_balance_alpha: float = field(
         default=0.0, metadata={"help": "α of the sequence-wise balance loss (V3 report eq. 17); 0 disables."}
     )
     vllm_dtype: str = field(default="float32", metadata={"help": "dtype of the colocated vLLM engine."})
-    fp8: bool = field(
-        default=False,
-        metadata={"help": "FP8 training (V3 report §3.3): attention, dense MLP, shared and routed expert projections "
-                  "compute in block-scaled e4m3; embeddings, lm_head, router, norms stay high precision. An FP8 "
-                  "model_name_or_path (DeepSeek block FP8) is trained from dequantized master weights, exported as "
-                  "FP8, and the colocated vLLM engine serves it in FP8 (bf16 engine, re-quantized weight sync)."},
-    )
-    fp8_backward: str = field(
-        default="fp8", metadata={"help": "With fp8: 'fp8' or 'bf16' backward GEMMs.", "choices": ["fp8", "bf16"]}
-    )
-    fp8_bf16_moments: bool = field(
-        default=False, metadata={"help": "AdamW moments in bf16 (V3 report §3.3.3)."}
+    rollout_speculative_tokens: int = field(
+        default=0,
+        metadata={"help": "k > 0: MTP-speculative rollouts (V3 report §5.4.3): the colocated vLLM engine drafts k "
+                  "tokens per step with the policy's own MTP module and verifies them with the policy, so samples keep "
+                  "the policy's distribution; every weight sync updates the drafter too, and the engine's draft "
+                  "acceptance is logged as rollout/spec_accept_rate. 0: off. Needs vllm_mode: colocate and a checkpoint "
+                  "with an MTP module. Samples differ from k = 0's at the same seed (not in distribution)."},
     )
     # -- defaults that differ from TRL's ---------------------------------------------------------
     # DeepSeekMath's GRPO: per-sequence normalised loss with a k3 KL penalty (TRL's default is dapo, β=0).
@@ -126,16 +117,11 @@ class GRPORecipeConfig(GRPOConfig):
             raise ValueError(f"reward_failure_policy must be 'error' or 'skip', got {self.reward_failure_policy!r}")
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is empty: name at least one reward function")
-        if isinstance(self.mtp_loss_weight, str):
-            text = self.mtp_loss_weight.strip().lower()
-            try:
-                self.mtp_loss_weight = "auto" if text == "auto" else float(text)
-            except ValueError:
-                raise ValueError(f"mtp_loss_weight must be a number >= 0 or 'auto', got {self.mtp_loss_weight!r}") from None
-        if self.mtp_loss_weight != "auto" and self.mtp_loss_weight < 0:
-            raise ValueError("mtp_loss_weight must be >= 0")
+        self.mtp_loss_weight = check_mtp_loss_weight(self.mtp_loss_weight, allow_auto=True)
         if not 0 <= self.mtp_loss_weight_min <= self.mtp_loss_weight_max:
             raise ValueError("mtp_loss_weight_min and mtp_loss_weight_max must satisfy 0 <= min <= max")
+        if self.rollout_speculative_tokens < 0:
+            raise ValueError("rollout_speculative_tokens must be >= 0 (0: no speculative rollouts)")
         if self.max_sampling_rounds < 1:
             raise ValueError("max_sampling_rounds must be >= 1")
         from ..fp8.training import check_fp8_fields

@@ -18,6 +18,7 @@ from typing import Any
 from trl import SFTConfig
 
 from ..errors import ConfigError
+from ..trainer_args import V3TrainingFields, check_mtp_loss_weight
 
 # LoRA targets (item 7): MLA projections and the dense / shared-expert MLPs. The routed experts are
 # fused 3-D parameters (`mlp.experts.gate_up_proj`), which peft's Linear LoRA does not wrap, and the
@@ -35,7 +36,7 @@ DEFAULT_LORA_TARGETS = [
 
 
 @dataclass
-class SFTRecipeConfig(SFTConfig):
+class SFTRecipeConfig(V3TrainingFields, SFTConfig):
     """Configuration of `dsv3-posttrain sft` (sample-masked SFT of the whole V3 model).
 
     Everything in TRL's `SFTConfig` / transformers' `TrainingArguments` applies; the fields below
@@ -100,12 +101,6 @@ class SFTRecipeConfig(SFTConfig):
         default=10.0 / 14.8,
         metadata={"help": "Fraction of max_steps after which mtp_loss_weight_final applies."},
     )
-    mtp_detach_input: bool = field(
-        default=False,
-        metadata={"help": "Stop the MTP loss's gradient at the main model's hidden states (train the MTP module "
-                  "only through its own weights)."},
-    )
-
     chunked_lm_loss: bool = field(
         default=True,
         metadata={"help": "Compute the LM and MTP losses with the chunked LM head + cross-entropy (on CUDA TRL's "
@@ -115,11 +110,6 @@ class SFTRecipeConfig(SFTConfig):
     )
 
     # --- routing balance (report §2.1.2) -------------------------------------------------------
-    bias_update_speed: float = field(
-        default=1e-3,
-        metadata={"help": "γ of the aux-loss-free balancing: after each optimizer step every router's "
-                  "e_score_correction_bias moves by γ·sign(mean load − load). 0 freezes the biases."},
-    )
     seq_balance_alpha: float = field(
         default=1e-4,
         metadata={"help": "α of the complementary sequence-wise balance loss (report eq. 17-20), per packed "
@@ -143,26 +133,6 @@ class SFTRecipeConfig(SFTConfig):
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "Module names that get adapters: MLA projections and dense / shared-expert MLPs (the "
                   "fused routed experts cannot take Linear LoRA)."},
-    )
-
-    # --- FP8 (report §3.3) ----------------------------------------------------------------------
-    fp8: bool = field(
-        default=False,
-        metadata={"help": "FP8 training (report §3.3): attention projections, dense MLP, shared and routed experts "
-                  "(MTP block included) compute in block-scaled e4m3 (1x128 activation tiles, 128x128 weight "
-                  "blocks, fp32 accumulation); embeddings, lm_head, router, norms stay high precision and master "
-                  "weights keep the model dtype. CPU runs the reference (emulated) FP8 GEMM. Independent of it, an "
-                  "FP8 model_name_or_path (DeepSeek's block-FP8 checkpoint) is trained from dequantized master "
-                  "weights and exported as FP8 again."},
-    )
-    fp8_backward: str = field(
-        default="fp8",
-        metadata={"help": "With fp8: 'fp8' quantizes the two backward GEMMs too (report Figure 7); 'bf16' runs "
-                  "them in the activation dtype.", "choices": ["fp8", "bf16"]},
-    )
-    fp8_bf16_moments: bool = field(
-        default=False,
-        metadata={"help": "AdamW keeps its first and second moments in bf16 (report §3.3.3); needs an AdamW optim."},
     )
 
     # --- output ----------------------------------------------------------------------------------
@@ -233,8 +203,9 @@ class SFTRecipeConfig(SFTConfig):
         check_fp8_fields(self)
         if self.packing and self.packing_strategy != "bfd":
             raise ConfigError(f"packing_strategy {self.packing_strategy!r}: only 'bfd' keeps samples whole")
-        if self.mtp_loss_weight < 0 or (self.mtp_loss_weight_final is not None and self.mtp_loss_weight_final < 0):
-            raise ConfigError("mtp_loss_weight(s) must be >= 0")
+        self.mtp_loss_weight = check_mtp_loss_weight(self.mtp_loss_weight)
+        if self.mtp_loss_weight_final is not None:
+            self.mtp_loss_weight_final = check_mtp_loss_weight(self.mtp_loss_weight_final, field_name="mtp_loss_weight_final")
         if not 0.0 <= self.mtp_loss_weight_switch <= 1.0:
             raise ConfigError(f"mtp_loss_weight_switch must be in [0, 1], got {self.mtp_loss_weight_switch}")
         if self.bias_update_speed < 0 or self.seq_balance_alpha < 0:
