@@ -114,6 +114,36 @@ VLLM_SERVE_ARGS = ContactPoint(
     "vllm", VLLM, "vllm.entrypoints.launchers.cli_args:validate_parsed_serve_args", "calls", "engines.serve",
     "`serve` parses and checks vLLM's own server options (make_arg_parser, FlexibleArgumentParser) unchanged",
 )
+VLLM_CPU_SPEC_EXPAND = ContactPoint(
+    "vllm", VLLM, "vllm.utils.cpu_triton_utils:_expand_kernel_impl", "patch",
+    "engines.compat.apply_vllm_cpu_spec_expand",
+    "the CPU build's stand-in for the rejection sampler's expand kernel converts its output to an int64 copy "
+    "and never writes it back, so the per-token temperature, top-k and top-p of speculative decoding are "
+    "uninitialised memory: target log-probs and the sampled distribution are wrong whenever temperature > 0",
+)
+VLLM_KERNEL_OVERRIDES = ContactPoint(
+    "vllm", VLLM, "vllm.triton_utils.dispatcher:register_kernels", "calls",
+    "engines.compat.apply_vllm_cpu_spec_expand",
+    "vLLM's registry of platform stand-ins for its Triton kernels: the CPU worker registers its own before our "
+    "worker class is built, so the corrected expand kernel is registered again there",
+)
+VLLM_SPEC_DRAFTER = ContactPoint(
+    "vllm", VLLM, "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.load_model", "calls",
+    "engines.vllm_engine._load_weights_on_worker",
+    "the MTP drafter is a separate model (`model_runner.drafter.model`, sharing the target's embedding and "
+    "lm_head); the target's load_weights skips the MTP layer, so a weight sync loads it into the drafter",
+)
+VLLM_MTP_LOAD_WEIGHTS = ContactPoint(
+    "vllm", VLLM, "vllm.model_executor.models.deepseek_mtp:DeepSeekMTP.load_weights", "calls",
+    "engines.vllm_engine._load_weights_on_worker",
+    "takes the DeepSeek-layout names of the MTP layer (`model.layers.{num_hidden_layers}.*`) as a checkpoint does",
+    param="weights",
+)
+VLLM_SPEC_METRICS = ContactPoint(
+    "vllm", VLLM, "vllm.entrypoints.llm:LLM.get_metrics", "calls", "engines.vllm_engine.VLLMColocateEngine",
+    "the engine's own draft acceptance (counters vllm:spec_decode_num_draft_tokens and "
+    "vllm:spec_decode_num_accepted_tokens, kept only with disable_log_stats=False) for rollout/spec_accept_rate",
+)
 VLLM_DEV_MODE = ContactPoint(
     "vllm", VLLM, "env:VLLM_SERVER_DEV_MODE", "env", "engines.compat.enable_vllm_dev_endpoints",
     "TRL's client needs the server's weight-update and prefix-cache endpoints, which vLLM serves in dev mode",
@@ -208,7 +238,8 @@ ACCELERATE_FSDP2_LOAD = ContactPoint(
 CONTACT_POINTS: list[ContactPoint] = [
     VLLM_CPU_ROPE, VLLM_CPU_LINEAR, VLLM_POST_LOAD, VLLM_EXPERT_PREPACK, VLLM_RELOAD_WEIGHTS, VLLM_CPU_MLA,
     VLLM_LOADER_REGISTRY, VLLM_LOADER_WEIGHTS, VLLM_FP8_KERNEL_LIST, VLLM_WORKER_CLS, VLLM_IN_PROCESS,
-    VLLM_API_SERVER, VLLM_SERVE_ARGS, VLLM_DEV_MODE,
+    VLLM_API_SERVER, VLLM_SERVE_ARGS, VLLM_DEV_MODE, VLLM_CPU_SPEC_EXPAND, VLLM_KERNEL_OVERRIDES, VLLM_SPEC_DRAFTER,
+    VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS,
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
     TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
     HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
@@ -337,9 +368,41 @@ def apply_vllm_plain_cpu_linear() -> None:
     _replace(vllm_layer_utils, "dispatch_cpu_unquantized_gemm", _plain_cpu_linear)
 
 
+EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+
+
+def expand_kernel_cpu(output: torch.Tensor, input_val: torch.Tensor, cu_num_tokens: torch.Tensor,
+                      replace_from: Any, replace_to: Any, MAX_NUM_TOKENS: int | None = None) -> None:  # noqa: N803
+    """What vLLM's Triton `expand_kernel` does, for any dtype: request i's value (`replace_from` swapped
+    for `replace_to`) is written to `output[cu[i-1]:cu[i]]`, in place."""
+    cu = cu_num_tokens.to(torch.int64)
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    values = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)
+    expanded = torch.repeat_interleave(values, counts)
+    output[: expanded.numel()].copy_(expanded.to(output.dtype))
+
+
+def apply_vllm_cpu_spec_expand() -> None:
+    """Speculative decoding on vLLM's CPU build samples from the target's distribution
+    (VLLM_CPU_SPEC_EXPAND): the expand kernel's stand-in is replaced in its module (later registrations
+    by vLLM's platform pick it up) and registered again now (VLLM_KERNEL_OVERRIDES), since the platform
+    registers its stand-ins before it builds our worker class. A no-op where vLLM runs real Triton kernels."""
+    import vllm.triton_utils.dispatcher as dispatcher
+    import vllm.utils.cpu_triton_utils as cpu_tl
+    from vllm.triton_utils import HAS_TRITON
+
+    _replace(cpu_tl, "_expand_kernel_impl", expand_kernel_cpu)
+    if HAS_TRITON:
+        return
+    registered = getattr(dispatcher, "_registry", {}).get(EXPAND_KERNEL)
+    if registered is None or registered[1] is not expand_kernel_cpu:  # vLLM warns on each re-registration
+        dispatcher.register_kernels({EXPAND_KERNEL: expand_kernel_cpu})
+
+
 def apply_vllm_cpu_patches(weight_sync: bool = False) -> None:
     """The CPU build's fixes, in the process about to build vLLM's worker (engines.vllm_worker)."""
     apply_vllm_cpu_rope()
+    apply_vllm_cpu_spec_expand()
     if weight_sync:
         apply_vllm_plain_cpu_linear()
 
@@ -461,9 +524,11 @@ __all__ = [
     "apply_trl_reference_loader",
     "apply_vllm_cpu_patches",
     "apply_vllm_cpu_rope",
+    "apply_vllm_cpu_spec_expand",
     "apply_vllm_plain_cpu_linear",
     "check_contact_points",
     "enable_vllm_dev_endpoints",
+    "expand_kernel_cpu",
     "fsdp2_load_full_state_dict",
     "installed_version",
     "plain_lora_targets",

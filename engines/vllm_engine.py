@@ -308,21 +308,72 @@ def chat_completions(llm: Any, chats: Sequence[Messages], n: int, sampling: Samp
 
 
 # -- rollout engines: token ids in, token ids and log-probs out, weight sync -------------------------
-def _load_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Runs inside vLLM's worker (via `collective_rpc`): the model's own checkpoint loader, then vLLM's
-    post-load processing again (compat.VLLM_POST_LOAD) and the experts kernel's own post-load step,
-    which vLLM skips on a weight update and which on CPU prepacks the routed experts
-    (compat.VLLM_EXPERT_PREPACK). Every tensor is sent on each sync, so nothing gets packed twice."""
+def _post_load(model: torch.nn.Module, model_config: Any, device: Any) -> None:
+    """vLLM's post-load processing again (compat.VLLM_POST_LOAD: MLA re-derives its absorbed W_UK_T/W_UV
+    from kv_b_proj) and the experts kernel's own post-load step, which vLLM skips on a weight update and
+    which on CPU prepacks the routed experts (compat.VLLM_EXPERT_PREPACK)."""
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-    runner = worker.model_runner
-    loaded = runner.model.load_weights(weights=weights)
-    process_weights_after_loading(runner.model, runner.model_config, runner.device)
-    for module in runner.model.modules():
+    process_weights_after_loading(model, model_config, device)
+    for module in model.modules():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         if kernel is not None and hasattr(module, "w13_weight"):
             kernel.fused_experts.process_weights_after_loading(module)
+
+
+def mtp_layer_prefixes(num_hidden_layers: int, num_mtp_layers: int) -> tuple[str, ...]:
+    """Name prefixes of the MTP layers in the DeepSeek layout (`model.layers.{num_hidden_layers + k}.`)."""
+    return tuple(f"model.layers.{num_hidden_layers + k}." for k in range(num_mtp_layers))
+
+
+def _drafter_model(runner: Any) -> torch.nn.Module | None:
+    """The MTP drafter's model inside vLLM's model runner (compat.VLLM_SPEC_DRAFTER), None when not speculating."""
+    return getattr(getattr(runner, "drafter", None), "model", None)
+
+
+def _load_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Runs inside vLLM's worker (via `collective_rpc`): the model's own checkpoint loader, then the post-load
+    steps (`_post_load`). Every tensor is sent on each sync, so nothing gets packed twice.
+
+    When the engine speculates with the MTP module, the drafter is a separate model that shares only the
+    embedding and lm_head with the target, and the target's loader skips the MTP layer's names: the MTP
+    layer's tensors (the last layer of the stream; at most one layer is held) are set aside as they pass
+    and loaded into the drafter by its own checkpoint loader (compat.VLLM_MTP_LOAD_WEIGHTS)."""
+    runner = worker.model_runner
+    drafter = _drafter_model(runner)
+    mtp: list[tuple[str, torch.Tensor]] = []
+    if drafter is not None:
+        cfg = runner.model_config.hf_config
+        prefixes = mtp_layer_prefixes(cfg.num_hidden_layers, int(getattr(cfg, "num_nextn_predict_layers", 0) or 0))
+
+        def target_only(stream: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in stream:
+                if name.startswith(prefixes):
+                    mtp.append((name, tensor))
+                else:
+                    yield name, tensor
+
+        weights = target_only(weights)
+    loaded = set(runner.model.load_weights(weights=weights))
+    _post_load(runner.model, runner.model_config, runner.device)
+    if mtp:
+        loaded |= set(drafter.load_weights(weights=mtp))
+        _post_load(drafter, runner.vllm_config.speculative_config.draft_model_config, runner.device)
     return len(loaded)
+
+
+def _spec_tokens_problem(model_dir: str, fp8_served: bool) -> str | None:
+    """Why this engine cannot draft with the checkpoint's own MTP module (None: it can)."""
+    config = Path(model_dir) / "config.json"
+    n_mtp = int(json.loads(config.read_text()).get("num_nextn_predict_layers") or 0) if config.is_file() else 0
+    if n_mtp < 1:
+        return f"{model_dir} has no MTP module (num_nextn_predict_layers={n_mtp}) to draft with"
+    if fp8_served:
+        # vLLM's layerwise FP8 reload (compat.VLLM_RELOAD_WEIGHTS) reloads the target model only: the drafter
+        # would keep the checkpoint's MTP weights while the policy's change
+        return ("an engine serving FP8 weights takes syncs through vLLM's layerwise reload, which does not reach "
+                "the MTP drafter; serve it dequantized (DSV3_FORCE_NO_FP8_KERNELS=1) or set it to 0")
+    return None
 
 
 def _reload_fp8_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -347,6 +398,13 @@ class VLLMColocateEngine:
     kernel (`engines.capabilities.fp8_kernel_problem`, e.g. a CPU without AMX) it is served dequantized
     in `dtype` instead (logged once) and synced with plain weights; `serves_fp8` says which (GRPO logs
     it as `rollout/fp8`).
+
+    `speculative_tokens` k > 0: vLLM drafts k tokens per step with the checkpoint's own MTP module
+    (`speculative_config={"method": "mtp"}`; one MTP module is applied k times) and verifies them with the
+    target, so samples follow the target's distribution (on CPU with the rejection-sampler fix of
+    `compat.apply_vllm_cpu_spec_expand`); each sync updates the drafter too, and `spec_decode_counts`
+    reads vLLM's draft/accept counters. Samples differ from k = 0's at the same seed (the random numbers
+    are drawn differently), not their distribution.
     """
 
     name = "vllm"
@@ -361,10 +419,14 @@ class VLLMColocateEngine:
         gpu_memory_utilization: float = 0.3,
         tensor_parallel_size: int = 1,
         max_num_seqs: int | None = None,
+        speculative_tokens: int = 0,
     ):
         extra: dict[str, Any] = {"logprobs_mode": "processed_logprobs"}
         if max_num_seqs:
             extra["max_num_seqs"] = max_num_seqs
+        self.speculative_tokens = int(speculative_tokens)
+        if self.speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
         self.fp8_block: tuple[int, int] | None = None  # set when the engine holds FP8 weights + scales
         self.fp8_scale_fmt: str | None = None
         fp8 = fp8_block_and_scale_format(model_dir)
@@ -375,6 +437,12 @@ class VLLMColocateEngine:
                 log.warning("%s is an FP8 checkpoint: vLLM serves FP8 in bf16/fp16 only, engine dtype %s -> bfloat16",
                             model_dir, dtype)
                 dtype = "bfloat16"
+        if self.speculative_tokens:
+            problem = _spec_tokens_problem(model_dir, fp8_served=self.fp8_block is not None)
+            if problem:
+                raise ValueError(f"rollout_speculative_tokens={self.speculative_tokens}: {problem}")
+            extra["speculative_config"] = {"method": "mtp", "num_speculative_tokens": self.speculative_tokens}
+            extra["disable_log_stats"] = False  # vLLM counts drafts and accepted drafts only with stats on
         self.llm = make_llm(
             model_dir,
             dtype=dtype,
@@ -440,9 +508,24 @@ class VLLMColocateEngine:
         lps = out.prompt_logprobs
         return [float(lps[i][ids[i]].logprob) for i in range(len(prompt_ids), len(ids))]
 
+    def spec_decode_counts(self) -> tuple[int, int] | None:
+        """(draft tokens proposed, draft tokens accepted) since the engine started, as vLLM counts them
+        (compat.VLLM_SPEC_METRICS); None when it does not speculate. The acceptance of a stretch of work is
+        the ratio of the differences. vLLM keeps these counters per process: one speculating engine at a time."""
+        if not self.speculative_tokens:
+            return None
+        drafted = accepted = 0
+        for metric in self.llm.get_metrics():
+            if metric.name == "vllm:spec_decode_num_draft_tokens":
+                drafted += int(metric.value)
+            elif metric.name == "vllm:spec_decode_num_accepted_tokens":
+                accepted += int(metric.value)
+        return drafted, accepted
+
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Loads DeepSeek-layout (name, tensor) pairs -- FP8 weights with their `weight_scale_inv` when
-        `serves_fp8` -- consumed inside vLLM one at a time (a generator is never materialized)."""
+        `serves_fp8` -- consumed inside vLLM one at a time (a generator is never materialized). A
+        speculating engine's MTP drafter takes the MTP layer's tensors (`_load_weights_on_worker`)."""
         t0 = time.perf_counter()
         worker_fn = _reload_fp8_weights_on_worker if self.fp8_block is not None else _load_weights_on_worker
         self.llm.collective_rpc(worker_fn, args=(weights,))
@@ -529,6 +612,7 @@ __all__ = [
     "fp8_fallback_reason",
     "iter_dequantized_fp8",
     "make_llm",
+    "mtp_layer_prefixes",
     "on_cpu",
     "resolved_dtype",
     "shutdown_llm",

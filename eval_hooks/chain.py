@@ -7,7 +7,9 @@ with the evaluation and the report. Each stage writes under the run directory
 (`runs/<recipe name>/` unless `--output_dir` says otherwise) and is recorded in `manifest.json`
 (status, a hash of its inputs, output path, metrics). Rerunning skips finished stages whose inputs
 did not change; a stage that was killed resumes from its own checkpoint (distill from its ledger,
-SFT and GRPO from their last Trainer checkpoint).
+SFT and GRPO from their last Trainer checkpoint). A top-level `seed: S` seeds every stage (the
+initial weights, the teacher's samples, SFT's data order, GRPO's rollouts) unless a stage sets its
+own `seed`: one line to change to repeat a run with another seed.
 """
 
 from __future__ import annotations
@@ -68,13 +70,18 @@ class ChainRecipe:
     output_dir: Path
     stages: dict[str, dict[str, Any]]
     source: str
+    seed: int | None = None  # the top-level `seed:`: every stage's seed unless the stage sets its own
 
 
 def load_chain_recipe(path: str | Path, output_dir: str | None = None) -> ChainRecipe:
     data = read_recipe(path)
-    unknown = set(data) - {"name", "output_dir", "stages", "description"}
+    unknown = set(data) - {"name", "output_dir", "stages", "description", "seed"}
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected name, output_dir, stages")
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected name, output_dir, seed, "
+                          "stages")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"{path}: 'seed' must be an integer, got {seed!r}")
     stages = data.get("stages") or {}
     if not isinstance(stages, dict):
         raise ConfigError(f"{path}: 'stages' must be a mapping of stage name to settings")
@@ -83,7 +90,7 @@ def load_chain_recipe(path: str | Path, output_dir: str | None = None) -> ChainR
         raise ConfigError(f"{path}: unknown stage(s) {bad}; stages are {list(STAGES)} (run in that order)")
     name = str(data.get("name") or Path(path).stem)
     out = Path(output_dir or data.get("output_dir") or Path("runs") / name)
-    return ChainRecipe(name, out, {k: dict(v or {}) for k, v in stages.items()}, str(path))
+    return ChainRecipe(name, out, {k: dict(v or {}) for k, v in stages.items()}, str(path), seed)
 
 
 def validate_chain_recipe(recipe: ChainRecipe) -> dict[str, Any]:
@@ -95,6 +102,8 @@ def validate_chain_recipe(recipe: ChainRecipe) -> dict[str, Any]:
 def _stage_config(recipe: ChainRecipe, stage: str, out: Path) -> Any:
     values = dict(recipe.stages.get(stage, {}))
     source = f"{recipe.source} (stages.{stage})"
+    if recipe.seed is not None and stage in ("init", "distill", "sft", "grpo"):
+        values.setdefault("seed", recipe.seed)  # one number re-seeds the whole chain (weights, teacher, data order, rollouts)
     model0 = _initial_model(recipe, out)
     if stage == "init":
         return build_config(InitStage, values, source)

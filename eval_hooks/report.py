@@ -1,15 +1,57 @@
 """The run's report card: `report.md`, its plots, and `results.json`, from what the stages wrote.
 
 Every number comes from a stage's own output (trainer_state.json log histories, distill stats,
-evaluation results); nothing here is configured or estimated.
+evaluation results); nothing here is configured. The uncertainty of held-out pass@1 is stated with it:
+each stage's 95% Wilson score interval, and for each stage against the one before it (GRPO − SFT,
+SFT − init) the difference with a paired 95% interval over the same problems (from the per-problem
+correctness the evaluation writes to `eval/<stage>.json`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
+
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion `correct`/`n` (well-behaved near 0 and 1, unlike the
+    normal approximation)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_difference(before: list[bool], after: list[bool], z: float = Z95) -> dict[str, Any]:
+    """`after` − `before` pass@1 on the same problems, with its paired 95% interval (normal
+    approximation for paired proportions: only the problems on which the two disagree carry
+    information; variance ((b + c) − (b − c)²/n) / n², b = only `after` right, c = only `before`)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired comparison needs two equally long, non-empty lists ({len(before)}, {len(after)})")
+    n = len(before)
+    b = sum(1 for x, y in zip(before, after) if y and not x)
+    c = sum(1 for x, y in zip(before, after) if x and not y)
+    diff = (b - c) / n
+    half = z * math.sqrt(max((b + c) - (b - c) ** 2 / n, 0.0)) / n
+    return {"difference": diff, "ci95": [diff - half, diff + half], "only_after_right": b, "only_before_right": c,
+            "n": n}
+
+
+def _per_problem(out: Path, name: str) -> list[bool] | None:
+    path = out / "eval" / f"{name}.json"
+    if not path.exists():
+        return None
+    correct = json.loads(path.read_text()).get("correct")
+    return [bool(x) for x in correct] if isinstance(correct, list) else None
 
 
 def _history(path: Path) -> list[dict[str, Any]]:
@@ -55,7 +97,12 @@ def _plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> str | None
 
     names = list(results)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bars = ax.bar(names, [results[n]["accuracy"] for n in names], color=["#999999", "#4c72b0", "#dd8452"][: len(names)])
+    acc = [results[n]["accuracy"] for n in names]
+    err = None
+    if all("ci95" in results[n] for n in names):  # the Wilson interval as (below, above) bars
+        err = [[max(a - results[n]["ci95"][0], 0.0) for a, n in zip(acc, names)],
+               [max(results[n]["ci95"][1] - a, 0.0) for a, n in zip(acc, names)]]
+    bars = ax.bar(names, acc, yerr=err, capsize=4, color=["#999999", "#4c72b0", "#dd8452"][: len(names)])
     for bar, n in zip(bars, names):
         ax.annotate(f"{results[n]['accuracy']:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom")
@@ -75,6 +122,16 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     grpo_hist = _history(out / "grpo" / "trainer_state.json")
     eval_metrics = stages.get("eval", {}).get("metrics") or {}
     results = {name: {"accuracy": r["accuracy"], "n": r["n"]} for name, r in eval_metrics.items()}
+    for r in results.values():
+        r["ci95"] = list(wilson_interval(round(r["accuracy"] * r["n"]), r["n"]))
+    names = list(results)
+    comparisons: list[tuple[str, str, dict[str, Any]]] = []
+    for before, after in zip(names, names[1:]):  # each stage against the one it started from
+        a, b = _per_problem(out, before), _per_problem(out, after)
+        if a is not None and b is not None and len(a) == len(b) and a:
+            diff = paired_difference(a, b)
+            results[after][f"vs_{before}"] = diff
+            comparisons.append((before, after, diff))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     plots = {
@@ -94,9 +151,21 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         plots["expert_load"] = "expert_load.png"
 
     lines = [f"# Report: {manifest.get('name', out.name)}", "", f"Recipe: `{manifest.get('recipe')}`", ""]
-    lines += ["## Held-out accuracy (greedy pass@1, measured)", "", "| stage | accuracy | problems |", "| --- | --- | --- |"]
+    lines += ["## Held-out accuracy (greedy pass@1, measured)", "",
+              "| stage | accuracy | 95% interval (Wilson) | problems |", "| --- | --- | --- | --- |"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['n']} |")
+        lo, hi = r["ci95"]
+        lines.append(f"| {name} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['n']} |")
+    if comparisons:
+        lines += ["", "Paired differences on the same problems (95% interval; the interval excludes 0 when the change "
+                  "is not noise at that level):", "",
+                  "| difference | pass@1 | 95% interval (paired) | only the later right | only the earlier right |",
+                  "| --- | --- | --- | --- | --- |"]
+        for before, after, d in comparisons:
+            lo, hi = d["ci95"]
+            lines.append(f"| {after} − {before} | {d['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+                         f"{d['only_after_right']} | {d['only_before_right']} |")
+    printed = len(lines)
     lines += ["", "## Stages", "", "| stage | status | seconds | output | metrics |", "| --- | --- | --- | --- | --- |"]
     for name, s in stages.items():
         if name.startswith("_"):
@@ -119,12 +188,26 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         if acc:
             k, head, tail = _first_and_last_means(acc)
             lines.append(f"MTP acceptance on the policy's samples: first {k} steps {head:.3f}, last {k} {tail:.3f}.")
+        lam = [h["mtp_loss_weight"] for h in grpo_hist if "mtp_loss_weight" in h]
+        if lam and min(lam) != max(lam):
+            lines.append(f"MTP loss weight λ (closed loop): first {lam[0]:.3f}, last {lam[-1]:.3f}, "
+                         f"range [{min(lam):.3f}, {max(lam):.3f}].")
+        dropped = [h["sampling/groups_dropped"] for h in grpo_hist if "sampling/groups_dropped" in h]
+        if dropped:
+            rounds = [h.get("sampling/rounds", 1.0) for h in grpo_hist if "sampling/groups_dropped" in h]
+            tied = [h["sampling/frac_reward_zero_std_sampled"] for h in grpo_hist
+                    if "sampling/frac_reward_zero_std_sampled" in h]
+            extra = sum(h.get("timing/extra_generation", 0.0) for h in grpo_hist)
+            lines.append(f"Dynamic sampling: {sum(dropped) / len(dropped):.1f} tied groups dropped and "
+                         f"{sum(rounds) / len(rounds):.2f} engine calls per step on average"
+                         + (f"; tied fraction of TRL's batch {sum(tied) / len(tied):.3f}" if tied else "")
+                         + f"; extra generation {extra:.0f} s in all.")
     lines += ["", "## Plots", ""]
     for key, name in plots.items():
         if name:
             lines.append(f"![{key}]({name})")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:8 + len(results)]))
+    print("\n".join(lines[:printed]))
     return {"results": results, "report": str(out / "report.md")}
 
 

@@ -77,6 +77,16 @@ def test_chain_recipe_unknown_keys_fail_clearly(tmp_path):
         load_chain_recipe(bad)
 
 
+def test_chain_seed_seeds_every_stage_unless_the_stage_sets_one(tmp_path):
+    path = tmp_path / "seeded.yaml"
+    path.write_text("name: s\nseed: 7\nstages:\n  init: {}\n  distill: {}\n  sft: {seed: 1}\n  grpo: {}\n  eval: {}\n")
+    configs = validate_chain_recipe(load_chain_recipe(path))
+    assert [configs[s].seed for s in ("init", "distill", "sft", "grpo")] == [7, 7, 1, 7]
+    path.write_text("name: s\nseed: one\nstages:\n  init: {}\n")
+    with pytest.raises(ConfigError, match="'seed' must be an integer"):
+        load_chain_recipe(path)
+
+
 def test_eval_callback_logs_every_n_steps(tiny_model_dir):
     from types import SimpleNamespace
 

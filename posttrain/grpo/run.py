@@ -62,8 +62,25 @@ def check_server_mode(cfg: GRPORecipeConfig) -> None:
                         "use vllm_mode: colocate")
 
 
+def check_speculative_rollouts(cfg: GRPORecipeConfig, model_config=None) -> None:
+    """What `rollout_speculative_tokens > 0` cannot run with, said in one line before anything heavy."""
+    k = cfg.rollout_speculative_tokens
+    if not k:
+        return
+    if not cfg.use_vllm:
+        raise UserError(f"rollout_speculative_tokens={k} drafts with vLLM's MTP speculative decoding: it needs "
+                        "use_vllm: true (vllm_mode: colocate)")
+    if cfg.vllm_mode == "server":
+        raise UserError(f"rollout_speculative_tokens={k}: a vLLM server's MTP drafter is not updated by the weight "
+                        "sync (it would draft with stale weights); use vllm_mode: colocate, or 0")
+    if model_config is not None and not int(getattr(model_config, "num_nextn_predict_layers", 0) or 0):
+        raise UserError(f"rollout_speculative_tokens={k}: {cfg.model_name_or_path} has no MTP module "
+                        "(num_nextn_predict_layers=0) to draft with")
+
+
 def build_engine(cfg: GRPORecipeConfig, model, tokenizer) -> RolloutEngine:
     """The rollout engine the recipe asks for: vLLM colocated (default), a vLLM server, or HF generate."""
+    check_speculative_rollouts(cfg, model.config)
     if not cfg.use_vllm:
         return HFGenerateEngine(model, tokenizer.pad_token_id, [tokenizer.eos_token_id])
     from engines.vllm_engine import VLLMColocateEngine, VLLMServerEngine
@@ -73,14 +90,20 @@ def build_engine(cfg: GRPORecipeConfig, model, tokenizer) -> RolloutEngine:
         base = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
         return VLLMServerEngine(base, connection_timeout=cfg.vllm_server_timeout, group_port=cfg.vllm_group_port)
     max_len = cfg.vllm_max_model_length or min(model.config.max_position_embeddings, 4096)
-    return VLLMColocateEngine(
-        cfg.model_name_or_path,
-        dtype=cfg.vllm_dtype,
-        max_model_len=max_len,
-        seed=cfg.seed,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-    )
+    try:
+        return VLLMColocateEngine(
+            cfg.model_name_or_path,
+            dtype=cfg.vllm_dtype,
+            max_model_len=max_len,
+            seed=cfg.seed,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+            speculative_tokens=cfg.rollout_speculative_tokens,
+        )
+    except ValueError as e:  # what the engine refuses to speculate with (e.g. an FP8-served checkpoint)
+        if str(e).startswith("rollout_speculative_tokens="):
+            raise UserError(str(e)) from None
+        raise
 
 
 def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, model=None, train_dataset=None):
@@ -94,6 +117,7 @@ def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, mo
     require_model_dir(cfg.model_name_or_path, required_hint="a checkpoint directory, e.g. from `dsv3-posttrain sft`")
     if engine is None:
         check_server_mode(cfg)
+        check_speculative_rollouts(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     if model is None:
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32

@@ -9,7 +9,9 @@ reference, its loss variants), reward bookkeeping, logging and checkpointing. Th
   fused expert names that vLLM rejects;
 - train/rollout agreement: the engine's sampled-token log-probs feed TRL's truncated importance
   sampling, and their difference from the trainer's is logged as `rollout/logprob_diff_*`;
-- the MTP loss on the policy's own samples and `mtp/accept_rate` (V3 report §2.2);
+- the MTP loss on the policy's own samples and `mtp/accept_rate` (V3 report §2.2); with
+  `rollout_speculative_tokens` the engine drafts with the policy's MTP module and its measured
+  acceptance is logged as `rollout/spec_accept_rate`;
 - aux-loss-free balancing of the router biases after each optimizer step (§2.1.2);
 - a time split (generation / scoring / training / sync) and tokens/s;
 - dynamic sampling (`dynamic_sampling`, DAPO §3.2; `dynamic_sampling.py`): groups whose rewards tie
@@ -183,9 +185,16 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         for gi, (_, n) in enumerate(groups):
             by_n[n].append(gi)
         results: dict[int, list] = {}
+        spec_counts = getattr(self.engine, "spec_decode_counts", None)  # a speculating engine's (drafted, accepted)
+        spec_before = spec_counts() if spec_counts is not None else None
         for n, gis in by_n.items():
             outs = self.engine.generate([groups[g][0] for g in gis], n, sampling)
             results.update(zip(gis, outs))
+        if spec_before is not None:  # MTP-speculative rollouts: the engine's own draft acceptance
+            drafted, accepted = (after - before for after, before in zip(spec_counts(), spec_before))
+            if drafted > 0:
+                mode = "train" if self.model.training else "eval"
+                self._metrics[mode]["rollout/spec_accept_rate"].append(accepted / drafted)
         for gi in range(len(groups)):
             for c in results[gi]:
                 completion_ids.append(c.token_ids)
