@@ -27,11 +27,17 @@ $(STAMP): pyproject.toml Makefile
 demo: venv
 	$(BIN)/dsv3-posttrain run recipes/tiny-arith.yaml
 
+# One pytest-xdist worker per CPU (at most 4: each may hold a vLLM engine), each with one torch thread
+# (tests/conftest.py); whole modules per worker, so module fixtures (engines, checkpoints) are built
+# once. PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+
 test: venv
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 bench: venv
 	# the GPU benchmarks (bench_gpu*.py) run on CUDA; on a CPU machine they check themselves on tiny shapes

@@ -17,6 +17,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker keeps to one intra-op thread:
+# two workers with a thread per core each would oversubscribe the machine. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -88,8 +93,23 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# The longest modules, longest first (seconds on a 2-core AMD EPYC, one worker thread each). `make test`
+# runs the suite on one pytest-xdist worker per core with `--dist loadfile`, which hands out whole
+# modules in collection order: starting the longest ones first keeps one worker from being left with
+# a long module at the end while the other idles.
+LONGEST_MODULES_FIRST = ("test_grpo_learning.py", "test_reward_model.py", "test_resume.py", "test_fsdp.py",
+                         "test_chain.py", "test_fp8_training.py", "test_scaleout.py")
+
+
+def _longest_first(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_collection_modifyitems(config, items):
-    """`-m gpu` tests exercise the CUDA fast paths (Triton / flex kernels); without CUDA they skip."""
+    """Orders the longest modules first (see LONGEST_MODULES_FIRST). `-m gpu` tests exercise the CUDA
+    fast paths (Triton / flex kernels); without CUDA they skip."""
+    _longest_first(items)
     try:
         import torch
 

@@ -100,9 +100,12 @@ def _assert_within_fp32_gemm_bound(got: torch.Tensor, ref: torch.Tensor, a_hat: 
     assert bool((err <= bound).all()), f"max err/bound {worst:.3g}"
 
 
-# The four largest weights (q_b_proj, o_proj and the dense MLP, 38-132M elements) take 10-30 s each on a
-# shared 2-core machine; the contract itself is checked for all nine by the meta-tensor test above.
-_NUMERIC_SHAPES = [pytest.param(*s, id=s[0], marks=[pytest.mark.slow] if s[1] * s[2] > 20e6 else []) for s in V3_SHAPES]
+# The numbers are checked on the six weights up to 40M elements. The three largest (o_proj and the dense
+# MLP, 117-132M elements, 15-30 s each on 2 cores) add no layout case: every one of their dimensions is
+# a whole number of 128-blocks, as in q_a/q_b/expert shapes here, and the partial block is kv_a's. Their
+# contract (shapes, strides, dtypes of all three GEMMs) is checked by the meta-tensor test above.
+_NUMERIC_SHAPES = [pytest.param(*s, id=s[0], marks=[pytest.mark.slow] if s[1] * s[2] > 20e6 else [])
+                   for s in V3_SHAPES if s[1] * s[2] <= 40e6]
 
 
 @pytest.mark.parametrize("name, n, k", _NUMERIC_SHAPES)
