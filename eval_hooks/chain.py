@@ -7,7 +7,8 @@ with the evaluation and the report. Each stage writes under the run directory
 (`runs/<recipe name>/` unless `--output_dir` says otherwise) and is recorded in `manifest.json`
 (status, a hash of its inputs, output path, metrics). Rerunning skips finished stages whose inputs
 did not change; a stage that was killed resumes from its own checkpoint (distill from its ledger,
-SFT and GRPO from their last Trainer checkpoint). A top-level `seed: S` seeds every stage (the
+SFT and GRPO from their last Trainer checkpoint); a stage whose inputs changed starts afresh, and the
+output an earlier run left in its directory is kept as `<dir>.replaced-N`. A top-level `seed: S` seeds every stage (the
 initial weights, the teacher's samples, SFT's data order, GRPO's rollouts) unless a stage sets its
 own `seed`: one line to change to repeat a run with another seed.
 """
@@ -53,6 +54,14 @@ class EvalStage:
     num_problems: int = field(default=200, metadata={"help": "How many problems to evaluate on."})
     max_tokens: int = field(default=160, metadata={"help": "Generation budget per answer."})
     k: int = field(default=1, metadata={"help": "Samples per problem for pass@k / maj@k (1: greedy only)."})
+    sampled_pass1_k: int = field(
+        default=0, metadata={"help": "Also report pass@1 as DeepSeek-R1 (§3.1) does: the mean correctness of this "
+                             "many samples per problem at sampled_temperature / sampled_top_p, with 95% "
+                             "intervals and paired differences; less noisy than greedy pass@1 where the "
+                             "model is weak and its argmax flips. 0 disables."}
+    )
+    sampled_temperature: float = field(default=0.6, metadata={"help": "Temperature of sampled pass@1 (R1: 0.6)."})
+    sampled_top_p: float = field(default=0.95, metadata={"help": "Top-p of sampled pass@1 (R1: 0.95)."})
     max_model_len: int = field(default=512, metadata={"help": "Engine context length."})
     every_n_steps: int = field(
         default=0, metadata={"help": "Also evaluate during SFT and GRPO every N optimizer steps (greedy pass@1, "
@@ -183,6 +192,8 @@ def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list
             upstream[stage] = digest
             continue
         resuming = prev.get("status") == "running" and prev.get("inputs_hash") == digest
+        if not resuming:
+            _set_aside_earlier_output(stage, cfg)
         print(f"[{stage}] {'resuming' if resuming else 'starting'}")
         manifest.update(stage, status="running", inputs_hash=digest, started=time.time())
         t0 = time.time()
@@ -194,6 +205,25 @@ def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list
     from .report import write_report
 
     return write_report(out, manifest.data)
+
+
+def _set_aside_earlier_output(stage: str, cfg: Any) -> Path | None:
+    """A stage that starts afresh must not pick up checkpoints or shards that an earlier run with other
+    inputs left in its output directory (SFT and GRPO resume from the newest checkpoint they find: a
+    changed GRPO temperature would otherwise "resume" the old run at max_steps and train nothing).
+    The earlier output is kept, renamed to `<dir>.replaced-N`."""
+    if stage not in ("distill", "sft", "grpo"):
+        return None
+    path = Path(cfg.output_dir)
+    if not path.is_dir() or not any(path.iterdir()):
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.replaced-{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.replaced-{n}")
+    path.rename(target)
+    print(f"[{stage}] its inputs changed since {path} was written: that output is kept as {target}")
+    return target
 
 
 def _run_init(cfg: InitStage, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
@@ -232,7 +262,7 @@ def _attach_eval_callback(trainer, recipe: ChainRecipe, out: Path) -> None:
 def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from posttrain.sft.run import build_trainer, run_sft
 
-    cfg.resume_from_checkpoint = "last" if last_complete_checkpoint(cfg.output_dir) else None
+    cfg.resume_from_checkpoint = "last" if resuming and last_complete_checkpoint(cfg.output_dir) else None
     trainer = build_trainer(cfg)
     _attach_eval_callback(trainer, recipe, out)
     summary = run_sft(cfg, trainer)
@@ -242,7 +272,7 @@ def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path,
 def _run_grpo(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from posttrain.grpo.run import build_trainer, run_grpo
 
-    cfg.resume_from_checkpoint = "last" if last_complete_checkpoint(cfg.output_dir) else None
+    cfg.resume_from_checkpoint = "last" if resuming and last_complete_checkpoint(cfg.output_dir) else None
     trainer = build_trainer(cfg)
     _attach_eval_callback(trainer, recipe, out)
     summary = run_grpo(cfg, trainer)
@@ -258,7 +288,12 @@ def _run_eval(cfg: EvalStage, recipe: ChainRecipe, out: Path, resuming: bool) ->
     if "grpo" in recipe.stages:
         checkpoints["grpo"] = str(out / "grpo")
     results = evaluate_checkpoints(checkpoints, cfg, out / "eval")
-    return out / "eval", {name: {"accuracy": r["accuracy"], "n": r["n"]} for name, r in results.items()}
+    metrics = {}
+    for name, r in results.items():
+        metrics[name] = {"accuracy": r["accuracy"], "n": r["n"]}
+        if "sampled_pass1" in r:
+            metrics[name]["sampled_pass1"] = r["sampled_pass1"]["pass@1"]
+    return out / "eval", metrics
 
 
 STAGE_RUNNERS = {"init": _run_init, "distill": _run_distill, "sft": _run_sft, "grpo": _run_grpo, "eval": _run_eval}

@@ -81,3 +81,37 @@ def test_killed_sft_resumes_and_the_report_is_written(tmp_path):
     proc = _run(recipe, out)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and log.count("done already") == 5, log[-2000:]
+
+
+def test_a_stage_whose_inputs_changed_starts_afresh_and_keeps_the_earlier_output(tmp_path, capsys):
+    """Before, SFT and GRPO resumed from whatever checkpoint their directory held: rerunning the chain
+    with another GRPO temperature "resumed" the old run at max_steps, trained nothing and reported the
+    old model as the new one."""
+    from eval_hooks.chain import run_chain
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny-arith.yaml").read_text())
+    recipe["name"] = "rerun"
+    recipe["stages"] = {"init": recipe["stages"]["init"],
+                        "distill": {**recipe["stages"]["distill"], "max_prompts": 40, "disable_tqdm": True},
+                        "sft": {**recipe["stages"]["sft"], "max_steps": 4, "save_steps": 2, "logging_steps": 1,
+                                "disable_tqdm": True}}
+    path, out = tmp_path / "rerun.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(recipe))
+    run_chain(path, str(out))
+    first = json.loads((out / "sft" / "trainer_state.json").read_text())
+
+    run_chain(path, str(out))  # unchanged: skipped
+    assert "[sft] done already" in capsys.readouterr().out and not list(tmp_path.glob("run/sft.replaced-*"))
+
+    recipe["stages"]["sft"]["learning_rate"] = 1e-4
+    path.write_text(yaml.safe_dump(recipe))
+    run_chain(path, str(out))
+    printed = capsys.readouterr().out
+    assert "[sft] its inputs changed since" in printed and "[sft] starting" in printed
+    kept = out / "sft.replaced-1"
+    assert json.loads((kept / "trainer_state.json").read_text()) == first  # the earlier run, untouched
+    state = json.loads((out / "sft" / "trainer_state.json").read_text())
+    losses = [h for h in state["log_history"] if "loss" in h]
+    assert [h["step"] for h in losses] == [1, 2, 3, 4]  # trained from step 1, not resumed at step 4
+    assert losses[-1]["learning_rate"] != [h for h in first["log_history"] if "loss" in h][-1]["learning_rate"]
+    assert "[distill] done already" in printed  # the unchanged stage before it is not redone
