@@ -27,13 +27,16 @@ def evaluate_accuracy(
     *,
     k: int = 1,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     max_tokens: int = 256,
     seed: int = 0,
 ) -> dict[str, Any]:
     """pass@1 (greedy when `temperature` is 0); with `k` > 1 also pass@k and maj@k over k samples.
 
-    Returns {"accuracy", "mean_correct", "n", "correct", "pass@k", "maj@k", "completions"}: `accuracy` is
-    pass@1 over the first sample of each problem, `mean_correct` the fraction of all samples right."""
+    Returns {"accuracy", "mean_correct", "n", "correct", "fraction_correct", "pass@k", "maj@k",
+    "completions"}: `accuracy` is pass@1 over the first sample of each problem, `mean_correct` the
+    fraction of all samples right (DeepSeek-R1's pass@1 when sampled), `fraction_correct` that fraction
+    per problem. Sampling seeds are per prompt, so two checkpoints are compared on the same draws."""
     from rewards import extract_final_answer, math_accuracy
 
     if len(prompts) != len(answers):
@@ -42,7 +45,7 @@ def evaluate_accuracy(
         raise ValueError("nothing to evaluate: the evaluation set is empty")
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     sampling = SamplingSettings(
-        temperature=temperature, max_tokens=max_tokens, seed=seed if temperature > 0 else None,
+        temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed if temperature > 0 else None,
         stop_token_ids=[tokenizer.eos_token_id],
     )
     outs = engine.generate(ids, k, sampling)
@@ -56,6 +59,7 @@ def evaluate_accuracy(
         "mean_correct": sum(sum(c) for c in correct) / (len(correct) * k),  # = mean math_accuracy reward
         "n": len(correct),
         "correct": [c[0] for c in correct],  # per problem, in order: paired comparisons between checkpoints
+        "fraction_correct": [sum(c) / k for c in correct],
         "completions": [group[0] for group in texts],
     }
     if k > 1:

@@ -49,3 +49,23 @@ def load_benchmark(dataset_name: str, split: str = "test", limit: int | None = N
         prompts.append(p)
         answers.append(a)
     return prompts, answers
+
+
+# Columns that name what a problem asks, when several problems ask the same thing in other words: the
+# built-in task's `expression` (its held-out problems are other wordings of the same arithmetic facts),
+# or a set's own `group`. Problems of one group succeed or fail together, so intervals over problems
+# must be computed over groups (eval_hooks.report).
+GROUP_COLUMNS = ("group", "expression")
+
+
+def problem_groups(dataset_name: str, split: str = "test", limit: int | None = None) -> list[str] | None:
+    """The group of each of the first `limit` problems (in `load_benchmark`'s order), or None when the
+    set names none (every problem then stands alone)."""
+    from data_pipelines.loading import load_rows
+
+    ds = load_rows(dataset_name, split)
+    column = next((c for c in GROUP_COLUMNS if c in ds.column_names), None)
+    if column is None:
+        return None
+    n = len(ds) if limit is None else min(limit, len(ds))
+    return [str(v) for v in ds.select(range(n))[column]]

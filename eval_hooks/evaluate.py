@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .accuracy import evaluate_accuracy
-from .benchmarks import load_benchmark
+from .benchmarks import load_benchmark, problem_groups
 
 
 def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, engine=None) -> dict[str, dict[str, Any]]:
@@ -22,6 +22,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts, answers = load_benchmark(cfg.dataset_name, cfg.dataset_split, cfg.num_problems)
+    groups = problem_groups(cfg.dataset_name, cfg.dataset_split, cfg.num_problems)
     names = list(checkpoints)
     own_engine = engine is None
     if own_engine:
@@ -39,9 +40,20 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
                 sampled = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.k, temperature=1.0,
                                             max_tokens=cfg.max_tokens)
                 res[f"pass@{cfg.k}"], res[f"maj@{cfg.k}"] = sampled[f"pass@{cfg.k}"], sampled[f"maj@{cfg.k}"]
+            if getattr(cfg, "sampled_pass1_k", 0) > 0:  # DeepSeek-R1 §3.1: pass@1 = mean correctness of k samples
+                r1 = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.sampled_pass1_k,
+                                       temperature=cfg.sampled_temperature, top_p=cfg.sampled_top_p,
+                                       max_tokens=cfg.max_tokens)
+                res["sampled_pass1"] = {"pass@1": r1["mean_correct"], "k": cfg.sampled_pass1_k,
+                                        "temperature": cfg.sampled_temperature, "top_p": cfg.sampled_top_p,
+                                        "fraction_correct": r1["fraction_correct"]}
             res.update({"checkpoint": path, "dataset": f"{cfg.dataset_name}:{cfg.dataset_split}"})
+            if groups is not None:
+                res["groups"] = groups  # what each problem asks: the report's intervals are over these
             (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
-            print(f"[eval] {name}: accuracy {res['accuracy']:.3f} on {res['n']} problems")
+            sampled_note = (f", sampled pass@1 {res['sampled_pass1']['pass@1']:.3f} (k={cfg.sampled_pass1_k}, "
+                            f"T={cfg.sampled_temperature})" if "sampled_pass1" in res else "")
+            print(f"[eval] {name}: accuracy {res['accuracy']:.3f}{sampled_note} on {res['n']} problems")
             results[name] = res
     finally:
         if own_engine:

@@ -4,7 +4,13 @@ Every number comes from a stage's own output (trainer_state.json log histories, 
 evaluation results); nothing here is configured. The uncertainty of held-out pass@1 is stated with it:
 each stage's 95% Wilson score interval, and for each stage against the one before it (GRPO − SFT,
 SFT − init) the difference with a paired 95% interval over the same problems (from the per-problem
-correctness the evaluation writes to `eval/<stage>.json`).
+correctness the evaluation writes to `eval/<stage>.json`). Where the evaluation set says which problems
+ask the same thing (the built-in task's held-out problems are other wordings of a few arithmetic facts,
+and a model gets a fact right in every wording or in none), the intervals are cluster-robust over those
+groups: counting 500 wordings of 21 facts as 500 independent problems would make them several times
+too narrow. Where the eval stage also sampled k answers
+per problem (`sampled_pass1_k`), pass@1 as DeepSeek-R1 reports it (the mean correctness of the k
+samples) is printed the same way: an interval per stage and paired differences over the problems.
 """
 
 from __future__ import annotations
@@ -42,8 +48,73 @@ def paired_difference(before: list[bool], after: list[bool], z: float = Z95) -> 
     c = sum(1 for x, y in zip(before, after) if x and not y)
     diff = (b - c) / n
     half = z * math.sqrt(max((b + c) - (b - c) ** 2 / n, 0.0)) / n
-    return {"difference": diff, "ci95": [diff - half, diff + half], "only_after_right": b, "only_before_right": c,
-            "n": n}
+    return {"difference": diff, "ci95": [diff - half, diff + half], "better": b, "worse": c, "n": n}
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t 97.5% quantile with `df` degrees of freedom: the Cornish-Fisher expansion around the
+    normal quantile (within 5e-3 of the exact value for df >= 3; exact table values below that)."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    if df <= 2:
+        return (12.7062, 4.3027)[df - 1]
+    z, v = Z95, float(df)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
+def grouped_mean_interval(values: list[float], groups: list[str] | None = None) -> dict[str, Any]:
+    """The mean of per-problem values and its 95% interval when problems come in groups that succeed or
+    fail together (other wordings of one fact): the cluster-robust variance of the mean, Σ_g (Σ_{i∈g}
+    (v_i − mean))² · G/(G−1) / n², with Student's t on G − 1 degrees of freedom. `groups` None: every
+    problem is its own group. With no spread at all, the Wilson interval of mean · G successes in G."""
+    n = len(values)
+    groups = list(groups) if groups is not None else [str(i) for i in range(n)]
+    if len(groups) != n or n == 0:
+        raise ValueError(f"need one group per value ({len(groups)} groups, {n} values)")
+    mean = sum(values) / n
+    sums: dict[str, float] = {}
+    for g, v in zip(groups, values):
+        sums[g] = sums.get(g, 0.0) + (v - mean)
+    n_groups = len(sums)
+    var = sum(x * x for x in sums.values()) * n_groups / max(n_groups - 1, 1) / (n * n)
+    if n_groups < 2:
+        ci = (float("-inf"), float("inf"))
+    elif var <= 1e-30:
+        ci = wilson_interval(round(mean * n_groups), n_groups) if 0 <= mean <= 1 else (mean, mean)
+    else:
+        half = t_quantile_975(n_groups - 1) * math.sqrt(var)
+        ci = (mean - half, mean + half)
+    return {"mean": mean, "ci95": list(ci), "n": n, "groups": n_groups}
+
+
+def grouped_paired_difference(before: list[float], after: list[float],
+                              groups: list[str] | None = None) -> dict[str, Any]:
+    """`after` − `before` per problem (0/1 correctness or fractions of correct samples) on the same
+    problems, with the 95% interval of `grouped_mean_interval` over the per-problem differences."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired comparison needs two equally long, non-empty lists ({len(before)}, {len(after)})")
+    d = [float(y) - float(x) for x, y in zip(before, after)]
+    r = grouped_mean_interval(d, groups)
+    return {"difference": r["mean"], "ci95": r["ci95"], "better": sum(v > 0 for v in d),
+            "worse": sum(v < 0 for v in d), "n": r["n"], "groups": r["groups"]}
+
+
+def _groups(out: Path, name: str) -> list[str] | None:
+    path = out / "eval" / f"{name}.json"
+    if not path.exists():
+        return None
+    groups = json.loads(path.read_text()).get("groups")
+    return [str(g) for g in groups] if isinstance(groups, list) else None
+
+
+def _sampled(out: Path, name: str) -> dict[str, Any] | None:
+    path = out / "eval" / f"{name}.json"
+    if not path.exists():
+        return None
+    sampled = json.loads(path.read_text()).get("sampled_pass1")
+    return sampled if isinstance(sampled, dict) and sampled.get("fraction_correct") else None
 
 
 def _per_problem(out: Path, name: str) -> list[bool] | None:
@@ -122,16 +193,41 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     grpo_hist = _history(out / "grpo" / "trainer_state.json")
     eval_metrics = stages.get("eval", {}).get("metrics") or {}
     results = {name: {"accuracy": r["accuracy"], "n": r["n"]} for name, r in eval_metrics.items()}
-    for r in results.values():
-        r["ci95"] = list(wilson_interval(round(r["accuracy"] * r["n"]), r["n"]))
     names = list(results)
+    # what each problem asks (the eval writes it when the set names it): intervals are over those groups
+    groups = next((g for g in (_groups(out, name) for name in names) if g is not None), None)
+    for name, r in results.items():
+        correct = _per_problem(out, name)
+        if groups is not None and correct is not None and len(correct) == len(groups):
+            r["ci95"] = grouped_mean_interval([float(c) for c in correct], groups)["ci95"]
+        else:
+            r["ci95"] = list(wilson_interval(round(r["accuracy"] * r["n"]), r["n"]))
     comparisons: list[tuple[str, str, dict[str, Any]]] = []
     for before, after in zip(names, names[1:]):  # each stage against the one it started from
         a, b = _per_problem(out, before), _per_problem(out, after)
         if a is not None and b is not None and len(a) == len(b) and a:
-            diff = paired_difference(a, b)
+            if groups is not None and len(groups) == len(a):
+                diff = grouped_paired_difference(a, b, groups)
+            else:
+                diff = paired_difference(a, b)
             results[after][f"vs_{before}"] = diff
             comparisons.append((before, after, diff))
+    # pass@1 as DeepSeek-R1 reports it (k samples per problem), where the eval stage measured it
+    sampled = {name: _sampled(out, name) for name in names}
+    sampled_comparisons: list[tuple[str, str, dict[str, Any]]] = []
+    for name, smp in sampled.items():
+        if smp is not None:
+            g = groups if groups is not None and len(groups) == len(smp["fraction_correct"]) else None
+            results[name]["sampled_pass1"] = {"pass@1": smp["pass@1"], "k": smp["k"], "temperature": smp["temperature"],
+                                              "top_p": smp.get("top_p"),
+                                              "ci95": grouped_mean_interval(smp["fraction_correct"], g)["ci95"]}
+    for before, after in zip(names, names[1:]):
+        a, b = sampled.get(before), sampled.get(after)
+        if a is not None and b is not None and len(a["fraction_correct"]) == len(b["fraction_correct"]):
+            g = groups if groups is not None and len(groups) == len(a["fraction_correct"]) else None
+            diff = grouped_paired_difference(a["fraction_correct"], b["fraction_correct"], g)
+            results[after]["sampled_pass1"][f"vs_{before}"] = diff
+            sampled_comparisons.append((before, after, diff))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     plots = {
@@ -151,20 +247,43 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         plots["expert_load"] = "expert_load.png"
 
     lines = [f"# Report: {manifest.get('name', out.name)}", "", f"Recipe: `{manifest.get('recipe')}`", ""]
+    n_groups = len(set(groups)) if groups is not None else None
+    over = (f"over the {n_groups} groups of problems that ask the same thing (other wordings of one fact "
+            "succeed or fail together)" if n_groups else "over the problems")
     lines += ["## Held-out accuracy (greedy pass@1, measured)", "",
-              "| stage | accuracy | 95% interval (Wilson) | problems |", "| --- | --- | --- | --- |"]
+              f"| stage | accuracy | 95% interval ({'clustered' if n_groups else 'Wilson'}) | problems |",
+              "| --- | --- | --- | --- |"]
     for name, r in results.items():
         lo, hi = r["ci95"]
         lines.append(f"| {name} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['n']} |")
     if comparisons:
-        lines += ["", "Paired differences on the same problems (95% interval; the interval excludes 0 when the change "
-                  "is not noise at that level):", "",
+        lines += ["", f"Paired differences on the same problems (95% interval {over}; the interval excludes 0 "
+                  "when the change is not noise at that level):", "",
                   "| difference | pass@1 | 95% interval (paired) | only the later right | only the earlier right |",
                   "| --- | --- | --- | --- | --- |"]
         for before, after, d in comparisons:
             lo, hi = d["ci95"]
             lines.append(f"| {after} − {before} | {d['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
-                         f"{d['only_after_right']} | {d['only_before_right']} |")
+                         f"{d['better']} | {d['worse']} |")
+    with_sampled = [name for name in names if "sampled_pass1" in results[name]]
+    if with_sampled:
+        first = results[with_sampled[0]]["sampled_pass1"]
+        lines += ["", f"## Held-out pass@1 over {first['k']} samples per problem (DeepSeek-R1 §3.1: temperature "
+                  f"{first['temperature']}, top-p {first['top_p']}; measured)", "",
+                  f"| stage | pass@1 | 95% interval{' (clustered)' if n_groups else ''} | problems |",
+                  "| --- | --- | --- | --- |"]
+        for name in with_sampled:
+            r = results[name]["sampled_pass1"]
+            lo, hi = r["ci95"]
+            lines.append(f"| {name} | {r['pass@1']:.3f} | [{lo:.3f}, {hi:.3f}] | {results[name]['n']} |")
+        if sampled_comparisons:
+            lines += ["", f"Paired differences on the same problems and sampling seeds (95% interval {over}):", "",
+                      "| difference | pass@1 | 95% interval (paired) | problems better | problems worse |",
+                      "| --- | --- | --- | --- | --- |"]
+            for before, after, d in sampled_comparisons:
+                lo, hi = d["ci95"]
+                lines.append(f"| {after} − {before} | {d['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+                             f"{d['better']} | {d['worse']} |")
     printed = len(lines)
     lines += ["", "## Stages", "", "| stage | status | seconds | output | metrics |", "| --- | --- | --- | --- | --- |"]
     for name, s in stages.items():

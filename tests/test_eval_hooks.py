@@ -57,6 +57,42 @@ def test_accuracy_pass_and_majority(tiny_model_dir):
     assert res["accuracy"] == pytest.approx(1 / 3)  # first sample of each problem
     assert res["pass@3"] == pytest.approx(2 / 3)
     assert res["maj@3"] == pytest.approx(1 / 3)  # only problem 2's majority answer (5) is right
+    assert res["fraction_correct"] == pytest.approx([1 / 3, 2 / 3, 0.0])  # per problem: R1's pass@1 terms
+    assert res["mean_correct"] == pytest.approx(1 / 3)
+
+
+def test_eval_stage_writes_sampled_pass1_per_problem(tiny_model_dir, tmp_path):
+    """`sampled_pass1_k` > 0: every checkpoint is also scored with k samples per problem at the R1 settings,
+    and each problem's fraction correct is written for the report's paired intervals."""
+    from eval_hooks.chain import EvalStage
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    right, wrong = "\\boxed{5}", "\\boxed{7}"
+
+    class Recording(ScriptedEngine):
+        def __init__(self):
+            super().__init__(tok, [[right, wrong, right, right], [wrong, wrong, right, wrong]])
+            self.calls = []
+
+        def generate(self, prompt_ids, n, sampling):
+            self.calls.append((n, sampling.temperature, sampling.top_p))
+            return super().generate(prompt_ids, n, sampling)
+
+        def sync_weights(self, weights):
+            for _ in weights:
+                pass
+
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps({"problem": f"p{i}", "answer": "5"}) + "\n" for i in range(2)))
+    cfg = EvalStage(dataset_name=str(f), dataset_split="train", num_problems=2, max_tokens=8, sampled_pass1_k=4)
+    engine = Recording()
+    res = evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval", engine=engine)
+    assert engine.calls == [(1, 0.0, 1.0), (4, 0.6, 0.95)]  # greedy, then R1's sampling settings
+    sampled = json.loads((tmp_path / "eval" / "sft.json").read_text())["sampled_pass1"]
+    assert sampled["fraction_correct"] == pytest.approx([0.75, 0.25]) and sampled["pass@1"] == pytest.approx(0.5)
+    assert (sampled["k"], sampled["temperature"], sampled["top_p"]) == (4, 0.6, 0.95)
+    assert res["sft"]["accuracy"] == pytest.approx(0.5)  # greedy: the first answer of each problem
 
 
 def test_every_recipe_validates():
@@ -105,3 +141,19 @@ def test_eval_callback_logs_every_n_steps(tiny_model_dir):
         cb.on_step_end(None, trainer.state, None)
     assert [h["step"] for h in trainer.state.log_history] == [2, 4]
     assert trainer.state.log_history[0]["eval/accuracy"] == pytest.approx(0.5)
+
+
+def test_problem_groups_name_the_fact_each_builtin_problem_asks(tmp_path):
+    """The built-in task's held-out problems are other wordings of a few facts: the eval writes each
+    problem's fact so that the report's intervals count facts, not wordings. A set with no such
+    column has no groups (each problem stands alone)."""
+    from eval_hooks.benchmarks import problem_groups
+
+    task = "builtin:arith?level=digits&max_operand=4&n_test=60"
+    groups = problem_groups(task, "test", 60)
+    prompts, _ = load_benchmark(task, "test", 60)
+    assert len(groups) == len(prompts) == 60 and len(set(groups)) <= 21
+    assert all(any(op in g for op in "+-") for g in groups)  # the expression, e.g. "3 + 1"
+    f = tmp_path / "plain.jsonl"
+    f.write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
+    assert problem_groups(str(f), "train") is None

@@ -4,10 +4,12 @@ known values, and printed by `write_report` from what the eval stage writes."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
-from eval_hooks.report import paired_difference, wilson_interval, write_report
+from eval_hooks.report import (grouped_mean_interval, grouped_paired_difference, paired_difference, t_quantile_975,
+                                wilson_interval, write_report)
 
 
 def test_wilson_interval_known_values():
@@ -26,7 +28,7 @@ def test_paired_difference_known_values():
     # (15 - 5) / 100 ± 1.96 · sqrt(20 - 10² / 100) / 100
     assert d["difference"] == pytest.approx(0.10)
     assert d["ci95"] == pytest.approx([0.10 - 0.085433, 0.10 + 0.085433], abs=1e-5)
-    assert (d["only_after_right"], d["only_before_right"], d["n"]) == (15, 5, 100)
+    assert (d["better"], d["worse"], d["n"]) == (15, 5, 100)
     # the same accuracies with many more disagreements: a wider interval that includes 0
     wide = paired_difference([True] * 30 + [False] * 70, [False] * 25 + [True] * 40 + [False] * 35)
     assert wide["difference"] == pytest.approx(0.10) and wide["ci95"][0] < 0 < wide["ci95"][1]
@@ -56,3 +58,77 @@ def test_report_prints_intervals_and_the_paired_difference(tmp_path, capsys):
     assert set(results) == {"init", "sft", "grpo"}
     assert results["grpo"]["vs_sft"]["ci95"] == pytest.approx([0.014567, 0.185433], abs=1e-5)
     assert "grpo − sft" in (out / "report.md").read_text()
+
+
+def test_t_quantile_known_values():
+    # Student's t 97.5% quantiles from the tables
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (20, 2.086), (100, 1.984)):
+        assert t_quantile_975(df) == pytest.approx(t, abs=5e-3)
+
+
+def test_grouped_intervals_on_independent_problems_match_the_textbook():
+    # every problem its own group: the interval of a mean, s / sqrt(n) · t(n - 1)
+    values = [0.0, 0.25, 0.5, 1.0]  # mean 0.4375, sample variance 0.182292
+    r = grouped_mean_interval(values)
+    half = 3.182446 * (0.1822917 / 4) ** 0.5
+    assert r["mean"] == pytest.approx(0.4375) and r["ci95"] == pytest.approx([0.4375 - half, 0.4375 + half], abs=2e-3)
+    d = grouped_paired_difference([0.0, 0.25, 0.5, 0.5], [0.5, 0.25, 0.75, 1.0])  # differences 0.5, 0, 0.25, 0.5
+    sd = (((0.5 - 0.3125) ** 2 * 2 + 0.3125 ** 2 + 0.0625 ** 2) / 3) ** 0.5
+    assert d["difference"] == pytest.approx(0.3125)
+    assert d["ci95"] == pytest.approx([0.3125 - 3.182446 * sd / 2, 0.3125 + 3.182446 * sd / 2], abs=2e-3)
+    assert (d["better"], d["worse"], d["n"], d["groups"]) == (3, 0, 4, 4)
+    with pytest.raises(ValueError):
+        grouped_paired_difference([0.5], [0.5, 1.0])
+
+
+def test_grouped_interval_counts_facts_not_wordings():
+    """21 facts, 20 wordings each, and a model that gets a fact right in every wording or in none (what
+    the demo's held-out set shows): 3 more facts learned is +14 points. Over 420 independent problems
+    that would look certain; over 21 facts it is not."""
+    groups = [f"fact{f}" for f in range(21) for _ in range(20)]
+    before = [f < 4 for f in range(21) for _ in range(20)]
+    after = [f < 7 for f in range(21) for _ in range(20)]
+    naive = paired_difference(before, after)
+    grouped = grouped_paired_difference(before, after, groups)
+    assert naive["difference"] == pytest.approx(grouped["difference"]) == pytest.approx(3 / 21)
+    assert naive["ci95"][0] > 0.1  # 60 problems better, 0 worse: "significant" counted per problem
+    assert grouped["ci95"][0] < 0 < grouped["ci95"][1] and grouped["groups"] == 21
+    # the per-stage interval is over the facts too: 7 of 21, as wide as a proportion of 21 allows
+    lo, hi = grouped_mean_interval([float(x) for x in after], groups)["ci95"]
+    assert lo < 7 / 21 - 0.15 and hi > 7 / 21 + 0.15
+    # and it is the naive one when the wordings disagree as much as independent problems would
+    rng = random.Random(0)
+    mixed = [float(rng.random() < 1 / 3) for _ in range(420)]  # wordings right or wrong independently
+    ind = grouped_mean_interval(mixed)["ci95"]
+    clu = grouped_mean_interval(mixed, groups)["ci95"]
+    assert clu == pytest.approx(ind, abs=0.03)
+
+
+def test_report_prints_sampled_pass1_and_clustered_intervals_when_the_eval_names_groups(tmp_path, capsys):
+    """With `sampled_pass1_k`, the eval writes each problem's fraction of correct samples, and for the
+    built-in task each problem's fact: the report prints DeepSeek-R1's pass@1 per stage and GRPO − SFT,
+    with intervals over the facts."""
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    groups = [f"g{i % 10}" for i in range(100)]
+    fractions = {"sft": [0.25] * 50 + [0.5] * 50, "grpo": [0.5] * 50 + [0.5] * 40 + [0.25] * 10}
+    for name, fr in fractions.items():
+        correct = [f >= 0.5 for f in fr]
+        (out / "eval" / f"{name}.json").write_text(json.dumps({
+            "accuracy": sum(correct) / 100, "n": 100, "correct": correct, "groups": groups,
+            "sampled_pass1": {"pass@1": sum(fr) / 100, "k": 4, "temperature": 0.6, "top_p": 0.95,
+                              "fraction_correct": fr}}))
+    manifest = {"name": "t", "recipe": "r.yaml", "stages": {"eval": {"status": "done", "metrics": {
+        name: {"accuracy": 0.5, "n": 100} for name in fractions}}}}
+    write_report(out, manifest)
+    printed = capsys.readouterr().out
+    assert "pass@1 over 4 samples per problem (DeepSeek-R1 §3.1: temperature 0.6, top-p 0.95" in printed
+    assert "over the 10 groups of problems that ask the same thing" in printed
+    assert "| sft | 0.375 |" in printed and "| grpo | 0.475 |" in printed
+    d = grouped_paired_difference(fractions["sft"], fractions["grpo"], groups)
+    lo, hi = d["ci95"]
+    assert f"| grpo − sft | +0.100 | [{lo:+.3f}, {hi:+.3f}] | 50 | 10 |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["grpo"]["sampled_pass1"]["pass@1"] == pytest.approx(0.475)
+    assert results["grpo"]["sampled_pass1"]["vs_sft"]["ci95"] == pytest.approx([lo, hi])
+    assert results["grpo"]["vs_sft"]["groups"] == 10
