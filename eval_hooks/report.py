@@ -64,11 +64,13 @@ def t_quantile_975(df: int) -> float:
             + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
 
 
-def grouped_mean_interval(values: list[float], groups: list[str] | None = None) -> dict[str, Any]:
+def grouped_mean_interval(values: list[float], groups: list[str] | None = None,
+                          bounds: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
     """The mean of per-problem values and its 95% interval when problems come in groups that succeed or
     fail together (other wordings of one fact): the cluster-robust variance of the mean, Σ_g (Σ_{i∈g}
     (v_i − mean))² · G/(G−1) / n², with Student's t on G − 1 degrees of freedom. `groups` None: every
-    problem is its own group. With no spread at all, the Wilson interval of mean · G successes in G."""
+    problem is its own group. With no spread at all, the Wilson interval of mean · G successes in G.
+    The interval is clipped to `bounds`, the range the values can take."""
     n = len(values)
     groups = list(groups) if groups is not None else [str(i) for i in range(n)]
     if len(groups) != n or n == 0:
@@ -82,11 +84,11 @@ def grouped_mean_interval(values: list[float], groups: list[str] | None = None) 
     if n_groups < 2:
         ci = (float("-inf"), float("inf"))
     elif var <= 1e-30:
-        ci = wilson_interval(round(mean * n_groups), n_groups) if 0 <= mean <= 1 else (mean, mean)
+        ci = wilson_interval(round(mean * n_groups), n_groups) if bounds == (0.0, 1.0) else (mean, mean)
     else:
         half = t_quantile_975(n_groups - 1) * math.sqrt(var)
         ci = (mean - half, mean + half)
-    return {"mean": mean, "ci95": list(ci), "n": n, "groups": n_groups}
+    return {"mean": mean, "ci95": [max(bounds[0], ci[0]), min(bounds[1], ci[1])], "n": n, "groups": n_groups}
 
 
 def grouped_paired_difference(before: list[float], after: list[float],
@@ -96,7 +98,7 @@ def grouped_paired_difference(before: list[float], after: list[float],
     if len(before) != len(after) or not before:
         raise ValueError(f"paired comparison needs two equally long, non-empty lists ({len(before)}, {len(after)})")
     d = [float(y) - float(x) for x, y in zip(before, after)]
-    r = grouped_mean_interval(d, groups)
+    r = grouped_mean_interval(d, groups, bounds=(-1.0, 1.0))
     return {"difference": r["mean"], "ci95": r["ci95"], "better": sum(v > 0 for v in d),
             "worse": sum(v < 0 for v in d), "n": r["n"], "groups": r["groups"]}
 
@@ -248,8 +250,8 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
     lines = [f"# Report: {manifest.get('name', out.name)}", "", f"Recipe: `{manifest.get('recipe')}`", ""]
     n_groups = len(set(groups)) if groups is not None else None
-    over = (f"over the {n_groups} groups of problems that ask the same thing (other wordings of one fact "
-            "succeed or fail together)" if n_groups else "over the problems")
+    over = (f"over the {n_groups} groups of problems that ask the same thing, not over the problems: other "
+            "wordings of one fact succeed or fail together" if n_groups else "over the problems")
     lines += ["## Held-out accuracy (greedy pass@1, measured)", "",
               f"| stage | accuracy | 95% interval ({'clustered' if n_groups else 'Wilson'}) | problems |",
               "| --- | --- | --- | --- |"]
@@ -258,7 +260,7 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         lines.append(f"| {name} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['n']} |")
     if comparisons:
         lines += ["", f"Paired differences on the same problems (95% interval {over}; the interval excludes 0 "
-                  "when the change is not noise at that level):", "",
+                  "when the change is not noise at that level).", "",
                   "| difference | pass@1 | 95% interval (paired) | only the later right | only the earlier right |",
                   "| --- | --- | --- | --- | --- |"]
         for before, after, d in comparisons:
@@ -277,7 +279,7 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             lo, hi = r["ci95"]
             lines.append(f"| {name} | {r['pass@1']:.3f} | [{lo:.3f}, {hi:.3f}] | {results[name]['n']} |")
         if sampled_comparisons:
-            lines += ["", f"Paired differences on the same problems and sampling seeds (95% interval {over}):", "",
+            lines += ["", f"Paired differences on the same problems and sampling seeds (95% interval {over}).", "",
                       "| difference | pass@1 | 95% interval (paired) | problems better | problems worse |",
                       "| --- | --- | --- | --- | --- |"]
             for before, after, d in sampled_comparisons:

@@ -68,10 +68,11 @@ def test_t_quantile_known_values():
 
 def test_grouped_intervals_on_independent_problems_match_the_textbook():
     # every problem its own group: the interval of a mean, s / sqrt(n) · t(n - 1)
-    values = [0.0, 0.25, 0.5, 1.0]  # mean 0.4375, sample variance 0.182292
+    values = [0.25, 0.5, 0.5, 0.75]  # mean 0.5, sample variance 0.041667
     r = grouped_mean_interval(values)
-    half = 3.182446 * (0.1822917 / 4) ** 0.5
-    assert r["mean"] == pytest.approx(0.4375) and r["ci95"] == pytest.approx([0.4375 - half, 0.4375 + half], abs=2e-3)
+    half = 3.182446 * (0.0416667 / 4) ** 0.5
+    assert r["mean"] == pytest.approx(0.5) and r["ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=2e-3)
+    assert grouped_mean_interval([0.0, 0.25, 0.5, 1.0])["ci95"][0] == 0.0  # a mean of fractions stays in [0, 1]
     d = grouped_paired_difference([0.0, 0.25, 0.5, 0.5], [0.5, 0.25, 0.75, 1.0])  # differences 0.5, 0, 0.25, 0.5
     sd = (((0.5 - 0.3125) ** 2 * 2 + 0.3125 ** 2 + 0.0625 ** 2) / 3) ** 0.5
     assert d["difference"] == pytest.approx(0.3125)

@@ -29,7 +29,7 @@ from typing import Any
 @dataclass
 class MTPWeightController:
     initial: float = 0.3
-    floor: float = 0.01
+    floor: float = 0.05  # GRPOConfig.mtp_loss_weight_min
     ceiling: float = 1.0
     up: float = 1.5
     down: float = 0.9
