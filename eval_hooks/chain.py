@@ -8,9 +8,9 @@ with the evaluation and the report. Each stage writes under the run directory
 (status, a hash of its inputs, output path, metrics). Rerunning skips finished stages whose inputs
 did not change; a stage that was killed resumes from its own checkpoint (distill from its ledger,
 SFT and GRPO from their last Trainer checkpoint); a stage whose inputs changed starts afresh, and the
-output an earlier run left in its directory is kept as `<dir>.replaced-N`. A top-level `seed: S` seeds every stage (the
-initial weights, the teacher's samples, SFT's data order, GRPO's rollouts) unless a stage sets its
-own `seed`: one line to change to repeat a run with another seed.
+output an earlier run left in its directory is kept as `<dir>.replaced-N`. A top-level `seed: S`
+seeds every stage (the initial weights, the teacher's samples, SFT's data order, GRPO's rollouts)
+unless a stage sets its own `seed`: one line to change to repeat a run with another seed.
 """
 
 from __future__ import annotations

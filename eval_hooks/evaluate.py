@@ -40,7 +40,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
                 sampled = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.k, temperature=1.0,
                                             max_tokens=cfg.max_tokens)
                 res[f"pass@{cfg.k}"], res[f"maj@{cfg.k}"] = sampled[f"pass@{cfg.k}"], sampled[f"maj@{cfg.k}"]
-            if getattr(cfg, "sampled_pass1_k", 0) > 0:  # DeepSeek-R1 §3.1: pass@1 = mean correctness of k samples
+            if cfg.sampled_pass1_k > 0:  # DeepSeek-R1 §3.1: pass@1 = mean correctness of k samples
                 r1 = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.sampled_pass1_k,
                                        temperature=cfg.sampled_temperature, top_p=cfg.sampled_top_p,
                                        max_tokens=cfg.max_tokens)

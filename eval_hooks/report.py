@@ -103,27 +103,24 @@ def grouped_paired_difference(before: list[float], after: list[float],
             "worse": sum(v < 0 for v in d), "n": r["n"], "groups": r["groups"]}
 
 
-def _groups(out: Path, name: str) -> list[str] | None:
+def _eval_result(out: Path, name: str) -> dict[str, Any]:
+    """What the eval stage wrote for one checkpoint (`eval/<name>.json`), or {}."""
     path = out / "eval" / f"{name}.json"
-    if not path.exists():
-        return None
-    groups = json.loads(path.read_text()).get("groups")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _groups(out: Path, name: str) -> list[str] | None:
+    groups = _eval_result(out, name).get("groups")
     return [str(g) for g in groups] if isinstance(groups, list) else None
 
 
 def _sampled(out: Path, name: str) -> dict[str, Any] | None:
-    path = out / "eval" / f"{name}.json"
-    if not path.exists():
-        return None
-    sampled = json.loads(path.read_text()).get("sampled_pass1")
+    sampled = _eval_result(out, name).get("sampled_pass1")
     return sampled if isinstance(sampled, dict) and sampled.get("fraction_correct") else None
 
 
 def _per_problem(out: Path, name: str) -> list[bool] | None:
-    path = out / "eval" / f"{name}.json"
-    if not path.exists():
-        return None
-    correct = json.loads(path.read_text()).get("correct")
+    correct = _eval_result(out, name).get("correct")
     return [bool(x) for x in correct] if isinstance(correct, list) else None
 
 
@@ -260,13 +257,8 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         lines.append(f"| {name} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['n']} |")
     if comparisons:
         lines += ["", f"Paired differences on the same problems (95% interval {over}; the interval excludes 0 "
-                  "when the change is not noise at that level).", "",
-                  "| difference | pass@1 | 95% interval (paired) | only the later right | only the earlier right |",
-                  "| --- | --- | --- | --- | --- |"]
-        for before, after, d in comparisons:
-            lo, hi = d["ci95"]
-            lines.append(f"| {after} − {before} | {d['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
-                         f"{d['better']} | {d['worse']} |")
+                  "when the change is not noise at that level).", ""]
+        lines += _difference_table(comparisons, "only the later right", "only the earlier right")
     with_sampled = [name for name in names if "sampled_pass1" in results[name]]
     if with_sampled:
         first = results[with_sampled[0]]["sampled_pass1"]
@@ -279,13 +271,8 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             lo, hi = r["ci95"]
             lines.append(f"| {name} | {r['pass@1']:.3f} | [{lo:.3f}, {hi:.3f}] | {results[name]['n']} |")
         if sampled_comparisons:
-            lines += ["", f"Paired differences on the same problems and sampling seeds (95% interval {over}).", "",
-                      "| difference | pass@1 | 95% interval (paired) | problems better | problems worse |",
-                      "| --- | --- | --- | --- | --- |"]
-            for before, after, d in sampled_comparisons:
-                lo, hi = d["ci95"]
-                lines.append(f"| {after} − {before} | {d['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
-                             f"{d['better']} | {d['worse']} |")
+            lines += ["", f"Paired differences on the same problems and sampling seeds (95% interval {over}).", ""]
+            lines += _difference_table(sampled_comparisons, "problems better", "problems worse")
     printed = len(lines)
     lines += ["", "## Stages", "", "| stage | status | seconds | output | metrics |", "| --- | --- | --- | --- | --- |"]
     for name, s in stages.items():
@@ -330,6 +317,14 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:printed]))
     return {"results": results, "report": str(out / "report.md")}
+
+
+def _difference_table(comparisons: list[tuple[str, str, dict[str, Any]]], better: str, worse: str) -> list[str]:
+    rows = [f"| difference | pass@1 | 95% interval (paired) | {better} | {worse} |", "| --- | --- | --- | --- | --- |"]
+    for before, after, d in comparisons:
+        lo, hi = d["ci95"]
+        rows.append(f"| {after} − {before} | {d['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {d['better']} | {d['worse']} |")
+    return rows
 
 
 def _first_and_last_means(values: list[float]) -> tuple[int, float, float]:
