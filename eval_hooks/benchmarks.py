@@ -36,7 +36,17 @@ def adapt_row(row: dict[str, Any], index: int, source: str) -> tuple[list[dict[s
     )
 
 
-def load_benchmark(dataset_name: str, split: str = "test", limit: int | None = None) -> tuple[list, list[str]]:
+# Columns that name what a problem asks, when several problems ask the same thing in other words: the
+# built-in task's `expression` (its held-out problems are other wordings of the same arithmetic facts),
+# or a set's own `group`. Problems of one group succeed or fail together, so intervals over problems
+# must be computed over groups (eval_hooks.report).
+GROUP_COLUMNS = ("group", "expression")
+
+
+def load_benchmark_with_groups(dataset_name: str, split: str = "test",
+                               limit: int | None = None) -> tuple[list, list[str], list[str] | None]:
+    """(prompt messages, gold answers, groups) of the first `limit` problems; groups is None when the
+    set names none (every problem then stands alone)."""
     from data_pipelines.loading import load_rows
 
     ds = load_rows(dataset_name, split)
@@ -48,24 +58,11 @@ def load_benchmark(dataset_name: str, split: str = "test", limit: int | None = N
         p, a = adapt_row(ds[i], i, dataset_name)
         prompts.append(p)
         answers.append(a)
-    return prompts, answers
-
-
-# Columns that name what a problem asks, when several problems ask the same thing in other words: the
-# built-in task's `expression` (its held-out problems are other wordings of the same arithmetic facts),
-# or a set's own `group`. Problems of one group succeed or fail together, so intervals over problems
-# must be computed over groups (eval_hooks.report).
-GROUP_COLUMNS = ("group", "expression")
-
-
-def problem_groups(dataset_name: str, split: str = "test", limit: int | None = None) -> list[str] | None:
-    """The group of each of the first `limit` problems (in `load_benchmark`'s order), or None when the
-    set names none (every problem then stands alone)."""
-    from data_pipelines.loading import load_rows
-
-    ds = load_rows(dataset_name, split)
     column = next((c for c in GROUP_COLUMNS if c in ds.column_names), None)
-    if column is None:
-        return None
-    n = len(ds) if limit is None else min(limit, len(ds))
-    return [str(v) for v in ds.select(range(n))[column]]
+    groups = [str(v) for v in ds.select(range(n))[column]] if column is not None else None
+    return prompts, answers, groups
+
+
+def load_benchmark(dataset_name: str, split: str = "test", limit: int | None = None) -> tuple[list, list[str]]:
+    prompts, answers, _ = load_benchmark_with_groups(dataset_name, split, limit)
+    return prompts, answers

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .accuracy import evaluate_accuracy
-from .benchmarks import load_benchmark, problem_groups
+from .benchmarks import load_benchmark_with_groups
 
 
 def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, engine=None) -> dict[str, dict[str, Any]]:
@@ -21,8 +21,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts, answers = load_benchmark(cfg.dataset_name, cfg.dataset_split, cfg.num_problems)
-    groups = problem_groups(cfg.dataset_name, cfg.dataset_split, cfg.num_problems)
+    prompts, answers, groups = load_benchmark_with_groups(cfg.dataset_name, cfg.dataset_split, cfg.num_problems)
     names = list(checkpoints)
     own_engine = engine is None
     if own_engine:

@@ -147,13 +147,13 @@ def test_problem_groups_name_the_fact_each_builtin_problem_asks(tmp_path):
     """The built-in task's held-out problems are other wordings of a few facts: the eval writes each
     problem's fact so that the report's intervals count facts, not wordings. A set with no such
     column has no groups (each problem stands alone)."""
-    from eval_hooks.benchmarks import problem_groups
+    from eval_hooks.benchmarks import load_benchmark_with_groups
 
     task = "builtin:arith?level=digits&max_operand=4&n_test=60"
-    groups = problem_groups(task, "test", 60)
-    prompts, _ = load_benchmark(task, "test", 60)
+    prompts, answers, groups = load_benchmark_with_groups(task, "test", 60)
+    assert (prompts, answers) == load_benchmark(task, "test", 60)
     assert len(groups) == len(prompts) == 60 and len(set(groups)) <= 21
     assert all(any(op in g for op in "+-") for g in groups)  # the expression, e.g. "3 + 1"
     f = tmp_path / "plain.jsonl"
     f.write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
-    assert problem_groups(str(f), "train") is None
+    assert load_benchmark_with_groups(str(f), "train")[2] is None
