@@ -416,5 +416,32 @@ def _end_vllm_groups() -> None:
                 pass
 
 
+def entry() -> None:
+    """The `dsv3-posttrain` command (and `python cli.py`): `main`, then the process exits with its status."""
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        exit_launched_rank(rc)
+    sys.exit(rc)
+
+
+def exit_launched_rank(rc: int) -> None:
+    """Ends a rank of an `accelerate launch` / torchrun run without C++ static destruction.
+
+    Even after the barrier and `destroy_process_group` (end_process_group), a rank sometimes died at
+    interpreter exit with "terminate called without an active exception" (SIGABRT: a joinable
+    std::thread of the distributed stack destroyed), seen once in five 2-process SFT runs here and on
+    CI in session 4; the launcher then SIGTERMs the other rank and reports a failed run although
+    training and saving had finished. Python's own exit handlers still run; only what follows them
+    (module teardown, static destructors) is skipped."""
+    import atexit
+    import logging as _logging
+
+    atexit._run_exitfuncs()  # what a normal exit runs first (stdlib; flushes loggers, pools, trackers)
+    _logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

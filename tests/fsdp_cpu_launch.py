@@ -39,4 +39,4 @@ if __name__ == "__main__":
     force_fsdp_on_cpu()
     import cli
 
-    sys.exit(cli.main(sys.argv[1:]))
+    cli.entry()  # as `python cli.py` ends, launched ranks included

@@ -173,6 +173,27 @@ def test_teardown_errors_never_add_a_traceback(gloo_group, tmp_path, capsys, mon
     monkeypatch.setattr(dist, "destroy_process_group", real_destroy)
 
 
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_launched_rank_ends_with_its_status_after_the_exit_handlers(world_size, tmp_path):
+    """A rank of a launched run leaves through os._exit (no C++ static destruction, which aborted
+    ranks at exit), but only after Python's exit handlers: trackers and loggers registered with
+    atexit still flush. A single process exits the ordinary way."""
+    marker = tmp_path / "atexit-ran"
+    script = (
+        "import atexit, sys, cli\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('flushed'))\n"
+        "sys.argv = ['dsv3-posttrain', 'rewards', 'list']\n"
+        "cli.entry()\n"
+        "print('unreachable')\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "unreachable" not in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert marker.read_text() == "flushed"
+
+
 # --- distill's summary, eval --help --------------------------------------------------------------
 def test_distill_summary_prints_kept_and_total(tmp_path, capsys):
     out = tmp_path / "distill"
