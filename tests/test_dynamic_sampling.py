@@ -148,7 +148,8 @@ def test_grpo_run_with_dynamic_sampling_and_auto_mtp_weight_logs_and_resumes_exa
     from posttrain.grpo.run import build_trainer
 
     keys = ("loss", "reward", "sampling/groups_dropped", "sampling/rounds", "frac_reward_zero_std", "mtp_loss_weight")
-    common = dict(max_steps=3, save_strategy="steps", save_steps=1, lr_scheduler_type="constant", mtp_loss_weight="auto")
+    common = dict(max_steps=3, save_strategy="steps", save_steps=1, lr_scheduler_type="constant", mtp_loss_weight="auto",
+                  mtp_learning_rate=3e-3)  # the MTP module's own optimizer groups are resumed too
     full = build_trainer(_cfg(tmp_path / "a", tiny_model_dir, **common))
     full.mtp_controller.warmup_steps = 1
     full.train()

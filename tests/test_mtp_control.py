@@ -72,3 +72,67 @@ def test_config_accepts_auto_and_numbers(tmp_path):
     assert build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_loss_weight": "0.1"}).mtp_loss_weight == 0.1
     with pytest.raises(ConfigError, match="mtp_loss_weight"):
         build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_loss_weight": "often"})
+
+
+# -- the MTP module's own learning rate (`mtp_learning_rate`) ----------------------------------------
+def _adamw_as_the_trainer_builds_it(model, lr):
+    import torch
+
+    named = list(model.named_parameters())
+    return torch.optim.AdamW([{"params": [p for n, p in named if "norm" not in n], "weight_decay": 0.1},
+                              {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}], lr=lr)
+
+
+def test_mtp_weights_get_groups_of_their_own_at_their_learning_rate(tiny_model_dir):
+    import torch
+
+    from posttrain.grpo.mtp_control import split_mtp_param_groups
+    from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
+
+    model = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    optimizer = _adamw_as_the_trainer_builds_it(model, lr=1e-4)
+    mtp = {id(p) for layer in model.mtp_layers for p in layer.parameters()}
+    assert split_mtp_param_groups(optimizer, model, 1e-3) == len(mtp) > 0
+    assert split_mtp_param_groups(optimizer, model, 1e-3) == 0  # idempotent
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= mtp if group.get("mtp") else not ids & mtp
+        assert group["lr"] == (1e-3 if group.get("mtp") else 1e-4)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups if g.get("mtp")) == [0.0, 0.1]
+    # the embedding and lm_head the MTP module shares with the main model keep the policy's lr
+    shared = {id(model.model.embed_tokens.weight), id(model.lm_head.weight)}
+    assert all(group["lr"] == 1e-4 for group in optimizer.param_groups if shared & {id(p) for p in group["params"]})
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("mtp_learning_rate", [None, 1e-2])
+def test_the_grpo_trainer_steps_mtp_weights_at_mtp_learning_rate(tmp_path, tiny_model_dir, mtp_learning_rate):
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.grpo.run import build_trainer
+
+    cfg = GRPORecipeConfig(output_dir=str(tmp_path / "grpo"), model_name_or_path=str(tiny_model_dir), use_vllm=False,
+                           per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_prompts=16,
+                           beta=0.0, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0,
+                           mtp_learning_rate=mtp_learning_rate, save_strategy="no", report_to="none")
+    trainer = build_trainer(cfg)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    mtp = {id(p) for layer in trainer.model.mtp_layers for p in layer.parameters()}
+    for group, lr in zip(trainer.optimizer.param_groups, trainer.lr_scheduler.get_last_lr()):
+        moved = {id(p) for p in group["params"]} <= mtp
+        assert lr == pytest.approx(1e-2 if moved and mtp_learning_rate else 1e-3)
+    assert any(g.get("mtp") for g in trainer.optimizer.param_groups) == bool(mtp_learning_rate)
+    for _ in range(5):  # the same schedule: halfway through the cosine, each group is at half its peak
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    peaks = [1e-2 if g.get("mtp") else 1e-3 for g in trainer.optimizer.param_groups]
+    assert trainer.lr_scheduler.get_last_lr() == pytest.approx([p / 2 for p in peaks])
+
+
+def test_config_rejects_a_learning_rate_that_is_not_positive(tmp_path):
+    from posttrain.errors import ConfigError
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.recipe import build_config
+
+    assert build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_learning_rate": "1e-3"}).mtp_learning_rate == 1e-3
+    with pytest.raises(ConfigError, match="mtp_learning_rate"):
+        build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_learning_rate": 0})

@@ -71,10 +71,17 @@ class GRPORecipeConfig(V3TrainingFields, GRPOConfig):
     mtp_loss_weight_min: float = field(
         default=0.05, metadata={"help": "With mtp_loss_weight=auto: the floor λ decays toward while acceptance holds "
                                 "(from 0.05, ×1.5 a step gets back to the start's 0.3 in 5 steps when acceptance "
-                                "falls; from 0.01 it took 9, and a drop late in a run went uncorrected)."}
+                                "falls; from 0.01 it takes 9)."}
     )
     mtp_loss_weight_max: float = field(
         default=1.0, metadata={"help": "With mtp_loss_weight=auto: the ceiling λ rises to while acceptance is low."}
+    )
+    mtp_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the MTP module's own weights (None: learning_rate), on the same "
+                  "schedule. The drafter has to follow a moving policy; under Adam λ sets how hard the MTP loss pulls "
+                  "the shared trunk, not how fast the MTP module's own weights move (Adam normalises their gradient, "
+                  "which comes from the MTP loss alone), so this is what sets that speed."},
     )
     seq_balance_alpha: float = field(
         default=0.0, metadata={"help": "α of the sequence-wise balance loss (V3 report eq. 17); 0 disables."}
@@ -122,6 +129,8 @@ class GRPORecipeConfig(V3TrainingFields, GRPOConfig):
         self.mtp_loss_weight = check_mtp_loss_weight(self.mtp_loss_weight, allow_auto=True)
         if not 0 <= self.mtp_loss_weight_min <= self.mtp_loss_weight_max:
             raise ValueError("mtp_loss_weight_min and mtp_loss_weight_max must satisfy 0 <= min <= max")
+        if self.mtp_learning_rate is not None and not self.mtp_learning_rate > 0:
+            raise ValueError(f"mtp_learning_rate must be > 0 (or unset: learning_rate), got {self.mtp_learning_rate}")
         if self.rollout_speculative_tokens < 0:
             raise ValueError("rollout_speculative_tokens must be >= 0 (0: no speculative rollouts)")
         if self.max_sampling_rounds < 1:

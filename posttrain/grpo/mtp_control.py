@@ -18,6 +18,13 @@ Multiplicative steps keep λ positive and bounded whatever the measurements. Wit
 fraction ln(1/0.9) / (ln 1.5 + ln(1/0.9)) ≈ 21% of steps: the loop holds acceptance at or above its
 start about four steps in five, and spends less λ whenever acceptance holds more often than that. Unit-tested on synthetic acceptance series in
 tests/test_mtp_control.py.
+
+What λ does not move: the MTP loss is the only gradient the MTP module's own weights get, and Adam divides
+each weight's step by the running size of its gradient, so λ changes how fast those weights move only until
+Adam's second moment catches up. λ sets how hard the MTP loss pulls the trunk, embedding and lm_head it
+shares with the policy; how fast the drafter follows the policy is its learning rate, `mtp_learning_rate`
+(`split_mtp_param_groups`). In a demo run at the policy's lr, λ sat at its ceiling for the last 14 steps and
+acceptance stayed 2 points below its start (benchmarks/RESULTS.md, issue #12).
 """
 
 from __future__ import annotations
@@ -80,4 +87,27 @@ class MTPWeightController:
                 setattr(self, k, v)
 
 
-__all__ = ["MTPWeightController"]
+
+def split_mtp_param_groups(optimizer: Any, model: Any, mtp_learning_rate: float) -> int:
+    """Moves the MTP module's own weights (`model.mtp_layers`; the embedding and lm_head it shares with the
+    main model stay) out of the optimizer's groups into copies of those groups at `mtp_learning_rate`, before
+    the scheduler records each group's initial lr. Idempotent; returns the number of weights moved."""
+    mtp_ids = {id(p) for layer in model.mtp_layers for p in layer.parameters()}
+    if any(group.get("mtp") for group in optimizer.param_groups):
+        return 0
+    moved, new_groups = 0, []
+    for group in list(optimizer.param_groups):
+        mtp = [p for p in group["params"] if id(p) in mtp_ids]
+        if not mtp:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in mtp_ids]
+        new_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mtp,
+                           "lr": mtp_learning_rate, "mtp": True})
+        moved += len(mtp)
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    for group in new_groups:
+        optimizer.add_param_group(group)
+    return moved
+
+
+__all__ = ["MTPWeightController", "split_mtp_param_groups"]

@@ -49,7 +49,7 @@ from ..modeling import IGNORE_INDEX, DeepseekV3ForCausalLMWithMTP
 from .config import GRPORecipeConfig
 from .dynamic_sampling import (TopUp, concat_batches, extra_prompt_indices, group_rows, groups_with_spread,
                                round_seed, select_rows)
-from .mtp_control import MTPWeightController
+from .mtp_control import MTPWeightController, split_mtp_param_groups
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +404,15 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
             self._accept_counts[1] += total
             self._metrics[mode]["mtp_loss_weight"].append(weight)
         return loss
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the MTP module's own weights in groups of their own at
+        `mtp_learning_rate` (see its help: under Adam it, not λ, sets how fast the drafter follows the policy)."""
+        optimizer = super().create_optimizer(model)
+        if self.args.mtp_learning_rate is None:
+            return optimizer
+        split_mtp_param_groups(optimizer, self.accelerator.unwrap_model(self.model), self.args.mtp_learning_rate)
+        return optimizer
 
     def _update_mtp_weight(self) -> None:
         """After each optimizer step: feed the step's measured acceptance to the λ controller
