@@ -5,7 +5,10 @@ On the `small` preset (4 layers + 1 MTP module, hidden 256, 16 routed experts), 
 step, temperature 1, fp32, the colocated vLLM engine (CPU build). For each drafter and each k, one engine:
 
 - rollout tokens/s: one warm-up call, then `--reps` timed calls of the GRPO rollout shape (G x prompts
-  completions); the median, with vLLM's own draft acceptance over the timed calls;
+  completions), each on its own window of `--prompts` consecutive prompts (rows 0, 4, 8, ... of the
+  train split, from which the GRPO steps below also draw); the median, with vLLM's own draft acceptance
+  over the timed calls. Acceptance depends strongly on the prompts: per 4-prompt window it ranged from
+  3% to 74% for the same trained drafter, so one fixed window is not a measurement of the drafter;
 - GRPO step time: `--steps` GRPO steps through that engine (`rollout_speculative_tokens: k`, weight sync
   incl. the drafter every step); the median of all steps but the first, with its split and the logged
   `rollout/spec_accept_rate` and `mtp/accept_rate`.
@@ -21,11 +24,15 @@ Ratios are against k = 0 on the same drafter. Two drafters, same model otherwise
   on the policy's own temperature-1 samples of other prompts of the same task: a drafter as good as the
   policy's sampling noise allows.
 
+With `--window-scan [ROW ...]`, instead of the above: the trained drafter's acceptance on each window of
+prompts (how much it depends on the prompts).
+
 With `--ceiling`, the best case as well: greedy rollouts of the benchmark's prompts by a drafter trained on
 exactly those outputs (nearly every draft accepted); rollout tokens/s only.
 
     python benchmarks/bench_spec_rollouts.py [--ks 0 1 2] [--length 128] [--reps 5] [--steps 5] [--ceiling]
-                                             [--drafters random-mtp trained-mtp] [--json out.json]
+                                             [--drafters random-mtp trained-mtp] [--window-scan [ROW ...]]
+                                             [--json out.json]
 """
 
 from __future__ import annotations
@@ -162,7 +169,7 @@ def greedy_ceiling(root: Path, random_dir: str, prompt_ids: list[list[int]], ks:
     for k in ks:
         engine = VLLMColocateEngine(str(ceiling_dir), max_model_len=512, seed=0, speculative_tokens=k)
         try:
-            results[f"k={k}"] = rollout_rate(engine, prompt_ids, G, length, reps, temperature=0.0)
+            results[f"k={k}"] = rollout_rate(engine, [prompt_ids], G, length, reps, temperature=0.0)
         finally:
             engine.close()
         r = results[f"k={k}"]
@@ -174,10 +181,12 @@ def greedy_ceiling(root: Path, random_dir: str, prompt_ids: list[list[int]], ks:
     return results
 
 
-def rollout_rate(engine, prompt_ids: list[list[int]], G: int, length: int, reps: int, temperature: float = 1.0) -> dict:
+def rollout_rate(engine, windows: list[list[list[int]]], G: int, length: int, reps: int,
+                 temperature: float = 1.0) -> dict:
+    """Warm-up on windows[0]; timed call r on windows[1 + r % (len - 1)] (on windows[0] when there is one)."""
     from engines.types import SamplingSettings
 
-    def call(seed: int) -> tuple[float, list[float]]:
+    def call(prompt_ids: list[list[int]], seed: int) -> tuple[float, list[float]]:
         t0 = time.perf_counter()
         outs = engine.generate(prompt_ids, G, SamplingSettings(temperature=temperature, max_tokens=length, seed=seed,
                                                                ignore_eos=True))
@@ -185,15 +194,16 @@ def rollout_rate(engine, prompt_ids: list[list[int]], G: int, length: int, reps:
         assert all(len(c.token_ids) == length for group in outs for c in group)
         return dt, [lp for group in outs for c in group for lp in c.logprobs]
 
-    call(0)  # warm-up
+    call(windows[0], 0)  # warm-up
+    timed = windows[1:] or windows
     before = engine.spec_decode_counts()
     times, logprobs = [], []
     for rep in range(reps):
-        dt, lps = call(100 + rep)
+        dt, lps = call(timed[rep % len(timed)], 100 + rep)
         times.append(dt)
         logprobs.extend(lps)
     after = engine.spec_decode_counts()
-    tokens = len(prompt_ids) * G * length
+    tokens = len(timed[0]) * G * length
     r = {"tokens_per_s": tokens / statistics.median(times), "tokens_per_s_all": [round(tokens / t, 1) for t in times],
          "mean_sampled_logprob": statistics.fmean(logprobs)}
     if before is not None:
@@ -201,6 +211,27 @@ def rollout_rate(engine, prompt_ids: list[list[int]], G: int, length: int, reps:
         r["spec_accept_rate"] = accepted / drafted if drafted else None
         r["draft_tokens"] = drafted
     return r
+
+
+def window_scan(model_dir: str, rows: list[int], prompts: int, G: int, length: int) -> dict:
+    """Draft acceptance (k = 1, T = 1, seed 100) on the rollouts of each window of `prompts` prompts from `rows`."""
+    from engines.types import SamplingSettings
+    from engines.vllm_engine import VLLMColocateEngine
+
+    engine = VLLMColocateEngine(model_dir, max_model_len=512, seed=0, speculative_tokens=1)
+    out = {}
+    try:
+        for row in rows:
+            before = engine.spec_decode_counts()
+            engine.generate(task_prompt_ids(model_dir, skip=row, count=prompts), G,
+                            SamplingSettings(temperature=1.0, max_tokens=length, seed=100, ignore_eos=True))
+            drafted, accepted = (a - b for a, b in zip(engine.spec_decode_counts(), before))
+            out[f"rows {row}-{row + prompts - 1}"] = {"accepted": accepted, "drafted": drafted,
+                                                      "rate": accepted / drafted if drafted else None}
+            print(f"window rows {row}-{row + prompts - 1}: accepted {accepted}/{drafted}", flush=True)
+    finally:
+        engine.close()
+    return out
 
 
 def grpo_steps(engine, model_dir: str, k: int, steps: int, G: int, prompts: int, length: int, out_dir: str) -> dict:
@@ -239,6 +270,9 @@ def main() -> None:
     p.add_argument("--mtp-steps", type=int, default=60)
     p.add_argument("--ceiling", action="store_true",
                    help="also the best case: greedy rollouts with an MTP module trained on those very outputs")
+    p.add_argument("--window-scan", nargs="*", type=int, default=None, metavar="ROW",
+                   help="instead: the trained drafter's acceptance (k = 1) on the G x --prompts rollouts of each window "
+                        "of --prompts prompts starting at these rows (acceptance depends strongly on the prompts)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     import torch
@@ -254,14 +288,19 @@ def main() -> None:
                                                           args.length)
         results["setup"] = facts
         print("setup:", facts, flush=True)
+        if args.window_scan is not None:
+            results["window_scan"] = window_scan(trained_dir, args.window_scan or [0, 4, 8, 12, 16, 40, 100, 200, 1000,
+                                                                                 1004, 1500], args.prompts, args.G,
+                                                 args.length)
+            args.drafters = []
         dirs = {"random-mtp": random_dir, "trained-mtp": trained_dir}
-        prompt_ids = task_prompt_ids(random_dir, skip=0, count=args.prompts)
+        windows = [task_prompt_ids(random_dir, skip=w * args.prompts, count=args.prompts) for w in range(args.reps + 1)]
         for drafter in args.drafters:
             for k in args.ks:
                 t0 = time.time()
                 engine = VLLMColocateEngine(dirs[drafter], max_model_len=512, seed=0, speculative_tokens=k)
                 try:
-                    roll = rollout_rate(engine, prompt_ids, args.G, args.length, args.reps)
+                    roll = rollout_rate(engine, windows, args.G, args.length, args.reps)
                     step = grpo_steps(engine, dirs[drafter], k, args.steps, args.G, args.prompts, args.length,
                                       str(Path(tmp) / f"grpo-{drafter}-{k}"))
                 finally:
@@ -282,7 +321,7 @@ def main() -> None:
                 print(f"{drafter} k={k}: rollout tokens/s x{r['rollout_speedup']:.2f}, GRPO step x{r['step_speedup']:.2f} "
                       "vs k=0", flush=True)
         if args.ceiling:
-            results["greedy-ceiling"] = greedy_ceiling(Path(tmp), random_dir, prompt_ids, args.ks, args.G, args.length,
+            results["greedy-ceiling"] = greedy_ceiling(Path(tmp), random_dir, windows[0], args.ks, args.G, args.length,
                                                        args.reps, args.mtp_steps)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["args"] = vars(args)
