@@ -5,8 +5,9 @@ On the `small` preset (4 layers + 1 MTP module, hidden 256, 16 routed experts), 
 step, temperature 1, fp32, the colocated vLLM engine (CPU build). For each drafter and each k, one engine:
 
 - rollout tokens/s: one warm-up call, then `--reps` timed calls of the GRPO rollout shape (G x prompts
-  completions), each on its own window of `--prompts` consecutive prompts (rows 0, 4, 8, ... of the
-  train split, from which the GRPO steps below also draw); the median, with vLLM's own draft acceptance
+  completions), each on its own window of `--prompts` consecutive prompts of the train split (the
+  warm-up on rows 0-3, the timed calls on rows 4-7, 8-11, ... for 4 prompts; the GRPO steps below draw
+  from its first 256 rows); the median, with vLLM's own draft acceptance
   over the timed calls. Acceptance depends strongly on the prompts: per 4-prompt window it ranged from
   3% to 74% for the same trained drafter, so one fixed window is not a measurement of the drafter;
 - GRPO step time: `--steps` GRPO steps through that engine (`rollout_speculative_tokens: k`, weight sync
