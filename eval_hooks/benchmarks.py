@@ -64,5 +64,6 @@ def load_benchmark_with_groups(dataset_name: str, split: str = "test",
 
 
 def load_benchmark(dataset_name: str, split: str = "test", limit: int | None = None) -> tuple[list, list[str]]:
+    """(prompt messages, gold answers) of the first `limit` problems."""
     prompts, answers, _ = load_benchmark_with_groups(dataset_name, split, limit)
     return prompts, answers
