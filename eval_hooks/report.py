@@ -109,18 +109,18 @@ def _eval_result(out: Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _groups(out: Path, name: str) -> list[str] | None:
-    groups = _eval_result(out, name).get("groups")
+def _groups(evaluated: dict[str, Any]) -> list[str] | None:
+    groups = evaluated.get("groups")
     return [str(g) for g in groups] if isinstance(groups, list) else None
 
 
-def _sampled(out: Path, name: str) -> dict[str, Any] | None:
-    sampled = _eval_result(out, name).get("sampled_pass1")
+def _sampled(evaluated: dict[str, Any]) -> dict[str, Any] | None:
+    sampled = evaluated.get("sampled_pass1")
     return sampled if isinstance(sampled, dict) and sampled.get("fraction_correct") else None
 
 
-def _per_problem(out: Path, name: str) -> list[bool] | None:
-    correct = _eval_result(out, name).get("correct")
+def _per_problem(evaluated: dict[str, Any]) -> list[bool] | None:
+    correct = evaluated.get("correct")
     return [bool(x) for x in correct] if isinstance(correct, list) else None
 
 
@@ -193,17 +193,19 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     eval_metrics = stages.get("eval", {}).get("metrics") or {}
     results = {name: {"accuracy": r["accuracy"], "n": r["n"]} for name, r in eval_metrics.items()}
     names = list(results)
+    evaluated = {name: _eval_result(out, name) for name in names}  # each stage's file, read once
+    correct_of = {name: _per_problem(evaluated[name]) for name in names}
     # what each problem asks (the eval writes it when the set names it): intervals are over those groups
-    groups = next((g for g in (_groups(out, name) for name in names) if g is not None), None)
+    groups = next((g for g in (_groups(evaluated[name]) for name in names) if g is not None), None)
     for name, r in results.items():
-        correct = _per_problem(out, name)
+        correct = correct_of[name]
         if groups is not None and correct is not None and len(correct) == len(groups):
             r["ci95"] = grouped_mean_interval([float(c) for c in correct], groups)["ci95"]
         else:
             r["ci95"] = list(wilson_interval(round(r["accuracy"] * r["n"]), r["n"]))
     comparisons: list[tuple[str, str, dict[str, Any]]] = []
     for before, after in zip(names, names[1:]):  # each stage against the one it started from
-        a, b = _per_problem(out, before), _per_problem(out, after)
+        a, b = correct_of[before], correct_of[after]
         if a is not None and b is not None and len(a) == len(b) and a:
             if groups is not None and len(groups) == len(a):
                 diff = grouped_paired_difference(a, b, groups)
@@ -212,7 +214,7 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             results[after][f"vs_{before}"] = diff
             comparisons.append((before, after, diff))
     # pass@1 as DeepSeek-R1 reports it (k samples per problem), where the eval stage measured it
-    sampled = {name: _sampled(out, name) for name in names}
+    sampled = {name: _sampled(evaluated[name]) for name in names}
     sampled_comparisons: list[tuple[str, str, dict[str, Any]]] = []
     for name, smp in sampled.items():
         if smp is not None:
