@@ -434,10 +434,9 @@ def exit_launched_rank(rc: int) -> None:
     training and saving had finished. Python's own exit handlers still run; only what follows them
     (module teardown, static destructors) is skipped."""
     import atexit
-    import logging as _logging
 
     atexit._run_exitfuncs()  # what a normal exit runs first (stdlib; flushes loggers, pools, trackers)
-    _logging.shutdown()
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
