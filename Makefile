@@ -29,9 +29,11 @@ demo: venv
 
 # One pytest-xdist worker per CPU (at most 4: each may hold a vLLM engine), each with one torch thread
 # (tests/conftest.py); whole modules per worker, so module fixtures (engines, checkpoints) are built
-# once. PYTEST_WORKERS=0 runs the suite in one process.
+# once, and handed out in the order tests/conftest.py gives them (longest first: without
+# --no-loadscope-reorder xdist reorders modules by their number of tests, which started the one-test demo
+# module last and made it the suite's tail). PYTEST_WORKERS=0 runs the suite in one process.
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
-XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)

@@ -96,9 +96,9 @@ def device():
 # The longest modules, longest first. `make test` runs the suite on one pytest-xdist worker per core with
 # `--dist loadfile`, which hands out whole modules in collection order: starting the longest ones first
 # keeps one worker from being left with a long module at the end while the other idles. On a 2-core AMD
-# EPYC, test_grpo_learning alone took 4.5 minutes of one core, and up to 9 while the other worker ran the
-# rest: it is the suite's critical path.
-LONGEST_MODULES_FIRST = ("test_grpo_learning.py", "test_reward_model.py", "test_resume.py", "test_fsdp.py",
+# EPYC, test_demo (the whole demo recipe) takes about 7 minutes of one core alone: it is the suite's
+# critical path.
+LONGEST_MODULES_FIRST = ("test_demo.py", "test_reward_model.py", "test_resume.py", "test_fsdp.py",
                          "test_chain.py", "test_fp8_training.py", "test_scaleout.py")
 
 
