@@ -12,9 +12,10 @@ floating-point paths (CI's, whatever its vendor), and checks the acceptance on w
 - issue #6: the training reward of the last 10 steps above the first 10, and held-out greedy
   accuracy up by at least MARGIN (one fact of 21 is about 5 points).
 
-Measured (benchmarks/RESULTS.md, "GRPO that visibly learns"): R1 pass@1 +0.14 to +0.23 with interval
-lower bounds +0.016 to +0.099 over three seeds on two sets of floating-point paths; greedy +0.08 to
-+0.27. About 7 minutes of one core.
+Measured (benchmarks/RESULTS.md, "GRPO that visibly learns", session 8): R1 pass@1 +0.09 to +0.30,
+interval lower bounds +0.025 to +0.130, in 8 runs over three seeds and three sets of floating-point
+paths; seed 0's MTP acceptance ended 1.0 to 4.6 points above its start; greedy +0.10 to +0.37.
+About 7 minutes of one core.
 """
 
 from __future__ import annotations
