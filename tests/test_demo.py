@@ -13,9 +13,9 @@ floating-point paths (CI's, whatever its vendor), and checks the acceptance on w
   accuracy up by at least MARGIN (one fact of 21 is about 5 points).
 
 Measured (benchmarks/RESULTS.md, "GRPO that visibly learns", session 8): R1 pass@1 +0.09 to +0.30,
-interval lower bounds +0.025 to +0.130, in 8 runs over three seeds and three sets of floating-point
-paths; seed 0's MTP acceptance ended 1.0 to 4.6 points above its start; greedy +0.10 to +0.37.
-About 7 minutes of one core.
+interval lower bounds +0.025 to +0.130, in 10 runs over three seeds and three sets of floating-point
+paths; seed 0's MTP acceptance ended 1.0 to 4.6 points above its start in its four runs (seed 1's
+ended up to 1 point below in two of its three); greedy +0.03 to +0.37. About 7 minutes of one core.
 """
 
 from __future__ import annotations
