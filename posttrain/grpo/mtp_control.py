@@ -87,7 +87,6 @@ class MTPWeightController:
                 setattr(self, k, v)
 
 
-
 def split_mtp_param_groups(optimizer: Any, model: Any, mtp_learning_rate: float) -> int:
     """Moves the MTP module's own weights (`model.mtp_layers`; the embedding and lm_head it shares with the
     main model stay) out of the optimizer's groups into copies of those groups at `mtp_learning_rate`, before
