@@ -30,13 +30,15 @@ def evaluate_accuracy(
     top_p: float = 1.0,
     max_tokens: int = 256,
     seed: int = 0,
+    keep_token_ids: bool = False,
 ) -> dict[str, Any]:
     """pass@1 (greedy when `temperature` is 0); with `k` > 1 also pass@k and maj@k over k samples.
 
     Returns {"accuracy", "mean_correct", "n", "correct", "fraction_correct", "pass@k", "maj@k",
     "completions"}: `accuracy` is pass@1 over the first sample of each problem, `mean_correct` the
     fraction of all samples right (DeepSeek-R1's pass@1 when sampled), `fraction_correct` that fraction
-    per problem. Sampling seeds are per prompt, so two checkpoints are compared on the same draws."""
+    per problem. Sampling seeds are per prompt, so two checkpoints are compared on the same draws.
+    `keep_token_ids`: also "token_ids", {"prompts": [ids], "completions": [[ids] * k]} per problem."""
     from rewards import extract_final_answer, math_accuracy
 
     if len(prompts) != len(answers):
@@ -62,6 +64,8 @@ def evaluate_accuracy(
         "fraction_correct": [sum(c) / k for c in correct],
         "completions": [group[0] for group in texts],
     }
+    if keep_token_ids:
+        result["token_ids"] = {"prompts": ids, "completions": [[list(c.token_ids) for c in group] for group in outs]}
     if k > 1:
         result[f"pass@{k}"] = sum(any(c) for c in correct) / len(correct)
         majority = []

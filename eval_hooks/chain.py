@@ -62,6 +62,14 @@ class EvalStage:
     )
     sampled_temperature: float = field(default=0.6, metadata={"help": "Temperature of sampled pass@1 (R1: 0.6)."})
     sampled_top_p: float = field(default=0.95, metadata={"help": "Top-p of sampled pass@1 (R1: 0.95)."})
+    mtp_acceptance: bool = field(
+        default=False, metadata={"help": "Also measure each checkpoint's MTP drafter on the evaluation's own answers "
+                                 "(the sampled pass@1 answers when sampled_pass1_k > 0, else the greedy ones): the "
+                                 "fraction of answer tokens after the first that the MTP module's top-1 guess "
+                                 "equals, which is the acceptance of one-token speculative decoding (V3 report "
+                                 "§5.4.3). Stages are compared on the same problems, with paired intervals. "
+                                 "Loads each checkpoint in transformers in the eval process."}
+    )
     max_model_len: int = field(default=512, metadata={"help": "Engine context length."})
     every_n_steps: int = field(
         default=0, metadata={"help": "Also evaluate during SFT and GRPO every N optimizer steps (greedy pass@1, "

@@ -9,6 +9,7 @@ from typing import Any
 
 from .accuracy import evaluate_accuracy
 from .benchmarks import load_benchmark_with_groups
+from .mtp_acceptance import drafter_hits
 
 
 def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, engine=None) -> dict[str, dict[str, Any]]:
@@ -31,10 +32,14 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
         for i, name in enumerate(names):
             path = checkpoints[name]
             tokenizer = AutoTokenizer.from_pretrained(path)
+            model = None
             if i > 0 or not own_engine:
-                engine.sync_weights(weights_for_engine(DeepseekV3ForCausalLMWithMTP.from_pretrained(path), engine))
+                model = DeepseekV3ForCausalLMWithMTP.from_pretrained(path)
+                engine.sync_weights(weights_for_engine(model, engine))
+            measure_drafter = cfg.mtp_acceptance
             res = evaluate_accuracy(engine, tokenizer, prompts, answers, k=1, temperature=0.0,
-                                    max_tokens=cfg.max_tokens)
+                                    max_tokens=cfg.max_tokens, keep_token_ids=measure_drafter)
+            drafted_on, answers_ids = "greedy answers", res.pop("token_ids", None)
             if cfg.k > 1:
                 sampled = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.k, temperature=1.0,
                                             max_tokens=cfg.max_tokens)
@@ -42,16 +47,29 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             if cfg.sampled_pass1_k > 0:  # DeepSeek-R1 §3.1: pass@1 = mean correctness of k samples
                 r1 = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.sampled_pass1_k,
                                        temperature=cfg.sampled_temperature, top_p=cfg.sampled_top_p,
-                                       max_tokens=cfg.max_tokens)
+                                       max_tokens=cfg.max_tokens, keep_token_ids=measure_drafter)
+                if measure_drafter:
+                    answers_ids = r1["token_ids"]
+                    drafted_on = (f"sampled pass@1 answers ({cfg.sampled_pass1_k} per problem, T "
+                                  f"{cfg.sampled_temperature}, top-p {cfg.sampled_top_p})")
                 res["sampled_pass1"] = {"pass@1": r1["mean_correct"], "k": cfg.sampled_pass1_k,
                                         "temperature": cfg.sampled_temperature, "top_p": cfg.sampled_top_p,
                                         "fraction_correct": r1["fraction_correct"]}
+            if measure_drafter:
+                model = model or DeepseekV3ForCausalLMWithMTP.from_pretrained(path)
+                if model.mtp_layers:
+                    counts = drafter_hits(model.eval(), answers_ids["prompts"], answers_ids["completions"])
+                    hits, drafts = sum(h for h, _ in counts), sum(n for _, n in counts)
+                    res["mtp_acceptance"] = {"rate": hits / max(drafts, 1), "drafts": drafts, "on": drafted_on,
+                                             "per_problem": [h / n if n else None for h, n in counts]}
             res.update({"checkpoint": path, "dataset": f"{cfg.dataset_name}:{cfg.dataset_split}"})
             if groups is not None:
                 res["groups"] = groups  # what each problem asks: the report's intervals are over these
             (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
             sampled_note = (f", sampled pass@1 {res['sampled_pass1']['pass@1']:.3f} (k={cfg.sampled_pass1_k}, "
                             f"T={cfg.sampled_temperature})" if "sampled_pass1" in res else "")
+            if "mtp_acceptance" in res:
+                sampled_note += f", MTP acceptance {res['mtp_acceptance']['rate']:.3f}"
             print(f"[eval] {name}: accuracy {res['accuracy']:.3f}{sampled_note} on {res['n']} problems")
             results[name] = res
     finally:

@@ -11,6 +11,8 @@ groups: counting 500 wordings of 21 facts as 500 independent problems would make
 too narrow. Where the eval stage also sampled k answers
 per problem (`sampled_pass1_k`), pass@1 as DeepSeek-R1 reports it (the mean correctness of the k
 samples) is printed the same way: an interval per stage and paired differences over the problems.
+Where it also measured each stage's MTP drafter on those answers (`mtp_acceptance`), its acceptance is
+printed the same way (eval_hooks/mtp_acceptance.py).
 """
 
 from __future__ import annotations
@@ -229,6 +231,8 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             diff = grouped_paired_difference(a["fraction_correct"], b["fraction_correct"], g)
             results[after]["sampled_pass1"][f"vs_{before}"] = diff
             sampled_comparisons.append((before, after, diff))
+    # the MTP drafter's acceptance on each stage's own answers (eval stage `mtp_acceptance`)
+    drafter_comparisons = _drafter_acceptance(names, evaluated, groups, results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     plots = {
@@ -261,20 +265,29 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         lines += ["", f"Paired differences on the same problems (95% interval {over}; the interval excludes 0 "
                   "when the change is not noise at that level).", ""]
         lines += _difference_table(comparisons, "only the later right", "only the earlier right")
+    clustered = " (clustered)" if n_groups else ""
+    paired_note = f"Paired differences on the same problems and sampling seeds (95% interval {over})."
     with_sampled = [name for name in names if "sampled_pass1" in results[name]]
     if with_sampled:
         first = results[with_sampled[0]]["sampled_pass1"]
-        lines += ["", f"## Held-out pass@1 over {first['k']} samples per problem (DeepSeek-R1 §3.1: temperature "
-                  f"{first['temperature']}, top-p {first['top_p']}; measured)", "",
-                  f"| stage | pass@1 | 95% interval{' (clustered)' if n_groups else ''} | problems |",
-                  "| --- | --- | --- | --- |"]
-        for name in with_sampled:
-            r = results[name]["sampled_pass1"]
-            lo, hi = r["ci95"]
-            lines.append(f"| {name} | {r['pass@1']:.3f} | [{lo:.3f}, {hi:.3f}] | {results[name]['n']} |")
-        if sampled_comparisons:
-            lines += ["", f"Paired differences on the same problems and sampling seeds (95% interval {over}).", ""]
-            lines += _difference_table(sampled_comparisons, "problems better", "problems worse")
+        lines += _measure_section(
+            [f"## Held-out pass@1 over {first['k']} samples per problem (DeepSeek-R1 §3.1: temperature "
+             f"{first['temperature']}, top-p {first['top_p']}; measured)"],
+            ("pass@1", clustered, "problems"),
+            [(name, results[name]["sampled_pass1"]["pass@1"], results[name]["sampled_pass1"]["ci95"], results[name]["n"])
+             for name in with_sampled],
+            paired_note, _difference_table(sampled_comparisons, "problems better", "problems worse"))
+    with_drafter = [name for name in names if "mtp_acceptance" in results[name]]
+    if with_drafter:
+        lines += _measure_section(
+            ["## MTP drafter acceptance on the evaluation's answers (measured)", "",
+             "The fraction of each answer's tokens (after its first) that the stage's MTP module, given the tokens "
+             "before, guessed as its top-1: the acceptance of one-token speculative decoding (V3 §5.4.3), on the "
+             f"{results[with_drafter[0]]['mtp_acceptance']['on']}; mean over problems."],
+            ("acceptance", clustered, "drafts"),
+            [(name, results[name]["mtp_acceptance"]["mean"], results[name]["mtp_acceptance"]["ci95"],
+              results[name]["mtp_acceptance"]["drafts"]) for name in with_drafter],
+            paired_note, _difference_table(drafter_comparisons, "problems higher", "problems lower", "acceptance"))
     printed = len(lines)
     lines += ["", "## Stages", "", "| stage | status | seconds | output | metrics |", "| --- | --- | --- | --- | --- |"]
     for name, s in stages.items():
@@ -297,7 +310,8 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             lines.append(f"GRPO: mean reward over the first {k} steps {head:.3f}, over the last {k} {tail:.3f}.")
         if acc:
             k, head, tail = _first_and_last_means(acc)
-            lines.append(f"MTP acceptance on the policy's samples: first {k} steps {head:.3f}, last {k} {tail:.3f}.")
+            lines.append(f"MTP acceptance on the policy's samples: first {k} steps {head:.3f}, last {k} {tail:.3f} "
+                         "(other prompts in each window).")
         lam = [h["mtp_loss_weight"] for h in grpo_hist if "mtp_loss_weight" in h]
         if lam and min(lam) != max(lam):
             lines.append(f"MTP loss weight λ (closed loop): first {lam[0]:.3f}, last {lam[-1]:.3f}, "
@@ -321,8 +335,55 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "report": str(out / "report.md")}
 
 
-def _difference_table(comparisons: list[tuple[str, str, dict[str, Any]]], better: str, worse: str) -> list[str]:
-    rows = [f"| difference | pass@1 | 95% interval (paired) | {better} | {worse} |", "| --- | --- | --- | --- | --- |"]
+def _drafter_acceptance(names: list[str], evaluated: dict[str, dict[str, Any]], groups: list[str] | None,
+                        results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Each stage's MTP acceptance (mean over problems, interval over groups) into `results`, and each
+    stage against the one before it on the problems both drafted on."""
+    per_problem: dict[str, list[float | None]] = {}
+    for name in names:
+        measured = evaluated[name].get("mtp_acceptance")
+        if not isinstance(measured, dict) or not measured.get("per_problem"):
+            continue
+        values = measured["per_problem"]
+        kept = [i for i, v in enumerate(values) if v is not None]
+        if not kept:  # no answer long enough to draft on
+            continue
+        per_problem[name] = values
+        g = [groups[i] for i in kept] if groups is not None and len(groups) == len(values) else None
+        r = grouped_mean_interval([values[i] for i in kept], g)
+        results[name]["mtp_acceptance"] = {"mean": r["mean"], "ci95": r["ci95"], "rate": measured["rate"],
+                                           "drafts": measured["drafts"], "on": measured["on"]}
+    comparisons = []
+    for before, after in zip(names, names[1:]):
+        a, b = per_problem.get(before), per_problem.get(after)
+        if a is None or b is None or len(a) != len(b):
+            continue
+        both = [i for i in range(len(a)) if a[i] is not None and b[i] is not None]
+        if not both:
+            continue
+        g = [groups[i] for i in both] if groups is not None and len(groups) == len(a) else None
+        diff = grouped_paired_difference([a[i] for i in both], [b[i] for i in both], g)
+        results[after]["mtp_acceptance"][f"vs_{before}"] = diff
+        comparisons.append((before, after, diff))
+    return comparisons
+
+
+def _measure_section(heading: list[str], columns: tuple[str, str, str], rows: list[tuple[str, float, list[float], int]],
+                     paired_note: str, differences: list[str]) -> list[str]:
+    """A report section: its heading, a row per stage (value, 95% interval, count), and the paired
+    differences between stages when there are any (`differences` from `_difference_table`)."""
+    measure, interval_note, count = columns
+    lines = ["", *heading, "", f"| stage | {measure} | 95% interval{interval_note} | {count} |", "| --- | --- | --- | --- |"]
+    for name, value, (lo, hi), n in rows:
+        lines.append(f"| {name} | {value:.3f} | [{lo:.3f}, {hi:.3f}] | {n} |")
+    if len(differences) > 2:  # more than the table's header
+        lines += ["", paired_note, "", *differences]
+    return lines
+
+
+def _difference_table(comparisons: list[tuple[str, str, dict[str, Any]]], better: str, worse: str,
+                      measure: str = "pass@1") -> list[str]:
+    rows = [f"| difference | {measure} | 95% interval (paired) | {better} | {worse} |", "| --- | --- | --- | --- | --- |"]
     for before, after, d in comparisons:
         lo, hi = d["ci95"]
         rows.append(f"| {after} − {before} | {d['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {d['better']} | {d['worse']} |")

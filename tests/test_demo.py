@@ -8,14 +8,18 @@ floating-point paths (CI's, whatever its vendor), and checks the acceptance on w
 
 - GRPO − SFT ≥ +5 points of held-out pass@1 (DeepSeek-R1 §3.1: 8 samples per problem at T 0.6),
   with the paired 95% interval, counted over the 21 facts the problems word, above zero;
-- MTP acceptance over the last 10 GRPO steps at or above the first 10 (λ closed-loop, > 0);
+- MTP acceptance at the end of GRPO at or above its start: the GRPO checkpoint's drafter accepted on
+  at least as large a share of its own held-out answers as the SFT checkpoint's on its answers, on
+  the same problems and sampling seeds (the eval stage's `mtp_acceptance`), with λ closed-loop and > 0.
+  (The training log's first and last 10 steps sample other prompts, so it is printed, not tested.);
 - issue #6: the training reward of the last 10 steps above the first 10, and held-out greedy
   accuracy up by at least MARGIN (one fact of 21 is about 5 points).
 
 Measured (benchmarks/RESULTS.md, "GRPO that visibly learns", session 8): R1 pass@1 +0.09 to +0.30,
 interval lower bounds +0.025 to +0.130, in 10 runs over three seeds and three sets of floating-point
-paths; seed 0's MTP acceptance ended 1.0 to 4.6 points above its start in its four runs (seed 1's
-ended up to 1 point below in two of its three); greedy +0.03 to +0.37. About 7 minutes of one core.
+paths; the drafter's acceptance on the eval's answers, GRPO − SFT, +0.013 to +0.084, each interval
+above zero (session 9; in the GRPO log, seed 1 ended up to 1 point below its start in two runs);
+greedy +0.03 to +0.37. About 7 minutes of one core.
 """
 
 from __future__ import annotations
@@ -77,11 +81,14 @@ def test_the_demo_s_grpo_beats_sft_on_held_out_pass1_beyond_noise_and_keeps_mtp_
     # the report's first-vs-last means (10 steps each over a 100-step run): what report.md prints
     _, reward_first, reward_last = _first_and_last_means(rewards)
     _, mtp_first, mtp_last = _first_and_last_means(accept)
+    drafter = grpo["mtp_acceptance"]["vs_sft"]
     print(f"[demo] R1 pass@1 SFT {sft['sampled_pass1']['pass@1']:.3f} -> GRPO {grpo['sampled_pass1']['pass@1']:.3f}: "
           f"{r1['difference']:+.3f} [{r1['ci95'][0]:+.3f}, {r1['ci95'][1]:+.3f}] over {r1['groups']} facts; "
           f"greedy {sft['accuracy']:.3f} -> {grpo['accuracy']:.3f} ({greedy['difference']:+.3f} "
           f"[{greedy['ci95'][0]:+.3f}, {greedy['ci95'][1]:+.3f}]); training reward {reward_first:.3f} -> "
-          f"{reward_last:.3f}; MTP acceptance {mtp_first:.3f} -> {mtp_last:.3f}; "
+          f"{reward_last:.3f}; MTP acceptance on the eval's answers {sft['mtp_acceptance']['mean']:.3f} -> "
+          f"{grpo['mtp_acceptance']['mean']:.3f} ({drafter['difference']:+.3f} [{drafter['ci95'][0]:+.3f}, "
+          f"{drafter['ci95'][1]:+.3f}]), in the GRPO log {mtp_first:.3f} -> {mtp_last:.3f}; "
           f"λ in [{min(lambdas):.3f}, {max(lambdas):.3f}]")
 
     assert len(rewards) == GRPO_STEPS and len(accept) == GRPO_STEPS
@@ -89,7 +96,7 @@ def test_the_demo_s_grpo_beats_sft_on_held_out_pass1_beyond_noise_and_keeps_mtp_
     # issue #12: a gain that is not noise, on this machine's rounding
     assert r1["difference"] >= MIN_GAIN, r1
     assert r1["ci95"][0] > 0, r1
-    assert mtp_last >= mtp_first, (mtp_first, mtp_last)
+    assert drafter["n"] >= 450 and drafter["difference"] >= 0, drafter  # n: problems both stages drafted on
     assert min(lambdas) > 0  # the closed loop never turns the MTP loss off
     # issue #6: GRPO raises the mean reward and held-out greedy accuracy above the SFT checkpoint's
     assert reward_last > reward_first + 0.03, (reward_first, reward_last)
