@@ -69,7 +69,8 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             sampled_note = (f", sampled pass@1 {res['sampled_pass1']['pass@1']:.3f} (k={cfg.sampled_pass1_k}, "
                             f"T={cfg.sampled_temperature})" if "sampled_pass1" in res else "")
             if "mtp_acceptance" in res:
-                sampled_note += f", MTP acceptance {res['mtp_acceptance']['rate']:.3f}"
+                measured = res["mtp_acceptance"]
+                sampled_note += f", MTP drafts accepted {measured['rate']:.3f} of {measured['drafts']}"
             print(f"[eval] {name}: accuracy {res['accuracy']:.3f}{sampled_note} on {res['n']} problems")
             results[name] = res
     finally:
