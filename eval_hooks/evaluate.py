@@ -38,7 +38,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
                 engine.sync_weights(weights_for_engine(model, engine))
             measure_drafter = cfg.mtp_acceptance
             res = evaluate_accuracy(engine, tokenizer, prompts, answers, k=1, temperature=0.0,
-                                    max_tokens=cfg.max_tokens, keep_token_ids=measure_drafter)
+                                    max_tokens=cfg.max_tokens, keep_token_ids=measure_drafter and cfg.sampled_pass1_k == 0)
             drafted_on, answers_ids = "greedy answers", res.pop("token_ids", None)
             if cfg.k > 1:
                 sampled = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.k, temperature=1.0,

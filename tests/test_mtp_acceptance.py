@@ -92,6 +92,10 @@ def test_the_eval_stage_writes_each_problem_s_acceptance(tiny_model_dir, tmp_pat
     assert measured["drafts"] == sum(max(len(a) - 1, 0) for group in ids for a in group)
     assert len(measured["per_problem"]) == 2 and measured["on"].startswith("sampled pass@1 answers (3 per problem")
     assert 0 <= measured["rate"] <= 1
+    cfg.sampled_pass1_k = 0  # then on the greedy answers: each problem's first
+    evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval1", Engine(tok, texts))
+    greedy = json.loads((tmp_path / "eval1" / "sft.json").read_text())["mtp_acceptance"]
+    assert greedy["on"] == "greedy answers" and greedy["drafts"] == sum(len(group[0]) - 1 for group in ids)
     cfg.mtp_acceptance = False
     evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval2", Engine(tok, texts))
     assert "mtp_acceptance" not in json.loads((tmp_path / "eval2" / "sft.json").read_text())
