@@ -145,7 +145,7 @@ def geomean(xs: list[float]) -> float:
 
 
 def section_env(ctx: Ctx, args) -> dict:
-    from posttrain.fp8.experts import grouped_backend
+    from posttrain.fp8.experts import _grouped_wgrad_available, grouped_backend
     from posttrain.fp8.gemm import active_backend
     from posttrain.fp8.quant import quant_backend
 
@@ -159,6 +159,8 @@ def section_env(ctx: Ctx, args) -> dict:
         "fp8_gemm_backend": active_backend(ctx.device),
         "fp8_quant_backend": quant_backend(ctx.device),
         "fp8_grouped_backend": grouped_backend(ctx.device),
+        # the grouped path's wgrad: torch's 2d x 2d grouped FP8 GEMM where its start-up check passes
+        "fp8_grouped_wgrad": "fp8" if _grouped_wgrad_available(ctx.device) else "bf16",
     }
     for mod in ("triton", "transformers"):
         try:

@@ -214,6 +214,15 @@ HF_ASYNC_LOAD = ContactPoint(
     "transformers' loading runs ahead of its consumer; with dequantized FP8 tensors that would hold a second copy",
 )
 
+# -- torch -------------------------------------------------------------------------------------------
+TORCH = ("2.11.0", "2.14.0")  # the GPU machine's 2.11 through this one's 2.13
+TORCH_SCALED_GROUPED_MM = ContactPoint(
+    "torch", TORCH, "torch:_scaled_grouped_mm", "calls", "posttrain.fp8.experts._grouped_wgrad_kernel",
+    "the grouped experts' FP8 wgrad needs the 2d x 2d case with per-group row-wise scales, which the public "
+    "F.scaled_grouped_mm does not take; the call is checked against torch's meta kernel and, on the GPU, "
+    "against its emulation before use",
+)
+
 # -- peft --------------------------------------------------------------------------------------------
 PEFT_CONFIG_CONVERTER = ContactPoint(
     "peft", PEFT, "peft.utils.transformers_weight_conversion:convert_peft_config_for_transformers", "patch",
@@ -245,6 +254,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD,
+    TORCH_SCALED_GROUPED_MM,
 ]
 
 

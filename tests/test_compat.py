@@ -21,7 +21,7 @@ def test_installed_versions_are_within_the_pins_and_every_target_exists():
 
 def test_every_library_we_reach_into_is_listed():
     listed = {cp.library for cp in compat.CONTACT_POINTS}
-    assert listed == {"vllm", "trl", "transformers", "peft", "accelerate"}
+    assert listed == {"vllm", "trl", "transformers", "peft", "accelerate", "torch"}
     assert all(cp.reason and cp.where and cp.kind in ("patch", "override", "calls", "env") for cp in compat.CONTACT_POINTS)
     patched = {cp.target for cp in compat.CONTACT_POINTS if cp.kind == "patch"}
     assert {"vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.forward_cpu",

@@ -116,12 +116,18 @@ def test_grouped_probe_accepts_the_contract_and_rejects_wrong_numbers(monkeypatc
     assert experts._probe_grouped(torch.device("cpu")) is True
     assert len(fake.calls) == 2  # the forward ([E, N, K]) and the dgrad ([E, K, N]) operand layouts
 
-    def off_by_a_percent(*args, **kw):
+    _assert_probe_rejects_wrong_numbers(monkeypatch, caplog, F, "scaled_grouped_mm", fake, experts._probe_grouped)
+
+
+def _assert_probe_rejects_wrong_numbers(monkeypatch, caplog, owner, name, fake, probe):
+    """`probe` says no, and logs why, when the kernel `owner.name` is 2% off its contract-checked `fake`."""
+
+    def off_by_two_percent(*args, **kw):
         return (fake(*args, **kw).float() * 1.02).to(torch.bfloat16)
 
-    monkeypatch.setattr(F, "scaled_grouped_mm", off_by_a_percent)
+    monkeypatch.setattr(owner, name, off_by_two_percent)
     with caplog.at_level(logging.WARNING, logger="posttrain.fp8.experts"):
-        assert experts._probe_grouped(torch.device("cpu")) is False
+        assert probe(torch.device("cpu")) is False
     assert "disagrees" in caplog.text
 
 
@@ -146,3 +152,113 @@ def test_transformers_experts_module_runs_on_the_grouped_path(grouped_fake):
     out.square().sum().backward()
     assert len(grouped_fake.calls) == 4  # two projections, forward and dgrad each
     assert float(holder.experts.down_proj.grad.abs().sum()) > 0 and hidden.grad is not None
+
+
+# --- the FP8 wgrad: torch's 2d x 2d grouped FP8 GEMM (torch._scaled_grouped_mm) ---------------------------
+
+_real_scaled_grouped_mm = getattr(torch, "_scaled_grouped_mm", None)
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+class MetaCheckedWgrad:
+    """Stand-in for ``torch._scaled_grouped_mm``'s 2d x 2d case. torch's own meta kernel checks the call
+    (dtypes, row-major mat_a, column-major mat_b, 16-byte strides, scale sizes E*N and E*K, int32 offsets);
+    the alignment of each run's start is checked on `offs`; the product is computed in float64, reading
+    the scales group-major. Groups without tokens are left NaN (the kernel does not write them)."""
+
+    def __init__(self, compute: bool = True):
+        self.calls, self.compute = [], compute
+
+    def __call__(self, a, b, sa, sb, offs=None, out_dtype=None):
+        out = _real_scaled_grouped_mm(_meta(a), _meta(b), _meta(sa), _meta(sb), offs=_meta(offs), out_dtype=out_dtype)
+        ends = offs.tolist()
+        assert all(e % experts.WGRAD_RUN_ALIGN == 0 for e in ends) and ends[-1] == a.shape[1], ends
+        self.calls.append((tuple(a.shape), tuple(b.shape), tuple(ends)))
+        n, k = a.shape[0], b.shape[1]
+        result = torch.full(out.shape, float("nan"), dtype=torch.float64)
+        start = 0
+        for g, end in enumerate(ends):
+            if end > start and self.compute:
+                result[g] = (a[:, start:end].double() * sa[g * n:(g + 1) * n, None].double()) @ (
+                    b[start:end].double() * sb[g * k:(g + 1) * k][None, :].double())
+            elif end > start:
+                result[g] = 0.0
+            start = end
+        return result.to(torch.bfloat16)
+
+
+@pytest.fixture
+def wgrad_fake(monkeypatch):
+    if _real_scaled_grouped_mm is None:
+        pytest.skip("this torch has no _scaled_grouped_mm")
+    fake = MetaCheckedWgrad()
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", fake)
+    return fake
+
+
+def _fq_cols(t: torch.Tensor) -> torch.Tensor:
+    """Independent e4m3 fake quantization with one scale per column (over the rows given)."""
+    amax = t.float().abs().amax(0, keepdim=True)
+    s = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    return (t.float() / s).to(torch.float8_e4m3fn).float() * s
+
+
+@pytest.mark.parametrize("n,k", [(4096, 7168), (7168, 2048)])  # V3's gate_up [E, 2I, H] and down [E, H, I]
+def test_fp8_wgrad_operands_pass_torch_s_checks_on_the_v3_expert_shapes(wgrad_fake, n, k):
+    wgrad_fake.compute = False
+    counts = (5, 0, 37, 16, 1)
+    g = torch.Generator().manual_seed(0)
+    dy = torch.randn(sum(counts), n, generator=g).to(torch.bfloat16)
+    x = torch.randn(sum(counts), k, generator=g).to(torch.bfloat16)
+    dw = experts.fp8_grouped_wgrad(dy, x, counts, FP8Recipe())
+    assert dw.shape == (len(counts), n, k)
+    (a_shape, b_shape, ends), = wgrad_fake.calls
+    assert a_shape == (n, 96) and b_shape == (96, k) and ends == (16, 16, 64, 80, 96)  # runs padded to 16
+    assert float(dw[1].abs().sum()) == 0.0  # the expert without tokens
+
+
+def test_fp8_wgrad_is_the_per_expert_recipe_and_within_e4m3_of_the_exact_gradient(wgrad_fake):
+    """dW_e = Q_col(dy_e)^T Q_col(x_e), one scale per (expert, channel) over the expert's tokens."""
+    counts, x, w, gy = _problem(seed=2)
+    dy, xb = gy.to(torch.bfloat16), x.to(torch.bfloat16)
+    dw = experts.fp8_grouped_wgrad(dy, xb, tuple(counts), FP8Recipe()).float()
+    ref = torch.zeros_like(dw)
+    exact = torch.zeros_like(dw)
+    start = 0
+    for e, c in enumerate(counts):
+        sl = slice(start, start + c)
+        if c:
+            ref[e] = _fq_cols(dy[sl]).T @ _fq_cols(xb[sl])
+            exact[e] = dy[sl].float().T @ xb[sl].float()
+        start += c
+    torch.testing.assert_close(dw, ref, rtol=2**-7, atol=1e-3)  # bf16 output
+    rel = float((dw - exact).norm() / exact.norm())
+    assert 1e-3 < rel < 5e-2, rel  # issue #13's e4m3 bound for gradients
+    assert torch.isfinite(dw).all() and float(dw[1].abs().sum()) == 0.0
+
+
+def test_the_grouped_backward_takes_the_fp8_wgrad_where_it_is_enabled(grouped_fake, wgrad_fake, monkeypatch):
+    counts, x, w, gy = _problem(seed=3)
+    wp = nn.Parameter(w.clone())
+    fp8_grouped_linear(x, wp, counts, FP8Recipe()).backward(gy)
+    assert wgrad_fake.calls == []  # on CPU, "auto" never picks it
+    monkeypatch.setenv(experts.WGRAD_ENV, "fp8")
+    wp.grad = None
+    fp8_grouped_linear(x, wp, counts, FP8Recipe()).backward(gy)
+    assert len(wgrad_fake.calls) == 1
+    exact = torch.stack([gy[sum(counts[:e]):sum(counts[:e + 1])].T @ x[sum(counts[:e]):sum(counts[:e + 1])]
+                         for e in range(len(counts))])
+    rel = float((wp.grad - exact).norm() / exact.norm())
+    assert rel < 5e-2, rel
+    monkeypatch.setenv(experts.WGRAD_ENV, "bf16")
+    fp8_grouped_linear(x, wp, counts, FP8Recipe()).backward(gy)
+    assert len(wgrad_fake.calls) == 1
+
+
+def test_wgrad_probe_accepts_the_kernel_and_rejects_wrong_numbers(wgrad_fake, monkeypatch, caplog):
+    assert experts._probe_grouped_wgrad(torch.device("cpu")) is True
+    _assert_probe_rejects_wrong_numbers(monkeypatch, caplog, torch, "_scaled_grouped_mm", wgrad_fake,
+                                        experts._probe_grouped_wgrad)

@@ -14,7 +14,8 @@ projection, activation, down projection, weighted sum) with both projections don
   the wgrad token tiles never crossing an expert's segment; one GEMM per expert.
 * ``rowwise`` (the default on Hopper, where torch has the kernel and it passes a start-up
   check): torch's grouped FP8 GEMM, one launch for all experts, with per-token and
-  per-output-channel scales; bf16 wgrad.
+  per-output-channel scales; the wgrad through torch's 2d x 2d grouped FP8 GEMM with scales per expert
+  and channel over the expert's tokens where a start-up check passes, in bf16 otherwise.
 
 Expert weights are quantized once per optimizer step (:func:`~posttrain.fp8.linear.weight_operand`)
 and expert by expert (no full-precision temporary of the whole stack).
@@ -39,7 +40,7 @@ from .linear import (
     quantize_act,
     weight_operand,
 )
-from .quant import FP8_DTYPE, quantize_rows
+from .quant import FP8_DTYPE, FP8_MAX, compute_scale_inv, quantize_rows
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -130,9 +131,9 @@ class _FP8GroupedLinear(torch.autograd.Function):
 # scale_a [S] and scale_b [E, N] float32, offs int32 cumulative row counts, bf16 out. torch has no
 # block-scaled (1x128 / 128x128) grouped kernel for Hopper, so this path scales per token (over all K)
 # and per output channel -- coarser than the report's groups (§3.3.2), hence a recipe option
-# (FP8Recipe.grouped) and a start-up check against the emulation below. The wgrad GEMM runs in bf16
-# through ``F.grouped_mm`` from the FP8 activation cache: torch's FP8 2d x 2d grouped case needs
-# per-expert scales along the ragged token dim that nothing here produces at memory speed yet.
+# (FP8Recipe.grouped) and a start-up check against the emulation below. The wgrad is the 2d x 2d
+# grouped FP8 GEMM below (scales per expert along the ragged token dim), or bf16 ``F.grouped_mm`` from
+# the FP8 activation cache where that kernel fails its start-up check.
 
 
 def _rowwise_operands_ok() -> bool:
@@ -211,12 +212,137 @@ class _FP8GroupedRowwise(torch.autograd.Function):
             dx = dx.to(ctx.x_dtype)
         if need_w:
             x_hp = (xq.float() * xs[:, None]).to(torch.bfloat16) if recipe.backward == "fp8" else x.to(torch.bfloat16)
-            dw = F.grouped_mm(g.t(), x_hp, offs=offs)  # [E, N, K]: dY_e^T X_e over each expert's tokens
-            empty = [e for e, n in enumerate(ctx.counts) if n == 0]
-            if empty:  # a group without tokens is not written by every grouped kernel
-                dw[empty] = 0
+            if recipe.backward == "fp8" and _grouped_wgrad_available(g.device):
+                dw = fp8_grouped_wgrad(g, x_hp, ctx.counts, recipe)
+            else:
+                dw = F.grouped_mm(g.t(), x_hp, offs=offs)  # [E, N, K]: dY_e^T X_e over each expert's tokens
+                empty = [e for e, n in enumerate(ctx.counts) if n == 0]
+                if empty:  # a group without tokens is not written by every grouped kernel
+                    dw[empty] = 0
             dw = dw.to(ctx.w_dtype)
         return dx, dw, None, None
+
+
+# --- FP8 wgrad of the grouped path: torch's 2d x 2d grouped FP8 GEMM ----------------------------------
+#
+# Contact point: ``torch._scaled_grouped_mm`` (torch >= 2.8). Its shape, stride and scale checks are the
+# meta kernel in torch/_meta_registrations.py (``_meta_grouped_mm_common``, "all the checks from
+# _grouped_mm_cuda()/_scaled_grouped_mm_cuda()"); tests/test_fp8_experts_grouped.py runs the operands
+# built here through it on meta tensors, for the V3 expert shapes. dW_e = dY_e^T X_e contracts over expert
+# e's run of tokens, so mat_a = dY^T [N, S] row-major and mat_b = X [S, K] column-major, with offs marking
+# each run along S; the row-wise scales are per run: scale_a [E*N] (dY^T's rows over the run's tokens) and
+# scale_b [E*K], group-major. Every run is padded with zero tokens to a multiple of WGRAD_RUN_ALIGN, so that
+# each run starts 16-byte aligned for the kernel's fp8 loads (the meta checks cannot see offsets); zero
+# tokens add nothing. Used after a start-up check against the emulation on the device (as the forward),
+# with the bf16 wgrad as the fallback.
+
+WGRAD_ENV = "POSTTRAIN_FP8_GROUPED_WGRAD"  # "auto", "fp8" (force) or "bf16" (never the 2d x 2d kernel)
+WGRAD_RUN_ALIGN = 16  # tokens: 16 bytes of fp8
+_wgrad_state: dict[str, bool] = {}
+
+
+def _padded_runs(counts: tuple[int, ...], device: torch.device, align: int = WGRAD_RUN_ALIGN):
+    """(each token's row in the padded layout, each padded row's expert, padded counts)."""
+    padded = tuple(-(-c // align) * align for c in counts)
+    n = len(counts)
+    starts = torch.tensor((0,) + counts[:-1], dtype=torch.int64).cumsum(0)
+    padded_starts = torch.tensor((0,) + padded[:-1], dtype=torch.int64).cumsum(0)
+    expert = torch.repeat_interleave(torch.arange(n), torch.tensor(counts, dtype=torch.int64))
+    dest = torch.arange(sum(counts)) - starts[expert] + padded_starts[expert]
+    padded_expert = torch.repeat_interleave(torch.arange(n), torch.tensor(padded, dtype=torch.int64))
+    return dest.to(device), padded_expert.to(device), padded
+
+
+def quantize_token_runs(t: torch.Tensor, counts: tuple[int, ...], scale_fmt: str | None = None):
+    """``t`` [S, C] (rows sorted by expert, ``counts[e]`` rows for expert ``e``) as the transposed fp8 operand
+    of the grouped wgrad: ``(q [C, S_pad] row-major, scales [E*C] float32, padded counts)``, one scale per
+    (expert, column) over that expert's tokens, each run zero-padded to WGRAD_RUN_ALIGN tokens."""
+    dest, padded_expert, padded = _padded_runs(counts, t.device)
+    cols = t.shape[1]
+    t_pad = t.new_zeros(sum(padded), cols)
+    t_pad[dest] = t
+    amax = t.new_zeros(len(counts), cols).scatter_reduce_(
+        0, padded_expert[:, None].expand(-1, cols), t_pad.abs(), "amax", include_self=True)
+    scale = compute_scale_inv(amax, scale_fmt, check_finite=False)  # [E, C]
+    q = torch.empty(t_pad.shape, dtype=FP8_DTYPE, device=t.device)
+    rows = max(1, (1 << 24) // max(cols, 1))  # bounds the float32 temporary
+    for s in range(0, t_pad.shape[0], rows):
+        part = t_pad[s:s + rows].float() / scale[padded_expert[s:s + rows]]
+        q[s:s + rows] = part.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.t().contiguous(), scale.reshape(-1), padded
+
+
+def _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, offs) -> torch.Tensor:
+    """``out[e] = (gq_t[:, run e] * gs[e]) @ (xq_t[:, run e] * xs[e]).T``, [E, N, K] bf16."""
+    return torch._scaled_grouped_mm(gq_t, xq_t.t(), gs, xs, offs=offs, out_dtype=torch.bfloat16)
+
+
+def _emulate_grouped_wgrad(gq_t, gs, xq_t, xs, padded) -> torch.Tensor:
+    """What :func:`_grouped_wgrad_kernel` computes, in float32 per expert (the probe's reference)."""
+    n, k, e_count = gq_t.shape[0], xq_t.shape[0], len(padded)
+    out = torch.zeros(e_count, n, k, dtype=torch.float32, device=gq_t.device)
+    for e, s, t in _segments(padded):
+        out[e] = (gq_t[:, s:t].float() * gs[e * n:(e + 1) * n, None]) @ (xq_t[:, s:t].float() * xs[e * k:(e + 1) * k, None]).T
+    return out
+
+
+def fp8_grouped_wgrad(grad_out: torch.Tensor, x: torch.Tensor, counts: tuple[int, ...], recipe: FP8Recipe) -> torch.Tensor:
+    """dW [E, N, K] = per expert ``grad_out_e^T x_e``, both quantized per (expert, channel) over the expert's
+    tokens, in one grouped FP8 GEMM (:func:`_grouped_wgrad_kernel`); experts without tokens get zeros."""
+    gq_t, gs, padded = quantize_token_runs(grad_out, counts, recipe.grad_scale_fmt)
+    xq_t, xs, _ = quantize_token_runs(x, counts, recipe.act_scale_fmt)
+    dw = _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, _offsets(padded, grad_out.device))
+    empty = [e for e, n in enumerate(counts) if n == 0]
+    if empty:  # a group without tokens is not written by every grouped kernel
+        dw[empty] = 0
+    return dw
+
+
+def _grouped_wgrad_available(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    mode = os.environ.get(WGRAD_ENV, "auto")
+    if mode == "bf16" or not hasattr(torch, "_scaled_grouped_mm"):
+        return False
+    if mode == "fp8":
+        return True
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    key = str(device)
+    if key not in _wgrad_state:
+        _wgrad_state[key] = _probe_grouped_wgrad(device)
+    return _wgrad_state[key]
+
+
+def _probe_grouped_wgrad(device: torch.device) -> bool:
+    """Run the 2d x 2d kernel once (uneven runs, an expert without tokens) against the emulation."""
+
+    def pairs():
+        g = torch.Generator(device=device).manual_seed(0)
+        counts = (40, 0, 200, 17)
+        dy = torch.randn(sum(counts), 384, device=device, generator=g).to(torch.bfloat16)
+        x = torch.randn(sum(counts), 256, device=device, generator=g).to(torch.bfloat16)
+        gq_t, gs, padded = quantize_token_runs(dy, counts)
+        xq_t, xs, _ = quantize_token_runs(x, counts)
+        got = _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, _offsets(padded, device)).float()
+        keep = [e for e, n in enumerate(counts) if n]
+        yield got[keep], _emulate_grouped_wgrad(gq_t, gs, xq_t, xs, padded)[keep]
+
+    return _agrees_with_emulation("grouped FP8 wgrad", "the bf16 wgrad", pairs)
+
+
+def _agrees_with_emulation(kernel: str, fallback: str, pairs) -> bool:
+    """True when every (kernel output, emulation) pair that `pairs()` yields agrees to the bf16 output's
+    precision; otherwise (or if the kernel raises) logs why and that `fallback` is used instead."""
+    try:
+        for got, ref in pairs():
+            err = (got.float() - ref).norm() / ref.norm()
+            if not bool(err < 1e-2):  # bf16 output: ~2^-9 relative
+                log.warning("%s disagrees with its emulation (rel err %.3g); using %s", kernel, float(err), fallback)
+                return False
+        return True
+    except Exception as e:  # noqa: BLE001 -- any failure means: do not use it
+        log.warning("%s unavailable (%s: %s); using %s", kernel, type(e).__name__, e, fallback)
+        return False
 
 
 def _emulate_rowwise(xq, xs, wq, ws, counts) -> torch.Tensor:
@@ -230,7 +356,8 @@ def _emulate_rowwise(xq, xs, wq, ws, counts) -> torch.Tensor:
 def _probe_grouped(device: torch.device) -> bool:
     """Run the grouped kernel once on both orientations (forward [E, N, K] and dgrad [E, K, N] operands,
     an expert without tokens included) and compare with the emulation; False disables it."""
-    try:
+
+    def pairs():
         g = torch.Generator(device=device).manual_seed(0)
         counts = (40, 0, 200, 16)
         x = torch.randn(sum(counts), 256, device=device, generator=g)
@@ -239,16 +366,9 @@ def _probe_grouped(device: torch.device) -> bool:
         for weight in (w, w.transpose(-2, -1)):
             xq, xs = quantize_rows(x if weight is w else torch.randn(sum(counts), 384, device=device, generator=g))
             wq, ws = quantize_rows(weight)
-            got = _rowwise_grouped(xq, xs, wq, ws, offs).float()
-            ref = _emulate_rowwise(xq, xs, wq, ws, counts)
-            err = (got - ref).norm() / ref.norm()
-            if not bool(err < 1e-2):  # bf16 output: ~2^-9 relative
-                log.warning("grouped FP8 GEMM disagrees with its emulation (rel err %.3g); using per-expert GEMMs", float(err))
-                return False
-        return True
-    except Exception as e:  # noqa: BLE001 -- any failure means: do not use it
-        log.warning("grouped FP8 GEMM unavailable (%s: %s); using per-expert GEMMs", type(e).__name__, e)
-        return False
+            yield _rowwise_grouped(xq, xs, wq, ws, offs), _emulate_rowwise(xq, xs, wq, ws, counts)
+
+    return _agrees_with_emulation("grouped FP8 GEMM", "per-expert GEMMs", pairs)
 
 
 def fp8_grouped_linear(
