@@ -28,6 +28,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
     if own_engine:
         engine = VLLMColocateEngine(checkpoints[names[0]], max_model_len=cfg.max_model_len)
     results: dict[str, dict[str, Any]] = {}
+    measure_drafter = cfg.mtp_acceptance
     try:
         for i, name in enumerate(names):
             path = checkpoints[name]
@@ -36,7 +37,6 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             if i > 0 or not own_engine:
                 model = DeepseekV3ForCausalLMWithMTP.from_pretrained(path)
                 engine.sync_weights(weights_for_engine(model, engine))
-            measure_drafter = cfg.mtp_acceptance
             res = evaluate_accuracy(engine, tokenizer, prompts, answers, k=1, temperature=0.0,
                                     max_tokens=cfg.max_tokens, keep_token_ids=measure_drafter and cfg.sampled_pass1_k == 0)
             drafted_on, answers_ids = "greedy answers", res.pop("token_ids", None)

@@ -162,6 +162,14 @@ def grouped_backend(device: torch.device | str, recipe: FP8Recipe = DEFAULT_RECI
     return "rowwise" if _grouped_fast_path_available(torch.device(device)) else "blockwise"
 
 
+def _zero_groups_without_tokens(out: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    """``out`` [E, ...] with the groups of experts without tokens zeroed: not every grouped kernel writes them."""
+    empty = [e for e, n in enumerate(counts) if n == 0]
+    if empty:
+        out[empty] = 0
+    return out
+
+
 def _offsets(counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
 
@@ -214,11 +222,8 @@ class _FP8GroupedRowwise(torch.autograd.Function):
             x_hp = (xq.float() * xs[:, None]).to(torch.bfloat16) if recipe.backward == "fp8" else x.to(torch.bfloat16)
             if recipe.backward == "fp8" and _grouped_wgrad_available(g.device):
                 dw = fp8_grouped_wgrad(g, x_hp, ctx.counts, recipe)
-            else:
-                dw = F.grouped_mm(g.t(), x_hp, offs=offs)  # [E, N, K]: dY_e^T X_e over each expert's tokens
-                empty = [e for e, n in enumerate(ctx.counts) if n == 0]
-                if empty:  # a group without tokens is not written by every grouped kernel
-                    dw[empty] = 0
+            else:  # [E, N, K]: dY_e^T X_e over each expert's tokens
+                dw = _zero_groups_without_tokens(F.grouped_mm(g.t(), x_hp, offs=offs), ctx.counts)
             dw = dw.to(ctx.w_dtype)
         return dx, dw, None, None
 
@@ -292,10 +297,7 @@ def fp8_grouped_wgrad(grad_out: torch.Tensor, x: torch.Tensor, counts: tuple[int
     gq_t, gs, padded = quantize_token_runs(grad_out, counts, recipe.grad_scale_fmt)
     xq_t, xs, _ = quantize_token_runs(x, counts, recipe.act_scale_fmt)
     dw = _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, _offsets(padded, grad_out.device))
-    empty = [e for e, n in enumerate(counts) if n == 0]
-    if empty:  # a group without tokens is not written by every grouped kernel
-        dw[empty] = 0
-    return dw
+    return _zero_groups_without_tokens(dw, counts)
 
 
 def _grouped_wgrad_available(device: torch.device | str) -> bool:
