@@ -182,14 +182,53 @@ def test_compiled_quantizer_failure_falls_back_to_eager_once(monkeypatch, caplog
     assert sum("torch.compile of the FP8 quantizer failed" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_quant_backend_selection(monkeypatch):
+def test_quant_backend_selection(monkeypatch, caplog):
+    from posttrain.fp8 import triton_quant
+
     monkeypatch.setattr(Q, "_compile_state", {})
-    for mode, cpu, cuda in (("auto", "eager", "compiled"), ("eager", "eager", "eager"), ("compiled", "compiled", "compiled")):
+    monkeypatch.setattr(Q, "_triton_state", {})
+    checks = []
+    monkeypatch.setattr(Q, "_triton_check", lambda device: checks.append(str(device)))  # passes (None)
+    monkeypatch.setattr(triton_quant, "available", lambda: True)
+    for mode, cpu, cuda in (("auto", "eager", "triton"), ("eager", "eager", "eager"),
+                            ("compiled", "compiled", "compiled"), ("triton", "triton", "triton")):
         monkeypatch.setenv(Q.QUANT_BACKEND_ENV, mode)
-        assert (Q.quant_backend("cpu"), Q.quant_backend("cuda")) == (cpu, cuda)
+        assert (Q.quant_backend("cpu"), Q.quant_backend("cuda")) == (cpu, cuda), mode
+    assert checks == ["cuda"], "auto checks the Triton kernel once per device before using it"
+    # without Triton, or when its start-up check fails, auto takes the compiled quantizer (warned once)
+    monkeypatch.setenv(Q.QUANT_BACKEND_ENV, "auto")
+    monkeypatch.setattr(triton_quant, "available", lambda: False)
+    assert Q.quant_backend("cuda") == "compiled"
+    monkeypatch.setattr(triton_quant, "available", lambda: True)
+    monkeypatch.setattr(Q, "_triton_check", lambda device: "tiles 1x128 differs from the reference")
+    with caplog.at_level(logging.WARNING, logger="posttrain.fp8.quant"):
+        assert [Q.quant_backend("cuda:1") for _ in range(3)] == ["compiled"] * 3
+    assert sum("start-up check" in r.getMessage() for r in caplog.records) == 1
     monkeypatch.setenv(Q.QUANT_BACKEND_ENV, "fast")
     with pytest.raises(ValueError):
         Q.quant_backend("cpu")
+
+
+def test_a_failing_triton_kernel_falls_back_to_the_reference_once(monkeypatch, caplog):
+    """E.g. POSTTRAIN_FP8_QUANT=triton on a CPU without the interpreter: the launch fails, the run goes on."""
+    from posttrain.fp8 import triton_quant
+
+    monkeypatch.setattr(Q, "_compile_state", {"broken": True})  # the fallback after Triton: eager here
+    monkeypatch.setattr(Q, "_triton_state", {})
+    monkeypatch.setenv(Q.QUANT_BACKEND_ENV, "triton")
+    monkeypatch.setattr(triton_quant, "available", lambda: True)
+
+    def no_driver(*a, **k):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    monkeypatch.setattr(triton_quant, "quantize", no_driver)
+    x = torch.randn(40, 300)
+    with caplog.at_level(logging.WARNING, logger="posttrain.fp8.quant"):
+        for _ in range(3):
+            got = Q.quantize_groups(x, (1, 128), check_finite=False)
+    assert _bits_equal(got, Q.quantize_groups_reference(x, (1, 128), check_finite=False))
+    assert Q.quant_backend("cpu") == "eager"
+    assert sum("Triton FP8 quantizer failed" in r.getMessage() for r in caplog.records) == 1
 
 
 _DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]

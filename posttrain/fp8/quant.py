@@ -145,7 +145,7 @@ def quantize_groups(
     leading dims, e.g. one expert at a time, then over row-groups), so the float32 temporaries are
     bounded by ``QUANT_CHUNK_ELEMS`` elements instead of the size of ``x`` -- a [256, 4096, 7168] expert
     stack needed 28 GiB for its ``abs()`` alone. With ``check_finite=False`` (the training path) the
-    kernel is the ``torch.compile``'d reference where :func:`quant_backend` says so.
+    kernel is the Triton one or the ``torch.compile``'d reference where :func:`quant_backend` says so.
     """
     return _chunked(x, (int(group[0]), int(group[1])), scale_fmt, check_finite, transpose=False)
 
@@ -198,18 +198,21 @@ def quantize_rows(x: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.
     return q, s.squeeze(-1)
 
 
-# --- chunking and the compiled kernels -------------------------------------------------------------
+# --- chunking, the compiled kernels and the Triton ones ----------------------------------------------
 #
 # Each kernel below is the eager reference math written as a function of tensors and Python constants,
 # so that ``torch.compile`` (Inductor: Triton on CUDA, C++ on CPU) turns it into one or two fused passes
-# over memory. The eager reference is what runs unless quant_backend() says "compiled"; compiled
-# results equal it bit for bit, or differ by at most one e4m3 step (see e4m3_step_distance), with
-# identical scales -- tests/test_fp8_quant.py checks that rule on both backends.
+# over memory. posttrain.fp8.triton_quant writes the same math as one hand-written Triton kernel. The
+# eager reference is what runs unless quant_backend() says otherwise. The rule, checked by
+# tests/test_fp8_quant.py: compiled results equal the reference bit for bit or differ by at most one
+# e4m3 step (see e4m3_step_distance), with identical scales; the Triton kernel equals it bit for bit.
 
 QUANT_CHUNK_ELEMS = 1 << 26  # elements per chunk: bounds the eager path's float32 temporaries (~256 MiB each)
-QUANT_BACKEND_ENV = "POSTTRAIN_FP8_QUANT"  # "auto" (compiled on CUDA), "eager", "compiled"
+QUANT_BACKEND_ENV = "POSTTRAIN_FP8_QUANT"  # "auto" (Triton, else compiled, on CUDA), "eager", "compiled", "triton"
+QUANT_BACKENDS = ("auto", "eager", "compiled", "triton")
 
 _compile_state: dict[str, object] = {}
+_triton_state: dict[str, object] = {}  # "broken": the kernel failed or its start-up check did not pass
 
 
 def _chunk_rows(lead: int, cols: int, br: int) -> int:
@@ -307,31 +310,84 @@ def _compiled_kernel(kind: str, a: int, b: int, scale_fmt: str | None):
 
 
 def quant_backend(device: torch.device | str) -> str:
-    """``"compiled"`` or ``"eager"``: which quantizer :func:`quantize_groups` & co. use on ``device``.
+    """``"triton"``, ``"compiled"`` or ``"eager"``: which quantizer :func:`quantize_groups` & co. use on ``device``.
 
-    ``POSTTRAIN_FP8_QUANT=auto`` (default) compiles on CUDA only (Triton; on a CPU the first compile of
-    each kernel costs tens of seconds, while the CPU path is an emulation anyway); ``compiled`` also
-    compiles on CPU (C++); ``eager`` never compiles. A compile or run failure switches to eager for the
-    rest of the process, logged once.
+    ``POSTTRAIN_FP8_QUANT=auto`` (default) picks on CUDA the Triton kernels of
+    :mod:`posttrain.fp8.triton_quant` (one pass over memory, bit-identical to the reference) after their
+    start-up check, else ``torch.compile`` of the reference; on a CPU it picks eager (the first compile of
+    each kernel costs tens of seconds there, and the CPU path is an emulation anyway). ``compiled`` and
+    ``triton`` force that backend (on a CPU, ``triton`` needs ``TRITON_INTERPRET=1``); ``eager`` never
+    compiles. A failure switches to the next backend for the rest of the process, logged once; group
+    shapes the Triton kernel does not cover (row-wise scales) use the compiled kernel.
     """
     mode = os.environ.get(QUANT_BACKEND_ENV, "auto")
-    if mode not in ("auto", "eager", "compiled"):
-        raise ValueError(f"{QUANT_BACKEND_ENV} must be auto, eager or compiled, got {mode!r}")
-    if mode == "eager" or _compile_state.get("broken"):
+    if mode not in QUANT_BACKENDS:
+        raise ValueError(f"{QUANT_BACKEND_ENV} must be one of {', '.join(QUANT_BACKENDS)}, got {mode!r}")
+    if mode == "eager":
         return "eager"
     if mode == "auto" and torch.device(device).type != "cuda":
         return "eager"
-    if not hasattr(torch, "compile"):
+    if mode in ("auto", "triton") and _triton_usable(torch.device(device), probe=mode == "auto"):
+        return "triton"
+    if _compile_state.get("broken") or not hasattr(torch, "compile"):
         return "eager"
     return "compiled"
 
 
+def _triton_usable(device: torch.device, probe: bool) -> bool:
+    from posttrain.fp8 import triton_quant
+
+    if not triton_quant.available() or _triton_state.get("broken"):
+        return False
+    if probe and device.type == "cuda":
+        key = ("probed", str(device))
+        if key not in _triton_state:
+            _triton_state[key] = True  # set first: the check itself calls the kernels directly
+            problem = _triton_check(device)
+            if problem:
+                log.warning("the Triton FP8 quantizer failed its start-up check on %s (%s); using the compiled one",
+                            device, problem)
+                _triton_state["broken"] = True
+                return False
+    return True
+
+
+def _triton_check(device: torch.device) -> str | None:
+    """Each Triton layout against the eager reference on small tensors with partial tiles: bits must match."""
+    from posttrain.fp8 import triton_quant
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(200, 300, generator=g) * 10.0 ** torch.randint(-3, 4, (200, 1), generator=g)).to(device)
+    xb = x.to(torch.bfloat16)
+    q, s = _quantize_padded(x, 1, 128, None, False)
+    q = q[:, :300].contiguous()
+    cases = [("groups", 1, 128, None, (xb,)), ("groups", 128, 128, None, (x,)), ("groups", 1, 128, "ue8m0", (x,)),
+             ("groups_t", 1, 128, None, (xb,)), ("requant_t", 128, 128, None, (q, s))]
+    try:
+        for kind, a, b, fmt, tensors in cases:
+            got = triton_quant.quantize(kind, a, b, fmt, *tensors)
+            want_q, want_s = _reference(kind, a, b, fmt, tensors)
+            rows, cols = got[0].shape[-2:]
+            if not (torch.equal(got[0].view(torch.uint8), want_q[..., :rows, :cols].contiguous().view(torch.uint8))
+                    and torch.equal(got[1], want_s)):
+                return f"{kind} {a}x{b} {fmt or 'fp32 scales'} differs from the reference"
+    except Exception as e:  # noqa: BLE001 -- no driver, no compiler, ...: the compiled path still works
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def _run(kind: str, a: int, b: int, scale_fmt: str | None, *tensors: torch.Tensor, check_finite: bool = False):
-    """One chunk through the compiled kernel or the eager reference; the fp8 is cropped to the quantized
-    tensor's shape and returned row-major."""
+    """One chunk through the Triton kernel, the compiled kernel or the eager reference; the fp8 is cropped
+    to the quantized tensor's shape and returned row-major."""
     x = tensors[0]
     rows, cols = (x.shape[-2], x.shape[-1]) if kind == "groups" else (x.shape[-1], x.shape[-2])
-    if check_finite or quant_backend(x.device) == "eager" or _is_compiling():
+    backend = "eager" if check_finite or _is_compiling() else quant_backend(x.device)
+    if backend == "triton":
+        got = _run_triton(kind, a, b, scale_fmt, tensors)
+        if got is not None:
+            return got
+        backend = "eager" if _compile_state.get("broken") else "compiled"
+    if backend == "eager":
         q, s = _reference(kind, a, b, scale_fmt, tensors, check_finite)
     else:
         try:
@@ -347,6 +403,19 @@ def _run(kind: str, a: int, b: int, scale_fmt: str | None, *tensors: torch.Tenso
     # always row-major: checkpoints need contiguous tensors, and the GEMMs' operand layouts start from it
     # (elementwise ops keep a transposed input's strides when the group reshape is a view, e.g. row-wise)
     return q.contiguous(), s
+
+
+def _run_triton(kind: str, a: int, b: int, scale_fmt: str | None, tensors: tuple):
+    """The Triton kernel, or None where it does not cover the group shape or has failed (then marked broken)."""
+    from posttrain.fp8 import triton_quant
+
+    try:
+        return triton_quant.quantize(kind, a, b, scale_fmt, *tensors)
+    except Exception as e:  # noqa: BLE001 -- e.g. no GPU driver for these tensors: the other backends still work
+        log.warning("the Triton FP8 quantizer failed (%s: %s); using the compiled or eager one",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _triton_state["broken"] = True
+        return None
 
 
 def _is_compiling() -> bool:
