@@ -13,7 +13,10 @@ Conventions used everywhere in ``posttrain.fp8``:
   the block size is partial (``kv_a_proj_with_mqa`` is 576 x 7168 -> a 5 x 56 grid).
   transformers' dequantizer infers the block as ``rows // scale_rows`` and gets this
   wrong; nothing here infers the block from the scale shape.
-* ``scale_inv = amax / 448`` per group. A group whose amax is 0 gets ``scale_inv = 1``
+* ``scale_inv = amax / 448`` per group, computed as ``amax * float32(1/448)``: CUDA's eager division by a
+  scalar and Inductor's already compute that product, and an explicit product gives the same bits on every
+  device and backend (IEEE division would differ by one ulp in about half the groups on CUDA). A group
+  whose amax is 0 gets ``scale_inv = 1``
   (any positive value gives all-zero fp8; 1 is also a power of two, so it is valid for
   ``ue8m0``). Scales are clamped below at the smallest normal fp32 so tiny-but-nonzero
   groups never divide by zero.
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
+INV_FP8_MAX = 1.0 / FP8_MAX  # scales are amax * float32(1/448) on every backend (see the module docstring)
 DEFAULT_BLOCK = (128, 128)
 DEFAULT_TILE = 128
 SCALE_FMTS = (None, "ue8m0")
@@ -88,7 +92,7 @@ def compute_scale_inv(
     amax = amax.float()
     if check_finite and not bool(torch.isfinite(amax).all()):
         raise ValueError("cannot quantize a tensor with inf/nan values to fp8")
-    scale_inv = (amax / FP8_MAX).clamp_min(_FP32_TINY)
+    scale_inv = (amax * INV_FP8_MAX).clamp_min(_FP32_TINY)
     scale_inv = torch.where(amax > 0, scale_inv, torch.ones_like(scale_inv))
     if scale_fmt == "ue8m0":
         scale_inv = round_scale_to_pow2(scale_inv)

@@ -9,8 +9,9 @@ One kernel covers every layout the training path quantizes (DeepSeek-V3 report Â
 
 Each program loads a ``[BLOCK_R, GROUP_C]`` tile of the (possibly transposed) view in float32, takes the
 group max-abs, and writes the fp8 values and their float32 scale. The results equal
-:func:`posttrain.fp8.quant.quantize_groups_reference` bit for bit: the divisions are IEEE round-to-nearest
-(``div_rn``), and the rounding to e4m3 is done explicitly in float32 (:func:`_round_to_e4m3`), so the final
+:func:`posttrain.fp8.quant.quantize_groups_reference` bit for bit: scales are ``amax * float32(1/448)`` as
+there, the element divisions are IEEE round-to-nearest (``div_rn``, like torch's tensor division on CPU and
+CUDA), and the rounding to e4m3 is done explicitly in float32 (:func:`_round_to_e4m3`), so the final
 cast only converts values that e4m3 holds exactly -- hardware ``cvt`` or Triton's CPU interpreter give the
 same bits. Shapes the kernel does not cover (a group width that is not a power of two, e.g. row-wise
 scales over 7168 channels) return None and the caller falls back to the compiled or eager quantizer.
@@ -62,50 +63,70 @@ if triton is not None:
 
     @triton.jit
     def _scale_of(amax, UE8M0: tl.constexpr):
-        """compute_scale_inv: amax / 448 (IEEE), clamped to the smallest normal, 1 for an all-zero group,
+        """compute_scale_inv: amax * float32(1/448), clamped to the smallest normal, 1 for an all-zero group,
         rounded up to a power of two for UE8M0."""
-        s = tl.maximum(tl.math.div_rn(amax, 448.0), 1.1754943508222875e-38)
+        s = tl.maximum(amax * 0.0022321428571428570, 1.1754943508222875e-38)
         s = tl.where(amax > 0, s, 1.0)
         if UE8M0:
             s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
         return s
 
-    @triton.jit
+    # The token count differs from step to step (packed rows, routing), and Triton compiles a kernel per
+    # "specialization" of its int arguments (== 1, divisible by 16). So every argument that can depend on
+    # the token count is left unspecialized: the kernel compiles once per layer shape and dtype, never
+    # mid-run. The contiguous input dim's size and the other dim's stride (the hidden size, the same every
+    # step) stay specialized, which is what lets the loads vectorize.
+    @triton.jit(do_not_specialize=["n_other", "sx_b", "sis_b", "sis_r", "sis_c"])
     def _quant_tiles_kernel(
         x_ptr, in_s_ptr, q_ptr, s_ptr,
-        R, C,
-        sx_b, sx_r, sx_c,
+        n_contig, n_other,
+        sx_b, sx_other,
         sis_b, sis_r, sis_c,
-        sq_b, sq_r, sq_c,
-        ss_b, ss_r, ss_c,
+        TRANSPOSED: tl.constexpr, EVEN_CONTIG: tl.constexpr,
         BLOCK_R: tl.constexpr, GROUP_R: tl.constexpr, GROUP_C: tl.constexpr,
         HAS_IN_SCALE: tl.constexpr, IN_TILE_R: tl.constexpr, IN_TILE_C: tl.constexpr,
         UE8M0: tl.constexpr,
     ):
+        """Quantize the [R, C] matrix ``b`` of a batch view in (GROUP_R, GROUP_C) groups. Its contiguous
+        dim (stride 1) is the columns, or the rows when TRANSPOSED; outputs are row-major [R, C] fp8 and
+        [ceil(R / GROUP_R), ceil(C / GROUP_C)] float32 scales."""
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
+        if TRANSPOSED:
+            n_rows, n_cols = n_contig, n_other
+        else:
+            n_rows, n_cols = n_other, n_contig
         rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = pid_c.to(tl.int64) * GROUP_C + tl.arange(0, GROUP_C)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
-        x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_r + cols[None, :] * sx_c, mask=mask, other=0.0)
-        x = x.to(tl.float32)
+        # the contiguous dim's mask only where its size leaves a partial tile, so that loads vectorize
+        row_ok = rows[:, None] < n_rows
+        col_ok = cols[None, :] < n_cols
+        if TRANSPOSED:
+            offs = rows[:, None] + cols[None, :] * sx_other
+            mask = col_ok if EVEN_CONTIG else row_ok & col_ok
+        else:
+            offs = rows[:, None] * sx_other + cols[None, :]
+            mask = row_ok if EVEN_CONTIG else row_ok & col_ok
+        x = tl.load(x_ptr + b * sx_b + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_IN_SCALE:  # requant_t: dequantize with the input's own tile scales first
             si = tl.load(in_s_ptr + b * sis_b + (rows[:, None] // IN_TILE_R) * sis_r
                          + (cols[None, :] // IN_TILE_C) * sis_c, mask=mask, other=0.0)
             x = x * si
         a = tl.abs(x)
+        n_scale_cols = tl.cdiv(n_cols, GROUP_C)
+        s_base = s_ptr + b * tl.cdiv(n_rows, GROUP_R) * n_scale_cols
         if GROUP_R == 1:  # one group per row of the tile
             s = _scale_of(tl.max(a, axis=1), UE8M0)
             y = tl.math.div_rn(x, s[:, None])
-            tl.store(s_ptr + b * ss_b + rows * ss_r + pid_c * ss_c, s, mask=rows < R)
+            tl.store(s_base + rows * n_scale_cols + pid_c, s, mask=rows < n_rows)
         else:  # BLOCK_R == GROUP_R: the whole tile is one group
             s = _scale_of(tl.max(tl.max(a, axis=1), axis=0), UE8M0)
             y = tl.math.div_rn(x, s)
-            tl.store(s_ptr + b * ss_b + pid_r * ss_r + pid_c * ss_c, s)
+            tl.store(s_base + pid_r * n_scale_cols + pid_c, s)
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         q = _round_to_e4m3(y).to(tl.float8e4nv)
-        tl.store(q_ptr + b * sq_b + rows[:, None] * sq_r + cols[None, :] * sq_c, q, mask=mask)
+        tl.store(q_ptr + b * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
 
 
 def _pow2(n: int) -> bool:
@@ -135,25 +156,32 @@ def quantize(
         return None
     lead, (rows, cols) = tuple(view.shape[:-2]), tuple(view.shape[-2:])
     v = view.reshape(-1, rows, cols)  # a view for the layouts used here (contiguous lead dims)
+    transposed = v.stride(-2) == 1 and v.stride(-1) != 1
+    if not transposed and v.stride(-1) != 1:
+        v = v.contiguous()
     n = v.shape[0]
     q = torch.empty(n, rows, cols, dtype=torch.float8_e4m3fn, device=v.device)
     s = torch.empty(n, math.ceil(rows / group_r), math.ceil(cols / group_c), dtype=torch.float32, device=v.device)
+    if group_r == 1:
+        # a transposed view is read down its columns: enough rows for 128-byte segments (64 bf16, 128 fp8)
+        block_r = max(32, 128 // v.element_size()) if transposed else 32
+    else:
+        block_r = group_r
+    n_contig, n_other = (rows, cols) if transposed else (cols, rows)
+    sx_other = v.stride(-1) if transposed else v.stride(-2)
     if in_scale is not None:
         # element (r = k, c = m) of the transposed view uses s_in[m, k // a]
         in_args, in_strides, in_tiles = in_scale, (0, in_scale.stride(1), in_scale.stride(0)), (a, 1)
     else:
         in_args, in_strides, in_tiles = v, (0, 0, 0), (1, 1)
-    if group_r == 1:
-        # a transposed view is read down its columns: enough rows for 128-byte segments (64 bf16, 128 fp8)
-        block_r = max(32, 128 // v.element_size()) if v.stride(-2) == 1 else 32
-    else:
-        block_r = group_r
     warps = 8 if block_r * group_c >= 8192 else 4
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, group_c), n)
     _quant_tiles_kernel[grid](
         v, in_args, q, s,
-        rows, cols,
-        *v.stride(), *in_strides, *q.stride(), *s.stride(),
+        n_contig, n_other,
+        v.stride(0) if n > 1 else 0, sx_other,
+        *in_strides,
+        TRANSPOSED=transposed, EVEN_CONTIG=n_contig % (block_r if transposed else group_c) == 0,
         BLOCK_R=block_r, GROUP_R=group_r, GROUP_C=group_c,
         HAS_IN_SCALE=in_scale is not None, IN_TILE_R=in_tiles[0], IN_TILE_C=in_tiles[1],
         UE8M0=scale_fmt == "ue8m0",
