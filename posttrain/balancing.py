@@ -33,7 +33,7 @@ import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -162,11 +162,15 @@ class ExpertLoadBalancer:
         if self.seq_balance_alpha <= 0 or not self._captured:
             return None
         total = None
+        # The sequences are the same for every router (MoE layers and MTP): found once per call.
+        groups: dict[tuple[int, torch.device], _SeqGroups] = {}
         for _, logits, topk in self._captured:
             n = logits.shape[0]
-            mask = self._mask_for(n, logits.device)
-            seq = self._sequence_index(n, logits.device)
-            term = _seq_balance_term(logits, topk, seq, mask, self.num_experts, self.top_k)
+            key = (n, logits.device)
+            if key not in groups:
+                mask = self._mask_for(n, logits.device)
+                groups[key] = _sequence_groups(self._sequence_index(n, logits.device), mask)
+            term = _seq_balance_term(logits, topk, None, None, self.num_experts, self.top_k, groups=groups[key])
             total = term if total is None else total + term
         return self.seq_balance_alpha * total
 
@@ -301,31 +305,64 @@ class ExpertLoadBalancer:
         return out
 
 
+class _SeqGroups(NamedTuple):
+    """The sequences of one batch, for `_seq_balance_term`, built by `_sequence_groups`."""
+
+    index: torch.Tensor  # [tokens] sequence of each token, renumbered 0.. (< tokens)
+    weight: torch.Tensor  # [tokens] 1 for a real token, 0 for padding
+    tokens: torch.Tensor  # [tokens] T of each sequence slot (0: no such sequence, or padding only)
+    present: torch.Tensor  # [tokens] bool: the slot is a sequence with at least one real token
+    num_present: torch.Tensor  # [] how many are
+
+
+def _sequence_groups(seq: torch.Tensor, mask: torch.Tensor | None) -> _SeqGroups:
+    """Groups tokens by sequence id with fixed-size device ops only (no host sync on CUDA).
+
+    A batch of n tokens holds at most n sequences, so the per-sequence buffers have n slots: the ids
+    are renumbered 0, 1, ... in order of value (a sort, then a cumulative count of id changes), which
+    bounds them by n whatever the caller's numbering; slots without real tokens are masked out by
+    `present` rather than selected away."""
+    n = seq.shape[0]
+    sorted_ids, order = torch.sort(seq)
+    starts = torch.ones_like(sorted_ids, dtype=torch.long)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    index = torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
+    w = torch.ones(n, device=seq.device) if mask is None else mask.float()
+    tokens = torch.zeros(n, device=seq.device).index_add_(0, index, w)  # T per sequence
+    present = tokens > 0
+    return _SeqGroups(index, w, tokens, present, present.sum())
+
+
 def _seq_balance_term(
     logits: torch.Tensor,
     topk: torch.Tensor,
-    seq: torch.Tensor,
+    seq: torch.Tensor | None,
     mask: torch.Tensor | None,
     num_experts: int,
     top_k: int,
+    groups: _SeqGroups | None = None,
 ) -> torch.Tensor:
-    """mean over sequences of Σ_i f_i P_i for one layer (report eq. 18-20), differentiable in `logits`."""
+    """mean over sequences of Σ_i f_i P_i for one layer (report eq. 18-20), differentiable in `logits`.
+
+    The sequences are `seq` (any integer id per token) with `mask` (real tokens), or `groups`, those
+    two already grouped by `_sequence_groups` (once per batch, shared by the layers). No host sync."""
+    if groups is None:
+        groups = _sequence_groups(seq, mask)
+    index, w, tokens, present, num_present = groups
     scores = logits.float().sigmoid()
     probs = scores / scores.sum(dim=-1, keepdim=True)  # s'_{i,t} = s_{i,t} / Σ_j s_{j,t}
-    w = torch.ones(logits.shape[0], device=logits.device) if mask is None else mask.float()
-    n_seq = int(seq.max()) + 1
-    tokens = torch.zeros(n_seq, device=logits.device).index_add_(0, seq, w)  # T per sequence
+    n_slots = tokens.shape[0]
     routed = torch.zeros(logits.shape[0], num_experts, device=logits.device)
     routed.scatter_(1, topk, 1.0)  # 1(s_{i,t} in top-K)
-    count = torch.zeros(n_seq, num_experts, device=logits.device).index_add_(0, seq, routed * w[:, None])
-    prob_sum = torch.zeros(n_seq, num_experts, device=logits.device, dtype=probs.dtype).index_add_(
-        0, seq, probs * w[:, None]
+    count = torch.zeros(n_slots, num_experts, device=logits.device).index_add_(0, index, routed * w[:, None])
+    prob_sum = torch.zeros(n_slots, num_experts, device=logits.device, dtype=probs.dtype).index_add_(
+        0, index, probs * w[:, None]
     )
-    present = tokens > 0
-    t = tokens[present].unsqueeze(-1)
-    f = num_experts / (top_k * t) * count[present]  # eq. 18
-    p = prob_sum[present] / t  # eq. 20
-    return (f * p).sum(dim=-1).mean()
+    t = torch.where(present, tokens, torch.ones_like(tokens)).unsqueeze(-1)  # empty slots: any T > 0
+    f = num_experts / (top_k * t) * count  # eq. 18
+    p = prob_sum / t  # eq. 20
+    per_sequence = (f * p).sum(dim=-1)
+    return torch.where(present, per_sequence, torch.zeros_like(per_sequence)).sum() / num_present
 
 
 class BalancingCallback(TrainerCallback):

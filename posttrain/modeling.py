@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import AttentionInterface
+from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
@@ -27,6 +29,45 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 IGNORE_INDEX = -100
+
+
+def autocast_attention_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under autocast, q, k, v in the autocast dtype (floating tensors other than float64, autocast's
+    own rule); without autocast, unchanged.
+
+    MLA with fp32 weights under bf16 autocast hands the attention function a float32 query (its
+    rotary part is computed with cos/sin in the fp32 hidden dtype, and the concatenation with the
+    bf16 no-rope part promotes) but bf16 keys and values (the key buffer is allocated like the bf16
+    `kv_b_proj` output). SDPA's autocast rule casts all three, exactly this cast; flex_attention
+    called through torch.compile may not, and then runs in fp32 or rejects the mix. Cast here, the
+    numerics are those of SDPA under autocast: the fp32 rotary is rounded once, at the kernel."""
+    device_type = query.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return query, key, value
+        dtype = torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return query, key, value
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() and t.dtype not in (dtype, torch.float64) else t
+
+    return cast(query), cast(key), cast(value)
+
+
+def autocast_flex_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers' `flex_attention` with q, k, v in one dtype under autocast (`autocast_attention_inputs`)."""
+    query, key, value = autocast_attention_inputs(query, key, value)
+    return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_autocast_flex_attention() -> None:
+    """Makes `attn_implementation="flex_attention"` run `autocast_flex_attention_forward` (idempotent).
+    transformers' registry is process-wide; the wrapper changes nothing outside autocast, and under
+    autocast only gives flex what SDPA's autocast rule gives SDPA. The flex mask is unchanged."""
+    AttentionInterface.register("flex_attention", autocast_flex_attention_forward)
 
 
 class DeepseekV3SharedHead(nn.Module):
@@ -129,6 +170,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__(config)
+        register_autocast_flex_attention()  # q, k, v of one dtype under autocast (the CUDA default kernel)
         n_main = config.num_hidden_layers
         for k in range(num_mtp_layers(config)):
             self.model.layers.append(DeepseekV3MTPLayer(config, n_main + k))

@@ -266,3 +266,87 @@ def test_rows_are_sequences_without_sample_ids():
     assert torch.allclose(loss, want)
     one_sequence = _seq_balance_term(logits, topk, torch.zeros(10, dtype=torch.long), mask.reshape(-1).bool(), 8, 2)
     assert not torch.allclose(loss, one_sequence)
+
+
+# -- F3: the sequence-wise balance loss without host syncs -----------------------------------------
+
+def _reference_seq_balance_term(logits, topk, seq, mask, num_experts, top_k):
+    """The implementation before the host-sync fix (int(seq.max()), boolean selects), verbatim: the
+    value the sync-free one must keep."""
+    scores = logits.float().sigmoid()
+    probs = scores / scores.sum(dim=-1, keepdim=True)
+    w = torch.ones(logits.shape[0], device=logits.device) if mask is None else mask.float()
+    n_seq = int(seq.max()) + 1
+    tokens = torch.zeros(n_seq, device=logits.device).index_add_(0, seq, w)
+    routed = torch.zeros(logits.shape[0], num_experts, device=logits.device)
+    routed.scatter_(1, topk, 1.0)
+    count = torch.zeros(n_seq, num_experts, device=logits.device).index_add_(0, seq, routed * w[:, None])
+    prob_sum = torch.zeros(n_seq, num_experts, device=logits.device, dtype=probs.dtype).index_add_(
+        0, seq, probs * w[:, None]
+    )
+    present = tokens > 0
+    t = tokens[present].unsqueeze(-1)
+    f = num_experts / (top_k * t) * count[present]
+    p = prob_sum[present] / t
+    return (f * p).sum(dim=-1).mean()
+
+
+def _packed_router_batch():
+    """3 rows of 12 tokens: packed samples (positions restart at 0), a trailing pad segment in row 0,
+    a row that is padding only after its first sample, and a row of one sample without padding."""
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2],
+                        [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3],
+                        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[0, 9:] = False  # row 0: its last sample is padding
+    mask[1, 3:] = False  # row 1: only its first sample is real
+    h = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(7))
+    return h, pos, mask
+
+
+def test_sequence_balance_loss_keeps_its_value_on_packed_rows_with_padding():
+    model = _router_stack(1)
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.0, seq_balance_alpha=0.5)
+    h, pos, mask = _packed_router_batch()
+    sid = sample_ids_from_positions(pos)
+    with bal.batch(token_mask=mask, sample_ids=sid):
+        outs = [layer["gate"](h) for layer in model["layers"]]
+        loss = bal.sequence_balance_loss()
+    # today's implementation, with its own sequence index (row-unique sample ids)
+    seq = (sid - sid.min(dim=1, keepdim=True).values + torch.arange(3)[:, None] * 13).reshape(-1)
+    flat = mask.reshape(-1)
+    ref = 0.5 * sum(_reference_seq_balance_term(lg, tk, seq, flat, 8, 2) for lg, _, tk in outs)
+    naive = 0.5 * sum(_naive_seq_balance(lg.detach(), tk, seq, flat, 8, 2) for lg, _, tk in outs)
+    # equal up to fp32 summation order (the mean over sequences now sums fixed-size, masked buffers)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss.detach(), naive, rtol=1e-5, atol=0)
+    weights = [layer["gate"].weight for layer in model["layers"]]
+    for got, want in zip(torch.autograd.grad(loss, weights, retain_graph=True), torch.autograd.grad(ref, weights)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    # arbitrary (non-contiguous, negative, large) sample ids: only which tokens share one matters
+    weird = (seq * 1000 - 5000).reshape(3, 12)
+    with bal.batch(token_mask=mask, sample_ids=weird):
+        for layer in model["layers"]:
+            layer["gate"](h)
+        again = bal.sequence_balance_loss()
+    torch.testing.assert_close(again, loss, rtol=1e-6, atol=0)
+
+
+def test_sequence_balance_loss_and_router_hooks_make_no_host_sync():
+    """On CUDA a host sync per router (MoE layers + MTP) per micro-batch stalls the step: the hooks'
+    counting and the balance loss (forward and backward) must be fixed-size device ops only."""
+    from tests.host_sync import HostSyncRecorder
+
+    model = _router_stack(2)
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.0, seq_balance_alpha=1e-2)
+    h, pos, mask = _packed_router_batch()
+    sid = sample_ids_from_positions(pos)
+    for scope in ({"token_mask": mask, "sample_ids": sid}, {"token_mask": mask}, {}):
+        with HostSyncRecorder() as rec:
+            with bal.batch(**scope):
+                for layer in model["layers"]:
+                    layer["gate"](h)
+                loss = bal.sequence_balance_loss()
+            loss.backward()
+        assert rec.syncs == [], (list(scope), rec.syncs)
+    bal.remove()

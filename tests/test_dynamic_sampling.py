@@ -42,6 +42,15 @@ def test_groups_with_spread_on_synthetic_rewards():
         groups_with_spread(torch.zeros(6, 1), None, 4)
 
 
+
+def test_groups_with_spread_keeps_to_the_rewards_device_without_weights():
+    """`weights=None` (no `reward_weights`): the implicit weights live where the rewards do (CUDA in a
+    run). The meta device stands in for a non-CPU one: any tensor created on the CPU fails there."""
+    r = torch.empty(8, 2, device="meta")
+    for aggregation in ("sum_then_normalize", "normalize_then_sum"):
+        spread = groups_with_spread(r, None, 4, aggregation)
+        assert spread.device.type == "meta" and spread.shape == (2,)
+
 # -- top-up bookkeeping -------------------------------------------------------------------------------
 def test_top_up_keeps_the_first_groups_with_spread_and_sizes_the_next_round():
     t = TopUp(target=4)

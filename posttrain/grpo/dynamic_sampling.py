@@ -54,7 +54,7 @@ def groups_with_spread(
         raise ValueError(f"{rows} rewards do not split into groups of {group_size}")
     r = rewards_per_func.float()
     if aggregation == "sum_then_normalize":
-        w = torch.ones(funcs) if weights is None else weights.float().to(r.device)
+        w = torch.ones(funcs, device=r.device) if weights is None else weights.float().to(r.device)
         unscored = torch.isnan(r).all(dim=1)
         r = (torch.nan_to_num(r, nan=0.0) * w).sum(dim=1, keepdim=True)
         r[unscored] = float("nan")

@@ -38,6 +38,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..modeling import autocast_attention_inputs
+
 SEGMENTED_SDPA = "sdpa_segmented"
 FLEX_ATTENTION = "flex_attention"
 FLEX_CPU_ERROR = (
@@ -84,7 +86,9 @@ def segmented_sdpa_forward(
     position_ids: torch.Tensor | None = None,
     **kwargs,
 ):
-    """`AttentionInterface` function: query/key/value [batch, heads, seq, dim] → ([batch, seq, heads, dim], None)."""
+    """`AttentionInterface` function: query/key/value [batch, heads, seq, dim] → ([batch, seq, heads, dim], None).
+    Under autocast q, k, v are cast to its dtype first (MLA hands over an fp32 query with bf16 keys)."""
+    query, key, value = autocast_attention_inputs(query, key, value)
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
