@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fp8_torch_contract import FakeScaledGroupedMM
 from posttrain.fp8 import experts
@@ -22,9 +23,10 @@ from posttrain.fp8.linear import FP8Recipe
 
 
 def _fq_rows(t: torch.Tensor) -> torch.Tensor:
-    """Independent row-wise e4m3 fake quantization over the last dim (no posttrain code)."""
+    """Independent row-wise e4m3 fake quantization over the last dim (no posttrain code); scales are
+    amax * float32(1/448), as on every posttrain backend (posttrain/fp8/quant.py)."""
     amax = t.float().abs().amax(-1, keepdim=True)
-    s = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    s = torch.where(amax > 0, amax * torch.tensor(1 / 448, dtype=torch.float32), torch.ones_like(amax))
     return (t.float() / s).to(torch.float8_e4m3fn).float() * s
 
 
@@ -166,8 +168,10 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
 class MetaCheckedWgrad:
     """Stand-in for ``torch._scaled_grouped_mm``'s 2d x 2d case. torch's own meta kernel checks the call
     (dtypes, row-major mat_a, column-major mat_b, 16-byte strides, scale sizes E*N and E*K, int32 offsets);
-    the alignment of each run's start is checked on `offs`; the product is computed in float64, reading
-    the scales group-major. Groups without tokens are left NaN (the kernel does not write them)."""
+    what the CUDA kernel's data preparation asserts (GroupMMCommon.cuh) is checked on `offs`: each run starts
+    16-byte aligned, no group is empty (for a row-major mat_a, in torch versions since pytorch#153226), the
+    last run ends within the operands (rows past it belong to no group). The product is computed in float64, reading the scales
+    group-major; the rows past the last run are not read."""
 
     def __init__(self, compute: bool = True):
         self.calls, self.compute = [], compute
@@ -175,7 +179,8 @@ class MetaCheckedWgrad:
     def __call__(self, a, b, sa, sb, offs=None, out_dtype=None):
         out = _real_scaled_grouped_mm(_meta(a), _meta(b), _meta(sa), _meta(sb), offs=_meta(offs), out_dtype=out_dtype)
         ends = offs.tolist()
-        assert all(e % experts.WGRAD_RUN_ALIGN == 0 for e in ends) and ends[-1] == a.shape[1], ends
+        assert all(e % experts.WGRAD_RUN_ALIGN == 0 for e in ends) and ends[-1] <= a.shape[1], ends
+        assert all(end > start for start, end in zip([0] + ends, ends)), f"an empty group: {ends}"
         self.calls.append((tuple(a.shape), tuple(b.shape), tuple(ends)))
         n, k = a.shape[0], b.shape[1]
         result = torch.full(out.shape, float("nan"), dtype=torch.float64)
@@ -214,7 +219,9 @@ def test_fp8_wgrad_operands_pass_torch_s_checks_on_the_v3_expert_shapes(wgrad_fa
     dw = experts.fp8_grouped_wgrad(dy, x, counts, FP8Recipe())
     assert dw.shape == (len(counts), n, k)
     (a_shape, b_shape, ends), = wgrad_fake.calls
-    assert a_shape == (n, 96) and b_shape == (96, k) and ends == (16, 16, 64, 80, 96)  # runs padded to 16
+    # runs padded to 16 tokens, the empty expert's run 16 zero tokens; the buffer has (59 // 16 + 5) * 16 rows,
+    # a bound from the shapes (the padded total, 112, is not read on the host)
+    assert a_shape == (n, 128) and b_shape == (128, k) and ends == (16, 32, 80, 96, 112)
     assert float(dw[1].abs().sum()) == 0.0  # the expert without tokens
 
 
@@ -260,3 +267,86 @@ def test_wgrad_probe_accepts_the_kernel_and_rejects_wrong_numbers(wgrad_fake, mo
     assert experts._probe_grouped_wgrad(torch.device("cpu")) is True
     _assert_probe_rejects_wrong_numbers(monkeypatch, caplog, torch, "_scaled_grouped_mm", wgrad_fake,
                                         experts._probe_grouped_wgrad)
+
+
+# --- no host synchronization on the rowwise path (forward, dgrad, FP8 wgrad) ------------------------------
+
+
+def _unrecorded(fn, rec):
+    """``fn`` with whatever host reads it makes left out of ``rec``: the CPU stand-ins for the kernels read
+    ``offs`` on the host to check it, where the real kernels read it on the device."""
+
+    def call(*args, **kwargs):
+        n = len(rec.syncs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            del rec.syncs[n:]
+
+    return call
+
+
+def test_the_rowwise_experts_step_never_waits_for_the_device(grouped_fake, wgrad_fake, monkeypatch):
+    """Routing counts, offsets, the wgrad's padded runs and the zeroing of experts without tokens stay on
+    the device: no .tolist()/.item(), no tensors from Python data, no value-dependent shapes, per layer."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+    from host_sync import HostSyncRecorder
+    from posttrain.fp8.experts import enable_fp8_experts
+
+    monkeypatch.setenv(experts.WGRAD_ENV, "fp8")
+    cfg = DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+                           n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.experts = DeepseekV3Experts(cfg)
+    nn.init.normal_(holder.experts.gate_up_proj, std=0.05)
+    nn.init.normal_(holder.experts.down_proj, std=0.05)
+    enable_fp8_experts(holder)
+    hidden = torch.randn(12, 256, requires_grad=True)
+    top_w = torch.rand(12, 2)
+    top_i = torch.stack([torch.arange(12) % 3, 3 + torch.arange(12) % 4], dim=-1)  # expert 7 gets no token
+    with HostSyncRecorder() as rec:
+        monkeypatch.setattr(F, "scaled_grouped_mm", _unrecorded(grouped_fake, rec))
+        monkeypatch.setattr(torch, "_scaled_grouped_mm", _unrecorded(wgrad_fake, rec))
+        out = holder.experts(hidden, top_i, top_w)
+        out.square().sum().backward()
+    assert len(grouped_fake.calls) == 4 and len(wgrad_fake.calls) == 2  # every kernel ran under the recorder
+    assert rec.syncs == []
+    assert float(holder.experts.down_proj.grad[7].abs().sum()) == 0.0
+    assert torch.isfinite(holder.experts.gate_up_proj.grad).all() and torch.isfinite(hidden.grad).all()
+
+
+# --- the blockwise (per-expert) backward holds one dW stack, in the weight's dtype ------------------------
+
+
+class _StackSizedOutputs(TorchDispatchMode):
+    """Records (dtype, storage) of every op output in 16 or 32 bits with at least ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.seen = numel, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.element_size() >= 2 and t.numel() >= self.numel:
+                self.seen.add((t.dtype, t.untyped_storage().data_ptr()))
+        return out
+
+
+@pytest.mark.parametrize("backward", ["fp8", "bf16"])
+def test_the_blockwise_backward_allocates_one_dw_stack_in_the_weight_dtype(backward):
+    """A float32 dW of the whole [E, N, K] stack and then its cast held two stacks at once (28 + 14 GiB at
+    V3's 256 x 4096 x 7168 in bf16: out of memory on an 80 GB H100); each expert's float32 dW is now
+    written into its slice of one stack in the weight's dtype, with the same rounding."""
+    counts, x, w, gy = _problem(seed=4)
+    xr = x.to(torch.bfloat16).requires_grad_(True)
+    wp = nn.Parameter(w.to(torch.bfloat16))
+    recipe = FP8Recipe(grouped="blockwise", backward=backward)
+    y = fp8_grouped_linear(xr, wp, counts, recipe)
+    with _StackSizedOutputs(wp.numel()) as rec:
+        dx, dw = torch.autograd.grad(y, [xr, wp], gy.to(torch.bfloat16))
+    assert [dtype for dtype, _ in rec.seen] == [torch.bfloat16]  # one stack: dW itself
+    assert dw.dtype == torch.bfloat16 and float(dw[1].abs().sum()) == 0.0  # the expert without tokens

@@ -100,7 +100,9 @@ class _FP8GroupedLinear(torch.autograd.Function):
             x_hp, weight = a, b
         k_in, w_shape = a.shape[1], ctx.w_shape
         dx = torch.zeros(grad_out.shape[0], k_in, dtype=torch.float32, device=grad_out.device) if need_x else None
-        dw = torch.zeros(w_shape, dtype=torch.float32, device=grad_out.device) if need_w else None
+        # dW in the weight's dtype, each expert's float32 product rounded as it is written: a float32 stack
+        # and then a cast would hold two copies of the whole stack (42 GiB at 256 x 4096 x 7168 in bf16)
+        dw = torch.zeros(w_shape, dtype=ctx.w_dtype, device=grad_out.device) if need_w else None
         for e, s, t in _segments(ctx.counts):
             g = grad_out[s:t]
             if recipe.backward == "fp8":
@@ -116,7 +118,7 @@ class _FP8GroupedLinear(torch.autograd.Function):
                     dw[e] = (g.to(cdt).t() @ x_hp[s:t].to(cdt)).float()
         return (
             dx.to(ctx.x_dtype) if dx is not None else None,
-            dw.to(ctx.w_dtype) if dw is not None else None,
+            dw,
             None,
             None,
         )
@@ -162,16 +164,28 @@ def grouped_backend(device: torch.device | str, recipe: FP8Recipe = DEFAULT_RECI
     return "rowwise" if _grouped_fast_path_available(torch.device(device)) else "blockwise"
 
 
-def _zero_groups_without_tokens(out: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """``out`` [E, ...] with the groups of experts without tokens zeroed: not every grouped kernel writes them."""
-    empty = [e for e, n in enumerate(counts) if n == 0]
-    if empty:
-        out[empty] = 0
-    return out
+# The rowwise path keeps the routing counts on the device (an int64 tensor [E]) from the router to the
+# last kernel: reading them on the host would make the CPU wait for the GPU in every MoE layer, forward
+# and backward. Only Python ints derived from shapes steer it.
 
 
-def _offsets(counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+def _device_counts(counts, device: torch.device) -> torch.Tensor:
+    """``counts`` as an int64 tensor on ``device`` (a host-to-device copy only if they are Python ints)."""
+    if isinstance(counts, torch.Tensor):
+        return counts.to(device=device, dtype=torch.int64)
+    return torch.tensor(counts, dtype=torch.int64, device=device)
+
+
+def _zero_groups_without_tokens(out: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``out`` [E, ...] with the groups of experts without tokens zeroed: not every grouped kernel writes them.
+    In place and by a mask (no list of experts read on the host, no second [E, ...] buffer)."""
+    empty = (counts == 0).view(-1, *([1] * (out.dim() - 1)))
+    return out.masked_fill_(empty, 0)
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """The grouped kernels' ``offs``: each group's end row, int32, on the counts' device."""
+    return torch.cumsum(counts, 0, dtype=torch.int32)
 
 
 def _rowwise_grouped(xq, xs, wq_t, ws, offs) -> torch.Tensor:
@@ -186,18 +200,18 @@ def _rowwise_grouped(xq, xs, wq_t, ws, offs) -> torch.Tensor:
 
 class _FP8GroupedRowwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: tuple[int, ...], recipe: FP8Recipe):
-        offs = _offsets(counts, x.device)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, recipe: FP8Recipe):
+        offs = _offsets(counts)
         xq, xs = quantize_rows(x, recipe.act_scale_fmt)  # per token, over K
         w = weight_operand(weight, recipe)
         wq, ws = w.rows(weight)  # [E, N, K] over K, [E, N]
         y = _rowwise_grouped(xq, xs, wq, ws, offs)
-        ctx.counts, ctx.recipe, ctx.w_fp8 = counts, recipe, w
+        ctx.recipe, ctx.w_fp8 = recipe, w
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         if recipe.backward == "fp8":
-            ctx.save_for_backward(xq, xs, weight, offs)  # FP8 activation cache (§3.3.3)
+            ctx.save_for_backward(xq, xs, weight, counts, offs)  # FP8 activation cache (§3.3.3)
         else:
-            ctx.save_for_backward(x, weight, offs)
+            ctx.save_for_backward(x, weight, counts, offs)
         return y.to(x.dtype)
 
     @staticmethod
@@ -205,9 +219,9 @@ class _FP8GroupedRowwise(torch.autograd.Function):
         recipe: FP8Recipe = ctx.recipe
         need_x, need_w = ctx.needs_input_grad[:2]
         if recipe.backward == "fp8":
-            xq, xs, weight, offs = ctx.saved_tensors
+            xq, xs, weight, counts, offs = ctx.saved_tensors
         else:
-            x, weight, offs = ctx.saved_tensors
+            x, weight, counts, offs = ctx.saved_tensors
         g = grad_out.to(torch.bfloat16)
         dx = dw = None
         if need_x:
@@ -221,9 +235,9 @@ class _FP8GroupedRowwise(torch.autograd.Function):
         if need_w:
             x_hp = (xq.float() * xs[:, None]).to(torch.bfloat16) if recipe.backward == "fp8" else x.to(torch.bfloat16)
             if recipe.backward == "fp8" and _grouped_wgrad_available(g.device):
-                dw = fp8_grouped_wgrad(g, x_hp, ctx.counts, recipe)
+                dw = fp8_grouped_wgrad(g, x_hp, counts, recipe)
             else:  # [E, N, K]: dY_e^T X_e over each expert's tokens
-                dw = _zero_groups_without_tokens(F.grouped_mm(g.t(), x_hp, offs=offs), ctx.counts)
+                dw = _zero_groups_without_tokens(F.grouped_mm(g.t(), x_hp, offs=offs), counts)
             dw = dw.to(ctx.w_dtype)
         return dx, dw, None, None
 
@@ -238,35 +252,52 @@ class _FP8GroupedRowwise(torch.autograd.Function):
 # each run along S; the row-wise scales are per run: scale_a [E*N] (dY^T's rows over the run's tokens) and
 # scale_b [E*K], group-major. Every run is padded with zero tokens to a multiple of WGRAD_RUN_ALIGN, so that
 # each run starts 16-byte aligned for the kernel's fp8 loads (the meta checks cannot see offsets); zero
-# tokens add nothing. Used after a start-up check against the emulation on the device (as the forward),
-# with the bf16 wgrad as the fallback.
+# tokens add nothing. An expert without tokens gets one run of WGRAD_RUN_ALIGN zero tokens: for this
+# layout (row-major mat_a) the kernel's data preparation asserts on the device that every group has K > 0
+# ("CUTLASS cannot handle delta=0", GroupMMCommon.cuh, since pytorch#153226; later versions allow K = 0,
+# and a device assert would end the process, probe included). A run of zeros gives that expert dW = 0, so
+# no zeroing pass over [E, N, K] follows. The padded total depends on the counts, so the buffer takes a
+# static upper bound (_padded_rows) and the runs end before its last rows, which belong to no group:
+# torch's checks allow that (offs[-1] <= the buffer's length in GroupMMCommon.cuh; the meta kernel reads
+# no offsets). Used after a start-up check against the emulation on the device (as the forward), with the
+# bf16 wgrad as the fallback.
 
 WGRAD_ENV = "POSTTRAIN_FP8_GROUPED_WGRAD"  # "auto", "fp8" (force) or "bf16" (never the 2d x 2d kernel)
 WGRAD_RUN_ALIGN = 16  # tokens: 16 bytes of fp8
 _wgrad_state: dict[str, bool] = {}
 
 
-def _padded_runs(counts: tuple[int, ...], device: torch.device, align: int = WGRAD_RUN_ALIGN):
-    """(each token's row in the padded layout, each padded row's expert, padded counts)."""
-    padded = tuple(-(-c // align) * align for c in counts)
-    n = len(counts)
-    starts = torch.tensor((0,) + counts[:-1], dtype=torch.int64).cumsum(0)
-    padded_starts = torch.tensor((0,) + padded[:-1], dtype=torch.int64).cumsum(0)
-    expert = torch.repeat_interleave(torch.arange(n), torch.tensor(counts, dtype=torch.int64))
-    dest = torch.arange(sum(counts)) - starts[expert] + padded_starts[expert]
-    padded_expert = torch.repeat_interleave(torch.arange(n), torch.tensor(padded, dtype=torch.int64))
-    return dest.to(device), padded_expert.to(device), padded
+def _padded_rows(tokens: int, experts: int, align: int = WGRAD_RUN_ALIGN) -> int:
+    """A bound on the padded layout's rows from shapes alone: each run grows by less than ``align`` tokens
+    (an empty one by exactly ``align``), and the total is a multiple of ``align``."""
+    return (tokens // align + experts) * align
 
 
-def quantize_token_runs(t: torch.Tensor, counts: tuple[int, ...], scale_fmt: str | None = None):
-    """``t`` [S, C] (rows sorted by expert, ``counts[e]`` rows for expert ``e``) as the transposed fp8 operand
-    of the grouped wgrad: ``(q [C, S_pad] row-major, scales [E*C] float32, padded counts)``, one scale per
-    (expert, column) over that expert's tokens, each run zero-padded to WGRAD_RUN_ALIGN tokens."""
-    dest, padded_expert, padded = _padded_runs(counts, t.device)
+def _padded_runs(counts: torch.Tensor, tokens: int, align: int = WGRAD_RUN_ALIGN):
+    """The padded layout, on the device: (each token's row in it [tokens], each of its rows' expert
+    [_padded_rows], the runs' ends int32 [E]). Rows past the last run are given to the last expert: they
+    stay zero, so they change neither its scales nor, lying outside every group, any product."""
+    padded = (counts.clamp_min(1) + align - 1) // align * align
+    ends, padded_ends = counts.cumsum(0), padded.cumsum(0)
+    token_rows = torch.arange(tokens, device=counts.device)
+    expert = torch.searchsorted(ends, token_rows, right=True)  # tokens are sorted by expert
+    dest = token_rows + (padded_ends - padded - (ends - counts))[expert]
+    rows = torch.arange(_padded_rows(tokens, counts.shape[0], align), device=counts.device)
+    padded_expert = torch.searchsorted(padded_ends, rows, right=True).clamp_max_(counts.shape[0] - 1)
+    return dest, padded_expert, padded_ends.to(torch.int32)
+
+
+def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None):
+    """``t`` [S, C] (rows sorted by expert, ``counts[e]`` rows for expert ``e``; ints or a tensor) as the
+    transposed fp8 operand of the grouped wgrad: ``(q [C, S_pad] row-major, scales [E*C] float32, offs)``,
+    one scale per (expert, column) over that expert's tokens, each run zero-padded to WGRAD_RUN_ALIGN
+    tokens (see _padded_runs), ``offs`` the runs' ends (int32, the kernel's offsets)."""
+    counts = _device_counts(counts, t.device)
+    dest, padded_expert, offs = _padded_runs(counts, t.shape[0])
     cols = t.shape[1]
-    t_pad = t.new_zeros(sum(padded), cols)
+    t_pad = t.new_zeros(padded_expert.shape[0], cols)
     t_pad[dest] = t
-    amax = t.new_zeros(len(counts), cols).scatter_reduce_(
+    amax = t.new_zeros(counts.shape[0], cols).scatter_reduce_(
         0, padded_expert[:, None].expand(-1, cols), t_pad.abs(), "amax", include_self=True)
     scale = compute_scale_inv(amax, scale_fmt, check_finite=False)  # [E, C]
     q = torch.empty(t_pad.shape, dtype=FP8_DTYPE, device=t.device)
@@ -274,7 +305,7 @@ def quantize_token_runs(t: torch.Tensor, counts: tuple[int, ...], scale_fmt: str
     for s in range(0, t_pad.shape[0], rows):
         part = t_pad[s:s + rows].float() / scale[padded_expert[s:s + rows]]
         q[s:s + rows] = part.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.t().contiguous(), scale.reshape(-1), padded
+    return q.t().contiguous(), scale.reshape(-1), offs
 
 
 def _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, offs) -> torch.Tensor:
@@ -282,22 +313,23 @@ def _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, offs) -> torch.Tensor:
     return torch._scaled_grouped_mm(gq_t, xq_t.t(), gs, xs, offs=offs, out_dtype=torch.bfloat16)
 
 
-def _emulate_grouped_wgrad(gq_t, gs, xq_t, xs, padded) -> torch.Tensor:
+def _emulate_grouped_wgrad(gq_t, gs, xq_t, xs, offs) -> torch.Tensor:
     """What :func:`_grouped_wgrad_kernel` computes, in float32 per expert (the probe's reference)."""
-    n, k, e_count = gq_t.shape[0], xq_t.shape[0], len(padded)
+    n, k, e_count = gq_t.shape[0], xq_t.shape[0], offs.shape[0]
     out = torch.zeros(e_count, n, k, dtype=torch.float32, device=gq_t.device)
-    for e, s, t in _segments(padded):
+    ends = offs.tolist()  # the start-up check only
+    for e, s, t in _segments(tuple(b - a for a, b in zip([0] + ends, ends))):
         out[e] = (gq_t[:, s:t].float() * gs[e * n:(e + 1) * n, None]) @ (xq_t[:, s:t].float() * xs[e * k:(e + 1) * k, None]).T
     return out
 
 
-def fp8_grouped_wgrad(grad_out: torch.Tensor, x: torch.Tensor, counts: tuple[int, ...], recipe: FP8Recipe) -> torch.Tensor:
+def fp8_grouped_wgrad(grad_out: torch.Tensor, x: torch.Tensor, counts, recipe: FP8Recipe) -> torch.Tensor:
     """dW [E, N, K] = per expert ``grad_out_e^T x_e``, both quantized per (expert, channel) over the expert's
-    tokens, in one grouped FP8 GEMM (:func:`_grouped_wgrad_kernel`); experts without tokens get zeros."""
-    gq_t, gs, padded = quantize_token_runs(grad_out, counts, recipe.grad_scale_fmt)
+    tokens, in one grouped FP8 GEMM (:func:`_grouped_wgrad_kernel`); experts without tokens get zeros (their
+    run is all zero tokens). ``counts``: ints or a tensor (kept on the device)."""
+    gq_t, gs, offs = quantize_token_runs(grad_out, counts, recipe.grad_scale_fmt)
     xq_t, xs, _ = quantize_token_runs(x, counts, recipe.act_scale_fmt)
-    dw = _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, _offsets(padded, grad_out.device))
-    return _zero_groups_without_tokens(dw, counts)
+    return _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, offs)
 
 
 def _grouped_wgrad_available(device: torch.device | str) -> bool:
@@ -323,11 +355,10 @@ def _probe_grouped_wgrad(device: torch.device) -> bool:
         counts = (40, 0, 200, 17)
         dy = torch.randn(sum(counts), 384, device=device, generator=g).to(torch.bfloat16)
         x = torch.randn(sum(counts), 256, device=device, generator=g).to(torch.bfloat16)
-        gq_t, gs, padded = quantize_token_runs(dy, counts)
+        gq_t, gs, offs = quantize_token_runs(dy, counts)
         xq_t, xs, _ = quantize_token_runs(x, counts)
-        got = _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, _offsets(padded, device)).float()
-        keep = [e for e, n in enumerate(counts) if n]
-        yield got[keep], _emulate_grouped_wgrad(gq_t, gs, xq_t, xs, padded)[keep]
+        got = _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, offs)
+        yield got, _emulate_grouped_wgrad(gq_t, gs, xq_t, xs, offs)  # the empty expert's zeros included
 
     return _agrees_with_emulation("grouped FP8 wgrad", "the bf16 wgrad", pairs)
 
@@ -364,7 +395,7 @@ def _probe_grouped(device: torch.device) -> bool:
         counts = (40, 0, 200, 16)
         x = torch.randn(sum(counts), 256, device=device, generator=g)
         w = torch.randn(len(counts), 384, 256, device=device, generator=g)
-        offs = _offsets(counts, device)
+        offs = _offsets(_device_counts(counts, device))
         for weight in (w, w.transpose(-2, -1)):
             xq, xs = quantize_rows(x if weight is w else torch.randn(sum(counts), 384, device=device, generator=g))
             wq, ws = quantize_rows(weight)
@@ -374,21 +405,32 @@ def _probe_grouped(device: torch.device) -> bool:
 
 
 def fp8_grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, counts: list[int] | tuple[int, ...], recipe: FP8Recipe = DEFAULT_RECIPE
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor | list[int] | tuple[int, ...],
+    recipe: FP8Recipe = DEFAULT_RECIPE,
 ) -> torch.Tensor:
     """Rows of ``x`` [S, K], sorted by expert with ``counts[e]`` rows for expert ``e``, times ``weight[e].T``.
 
     ``weight`` is [E, N, K] (transformers' non-transposed layout). Differentiable in
     ``x`` and ``weight``. Runs torch's grouped FP8 GEMM where :func:`grouped_backend` says
     ``"rowwise"`` (shapes permitting: K and N multiples of 16), the per-expert block-scaled recipe otherwise.
+    ``counts`` may be an integer tensor [E] on ``x``'s device: the rowwise path then never reads it on the
+    host (nor checks that it sums to S); the blockwise path loops over experts on the host and reads it once.
     """
-    if sum(counts) != x.shape[0] or len(counts) != weight.shape[0]:
-        raise ValueError(f"counts {list(counts)} do not match x {tuple(x.shape)} / weight {tuple(weight.shape)}")
-    counts = tuple(int(c) for c in counts)
+    if len(counts) != weight.shape[0]:
+        raise ValueError(f"{len(counts)} counts for {weight.shape[0]} experts (weight {tuple(weight.shape)})")
     n, k = weight.shape[-2], weight.shape[-1]
     if n % 16 == 0 and k % 16 == 0 and grouped_backend(x.device, recipe) == "rowwise":
-        return _FP8GroupedRowwise.apply(x, weight, counts, recipe)
+        if not isinstance(counts, torch.Tensor):
+            _check_sum(counts, x)
+        return _FP8GroupedRowwise.apply(x, weight, _device_counts(counts, x.device), recipe)
+    counts = tuple(counts.tolist() if isinstance(counts, torch.Tensor) else (int(c) for c in counts))
+    _check_sum(counts, x)
     return _FP8GroupedLinear.apply(x, weight, counts, recipe)
+
+
+def _check_sum(counts, x: torch.Tensor) -> None:
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"counts {list(counts)} do not sum to the {x.shape[0]} rows of x")
 
 
 def fp8_experts_forward(
@@ -402,9 +444,14 @@ def fp8_experts_forward(
     recipe: FP8Recipe = getattr(self, "fp8_recipe", DEFAULT_RECIPE)
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[-1]
-    expert_ids = top_k_index.reshape(-1)
+    expert_ids = top_k_index.reshape(-1).long()
     order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+    # tokens per expert, kept on the device (bincount and .tolist() would make the CPU wait for the GPU);
+    # integer scatter_add_ is exact, and deterministic on CUDA under torch.use_deterministic_algorithms
+    counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids.device)
+    counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+    if grouped_backend(hidden_states.device, recipe) == "blockwise":
+        counts = counts.tolist()  # the per-expert fallback loops on the host: one read for both projections
     x = hidden_states[order // top_k]
     up = self.gate_up_proj if getattr(self, "has_gate", True) else self.up_proj
     h = fp8_grouped_linear(x, up, counts, recipe)
