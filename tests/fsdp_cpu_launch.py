@@ -7,6 +7,13 @@ plugin is dropped (a product run stops there with `posttrain.distributed.check_l
 error). This test-only shim makes the MULTI_CPU state FSDP, so that `accelerator.prepare` runs
 accelerate's real `fsdp2_prepare_model` — torch's `fully_shard` per wrapped layer, RAM-efficient
 loading from rank 0, activation checkpointing — over a gloo group. Nothing else changes.
+
+On a machine with GPUs the tests hide them from the launch (CUDA_VISIBLE_DEVICES=""), so that
+accelerate comes up MULTI_CPU there too. A CUDA build of torch still names CUDA as the accelerator
+then: `torch._C._get_accelerator()` is the compile-time accelerator, whatever devices are visible,
+and `fully_shard` builds its default mesh on it (torch/distributed/fsdp/_fully_shard/_fsdp_init.py,
+`_init_default_mesh`), which would put the shards on a device the run cannot see. So the shim also
+makes torch.distributed's accelerator detection answer CPU, as a CPU build of torch does.
 """
 
 from __future__ import annotations
@@ -15,6 +22,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _detect_no_accelerator() -> None:
+    """`torch._C._get_accelerator` as a CPU-only build of torch has it (no visible device here)."""
+    import torch
+
+    if torch.cuda.is_available():  # a visible GPU: accelerate would not have come up MULTI_CPU
+        return
+
+    def get_accelerator(check: bool | None = None) -> torch.device:
+        if check:
+            raise RuntimeError("Cannot access accelerator device when none is available.")
+        return torch.device("cpu")
+
+    torch._C._get_accelerator = get_accelerator
 
 
 def force_fsdp_on_cpu() -> None:
@@ -31,6 +53,7 @@ def force_fsdp_on_cpu() -> None:
             if self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
+            _detect_no_accelerator()
 
     AcceleratorState.__init__ = init
 

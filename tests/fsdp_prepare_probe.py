@@ -1,6 +1,10 @@
 """Prepares the tiny V3 model with accelerate's `fsdp2_prepare_model` (RAM-efficient loading on)
 in a one-process gloo group, first with accelerate's own full-state-dict loader, then with
-engines.compat's; prints what happened (tests/test_compat.py reads it)."""
+engines.compat's; prints what happened (tests/test_compat.py reads it).
+
+Everything stays on the CPU, under a CUDA build of torch too: `fully_shard`'s default mesh is on
+torch's compile-time accelerator (`torch._C._get_accelerator()`, CUDA on a CUDA build even with no
+GPU visible), so the probe hands accelerate an explicit one-rank CPU mesh."""
 
 from __future__ import annotations
 
@@ -19,13 +23,17 @@ import torch.distributed as dist
 def prepare(model):
     import accelerate.utils.fsdp_utils as fsdp_utils
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.device_mesh import init_device_mesh
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["DeepseekV3DecoderLayer", "DeepseekV3MTPLayer"],
         cpu_ram_efficient_loading=True, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+    # accelerate passes fully_shard `torch_device_mesh[parallelism_config.fsdp_dim_names]`
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp_shard",))
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=True,
-                                  device=torch.device("cpu"), torch_device_mesh=None)
+                                  device=torch.device("cpu"), torch_device_mesh=mesh,
+                                  parallelism_config=SimpleNamespace(fsdp_dim_names=("dp_shard",)))
     return fsdp_utils.fsdp2_prepare_model(accelerator, model)
 
 

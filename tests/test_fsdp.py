@@ -1,4 +1,5 @@
-"""FSDP2, the path past one GPU, on a CPU gloo group.
+"""FSDP2, the path past one GPU, on a CPU gloo group (on a machine with GPUs too: every run here is
+launched with them hidden, CUDA_VISIBLE_DEVICES="").
 
 The shipped accelerate configs (`recipes/accelerate/fsdp2-1node.yaml`, `fsdp2-deepseek-v3.yaml`)
 are launched as they are with `accelerate launch`, so torch's `fully_shard` wraps every decoder
@@ -39,8 +40,12 @@ LOSS_RTOL = 1e-4
 
 
 def _env() -> dict[str, str]:
+    # Every run on the CPU, also on a machine with a GPU: with GPUs visible accelerate sets up NCCL
+    # and one GPU per rank (2 ranks on 1 GPU fail), and the plain run would train on the GPU while
+    # the sharded ones it is compared with run on the CPU. tests/fsdp_cpu_launch.py keeps FSDP2's
+    # mesh on the CPU under a CUDA build of torch.
     return {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "VLLM_CPU_KVCACHE_SPACE": "1"}
+            "VLLM_CPU_KVCACHE_SPACE": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _launch(config: str, nproc: int, args: list[str], *, shim: bool = True, extra: list[str] = (),
@@ -186,6 +191,7 @@ def test_the_671b_config_runs_as_shipped(tmp_path, tiny_model_dir, sft_data):
     assert "model.layers.2.eh_proj.weight" in state and not any("gate_up_proj" in k for k in state)
 
 
+@pytest.mark.vllm  # grpo-tiny.yaml: use_vllm: true, vllm_mode: colocate
 def test_grpo_under_fsdp2_syncs_full_weights_into_each_ranks_engine(tmp_path, tiny_model_dir):
     """Two ranks, each with its colocated vLLM engine: every sync all-gathers the sharded weights
     layer by layer into each engine. At step 2 the engine samples with step 1's weights, and its
@@ -206,9 +212,8 @@ def test_grpo_under_fsdp2_syncs_full_weights_into_each_ranks_engine(tmp_path, ti
 
 def test_an_fsdp_config_on_a_machine_without_gpus_stops_with_one_line(tmp_path, tiny_model_dir, sft_data):
     """Without the test shim, accelerate on CPU does not set up FSDP: the run stops with one line
-    that points to the CPU data-parallel config, instead of training without the sharding asked for."""
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU machine the FSDP config is set up")
+    that points to the CPU data-parallel config, instead of training without the sharding asked for.
+    (On a machine with GPUs too: the launch does not see them, see `_env`.)"""
     r = _launch("fsdp2-1node.yaml", 2, _sft_args(tiny_model_dir, sft_data, tmp_path / "x", per_device=1),
                 shim=False, expect_rc=1, extra=["--mixed_precision", "no"])
     # Both ranks write to one stderr pipe, so a line may begin after the other rank's progress bar

@@ -61,6 +61,7 @@ def _grpo_args(model: Path, out: Path, **extra: str) -> list[str]:
     return ["grpo", *[x for kv in args.items() for x in kv]]
 
 
+@pytest.mark.vllm  # grpo-tiny.yaml: use_vllm: true, vllm_mode: colocate (an engine in each run)
 def test_grpo_killed_and_restarted_logs_the_uninterrupted_losses(tmp_path, tiny_model_dir):
     """Before, GRPO resumed with the routed experts of `model_name_or_path` (Trainer's non-strict
     reload skipped the per-expert tensors), and step 5 logged 0.9011 against 0.8818."""
@@ -100,6 +101,13 @@ def test_sft_killed_and_restarted_logs_the_uninterrupted_losses(tmp_path, tiny_m
     _run(args(killed, "--resume_from_checkpoint", "true"))
     uninterrupted, resumed = _log(full), _log(killed)
     assert sorted(resumed) == list(range(1, 13))
-    assert [resumed[s] for s in range(9, 13)] == [uninterrupted[s] for s in range(9, 13)]
+    # CPU: bit-exact. CUDA (the runs train on it when the machine has one): within the fp32 drift of
+    # nondeterministic reductions (tests/resume_tolerance.py)
+    import torch
+    from resume_tolerance import same_loss
+
+    cuda = torch.cuda.is_available()  # what the cli.py runs saw: they inherit this environment
+    for s in range(9, 13):
+        assert resumed[s] == same_loss(uninterrupted[s], cuda), (s, resumed, uninterrupted)
     _run(args(killed, "--resume_from_checkpoint", "true"))  # at max_steps: nothing more
     assert sorted(_log(killed)) == list(range(1, 13))

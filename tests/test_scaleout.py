@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Both runs on the CPU, also on a machine with a GPU: with GPUs visible accelerate sets up NCCL
+    # (one GPU per rank, so 2 ranks on 1 GPU fail) and the 1-process run would train on the GPU.
+    return {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _run(args: list[str], nproc: int, timeout: int = 900) -> None:

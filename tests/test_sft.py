@@ -526,17 +526,14 @@ def test_resume_matches_uninterrupted_run(trained, tiny_model_dir, distill_dir, 
     run_sft(_cfg(tiny_model_dir, distill_dir, resumed, resume_from_checkpoint="last"))
     full, again = _train_logs(src), _train_logs(resumed)
     assert [h["step"] for h in again] == list(range(1, 21))
-    # CPU: bit-exact. CUDA: atomic-add reductions in the backward (index_add_ / scatter_add_-style
-    # kernels) sum in a nondeterministic order, so two runs of the same step differ by fp32 rounding
-    # (measured on an H100: mtp_loss 4.936507701873779 vs 4.9365081787109375, 1e-7 relative) and
-    # that drift carries over the resumed steps; a bug in resuming (lost optimizer, scheduler, data
-    # order, balancer state) changes these by far more.
+    # CPU: bit-exact. CUDA: within the fp32 drift of nondeterministic reductions (tests/resume_tolerance.py).
+    from resume_tolerance import same_loss, same_maxvio
+
     cuda = trained["trainer"].args.device.type == "cuda"
     for a, b in zip(full[10:], again[10:]):
         for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
-            assert a[key] == (pytest.approx(b[key], rel=1e-5) if cuda else b[key]), (a["step"], key)
-        # maxvio comes from routed-token counts: a near-tie in routing may flip a token or two
-        assert a["moe/maxvio"] == (pytest.approx(b["moe/maxvio"], abs=2e-2) if cuda else b["moe/maxvio"]), a["step"]
+            assert a[key] == same_loss(b[key], cuda), (a["step"], key)
+        assert a["moe/maxvio"] == same_maxvio(b["moe/maxvio"], cuda), a["step"]
     from safetensors.torch import load_file
 
     x, y = load_file(str(src / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
