@@ -21,9 +21,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bits_equal(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    return (a[0].shape == b[0].shape and torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
-            and torch.equal(a[1], b[1]))
+def _bits_equal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    """Same shapes and bytes, element by element (fp8 compared as bytes, so -0 and +0 differ)."""
+    def raw(t):
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(raw(x), raw(y)) for x, y in zip(a, b))
 
 
 def _rounding_rows() -> torch.Tensor:
@@ -49,6 +52,7 @@ def _rounding_rows() -> torch.Tensor:
 
 def _cases(device: str) -> dict[str, tuple]:
     """name -> (thunk through the public quantizers, thunk of the eager reference)."""
+    from posttrain.fp8 import experts as E
     from posttrain.fp8 import quant as Q
 
     g = torch.Generator().manual_seed(11)
@@ -59,6 +63,8 @@ def _cases(device: str) -> dict[str, tuple]:
     w = (torch.randn(3, 200, 260, generator=g) * 10.0 ** torch.randint(-3, 4, (3, 1, 1), generator=g)).to(device)
     q, s = Q.quantize_groups_reference(x, (1, 128), check_finite=False)
     r = _rounding_rows().to(device)
+    runs = torch.tensor([65, 0, 200, 7, 28], device=device)
+    xr = (torch.randn(37, 1300, generator=g) * 10.0 ** torch.randint(-3, 4, (37, 1), generator=g)).to(device)
     ref = Q.quantize_groups_reference
     return {
         "tiles 1x128 fp32": (lambda: Q.quantize_groups(x, (1, 128), check_finite=False),
@@ -74,6 +80,11 @@ def _cases(device: str) -> dict[str, tuple]:
                                      lambda: ref(w, (128, 128), check_finite=False)),
         "blocks 128x128 ue8m0 bf16": (lambda: Q.quantize_groups(w[0].to(torch.bfloat16), (128, 128), "ue8m0", check_finite=False),
                                       lambda: ref(w[0].to(torch.bfloat16), (128, 128), "ue8m0", check_finite=False)),
+        "rows (grouped GEMM scales), 2 column chunks": (
+            lambda: Q.quantize_rows(xr), lambda: (lambda t: (t[0], t[1].squeeze(-1)))(ref(xr, (1, 1300), check_finite=False))),
+        "rows [E, N, K] bf16 ue8m0": (
+            lambda: Q.quantize_rows(w.to(torch.bfloat16), "ue8m0"),
+            lambda: (lambda t: (t[0], t[1].squeeze(-1)))(ref(w.to(torch.bfloat16), (1, 260), "ue8m0", check_finite=False))),
         "transposed tiles (wgrad dY^T)": (lambda: Q.quantize_groups_t(xb, (1, 128)),
                                           lambda: ref(xb.t(), (1, 128), check_finite=False)),
         "transposed tiles [E, M, K]": (lambda: Q.quantize_groups_t(w, (1, 128)),
@@ -82,6 +93,12 @@ def _cases(device: str) -> dict[str, tuple]:
                                                lambda: ref(Q.dequantize_groups(q, s, (1, 128)).t(), (1, 128))),
         "round to nearest e4m3, ties to even": (lambda: Q.quantize_groups(r, (1, 128), check_finite=False),
                                                 lambda: ref(r, (1, 128), check_finite=False)),
+        # the grouped wgrad's operand: runs of tokens per expert (one empty, one of 64 + 1 rows, one
+        # shorter than a tile), one scale per (expert, channel), transposed, runs zero-padded to 16
+        "token runs [C, S_pad] (grouped wgrad)": (lambda: E.quantize_token_runs(xb, runs),
+                                                  lambda: E.quantize_token_runs_reference(xb, runs)),
+        "token runs ue8m0 fp32": (lambda: E.quantize_token_runs(x, runs, "ue8m0"),
+                                  lambda: E.quantize_token_runs_reference(x, runs, "ue8m0")),
     }
 
 
@@ -91,14 +108,17 @@ def run_cases(device: str) -> dict:
     from posttrain.fp8 import triton_quant
 
     calls = []
-    real = triton_quant.quantize
+    real = {name: getattr(triton_quant, name) for name in ("quantize", "quantize_token_runs")}
 
-    def counted(*a, **k):
-        out = real(*a, **k)
-        calls.append(out is not None)
-        return out
+    def counted(fn):
+        def call(*a, **k):
+            out = fn(*a, **k)
+            calls.append(out is not None)
+            return out
+        return call
 
-    triton_quant.quantize = counted
+    for name, fn in real.items():
+        setattr(triton_quant, name, counted(fn))
     os.environ[Q.QUANT_BACKEND_ENV] = "triton"
     Q._compile_state["broken"] = True  # a shape Triton does not cover must not reach a CPU torch.compile
     results = {}
@@ -112,15 +132,17 @@ def run_cases(device: str) -> dict:
                 "max_e4m3_steps": int(Q.e4m3_step_distance(got[0], want[0]).max()) if got[0].shape == want[0].shape else -1,
                 "triton_launches": sum(calls),
             }
-        x = torch.randn(40, 260, device=device)
+        x = torch.randn(6, 140, device=device)
         calls.clear()
-        rows = Q.quantize_rows(x)  # 1 x 260 groups: not a Triton shape, falls back (eager here)
-        want = Q.quantize_groups_reference(x, (1, 260), check_finite=False)
-        results["row-wise falls back"] = {"bits_equal": _bits_equal((rows[0], rows[1][:, None]), want),
-                                          "triton_launches": sum(calls)}
+        got = Q.quantize_groups(x, (1, 70), check_finite=False)  # groups of 70: no Triton kernel, falls back
+        want = Q.quantize_groups_reference(x, (1, 70), check_finite=False)
+        results["other group shapes fall back"] = {"bits_equal": _bits_equal(got, want), "triton_launches": sum(calls)}
+        # the check quant_backend() runs before picking Triton on CUDA (it compares every kernel directly)
+        results["start-up check"] = Q._triton_check(torch.device(device))
         results["triton_broken"] = bool(Q._triton_state.get("broken"))
     finally:
-        triton_quant.quantize = real
+        for name, fn in real.items():
+            setattr(triton_quant, name, fn)
     return results
 
 
@@ -134,7 +156,8 @@ def interpreted() -> dict:
 
 def _assert_bit_exact(results: dict) -> None:
     assert not results.pop("triton_broken"), "the Triton kernel failed and the fallback ran instead"
-    fallback = results.pop("row-wise falls back")
+    assert results.pop("start-up check") is None
+    fallback = results.pop("other group shapes fall back")
     for name, r in results.items():
         assert r["triton_launches"] >= 1, f"{name}: the Triton kernel did not run"
         assert r["scales_equal"], f"{name}: scales differ"
@@ -143,8 +166,9 @@ def _assert_bit_exact(results: dict) -> None:
 
 
 def test_triton_quantizers_equal_the_reference_bit_for_bit_in_the_interpreter(interpreted):
-    """Activation 1x128 tiles, weight 128x128 blocks (with expert dims), UE8M0 scales, the wgrad's
-    transposed tiles and the fp8 re-tiling, partial last tiles, subnormals, and every rounding tie of e4m3:
+    """Activation 1x128 tiles, weight 128x128 blocks (with expert dims), row-wise scales, UE8M0 scales, the
+    wgrad's transposed tiles, the fp8 re-tiling and the grouped wgrad's token runs, partial last tiles,
+    subnormals, and every rounding tie of e4m3:
     the kernel's fp8 bytes and scales equal the eager reference exactly (the rule the compiled quantizer
     only meets within one e4m3 step)."""
     _assert_bit_exact(dict(interpreted))

@@ -40,7 +40,7 @@ from .linear import (
     quantize_act,
     weight_operand,
 )
-from .quant import FP8_DTYPE, FP8_MAX, compute_scale_inv, quantize_rows
+from .quant import FP8_DTYPE, FP8_MAX, compute_scale_inv, quant_backend, quantize_rows, run_triton
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -291,8 +291,18 @@ def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None):
     """``t`` [S, C] (rows sorted by expert, ``counts[e]`` rows for expert ``e``; ints or a tensor) as the
     transposed fp8 operand of the grouped wgrad: ``(q [C, S_pad] row-major, scales [E*C] float32, offs)``,
     one scale per (expert, column) over that expert's tokens, each run zero-padded to WGRAD_RUN_ALIGN
-    tokens (see _padded_runs), ``offs`` the runs' ends (int32, the kernel's offsets)."""
+    tokens (see _padded_runs), ``offs`` the runs' ends (int32, the kernel's offsets). One Triton kernel
+    where the quantizer backend is Triton (posttrain.fp8.triton_quant, bit for bit the reference below)."""
     counts = _device_counts(counts, t.device)
+    if quant_backend(t.device) == "triton":
+        got = run_triton("quantize_token_runs", t, counts, scale_fmt, WGRAD_RUN_ALIGN)
+        if got is not None:
+            return got
+    return quantize_token_runs_reference(t, counts, scale_fmt)
+
+
+def quantize_token_runs_reference(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None):
+    """:func:`quantize_token_runs` in eager torch ops (several passes over memory): the definition."""
     dest, padded_expert, offs = _padded_runs(counts, t.shape[0])
     cols = t.shape[1]
     t_pad = t.new_zeros(padded_expert.shape[0], cols)

@@ -322,7 +322,7 @@ def quant_backend(device: torch.device | str) -> str:
     each kernel costs tens of seconds there, and the CPU path is an emulation anyway). ``compiled`` and
     ``triton`` force that backend (on a CPU, ``triton`` needs ``TRITON_INTERPRET=1``); ``eager`` never
     compiles. A failure switches to the next backend for the rest of the process, logged once; group
-    shapes the Triton kernel does not cover (row-wise scales) use the compiled kernel.
+    shapes the Triton kernels do not cover use the compiled kernel.
     """
     mode = os.environ.get(QUANT_BACKEND_ENV, "auto")
     if mode not in QUANT_BACKENDS:
@@ -365,7 +365,7 @@ def _triton_check(device: torch.device) -> str | None:
     xb = x.to(torch.bfloat16)
     q, s = _quantize_padded(x, 1, 128, None, False)
     q = q[:, :300].contiguous()
-    cases = [("groups", 1, 128, None, (xb,)), ("groups", 128, 128, None, (x,)), ("groups", 1, 128, "ue8m0", (x,)),
+    cases = [("groups", 1, 128, None, (xb,)), ("groups", 128, 128, None, (x,)), ("groups", 1, 128, "ue8m0", (x,)), ("groups", 1, 300, None, (xb,)),
              ("groups_t", 1, 128, None, (xb,)), ("requant_t", 128, 128, None, (q, s))]
     try:
         for kind, a, b, fmt, tensors in cases:
@@ -375,6 +375,14 @@ def _triton_check(device: torch.device) -> str | None:
             if not (torch.equal(got[0].view(torch.uint8), want_q[..., :rows, :cols].contiguous().view(torch.uint8))
                     and torch.equal(got[1], want_s)):
                 return f"{kind} {a}x{b} {fmt or 'fp32 scales'} differs from the reference"
+        from posttrain.fp8.experts import WGRAD_RUN_ALIGN, quantize_token_runs_reference
+
+        counts = torch.tensor([40, 0, 123, 37], device=device)  # an expert without tokens, unaligned runs
+        got = triton_quant.quantize_token_runs(xb, counts, None, WGRAD_RUN_ALIGN)
+        want = quantize_token_runs_reference(xb, counts)
+        if not (torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+                and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])):
+            return "the grouped wgrad's token runs differ from the reference"
     except Exception as e:  # noqa: BLE001 -- no driver, no compiler, ...: the compiled path still works
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
@@ -411,10 +419,16 @@ def _run(kind: str, a: int, b: int, scale_fmt: str | None, *tensors: torch.Tenso
 
 def _run_triton(kind: str, a: int, b: int, scale_fmt: str | None, tensors: tuple):
     """The Triton kernel, or None where it does not cover the group shape or has failed (then marked broken)."""
+    return run_triton("quantize", kind, a, b, scale_fmt, *tensors)
+
+
+def run_triton(name: str, *args):
+    """``posttrain.fp8.triton_quant.<name>(*args)``, or None if it raised: the Triton backend is then off for
+    the rest of the process (logged once) and callers take their compiled or eager path."""
     from posttrain.fp8 import triton_quant
 
     try:
-        return triton_quant.quantize(kind, a, b, scale_fmt, *tensors)
+        return getattr(triton_quant, name)(*args)
     except Exception as e:  # noqa: BLE001 -- e.g. no GPU driver for these tensors: the other backends still work
         log.warning("the Triton FP8 quantizer failed (%s: %s); using the compiled or eager one",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")

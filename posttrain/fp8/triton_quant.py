@@ -1,6 +1,6 @@
 """Triton kernels for the tile / block FP8 quantizers of :mod:`posttrain.fp8.quant` (one pass over memory).
 
-One kernel covers every layout the training path quantizes (DeepSeek-V3 report §3.3.2 groups):
+One kernel covers the tile and block layouts the training path quantizes (DeepSeek-V3 report §3.3.2 groups):
 
 * activations in 1x128 tiles and weights in 128x128 blocks (``kind="groups"``);
 * the transpose of a tensor in 1x128 tiles, read in place (``"groups_t"``: the wgrad's dY^T);
@@ -13,8 +13,10 @@ group max-abs, and writes the fp8 values and their float32 scale. The results eq
 there, the element divisions are IEEE round-to-nearest (``div_rn``, like torch's tensor division on CPU and
 CUDA), and the rounding to e4m3 is done explicitly in float32 (:func:`_round_to_e4m3`), so the final
 cast only converts values that e4m3 holds exactly -- hardware ``cvt`` or Triton's CPU interpreter give the
-same bits. Shapes the kernel does not cover (a group width that is not a power of two, e.g. row-wise
-scales over 7168 channels) return None and the caller falls back to the compiled or eager quantizer.
+same bits. Row-wise scales (one per row of 7168 or 2048 channels, what torch's grouped FP8 GEMM takes) and
+the grouped wgrad's per-expert token runs have a kernel each. Group shapes none of them covers (a group
+width that is not a power of two and not a whole row) return None: the caller falls back to the compiled
+or eager quantizer.
 
 On a CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` before this module is imported),
 which is how the tests check them against the reference without a GPU.
@@ -33,7 +35,7 @@ except ImportError:  # the CPU install may lack Triton; quant_backend() then nev
     triton = None
     tl = None
 
-__all__ = ["available", "quantize"]
+__all__ = ["available", "quantize", "quantize_token_runs"]
 
 FP8_MAX = 448.0
 _FP32_TINY = torch.finfo(torch.float32).tiny
@@ -128,6 +130,69 @@ if triton is not None:
         q = _round_to_e4m3(y).to(tl.float8e4nv)
         tl.store(q_ptr + b * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
 
+    # Row-wise scales (one per row over all its columns, e.g. 7168): torch's grouped FP8 GEMM takes these.
+    # A row is too long for one tile, so each program walks its rows twice: max-abs, then quantize.
+    @triton.jit(do_not_specialize=["n_rows", "sx_b"])
+    def _quant_rows_kernel(
+        x_ptr, q_ptr, s_ptr,
+        n_rows, n_cols, sx_b, sx_r,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, UE8M0: tl.constexpr,
+    ):
+        b = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        x_base = x_ptr + b * sx_b + rows[:, None] * sx_r
+        amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, n_cols, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            x = tl.load(x_base + cols[None, :], mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        s = _scale_of(amax, UE8M0)
+        tl.store(s_ptr + b * n_rows + rows, s, mask=row_ok)
+        q_base = q_ptr + b * n_rows * n_cols + rows[:, None] * n_cols
+        for c0 in range(0, n_cols, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            m = row_ok[:, None] & (cols < n_cols)[None, :]
+            x = tl.load(x_base + cols[None, :], mask=m, other=0.0)
+            y = tl.math.div_rn(x.to(tl.float32), s[:, None])
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            tl.store(q_base + cols[None, :], _round_to_e4m3(y).to(tl.float8e4nv), mask=m)
+
+    # The grouped wgrad's operands (posttrain.fp8.experts.quantize_token_runs): tokens sorted by expert, one
+    # scale per (expert, channel) over the expert's run of tokens, written transposed ([C, S_pad]) with each
+    # run zero-padded. One program per (expert, 128 channels): a pass over the run for the max-abs, a pass
+    # that quantizes and writes. Run lengths are read on the device, so nothing here depends on the host.
+    @triton.jit(do_not_specialize=["n_pad"])
+    def _token_runs_kernel(
+        t_ptr, starts_ptr, counts_ptr, pstarts_ptr, plens_ptr, q_ptr, s_ptr,
+        n_cols, n_pad, stride_t,
+        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, UE8M0: tl.constexpr,
+    ):
+        e = tl.program_id(0)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        start = tl.load(starts_ptr + e)
+        count = tl.load(counts_ptr + e)
+        pstart = tl.load(pstarts_ptr + e)
+        plen = tl.load(plens_ptr + e)
+        amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, count, BLOCK_T):
+            rows = r0 + tl.arange(0, BLOCK_T)
+            m = (rows < count)[:, None] & col_ok[None, :]
+            x = tl.load(t_ptr + (start + rows)[:, None] * stride_t + cols[None, :], mask=m, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+        s = _scale_of(amax, UE8M0)
+        tl.store(s_ptr + e * n_cols + cols, s, mask=col_ok)
+        for r0 in range(0, plen, BLOCK_T):  # the run and its zero padding
+            rows = r0 + tl.arange(0, BLOCK_T)
+            m = (rows < count)[:, None] & col_ok[None, :]
+            x = tl.load(t_ptr + (start + rows)[:, None] * stride_t + cols[None, :], mask=m, other=0.0)
+            y = tl.math.div_rn(x.to(tl.float32), s[None, :])
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            q = _round_to_e4m3(y).to(tl.float8e4nv)
+            tl.store(q_ptr + cols[None, :] * n_pad + (pstart + rows)[:, None], q,
+                     mask=(rows < plen)[:, None] & col_ok[None, :])
+
 
 def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
@@ -152,6 +217,8 @@ def quantize(
     else:
         raise ValueError(f"unknown quantizer kind {kind!r}")
     group_r, group_c = group
+    if kind == "groups" and group_r == 1 and group_c >= view.shape[-1]:
+        return _quantize_rows(view, scale_fmt)
     if not _supported(group_r, group_c):
         return None
     lead, (rows, cols) = tuple(view.shape[:-2]), tuple(view.shape[-2:])
@@ -188,3 +255,50 @@ def quantize(
         num_warps=warps,
     )
     return q.reshape(*lead, rows, cols), s.reshape(*lead, *s.shape[-2:])
+
+
+def quantize_token_runs(
+    t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None, align: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`posttrain.fp8.experts.quantize_token_runs` in one kernel: ``t`` [S, C] sorted by expert,
+    ``counts`` [E] (int64, on t's device) -> (q [C, S_pad] fp8 row-major, scales [E*C], offs int32 [E]),
+    with S_pad = (S // align + E) * align and the rows past the last run zero (they belong to no group)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    n_tok, n_cols = t.shape
+    n_exp = counts.shape[0]
+    n_pad = (n_tok // align + n_exp) * align
+    padded = (counts.clamp_min(1) + align - 1) // align * align  # an empty expert: one run of zeros
+    ends, padded_ends = counts.cumsum(0), padded.cumsum(0)
+    starts, pstarts = ends - counts, padded_ends - padded
+    plens = padded.clone()
+    plens[-1:] = n_pad - pstarts[-1:]  # the tail rows go with the last run: written as zeros
+    q = torch.empty(n_cols, n_pad, dtype=torch.float8_e4m3fn, device=t.device)
+    s = torch.empty(n_exp, n_cols, dtype=torch.float32, device=t.device)
+    block_c = 128
+    grid = (n_exp, triton.cdiv(n_cols, block_c))
+    _token_runs_kernel[grid](
+        t, starts, counts, pstarts, plens, q, s,
+        n_cols, n_pad, t.stride(0),
+        BLOCK_T=64, BLOCK_C=block_c, UE8M0=scale_fmt == "ue8m0",
+        num_warps=4,
+    )
+    return q, s.reshape(-1), padded_ends.to(torch.int32)
+
+
+def _quantize_rows(x: torch.Tensor, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row of the last two dims: (fp8 like x, scales [..., rows, 1])."""
+    lead, (rows, cols) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
+    v = x.reshape(-1, rows, cols)
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    n = v.shape[0]
+    q = torch.empty(n, rows, cols, dtype=torch.float8_e4m3fn, device=v.device)
+    s = torch.empty(n, rows, 1, dtype=torch.float32, device=v.device)
+    block_r = 4
+    _quant_rows_kernel[(triton.cdiv(rows, block_r), n)](
+        v, q, s, rows, cols, v.stride(0) if n > 1 else 0, v.stride(1),
+        BLOCK_R=block_r, BLOCK_C=1024, UE8M0=scale_fmt == "ue8m0", num_warps=4,
+    )
+    return q.reshape(*lead, rows, cols), s.reshape(*lead, rows, 1)
+
