@@ -53,48 +53,48 @@ class HFGenerateEngine:
         synced = _ranks_step_together(model)
         stop = [] if sampling.ignore_eos else self.eos_token_ids + list(sampling.stop_token_ids)
         completions: list[Completion] = []
-        rng_state = torch.random.get_rng_state()
-        try:
-            for chunk, seed in zip(chunks, seeds):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, p in enumerate(chunk):  # left padding
-                    ids[r, width - len(p) :] = torch.tensor(p)
-                    mask[r, width - len(p) :] = 1
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=sampling.temperature > 0,
-                    temperature=sampling.temperature if sampling.temperature > 0 else None,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k or None,
-                    max_new_tokens=sampling.max_tokens,
-                    min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
-                    eos_token_id=stop or None,
-                    pad_token_id=self.pad_token_id,
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                    synced_gpus=synced,
-                )
-                new = out.sequences[:, width:].cpu()
-                scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()  # processed logits
-                for r in range(len(chunk)):
-                    toks, lps = [], []
-                    for t in range(new.shape[1]):
-                        tok = int(new[r, t])
-                        toks.append(tok)
-                        lps.append(float(scores[r, t, tok]))
-                        if tok in stop:
-                            break
-                    finish = "stop" if toks and toks[-1] in stop else "length"
-                    completions.append(Completion(toks, lps, finish))
-        finally:
-            model.train(was_training)
-            if sampling.seed is not None:
-                torch.random.set_rng_state(rng_state)  # the caller's own random stream is left as it was
+        # seeded sampling reseeds torch's generators (CPU and CUDA): the caller's own random streams,
+        # the GPU's included, are restored afterwards
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sampling.seed is not None):
+            try:
+                for chunk, seed in zip(chunks, seeds):
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    width = max(len(p) for p in chunk)
+                    ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+                    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                    for r, p in enumerate(chunk):  # left padding
+                        ids[r, width - len(p) :] = torch.tensor(p)
+                        mask[r, width - len(p) :] = 1
+                    out = model.generate(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        do_sample=sampling.temperature > 0,
+                        temperature=sampling.temperature if sampling.temperature > 0 else None,
+                        top_p=sampling.top_p,
+                        top_k=sampling.top_k or None,
+                        max_new_tokens=sampling.max_tokens,
+                        min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
+                        eos_token_id=stop or None,
+                        pad_token_id=self.pad_token_id,
+                        output_scores=True,
+                        return_dict_in_generate=True,
+                        synced_gpus=synced,
+                    )
+                    new = out.sequences[:, width:].cpu()
+                    scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()  # processed logits
+                    for r in range(len(chunk)):
+                        toks, lps = [], []
+                        for t in range(new.shape[1]):
+                            tok = int(new[r, t])
+                            toks.append(tok)
+                            lps.append(float(scores[r, t, tok]))
+                            if tok in stop:
+                                break
+                        finish = "stop" if toks and toks[-1] in stop else "length"
+                        completions.append(Completion(toks, lps, finish))
+            finally:
+                model.train(was_training)
         return [completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
