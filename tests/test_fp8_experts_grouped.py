@@ -133,8 +133,8 @@ def _assert_probe_rejects_wrong_numbers(monkeypatch, caplog, owner, name, fake, 
     assert "disagrees" in caplog.text
 
 
-def test_transformers_experts_module_runs_on_the_grouped_path(grouped_fake):
-    """The registered "posttrain_fp8" experts implementation reaches the grouped kernel end to end."""
+def _fp8_experts_module() -> nn.Module:
+    """transformers' DeepseekV3Experts (8 experts, top-2, 256 -> 128) on the "posttrain_fp8" implementation."""
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 
@@ -148,6 +148,12 @@ def test_transformers_experts_module_runs_on_the_grouped_path(grouped_fake):
     nn.init.normal_(holder.experts.gate_up_proj, std=0.05)
     nn.init.normal_(holder.experts.down_proj, std=0.05)
     assert enable_fp8_experts(holder) == ["experts"]
+    return holder
+
+
+def test_transformers_experts_module_runs_on_the_grouped_path(grouped_fake):
+    """The registered "posttrain_fp8" experts implementation reaches the grouped kernel end to end."""
+    holder = _fp8_experts_module()
     hidden = torch.randn(12, 256, requires_grad=True)
     top_w, top_i = torch.sigmoid(torch.randn(12, 8)).topk(2, dim=-1)
     out = holder.experts(hidden, top_i, top_w)
@@ -289,21 +295,10 @@ def _unrecorded(fn, rec):
 def test_the_rowwise_experts_step_never_waits_for_the_device(grouped_fake, wgrad_fake, monkeypatch):
     """Routing counts, offsets, the wgrad's padded runs and the zeroing of experts without tokens stay on
     the device: no .tolist()/.item(), no tensors from Python data, no value-dependent shapes, per layer."""
-    from transformers import DeepseekV3Config
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
-
     from host_sync import HostSyncRecorder
-    from posttrain.fp8.experts import enable_fp8_experts
 
     monkeypatch.setenv(experts.WGRAD_ENV, "fp8")
-    cfg = DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
-                           n_group=1, topk_group=1)
-    torch.manual_seed(0)
-    holder = nn.Module()
-    holder.experts = DeepseekV3Experts(cfg)
-    nn.init.normal_(holder.experts.gate_up_proj, std=0.05)
-    nn.init.normal_(holder.experts.down_proj, std=0.05)
-    enable_fp8_experts(holder)
+    holder = _fp8_experts_module()
     hidden = torch.randn(12, 256, requires_grad=True)
     top_w = torch.rand(12, 2)
     top_i = torch.stack([torch.arange(12) % 3, 3 + torch.arange(12) % 4], dim=-1)  # expert 7 gets no token

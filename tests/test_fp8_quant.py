@@ -173,13 +173,19 @@ def test_compiled_quantizer_failure_falls_back_to_eager_once(monkeypatch, caplog
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    _assert_falls_back_to_eager_once(caplog, "torch.compile of the FP8 quantizer failed")
+
+
+def _assert_falls_back_to_eager_once(caplog, warning: str) -> None:
+    """Three quantizations after the backend fails: the reference's bits every time, the backend off for
+    the process, one warning."""
     x = torch.randn(40, 300)
     with caplog.at_level(logging.WARNING, logger="posttrain.fp8.quant"):
         for _ in range(3):
             got = Q.quantize_groups(x, (1, 128), check_finite=False)
     assert _bits_equal(got, Q.quantize_groups_reference(x, (1, 128), check_finite=False))
     assert Q.quant_backend("cpu") == "eager"
-    assert sum("torch.compile of the FP8 quantizer failed" in r.getMessage() for r in caplog.records) == 1
+    assert sum(warning in r.getMessage() for r in caplog.records) == 1
 
 
 def test_quant_backend_selection(monkeypatch, caplog):
@@ -222,13 +228,7 @@ def test_a_failing_triton_kernel_falls_back_to_the_reference_once(monkeypatch, c
         raise RuntimeError("0 active drivers ([]). There should only be one.")
 
     monkeypatch.setattr(triton_quant, "quantize", no_driver)
-    x = torch.randn(40, 300)
-    with caplog.at_level(logging.WARNING, logger="posttrain.fp8.quant"):
-        for _ in range(3):
-            got = Q.quantize_groups(x, (1, 128), check_finite=False)
-    assert _bits_equal(got, Q.quantize_groups_reference(x, (1, 128), check_finite=False))
-    assert Q.quant_backend("cpu") == "eager"
-    assert sum("Triton FP8 quantizer failed" in r.getMessage() for r in caplog.records) == 1
+    _assert_falls_back_to_eager_once(caplog, "Triton FP8 quantizer failed")
 
 
 _DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
