@@ -37,8 +37,8 @@ except ImportError:  # the CPU install may lack Triton; quant_backend() then nev
 
 __all__ = ["available", "quantize", "quantize_token_runs"]
 
-FP8_MAX = 448.0
-_FP32_TINY = torch.finfo(torch.float32).tiny
+# The kernels spell out the constants of posttrain.fp8.quant: 448 (e4m3's largest value), float32(1/448)
+# and float32's smallest normal, 1.1754943508222875e-38.
 _MAX_TILE_ELEMS = 16384  # a 128x128 weight block; larger groups go to the compiled quantizer
 
 
