@@ -94,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the timed steps, run --profile-steps more under torch.profiler: print the top "
+                         "operators by self device time and write a Chrome trace per row to DIR")
+    ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--json", default=None,
                     help="write {environment, args, rows} here (default: $OUT/bench_gpu_sft.json when $OUT is set)")
     args = ap.parse_args(argv)
@@ -293,6 +297,10 @@ def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.
         _sync(device)
         times.append(time.perf_counter() - t0)
     peak = _peak_bytes(device)
+    row["host_syncs_per_step"] = _count_host_syncs(step, batches[-1][0], device)
+    if args.profile:
+        row["profile"] = _profile(step, [b for b, _ in batches[-args.profile_steps:]], device,
+                                  Path(args.profile) / f"trace-{variant}-{seq}.json")
     timed, timed_batches = times[args.warmup:], batches[args.warmup:]
     tokens = [b["input_ids"].numel() for b, _ in timed_batches]
     median = statistics.median(timed)
@@ -323,6 +331,42 @@ def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.
     })
     del model, opt, balancer, batches
     return row
+
+
+def _count_host_syncs(step, batch: dict[str, torch.Tensor], device: torch.device) -> int | None:
+    """Operations in one step that make the host wait for the GPU (torch's sync debug mode warns once per
+    call): per-layer syncs show up as a count that grows with the layers. None off CUDA."""
+    import warnings
+
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _sync(device)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _profile(step, batches: list[dict[str, torch.Tensor]], device: torch.device, trace: Path) -> str:
+    """torch.profiler over ``batches`` (one step each): the top operators by self time on the device (the
+    CPU off CUDA), as printed; the Chrome trace goes to ``trace``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        _sync(device)
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    print(f"\n### profile: {trace.name} ({len(batches)} steps)\n{table}", flush=True)
+    return table
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -370,7 +414,7 @@ def run_sft_step_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = ("| variant | row tokens | attn | ckpt | step ms (median) | tokens/s | peak GiB | MFU total | MFU body "
-            "| max/median | stalls |")
+            "| max/median | stalls | host syncs/step |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def pct(x):
@@ -378,13 +422,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['seq']} | | | {r['error']} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['seq']} | | | {r['error']} | | | | | | | |")
             continue
         peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(
             f"| {r['variant']} | {r['seq']} | {r['attn']} | {'on' if r['grad_ckpt'] else 'off'} | "
             f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {peak} | {pct(r['mfu_total'])} | "
-            f"{pct(r['mfu_body'])} | {r['max_over_median']:.2f} | {'none' if r['stall_free'] else 'STALL'} |")
+            f"{pct(r['mfu_body'])} | {r['max_over_median']:.2f} | {'none' if r['stall_free'] else 'STALL'} | "
+            f"{r['host_syncs_per_step'] if r['host_syncs_per_step'] is not None else 'n/a'} |")
     return "\n".join(lines)
 
 

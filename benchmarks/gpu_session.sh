@@ -9,8 +9,10 @@
 #
 # `run` installs the wheels into /tmp/site, then writes under $OUT (or ./gpu-out):
 #   bench_gpu.md / bench_gpu.json   `benchmarks/bench_gpu.py`, one section at a time, each with its own timeout
+#   profile/                        `bench_gpu_sft.py --profile`: the step's top operators and a Chrome trace
 #   pytest.log                      `pytest -m "not vllm"` on CUDA, with the time that is left
 # Sections and the pytest run share BUDGET_S seconds (default 540); pytest gets what the benchmark left.
+# PARTS (default "bench profile pytest") picks the parts, e.g. PARTS=pytest for a second call.
 set -uo pipefail
 
 WHEELS=(transformers==5.19.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 math-verify==0.9.0
@@ -37,8 +39,8 @@ run() {
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/nvidia-smi.csv"
   # the sections in the order the acceptance needs them; each writes its own JSON
-  local section limit
-  for section in env:60 quant:60 gemm:90 linear:90 experts:120 sft_step:240; do
+  local section limit parts=" ${PARTS:-bench profile pytest} "
+  [[ $parts == *" bench "* ]] && for section in env:60 quant:60 gemm:90 linear:90 experts:120 sft_step:240; do
     limit=${section#*:}; section=${section%%:*}
     (( $(left) > 30 )) || { echo "== $section skipped: budget spent" | tee -a "$out/bench_gpu.md"; continue; }
     (( limit > $(left) )) && limit=$(left)
@@ -47,8 +49,15 @@ run() {
       2>"$out/bench_gpu.$section.err" | tee -a "$out/bench_gpu.md"
     echo "(rc=$?)" | tee -a "$out/bench_gpu.md"
   done
+  # the profiler pass over the SFT step (bf16, 8k rows): top operators by GPU time, a Chrome trace
   limit=$(left)
-  if (( limit > 60 )); then
+  if [[ $parts == *" profile "* ]] && (( limit > 150 )); then
+    echo "== profile (limit 90s)" | tee -a "$out/bench_gpu.md"
+    timeout 90 python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --iters 3 --profile "$out/profile" \
+      --json "$out/profile/rows.json" 2>"$out/profile.err" | tee -a "$out/bench_gpu.md"
+  fi
+  limit=$(left)
+  if [[ $parts == *" pytest "* ]] && (( limit > 60 )); then
     echo "== pytest -m 'not vllm' (limit ${limit}s)"
     local xdist=()
     python3 -c "import xdist" 2>/dev/null && xdist=(-n 8 --dist loadfile)
@@ -57,7 +66,7 @@ run() {
     echo "(rc=$?)" >> "$out/pytest.log"
     tail -40 "$out/pytest.log"
   else
-    echo "pytest skipped: budget spent" | tee "$out/pytest.log"
+    echo "pytest not run (not in PARTS, or the budget is spent)" | tee "$out/pytest.log"
   fi
   echo "== done in $(( $(date +%s) - t0 ))s"
 }

@@ -91,3 +91,15 @@ def test_main_writes_json_and_table(tmp_path, capsys):
     assert "| fp32 | 64 | sdpa_segmented |" in printed and "MFU =" in printed
     with pytest.raises(ValueError, match="unknown variant"):
         bench.run_sft_step_bench(bench.parse_args(["--cpu-smoke", "--variants", "fp16"]))
+
+
+def test_profile_pass_prints_the_top_operators_and_writes_a_trace(tmp_path):
+    """`--profile DIR`: the profiler pass over the step the issue asks for, one trace per row."""
+    args = bench.parse_args(["--cpu-smoke", "--seqs", "64", "--variants", "fp32", "--iters", "1",
+                             "--profile", str(tmp_path), "--profile-steps", "1"])
+    (row,) = bench.run_sft_step_bench(args)
+    assert "error" not in row, row
+    assert "Self CPU" in row["profile"] and "aten::" in row["profile"]
+    assert json.loads((tmp_path / "trace-fp32-64.json").read_text())["traceEvents"]
+    assert row["host_syncs_per_step"] is None  # counted with torch's sync debug mode, on CUDA only
+    assert "host syncs/step" in bench.format_table([row])
