@@ -76,9 +76,10 @@ if triton is not None:
     # The token count differs from step to step (packed rows, routing), and Triton compiles a kernel per
     # "specialization" of its int arguments (== 1, divisible by 16). So every argument that can depend on
     # the token count is left unspecialized: the kernel compiles once per layer shape and dtype, never
-    # mid-run. The contiguous input dim's size and the other dim's stride (the hidden size, the same every
-    # step) stay specialized, which is what lets the loads vectorize.
-    @triton.jit(do_not_specialize=["n_other", "sx_b", "sis_b", "sis_r", "sis_c"])
+    # mid-run. The contiguous input dim's size, the other dim's stride (the hidden size, the same every
+    # step) and the batch stride (0 for one matrix, fixed for a weight stack) stay specialized: with an
+    # unknown batch offset or row stride the loads could not be vectorized.
+    @triton.jit(do_not_specialize=["n_other", "sis_b", "sis_r", "sis_c"])
     def _quant_tiles_kernel(
         x_ptr, in_s_ptr, q_ptr, s_ptr,
         n_contig, n_other,
@@ -132,7 +133,7 @@ if triton is not None:
 
     # Row-wise scales (one per row over all its columns, e.g. 7168): torch's grouped FP8 GEMM takes these.
     # A row is too long for one tile, so each program walks its rows twice: max-abs, then quantize.
-    @triton.jit(do_not_specialize=["n_rows", "sx_b"])
+    @triton.jit(do_not_specialize=["n_rows"])
     def _quant_rows_kernel(
         x_ptr, q_ptr, s_ptr,
         n_rows, n_cols, sx_b, sx_r,
