@@ -61,7 +61,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), by device-name substring.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+# dense bf16 peaks (NVIDIA datasheets), matched against the device name in this order: the PCIe and NVL
+# cards run at lower clocks than the SXM ones that share their name's prefix
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H800 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 STALL_FACTOR = 2.0
 VARIANTS = ("bf16", "fp32", "fp32-autocast", "fp8")
 

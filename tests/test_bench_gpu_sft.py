@@ -103,3 +103,13 @@ def test_profile_pass_prints_the_top_operators_and_writes_a_trace(tmp_path):
     assert json.loads((tmp_path / "trace-fp32-64.json").read_text())["traceEvents"]
     assert row["host_syncs_per_step"] is None  # counted with torch's sync debug mode, on CUDA only
     assert "host syncs/step" in bench.format_table([row])
+
+
+def test_the_mfu_peak_follows_the_card_not_its_name_prefix(monkeypatch):
+    args = bench.parse_args(["--cpu-smoke"])
+    peaks = {}
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H800 PCIe"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        peaks[name] = bench._peak_tflops(args, torch.device("cuda"))
+    assert peaks == {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+                     "NVIDIA H200": 989.0, "NVIDIA H800 PCIe": 756.0}
