@@ -281,6 +281,29 @@ def test_segmented_attention_matches_sdpa_with_padding_and_cache(tiny_model_dir,
     assert (la[real] - lb[real]).abs().max() <= 1e-5
 
 
+def test_segmented_attention_reads_the_sample_bounds_once_per_forward(tiny_model_dir):
+    """Every layer (MTP included) gets the same position ids: the host reads them once per forward, not once
+    per layer (on CUDA each read waits for the GPU); new or changed position ids are read again."""
+    from host_sync import HostSyncRecorder
+    from posttrain.sft.attention import register_segmented_sdpa
+
+    model = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                         attn_implementation=register_segmented_sdpa()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(12), torch.arange(18)])[None]
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).logits
+        reads = []
+        for position_ids in (pos.clone(), pos.clone()):
+            with HostSyncRecorder() as rec:
+                got = model(input_ids=ids, position_ids=position_ids, labels=ids, use_cache=False).logits
+                position_ids[0, 12:] = torch.arange(18)  # in place: the same values, a new version
+                model(input_ids=ids, position_ids=position_ids, labels=ids, use_cache=False)
+            reads.append(rec.syncs.count("Tensor.tolist"))
+            assert torch.equal(got, want)
+    assert reads == [2, 2]  # one per forward (2 main layers + MTP would be 3 each, read per layer)
+
+
 def test_attention_defaults_per_device_and_flex_refused_for_cpu_training(tmp_path):
     """Unset attn_implementation: flex_attention on CUDA, sdpa_segmented on CPU; both read samples
     from position_ids, so padding_free (one flat row per batch) follows. flex has no CPU backward:

@@ -32,6 +32,8 @@ a padding mask, a cache offset applies, or there are no position ids, it is plai
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
@@ -61,9 +63,24 @@ def reads_samples_from_positions(attn_implementation: str | None) -> bool:
     return (attn_implementation or "") in _POSITION_AWARE
 
 
+# Every layer gets the same `position_ids` tensor: its bounds are read on the host once per forward, not
+# once per layer (on CUDA each read waits for the GPU). The last tensor is remembered by a weak reference
+# (identity, not equality: == on tensors is elementwise) and its in-place version counter.
+_last_bounds: list = [None, -1, None]  # [weakref to position_ids, its _version, bounds]
+
+
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the [start, end) of each sample: a sample starts where positions do not continue (+1),
     the rule transformers' `find_packed_sequence_indices` uses."""
+    ref, version, bounds = _last_bounds
+    if ref is not None and ref() is position_ids and version == position_ids._version:
+        return bounds
+    bounds = _segment_bounds(position_ids)
+    _last_bounds[:] = [weakref.ref(position_ids), position_ids._version, bounds]
+    return bounds
+
+
+def _segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     pos = position_ids
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
@@ -95,13 +112,14 @@ def segmented_sdpa_forward(
     if key.shape[1] != query.shape[1]:  # grouped-query attention
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    if position_ids.shape[0] != query.shape[0]:
-        position_ids = position_ids.expand(query.shape[0], -1)
+    bounds = segment_bounds(position_ids)
+    if len(bounds) != query.shape[0]:  # one row of positions for the whole batch
+        bounds = bounds * query.shape[0]
     p = dropout if module.training else 0.0
     rows = []
     # unbind/split rather than slicing: their backward is one stack/cat, where each slice's backward
     # would allocate and add a full-size zero gradient.
-    for q, k, v, segments in zip(query.unbind(0), key.unbind(0), value.unbind(0), segment_bounds(position_ids)):
+    for q, k, v, segments in zip(query.unbind(0), key.unbind(0), value.unbind(0), bounds):
         lengths = [e - s for s, e in segments]
         parts = [
             F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=True, scale=scaling)
