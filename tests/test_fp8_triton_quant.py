@@ -231,7 +231,6 @@ def _tiles(**kw) -> dict:
     return {**base, **kw}
 
 
-@pytest.mark.slow  # eight compiles through LLVM and ptxas: ~30 s on 2 cores
 def test_every_kernel_configuration_compiles_for_the_h100_with_ieee_division_and_vector_loads():
     import re
 
