@@ -170,7 +170,7 @@ class ExpertLoadBalancer:
             if key not in groups:
                 mask = self._mask_for(n, logits.device)
                 groups[key] = _sequence_groups(self._sequence_index(n, logits.device), mask)
-            term = _seq_balance_term(logits, topk, None, None, self.num_experts, self.top_k, groups=groups[key])
+            term = _seq_balance_term(logits, topk, groups[key], self.num_experts, self.top_k)
             total = term if total is None else total + term
         return self.seq_balance_alpha * total
 
@@ -334,20 +334,12 @@ def _sequence_groups(seq: torch.Tensor, mask: torch.Tensor | None) -> _SeqGroups
 
 
 def _seq_balance_term(
-    logits: torch.Tensor,
-    topk: torch.Tensor,
-    seq: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    num_experts: int,
-    top_k: int,
-    groups: _SeqGroups | None = None,
+    logits: torch.Tensor, topk: torch.Tensor, groups: _SeqGroups, num_experts: int, top_k: int
 ) -> torch.Tensor:
     """mean over sequences of Σ_i f_i P_i for one layer (report eq. 18-20), differentiable in `logits`.
 
-    The sequences are `seq` (any integer id per token) with `mask` (real tokens), or `groups`, those
-    two already grouped by `_sequence_groups` (once per batch, shared by the layers). No host sync."""
-    if groups is None:
-        groups = _sequence_groups(seq, mask)
+    The sequences are `groups` (`_sequence_groups` of the batch's sequence ids and token mask, built
+    once per batch and shared by the layers). No host sync."""
     index, w, tokens, present, num_present = groups
     scores = logits.float().sigmoid()
     probs = scores / scores.sum(dim=-1, keepdim=True)  # s'_{i,t} = s_{i,t} / Σ_j s_{j,t}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.balancing import ExpertLoadBalancer, _seq_balance_term, find_routers
+from posttrain.balancing import ExpertLoadBalancer, _seq_balance_term, _sequence_groups, find_routers
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP, sample_ids_from_positions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -138,6 +138,11 @@ def test_zero_speed_freezes_bias_bit_exactly(tiny_model_dir):
     bal.remove()
 
 
+def _term(logits, topk, seq, mask, num_experts, top_k):
+    """One layer's sequence-wise balance term for sequence ids `seq` and token mask `mask`."""
+    return _seq_balance_term(logits, topk, _sequence_groups(seq, mask), num_experts, top_k)
+
+
 def _naive_seq_balance(logits, topk, seq, mask, n_exp, k):
     total, n = 0.0, 0
     for s in seq.unique():
@@ -163,14 +168,13 @@ def test_sequence_balance_loss_matches_definition():
     seq = torch.tensor([0] * 10 + [1] * 12 + [2] * 8)
     mask = torch.ones(30, dtype=torch.bool)
     mask[-8:] = False  # sequence 2 is padding: not a sequence at all
-    got = _seq_balance_term(logits, topk, seq, mask, 8, 2)
+    got = _term(logits, topk, seq, mask, 8, 2)
     want = _naive_seq_balance(logits.detach(), topk, seq, mask, 8, 2)
     assert torch.allclose(got, want, atol=1e-6)
     got.backward()
     assert logits.grad[:22].abs().sum() > 0 and logits.grad[22:].abs().sum() == 0
     # perfectly balanced routing with uniform affinities gives the minimum, 1
-    uniform = _seq_balance_term(torch.zeros(8, 8), torch.arange(16).view(8, 2) % 8, torch.zeros(8, dtype=torch.long),
-                                None, 8, 2)
+    uniform = _term(torch.zeros(8, 8), torch.arange(16).view(8, 2) % 8, torch.zeros(8, dtype=torch.long), None, 8, 2)
     assert torch.allclose(uniform, torch.tensor(1.0))
 
 
@@ -262,9 +266,9 @@ def test_rows_are_sequences_without_sample_ids():
         logits, _, topk = gate(h)
         loss = bal.sequence_balance_loss()
     rows = torch.arange(2).repeat_interleave(5)
-    want = _seq_balance_term(logits, topk, rows, mask.reshape(-1).bool(), 8, 2)
+    want = _term(logits, topk, rows, mask.reshape(-1).bool(), 8, 2)
     assert torch.allclose(loss, want)
-    one_sequence = _seq_balance_term(logits, topk, torch.zeros(10, dtype=torch.long), mask.reshape(-1).bool(), 8, 2)
+    one_sequence = _term(logits, topk, torch.zeros(10, dtype=torch.long), mask.reshape(-1).bool(), 8, 2)
     assert not torch.allclose(loss, one_sequence)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -257,7 +258,7 @@ class _FP8GroupedRowwise(torch.autograd.Function):
 # ("CUTLASS cannot handle delta=0", GroupMMCommon.cuh, since pytorch#153226; later versions allow K = 0,
 # and a device assert would end the process, probe included). A run of zeros gives that expert dW = 0, so
 # no zeroing pass over [E, N, K] follows. The padded total depends on the counts, so the buffer takes a
-# static upper bound (_padded_rows) and the runs end before its last rows, which belong to no group:
+# static upper bound (_run_layout) and the runs end before its last rows, which belong to no group:
 # torch's checks allow that (offs[-1] <= the buffer's length in GroupMMCommon.cuh; the meta kernel reads
 # no offsets). Used after a start-up check against the emulation on the device (as the forward), with the
 # bf16 wgrad as the fallback.
@@ -267,24 +268,36 @@ WGRAD_RUN_ALIGN = 16  # tokens: 16 bytes of fp8
 _wgrad_state: dict[str, bool] = {}
 
 
-def _padded_rows(tokens: int, experts: int, align: int = WGRAD_RUN_ALIGN) -> int:
-    """A bound on the padded layout's rows from shapes alone: each run grows by less than ``align`` tokens
-    (an empty one by exactly ``align``), and the total is a multiple of ``align``."""
-    return (tokens // align + experts) * align
+class _RunLayout(NamedTuple):
+    """Where each expert's run of tokens goes in the padded layout (device tensors [E], but ``rows``)."""
+
+    starts: torch.Tensor  # first token of each run in the sorted tokens
+    padded_starts: torch.Tensor  # its first row in the padded layout
+    padded: torch.Tensor  # the padded run lengths (an empty run: WGRAD_RUN_ALIGN rows of zeros)
+    padded_ends: torch.Tensor  # padded_starts + padded: the grouped kernel's offsets
+    rows: int  # the layout's rows: a bound from shapes alone, past the last run
+
+
+def _run_layout(counts: torch.Tensor, tokens: int, align: int = WGRAD_RUN_ALIGN) -> _RunLayout:
+    """Each run grows by less than ``align`` tokens (an empty one by exactly ``align``), so
+    ``(tokens // align + E) * align`` rows always hold the layout; no count is read on the host."""
+    padded = (counts.clamp_min(1) + align - 1) // align * align
+    padded_ends = padded.cumsum(0)
+    return _RunLayout(counts.cumsum(0) - counts, padded_ends - padded, padded, padded_ends,
+                      (tokens // align + counts.shape[0]) * align)
 
 
 def _padded_runs(counts: torch.Tensor, tokens: int, align: int = WGRAD_RUN_ALIGN):
     """The padded layout, on the device: (each token's row in it [tokens], each of its rows' expert
-    [_padded_rows], the runs' ends int32 [E]). Rows past the last run are given to the last expert: they
+    [layout rows], the runs' ends int32 [E]). Rows past the last run are given to the last expert: they
     stay zero, so they change neither its scales nor, lying outside every group, any product."""
-    padded = (counts.clamp_min(1) + align - 1) // align * align
-    ends, padded_ends = counts.cumsum(0), padded.cumsum(0)
+    lay = _run_layout(counts, tokens, align)
     token_rows = torch.arange(tokens, device=counts.device)
-    expert = torch.searchsorted(ends, token_rows, right=True)  # tokens are sorted by expert
-    dest = token_rows + (padded_ends - padded - (ends - counts))[expert]
-    rows = torch.arange(_padded_rows(tokens, counts.shape[0], align), device=counts.device)
-    padded_expert = torch.searchsorted(padded_ends, rows, right=True).clamp_max_(counts.shape[0] - 1)
-    return dest, padded_expert, padded_ends.to(torch.int32)
+    expert = torch.searchsorted(lay.starts + counts, token_rows, right=True)  # tokens are sorted by expert
+    dest = token_rows + (lay.padded_starts - lay.starts)[expert]
+    rows = torch.arange(lay.rows, device=counts.device)
+    padded_expert = torch.searchsorted(lay.padded_ends, rows, right=True).clamp_max_(counts.shape[0] - 1)
+    return dest, padded_expert, lay.padded_ends.to(torch.int32)
 
 
 def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None):
@@ -295,10 +308,19 @@ def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None):
     where the quantizer backend is Triton (posttrain.fp8.triton_quant, bit for bit the reference below)."""
     counts = _device_counts(counts, t.device)
     if quant_backend(t.device) == "triton":
-        got = run_triton("quantize_token_runs", t, counts, scale_fmt, WGRAD_RUN_ALIGN)
+        got = run_triton(lambda: quantize_token_runs_triton(t, counts, scale_fmt))
         if got is not None:
             return got
     return quantize_token_runs_reference(t, counts, scale_fmt)
+
+
+def quantize_token_runs_triton(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None):
+    """:func:`quantize_token_runs` as one Triton kernel over the same layout (no backend choice, no fallback)."""
+    from . import triton_quant
+
+    lay = _run_layout(counts, t.shape[0])
+    q, s = triton_quant.quantize_token_runs(t, counts, lay.starts, lay.padded_starts, lay.padded, lay.rows, scale_fmt)
+    return q, s, lay.padded_ends.to(torch.int32)
 
 
 def quantize_token_runs_reference(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None):

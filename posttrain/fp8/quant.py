@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -375,10 +375,10 @@ def _triton_check(device: torch.device) -> str | None:
             if not (torch.equal(got[0].view(torch.uint8), want_q[..., :rows, :cols].contiguous().view(torch.uint8))
                     and torch.equal(got[1], want_s)):
                 return f"{kind} {a}x{b} {fmt or 'fp32 scales'} differs from the reference"
-        from posttrain.fp8.experts import WGRAD_RUN_ALIGN, quantize_token_runs_reference
+        from posttrain.fp8.experts import quantize_token_runs_reference, quantize_token_runs_triton
 
         counts = torch.tensor([40, 0, 123, 37], device=device)  # an expert without tokens, unaligned runs
-        got = triton_quant.quantize_token_runs(xb, counts, None, WGRAD_RUN_ALIGN)
+        got = quantize_token_runs_triton(xb, counts)
         want = quantize_token_runs_reference(xb, counts)
         if not (torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
                 and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])):
@@ -395,7 +395,9 @@ def _run(kind: str, a: int, b: int, scale_fmt: str | None, *tensors: torch.Tenso
     rows, cols = (x.shape[-2], x.shape[-1]) if kind == "groups" else (x.shape[-1], x.shape[-2])
     backend = "eager" if check_finite or _is_compiling() else quant_backend(x.device)
     if backend == "triton":
-        got = _run_triton(kind, a, b, scale_fmt, tensors)
+        from posttrain.fp8 import triton_quant
+
+        got = run_triton(lambda: triton_quant.quantize(kind, a, b, scale_fmt, *tensors))
         if got is not None:
             return got
         backend = "eager" if _compile_state.get("broken") else "compiled"
@@ -417,18 +419,11 @@ def _run(kind: str, a: int, b: int, scale_fmt: str | None, *tensors: torch.Tenso
     return q.contiguous(), s
 
 
-def _run_triton(kind: str, a: int, b: int, scale_fmt: str | None, tensors: tuple):
-    """The Triton kernel, or None where it does not cover the group shape or has failed (then marked broken)."""
-    return run_triton("quantize", kind, a, b, scale_fmt, *tensors)
-
-
-def run_triton(name: str, *args):
-    """``posttrain.fp8.triton_quant.<name>(*args)``, or None if it raised: the Triton backend is then off for
-    the rest of the process (logged once) and callers take their compiled or eager path."""
-    from posttrain.fp8 import triton_quant
-
+def run_triton(kernel: Callable[[], tuple | None]) -> tuple | None:
+    """``kernel()`` (a call into posttrain.fp8.triton_quant), or None if it raised: the Triton backend is then
+    off for the rest of the process (logged once) and callers take their compiled or eager path."""
     try:
-        return getattr(triton_quant, name)(*args)
+        return kernel()
     except Exception as e:  # noqa: BLE001 -- e.g. no GPU driver for these tensors: the other backends still work
         log.warning("the Triton FP8 quantizer failed (%s: %s); using the compiled or eager one",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")

@@ -64,6 +64,12 @@ if triton is not None:
         return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _to_e4m3(x, s):
+        """fp8 of ``x / s``: IEEE division (as torch's), clamped to ±448, rounded to e4m3 ties to even, cast."""
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
+        return _round_to_e4m3(y).to(tl.float8e4nv)
+
+    @triton.jit
     def _scale_of(amax, UE8M0: tl.constexpr):
         """compute_scale_inv: amax * float32(1/448), clamped to the smallest normal, 1 for an all-zero group,
         rounded up to a power of two for UE8M0."""
@@ -121,14 +127,12 @@ if triton is not None:
         s_base = s_ptr + b * tl.cdiv(n_rows, GROUP_R) * n_scale_cols
         if GROUP_R == 1:  # one group per row of the tile
             s = _scale_of(tl.max(a, axis=1), UE8M0)
-            y = tl.math.div_rn(x, s[:, None])
+            q = _to_e4m3(x, s[:, None])
             tl.store(s_base + rows * n_scale_cols + pid_c, s, mask=rows < n_rows)
         else:  # BLOCK_R == GROUP_R: the whole tile is one group
             s = _scale_of(tl.max(tl.max(a, axis=1), axis=0), UE8M0)
-            y = tl.math.div_rn(x, s)
+            q = _to_e4m3(x, s)
             tl.store(s_base + pid_r * n_scale_cols + pid_c, s)
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        q = _round_to_e4m3(y).to(tl.float8e4nv)
         tl.store(q_ptr + b * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
 
     # Row-wise scales (one per row over all its columns, e.g. 7168): torch's grouped FP8 GEMM takes these.
@@ -155,9 +159,7 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_C)
             m = row_ok[:, None] & (cols < n_cols)[None, :]
             x = tl.load(x_base + cols[None, :], mask=m, other=0.0)
-            y = tl.math.div_rn(x.to(tl.float32), s[:, None])
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-            tl.store(q_base + cols[None, :], _round_to_e4m3(y).to(tl.float8e4nv), mask=m)
+            tl.store(q_base + cols[None, :], _to_e4m3(x.to(tl.float32), s[:, None]), mask=m)
 
     # The grouped wgrad's operands (posttrain.fp8.experts.quantize_token_runs): tokens sorted by expert, one
     # scale per (expert, channel) over the expert's run of tokens, written transposed ([C, S_pad]) with each
@@ -188,9 +190,7 @@ if triton is not None:
             rows = r0 + tl.arange(0, BLOCK_T)
             m = (rows < count)[:, None] & col_ok[None, :]
             x = tl.load(t_ptr + (start + rows)[:, None] * stride_t + cols[None, :], mask=m, other=0.0)
-            y = tl.math.div_rn(x.to(tl.float32), s[None, :])
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-            q = _round_to_e4m3(y).to(tl.float8e4nv)
+            q = _to_e4m3(x.to(tl.float32), s[None, :])
             tl.store(q_ptr + cols[None, :] * n_pad + (pstart + rows)[:, None], q,
                      mask=(rows < plen)[:, None] & col_ok[None, :])
 
@@ -259,32 +259,27 @@ def quantize(
 
 
 def quantize_token_runs(
-    t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None, align: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`posttrain.fp8.experts.quantize_token_runs` in one kernel: ``t`` [S, C] sorted by expert,
-    ``counts`` [E] (int64, on t's device) -> (q [C, S_pad] fp8 row-major, scales [E*C], offs int32 [E]),
-    with S_pad = (S // align + E) * align and the rows past the last run zero (they belong to no group)."""
+    t: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor, padded_starts: torch.Tensor,
+    padded: torch.Tensor, rows: int, scale_fmt: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` [S, C] sorted by expert, in the padded layout :func:`posttrain.fp8.experts._run_layout` gives
+    (run ``e``: ``counts[e]`` tokens from ``starts[e]``, ``padded[e]`` rows from ``padded_starts[e]``, ``rows``
+    in all) -> (q [C, rows] fp8 row-major, scales [E*C]); the rows past the last run are written as zeros."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    n_tok, n_cols = t.shape
-    n_exp = counts.shape[0]
-    n_pad = (n_tok // align + n_exp) * align
-    padded = (counts.clamp_min(1) + align - 1) // align * align  # an empty expert: one run of zeros
-    ends, padded_ends = counts.cumsum(0), padded.cumsum(0)
-    starts, pstarts = ends - counts, padded_ends - padded
+    n_cols, n_exp = t.shape[1], counts.shape[0]
     plens = padded.clone()
-    plens[-1:] = n_pad - pstarts[-1:]  # the tail rows go with the last run: written as zeros
-    q = torch.empty(n_cols, n_pad, dtype=torch.float8_e4m3fn, device=t.device)
+    plens[-1:] = rows - padded_starts[-1:]  # the last program also zeroes the tail
+    q = torch.empty(n_cols, rows, dtype=torch.float8_e4m3fn, device=t.device)
     s = torch.empty(n_exp, n_cols, dtype=torch.float32, device=t.device)
     block_c = 128
-    grid = (n_exp, triton.cdiv(n_cols, block_c))
-    _token_runs_kernel[grid](
-        t, starts, counts, pstarts, plens, q, s,
-        n_cols, n_pad, t.stride(0),
+    _token_runs_kernel[(n_exp, triton.cdiv(n_cols, block_c))](
+        t, starts, counts, padded_starts, plens, q, s,
+        n_cols, rows, t.stride(0),
         BLOCK_T=64, BLOCK_C=block_c, UE8M0=scale_fmt == "ue8m0",
         num_warps=4,
     )
-    return q, s.reshape(-1), padded_ends.to(torch.int32)
+    return q, s.reshape(-1)
 
 
 def _quantize_rows(x: torch.Tensor, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
