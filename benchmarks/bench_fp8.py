@@ -40,7 +40,8 @@ print(json.dumps({"hwm": hwm, "seconds": dt}))
 
 
 def _child(*args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the repository first, the parent's path kept (the packages may live there, as on the lent GPU machine)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -104,6 +104,35 @@ class Ctx:
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
+    def host_us(self, fn, n: int = 20) -> float:
+        """Microseconds of host (Python + launch) time per call, the GPU queue kept non-empty: where this
+        exceeds the GPU time of a call, the layer is launch-bound and only fewer launches make it faster."""
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t
+        if self.cuda:
+            torch.cuda.synchronize()
+        return dt / n * 1e6
+
+    def top_ops(self, fn, title: str, n: int = 5, rows: int = 12) -> None:
+        """torch.profiler over ``n`` calls of ``fn``: the operators by self host time, with their launches."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        fn()
+        with profile(activities=acts) as prof:
+            for _ in range(n):
+                fn()
+            if self.cuda:
+                torch.cuda.synchronize()
+        print(f"\n#### {title}: {n} calls, operators by self host time\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+        sys.stdout.flush()
+
     def free(self) -> None:
         import gc
 
@@ -266,6 +295,9 @@ def section_linear(ctx: Ctx, args) -> list[dict]:
             r["bf16_ms"] = ctx.bench_ms(step(base))
             r["fp8_ms"] = ctx.bench_ms(step(fp8))
             r["fp8_requant_ms"] = ctx.bench_ms(step(fp8, requant=True))
+            r["bf16_host_us"], r["fp8_host_us"] = ctx.host_us(step(base)), ctx.host_us(step(fp8))
+            if name == "kv_a_proj_with_mqa" and not ctx.smoke:  # the smallest shape: host time shows most
+                ctx.top_ops(step(fp8), f"FP8Linear forward+backward, {name}, M={m}")
             r["ratio"] = r["bf16_ms"] / r["fp8_ms"]
             r["ratio_requant"] = r["bf16_ms"] / r["fp8_requant_ms"]
             r["bf16_tflops"] = 6.0 * m * n * k / r["bf16_ms"] / 1e9
@@ -274,12 +306,14 @@ def section_linear(ctx: Ctx, args) -> list[dict]:
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         out.append(r)
         rows.append([name, m, n, k, fmt(r.get("bf16_ms")), fmt(r.get("fp8_ms")), fmt(r.get("fp8_requant_ms")),
-                     fmt(r.get("ratio"), ".2f"), fmt(r.get("ratio_requant"), ".2f"), fmt(r.get("err_y"), ".2e"),
+                     fmt(r.get("ratio"), ".2f"), fmt(r.get("ratio_requant"), ".2f"),
+                     fmt(r.get("bf16_host_us"), ".0f"), fmt(r.get("fp8_host_us"), ".0f"), fmt(r.get("err_y"), ".2e"),
                      fmt(r.get("err_dx"), ".2e"), fmt(r.get("err_dw"), ".2e"), r.get("error", "")])
         ctx.free()
     table("FP8Linear forward+backward (FP8 backward) vs bf16 nn.Linear",
           ["layer", "M", "N", "K", "bf16 ms", "fp8 ms (weight cached)", "fp8 ms (weight re-quantized)",
-           "bf16/fp8", "bf16/fp8 re-quantized", "err y", "err dx", "err dW", "error"], rows)
+           "bf16/fp8", "bf16/fp8 re-quantized", "bf16 host us", "fp8 host us", "err y", "err dx", "err dW", "error"],
+          rows)
     print(f"geomean bf16/FP8 forward+backward: {geomean([r.get('ratio') for r in out]):.2f}x (weight cached), "
           f"{geomean([r.get('ratio_requant') for r in out]):.2f}x (re-quantized every iteration)")
     return out

@@ -7,12 +7,14 @@
 #   # then one device call, from the repository root, carrying .whl:
 #   #   run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=580)
 #
-# `run` installs the wheels into /tmp/site, then writes under $OUT (or ./gpu-out):
-#   bench_gpu.md / bench_gpu.json   `benchmarks/bench_gpu.py`, one section at a time, each with its own timeout
+# `run` installs the wheels into /tmp/site, then writes to $OUT (or ./gpu-out) gpu-out.tgz, which holds:
+#   env.txt                         the GPU and the versions
+#   bench_gpu.md, bench_gpu.*.json  `benchmarks/bench_gpu.py`, one section at a time, each with its own timeout
 #   profile/                        `bench_gpu_sft.py --profile`: the step's top operators and a Chrome trace
-#   pytest.log                      `pytest -m "not vllm"` on CUDA, with the time that is left
-# Sections and the pytest run share BUDGET_S seconds (default 540); pytest gets what the benchmark left.
-# PARTS (default "bench profile pytest") picks the parts, e.g. PARTS=pytest for a second call.
+#   pytest.log                      `pytest -m "not vllm"` on CUDA (-v: each result as it lands)
+# and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 540).
+# PARTS (default "bench profile pytest") picks the parts and their order; SECTIONS the benchmark sections
+# (name:limit_s); PYTEST_S caps pytest; PYTEST_TARGETS / PYTEST_MARK / PYTEST_WORKERS / PYTEST_DIST shape it.
 set -uo pipefail
 
 WHEELS=(transformers==5.19.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 math-verify==0.9.0
@@ -28,46 +30,63 @@ prepare() {
 }
 
 run() {
-  local out=${OUT:-$PWD/gpu-out} budget=${BUDGET_S:-540} t0
-  mkdir -p "$out"
+  # The device tool brings back at most 8 files from $OUT: everything is written to $work and tarred into
+  # $OUT/gpu-out.tgz after every part, so a call cut off by its limit still returns what was done.
+  local out=${OUT:-$PWD/gpu-out} budget=${BUDGET_S:-540} work=/tmp/gpu-work t0
+  mkdir -p "$out" "$work"
   t0=$(date +%s)
   left() { echo $(( budget - ($(date +%s) - t0) )); }
+  pack() { tar czf "$out/gpu-out.tgz" -C "$work" . 2>/dev/null; cp -f "$work"/bench_gpu.md "$work"/pytest.log "$out"/ 2>/dev/null; true; }
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
       || { echo "wheel install failed" | tee "$out/FAILED"; return 1; }
   fi
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/nvidia-smi.csv"
-  # the sections in the order the acceptance needs them; each writes its own JSON
-  local section limit parts=" ${PARTS:-bench profile pytest} "
-  [[ $parts == *" bench "* ]] && for section in env:60 quant:60 gemm:90 linear:90 experts:120 sft_step:240; do
-    limit=${section#*:}; section=${section%%:*}
-    (( $(left) > 30 )) || { echo "== $section skipped: budget spent" | tee -a "$out/bench_gpu.md"; continue; }
-    (( limit > $(left) )) && limit=$(left)
-    echo "== $section (limit ${limit}s, t=$(( $(date +%s) - t0 ))s)" | tee -a "$out/bench_gpu.md"
-    timeout "$limit" python3 benchmarks/bench_gpu.py --sections "$section" --json "$out/bench_gpu.$section.json" \
-      2>"$out/bench_gpu.$section.err" | tee -a "$out/bench_gpu.md"
-    echo "(rc=$?)" | tee -a "$out/bench_gpu.md"
+  { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 -c "import sys, torch, triton, transformers, trl, datasets, peft, accelerate; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+  } 2>&1 | tee "$work/env.txt"
+  local part section limit
+  for part in ${PARTS:-bench profile pytest}; do
+    case $part in
+    bench)
+      # the sections in the order of the acceptance; each writes its own JSON
+      for section in ${SECTIONS:-env:30 sft_step:200 quant:60 experts:90 gemm:90 linear:90}; do
+        limit=${section#*:}; section=${section%%:*}
+        (( $(left) > 30 )) || { echo "== $section skipped: budget spent" | tee -a "$work/bench_gpu.md"; continue; }
+        (( limit > $(left) )) && limit=$(left)
+        echo "== $section (limit ${limit}s, t=$(( $(date +%s) - t0 ))s)" | tee -a "$work/bench_gpu.md"
+        timeout "$limit" python3 benchmarks/bench_gpu.py --sections "$section" --json "$work/bench_gpu.$section.json" \
+          2>"$work/bench_gpu.$section.err" | tee -a "$work/bench_gpu.md"
+        echo "(rc=${PIPESTATUS[0]})" | tee -a "$work/bench_gpu.md"
+        tail -5 "$work/bench_gpu.$section.err"
+        pack
+      done ;;
+    profile)
+      # the profiler pass over the SFT step (bf16, 8k rows): top operators by GPU time, a Chrome trace
+      limit=$(( $(left) < 90 ? $(left) : 90 ))
+      if (( limit > 40 )); then
+        echo "== profile (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
+        timeout "$limit" python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --iters 3 \
+          --profile "$work/profile" --json "$work/profile/rows.json" 2>"$work/profile.err" | tee -a "$work/bench_gpu.md"
+        pack
+      fi ;;
+    pytest)
+      limit=$(( $(left) < ${PYTEST_S:-100000} ? $(left) : ${PYTEST_S:-100000} ))
+      if (( limit > 60 )); then
+        echo "== pytest -m 'not vllm' (limit ${limit}s, t=$(( $(date +%s) - t0 ))s)"
+        # -v: xdist prints each result as it lands, so a run cut off by the limit still names its failures
+        timeout "$limit" python3 -m pytest -v -m "${PYTEST_MARK:-not vllm}" -p no:cacheprovider \
+          -n "${PYTEST_WORKERS:-12}" --dist "${PYTEST_DIST:-loadfile}" --no-loadscope-reorder --timeout 300 --tb=short \
+          ${PYTEST_TARGETS:-tests} > "$work/pytest.log" 2>&1
+        echo "(rc=$?)" >> "$work/pytest.log"
+        grep -E "FAILED|ERROR|passed|failed" "$work/pytest.log" | tail -40
+        pack
+      else
+        echo "pytest not run: the budget is spent" | tee "$work/pytest.log"
+      fi ;;
+    esac
   done
-  # the profiler pass over the SFT step (bf16, 8k rows): top operators by GPU time, a Chrome trace
-  limit=$(left)
-  if [[ $parts == *" profile "* ]] && (( limit > 150 )); then
-    echo "== profile (limit 90s)" | tee -a "$out/bench_gpu.md"
-    timeout 90 python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --iters 3 --profile "$out/profile" \
-      --json "$out/profile/rows.json" 2>"$out/profile.err" | tee -a "$out/bench_gpu.md"
-  fi
-  limit=$(left)
-  if [[ $parts == *" pytest "* ]] && (( limit > 60 )); then
-    echo "== pytest -m 'not vllm' (limit ${limit}s)"
-    local xdist=()
-    python3 -c "import xdist" 2>/dev/null && xdist=(-n 8 --dist loadfile)
-    timeout "$limit" python3 -m pytest -q -m "not vllm" -p no:cacheprovider "${xdist[@]}" --timeout 600 tests \
-      > "$out/pytest.log" 2>&1
-    echo "(rc=$?)" >> "$out/pytest.log"
-    tail -40 "$out/pytest.log"
-  else
-    echo "pytest not run (not in PARTS, or the budget is spent)" | tee "$out/pytest.log"
-  fi
+  pack
   echo "== done in $(( $(date +%s) - t0 ))s"
 }
 

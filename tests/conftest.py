@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from subprocess_env import repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -61,7 +62,7 @@ def peak_rss():
         pytest.skip("needs Linux /proc for VmHWM")
 
     def measure(code: str, *argv: str, env: dict[str, str] | None = None) -> int:
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        full_env = repo_env(**(env or {}))
         r = subprocess.run([sys.executable, "-c", code + _PRINT_PEAK_RSS, *argv], capture_output=True, text=True,
                            env=full_env, cwd=ROOT)
         if r.returncode != 0:

@@ -6,7 +6,6 @@ summary and `eval --help` say what they should."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import types
@@ -18,6 +17,7 @@ import cli
 from posttrain.errors import ConfigError
 from posttrain.recipe import load_config, require_model_dir
 from posttrain.trainer_args import normalize_report_to
+from subprocess_env import repo_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_grpo_report_to_none_gets_past_the_config(tmp_path):
     """The whole process, exit path included: the config is accepted and the run stops at the
     (missing) model with one line."""
     missing = tmp_path / "no-model"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "DSV3_LOG_LEVEL": "ERROR"}
+    env = repo_env(PYTHONWARNINGS="ignore", DSV3_LOG_LEVEL="ERROR")
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "grpo", "--report_to", "none",
                         "--model_name_or_path", str(missing), "--output_dir", str(tmp_path / "out")],
                        capture_output=True, text=True, env=env, timeout=300)
@@ -186,7 +186,7 @@ def test_a_launched_rank_ends_with_its_status_after_the_exit_handlers(world_size
         "cli.entry()\n"
         "print('unreachable')\n"
     )
-    env = {**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(ROOT)}
+    env = repo_env(WORLD_SIZE=world_size)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "unreachable" not in proc.stdout

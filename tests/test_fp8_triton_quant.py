@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from subprocess_env import repo_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,6 +133,24 @@ def run_cases(device: str) -> dict:
                 "max_e4m3_steps": int(Q.e4m3_step_distance(got[0], want[0]).max()) if got[0].shape == want[0].shape else -1,
                 "triton_launches": sum(calls),
             }
+        # above the chunk size: a stack the kernel reads in place goes in one launch (no chunks, no copies of
+        # their outputs); a transposed view (W^T for the grouped dgrad) still goes in chunks, which bound the
+        # high-precision copy the row-wise kernel needs
+        w = torch.randn(3, 200, 260, device=device) * 10.0 ** torch.arange(-1, 2, device=device).view(3, 1, 1)
+        chunk, Q.QUANT_CHUNK_ELEMS = Q.QUANT_CHUNK_ELEMS, 4096
+        try:
+            for name, got_fn, want in (
+                ("above the chunk size, in place", lambda: Q.quantize_groups(w, (128, 128), check_finite=False),
+                 Q.quantize_groups_reference(w, (128, 128), check_finite=False)),
+                ("above the chunk size, transposed rows", lambda: Q.quantize_rows(w.transpose(-2, -1)),
+                 Q.quantize_groups_reference(w.transpose(-2, -1).contiguous(), (1, 200), check_finite=False)),
+            ):
+                calls.clear()
+                got = got_fn()
+                want = (want[0], want[1].reshape(got[1].shape))
+                results[name] = {"bits_equal": _bits_equal(got, want), "triton_launches": sum(calls)}
+        finally:
+            Q.QUANT_CHUNK_ELEMS = chunk
         x = torch.randn(6, 140, device=device)
         calls.clear()
         got = Q.quantize_groups(x, (1, 70), check_finite=False)  # groups of 70: no Triton kernel, falls back
@@ -148,7 +167,7 @@ def run_cases(device: str) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = repo_env(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -158,6 +177,9 @@ def _assert_bit_exact(results: dict) -> None:
     assert not results.pop("triton_broken"), "the Triton kernel failed and the fallback ran instead"
     assert results.pop("start-up check") is None
     fallback = results.pop("other group shapes fall back")
+    whole, chunked = results.pop("above the chunk size, in place"), results.pop("above the chunk size, transposed rows")
+    assert whole == {"bits_equal": True, "triton_launches": 1}, whole
+    assert chunked["bits_equal"] and chunked["triton_launches"] > 1, chunked
     for name, r in results.items():
         assert r["triton_launches"] >= 1, f"{name}: the Triton kernel did not run"
         assert r["scales_equal"], f"{name}: scales differ"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ presets = pytest.importorskip("posttrain.presets")
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
 
 from posttrain.fp8.convert import convert_bf16_to_fp8, convert_fp8_to_bf16  # noqa: E402
+from subprocess_env import repo_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 5, 9, 20], [3, 3, 7], [11, 42, 8, 100, 2]]
@@ -60,7 +60,7 @@ def test_vllm_generates_from_converted_fp8_checkpoint(tmp_path):
         out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
         want.append(out[0, len(p) :].tolist())
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = repo_env(VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(tmp_path / "fp8"), json.dumps(PROMPTS), str(NEW_TOKENS)],
         capture_output=True, text=True, env=env, timeout=400,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import cli
+from subprocess_env import repo_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 420  # engine start is ~40 s on a quiet 2-core machine; CI shares its cores
@@ -98,7 +99,7 @@ def server(tiny_model_dir, tmp_path_factory):
     """`dsv3-posttrain serve TINY --trl` on a free 127.0.0.1 port, in its own process group, for this module."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    env = repo_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", str(tiny_model_dir), "--port", str(port),
                                  "--trl"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

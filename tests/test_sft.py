@@ -16,6 +16,7 @@ from posttrain.recipe import build_config, load_config
 from posttrain.sft import SFTRecipeConfig, build_trainer, run_sft
 from posttrain.sft.data import IGNORE_INDEX, tokenize_dataset
 from posttrain.sft.packing import PackedCollator, pack_samples
+from subprocess_env import repo_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -636,8 +637,7 @@ def test_trained_checkpoint_generates_in_vllm(trained):
     prompt = trained["trainer"].processing_class.apply_chat_template(
         [{"role": "user", "content": "Mia has 3 apples. She finds 4 more apples. How many apples does Mia have?"}],
         tokenize=False, add_generation_prompt=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    env = repo_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _VLLM_SCRIPT, str(trained["out"]), prompt], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]

@@ -234,7 +234,7 @@ def _chunked(x: torch.Tensor, group: tuple[int, int], scale_fmt: str | None, che
     rows, cols = (x.shape[-1], x.shape[-2]) if transpose else (x.shape[-2], x.shape[-1])
     lead = tuple(x.shape[:-2])
     kind = "groups_t" if transpose else "groups"
-    if x.numel() <= QUANT_CHUNK_ELEMS:
+    if x.numel() <= QUANT_CHUNK_ELEMS or (not check_finite and _triton_takes_whole(kind, br, bc, x)):
         return _run(kind, br, bc, scale_fmt, x, check_finite=check_finite)
     q = torch.empty(*lead, rows, cols, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(*lead, math.ceil(rows / br), math.ceil(cols / bc), dtype=torch.float32, device=x.device)
@@ -255,6 +255,16 @@ def _chunked(x: torch.Tensor, group: tuple[int, int], scale_fmt: str | None, che
             part = xm[..., r0:r1] if transpose else xm[r0:r1]
             qm[r0:r1], sm[r0 // br : math.ceil(r1 / br)] = _run(kind, br, bc, scale_fmt, part, check_finite=check_finite)
     return q, s
+
+
+def _triton_takes_whole(kind: str, br: int, bc: int, x: torch.Tensor) -> bool:
+    """The Triton kernel makes no float32 temporaries, so a tensor it reads in place needs no chunks: one
+    launch instead of one per chunk, and no copy of each chunk's output into the result."""
+    if _is_compiling() or quant_backend(x.device) != "triton":
+        return False
+    from posttrain.fp8 import triton_quant
+
+    return triton_quant.in_place(kind, br, bc, x)
 
 
 def _lead_indices(lead: tuple[int, ...]):

@@ -35,7 +35,7 @@ except ImportError:  # the CPU install may lack Triton; quant_backend() then nev
     triton = None
     tl = None
 
-__all__ = ["available", "quantize", "quantize_token_runs"]
+__all__ = ["available", "in_place", "quantize", "quantize_token_runs"]
 
 # The kernels spell out the constants of posttrain.fp8.quant: 448 (e4m3's largest value), float32(1/448)
 # and float32's smallest normal, 1.1754943508222875e-38.
@@ -195,12 +195,26 @@ if triton is not None:
                      mask=(rows < plen)[:, None] & col_ok[None, :])
 
 
+def _cdiv(a: int, b: int) -> int:
+    # plain ints: triton.cdiv is a jit function, and calling it from Python costs microseconds per launch
+    return -(-a // b)
+
+
 def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
 def _supported(group_r: int, group_c: int) -> bool:
     return _pow2(group_c) and 16 <= group_c <= 1024 and _pow2(group_r) and group_r * group_c <= _MAX_TILE_ELEMS
+
+
+def in_place(kind: str, group_r: int, group_c: int, x: torch.Tensor) -> bool:
+    """Whether :func:`quantize` takes ``x`` whole: one launch that reads it where it is, with no copy of it in
+    high precision (so no chunking is needed to bound memory). Offsets are 64-bit: any size is fine."""
+    if not x.is_contiguous():
+        return False
+    cols = x.shape[-1] if kind == "groups" else x.shape[-2]
+    return (kind == "groups" and group_r == 1 and group_c >= cols) or _supported(group_r, group_c)
 
 
 def quantize(
@@ -243,7 +257,7 @@ def quantize(
     else:
         in_args, in_strides, in_tiles = v, (0, 0, 0), (1, 1)
     warps = 8 if block_r * group_c >= 8192 else 4
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, group_c), n)
+    grid = (_cdiv(rows, block_r), _cdiv(cols, group_c), n)
     _quant_tiles_kernel[grid](
         v, in_args, q, s,
         n_contig, n_other,
@@ -273,7 +287,7 @@ def quantize_token_runs(
     q = torch.empty(n_cols, rows, dtype=torch.float8_e4m3fn, device=t.device)
     s = torch.empty(n_exp, n_cols, dtype=torch.float32, device=t.device)
     block_c = 128
-    _token_runs_kernel[(n_exp, triton.cdiv(n_cols, block_c))](
+    _token_runs_kernel[(n_exp, _cdiv(n_cols, block_c))](
         t, starts, counts, padded_starts, plens, q, s,
         n_cols, rows, t.stride(0),
         BLOCK_T=64, BLOCK_C=block_c, UE8M0=scale_fmt == "ue8m0",
@@ -292,7 +306,7 @@ def _quantize_rows(x: torch.Tensor, scale_fmt: str | None) -> tuple[torch.Tensor
     q = torch.empty(n, rows, cols, dtype=torch.float8_e4m3fn, device=v.device)
     s = torch.empty(n, rows, 1, dtype=torch.float32, device=v.device)
     block_r = 4
-    _quant_rows_kernel[(triton.cdiv(rows, block_r), n)](
+    _quant_rows_kernel[(_cdiv(rows, block_r), n)](
         v, q, s, rows, cols, v.stride(0) if n > 1 else 0, v.stride(1),
         BLOCK_R=block_r, BLOCK_C=1024, UE8M0=scale_fmt == "ue8m0", num_warps=4,
     )
