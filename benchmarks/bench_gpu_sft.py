@@ -20,7 +20,7 @@ H100) shows up as a stall. After `--warmup` steps, a step slower than 2× the me
 a stall (`stall_free`).
 
 MFU = (6·N_act·T + A) / t / peak, per step, with
-  T      tokens of the step (the packed row, no padding);
+  T      real tokens of the step (the packed row; a pad segment, as fp8 rows on CUDA get, is not counted);
   N_act  matmul weights one token runs through: every ≥2-D weight except the input embedding, the
          routed experts at top_k/E of theirs, and `lm_head` once more per MTP depth (the MTP module
          shares it);
@@ -92,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=10, help="timed steps")
     ap.add_argument("--width-jitter", type=int, default=15,
                     help="each step's row is up to this many tokens shorter than the row length (0: fixed width)")
+    ap.add_argument("--pad-to-multiple-of", default="auto",
+                    help="pad each row to a multiple of this many tokens (a pad segment, as the SFT trainer's collator "
+                         "does); auto: what the trainer does, i.e. 128 for fp8 on CUDA "
+                         "(posttrain.fp8.training.fp8_row_multiple), none otherwise; 0: never")
     ap.add_argument("--sample-lengths", default="256,2048",
                     help="packed samples' lengths, uniform in LO,HI (capped at row/32, row/4 for short rows)")
     ap.add_argument("--mtp-weight", type=float, default=0.3)
@@ -168,9 +172,12 @@ def attention_flops(model, lengths: list[int]) -> float:
 
 
 def make_batch(seq: int, vocab: int, gen: torch.Generator, jitter: int,
-               sample_lengths: tuple[int, int] = (256, 2048)) -> tuple[dict[str, torch.Tensor], list[int]]:
+               sample_lengths: tuple[int, int] = (256, 2048), pad_to: int | None = None,
+               ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """One padding-free packed row of `seq - r` tokens (r uniform in [0, jitter]) of samples with
-    lengths uniform in `sample_lengths` (capped at [seq/32, seq/4] for short rows)."""
+    lengths uniform in `sample_lengths` (capped at [seq/32, seq/4] for short rows). With `pad_to`, a pad
+    segment fills the row to a multiple of it, as PackedCollator does: its own positions from 0, never a
+    target, outside `token_mask`. The returned lengths are the real samples'."""
     width = seq - int(torch.randint(0, jitter + 1, (1,), generator=gen)) if jitter > 0 else seq
     lo, hi = max(2, min(sample_lengths[0], seq // 32)), max(3, min(sample_lengths[1], seq // 4))
     lengths: list[int] = []
@@ -180,15 +187,19 @@ def make_batch(seq: int, vocab: int, gen: torch.Generator, jitter: int,
     if lengths[-1] < 2 and len(lengths) > 1:
         last = lengths.pop()  # (not `lengths[-2] += lengths.pop()`: the target index is taken first)
         lengths[-1] += last
-    ids = torch.randint(0, vocab, (1, width), generator=gen)
-    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    pad = (-width) % pad_to if pad_to else 0
+    ids = torch.randint(0, vocab, (1, width + pad), generator=gen)
+    pos = torch.cat([torch.arange(n) for n in lengths + ([pad] if pad else [])]).unsqueeze(0)
     labels = ids.clone()
     starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
     labels[0, starts] = -100  # a sample's first token is never a target (PackedCollator)
+    labels[0, width:] = -100
+    token_mask = torch.zeros(1, width + pad, dtype=torch.bool)
+    token_mask[0, :width] = True
     from posttrain.modeling import sample_ids_from_positions
 
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos,
-             "token_mask": torch.ones(1, width, dtype=torch.bool), "sample_ids": sample_ids_from_positions(pos)}
+             "token_mask": token_mask, "sample_ids": sample_ids_from_positions(pos)}
     return batch, lengths
 
 
@@ -249,8 +260,15 @@ def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.
     dtype, autocast, fp8 = _variant_setup(variant, device)
     attn = args.attn or default_attn_implementation(device.type)
     ckpt = args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and seq > 16384)
+    if args.pad_to_multiple_of == "auto":
+        from posttrain.fp8.training import fp8_row_multiple
+
+        pad_to = fp8_row_multiple(device.type) if fp8 else None
+    else:
+        pad_to = int(args.pad_to_multiple_of) or None
     row: dict[str, Any] = {"variant": variant, "seq": seq, "attn": attn, "grad_ckpt": ckpt,
-                           "weights": str(dtype).replace("torch.", ""), "autocast_bf16": autocast, "fp8": fp8}
+                           "weights": str(dtype).replace("torch.", ""), "autocast_bf16": autocast, "fp8": fp8,
+                           "pad_to_multiple_of": pad_to}
     if attn == "sdpa_segmented":
         register_segmented_sdpa()
     model = build_model(args, dtype, device)
@@ -271,7 +289,7 @@ def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.
     batches = []
     for _ in range(args.warmup + args.iters):
         batch, lengths = make_batch(seq, model.config.vocab_size, gen, args.width_jitter,
-                                    tuple(int(x) for x in args.sample_lengths.split(",")))
+                                    tuple(int(x) for x in args.sample_lengths.split(",")), pad_to)
         batches.append(({k: v.to(device) for k, v in batch.items()}, lengths))
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -305,7 +323,7 @@ def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.
         row["profile"] = _profile(step, [b for b, _ in batches[-args.profile_steps:]], device,
                                   Path(args.profile) / f"trace-{variant}-{seq}.json")
     timed, timed_batches = times[args.warmup:], batches[args.warmup:]
-    tokens = [b["input_ids"].numel() for b, _ in timed_batches]
+    tokens = [sum(lengths) for _, lengths in timed_batches]  # real tokens: a pad segment is work, not throughput
     median = statistics.median(timed)
     peak_tf = _peak_tflops(args, device)
     flops = [6.0 * counts["n_act"] * n + attention_flops(model, lengths) for n, (_, lengths) in zip(tokens, timed_batches)]
@@ -320,6 +338,7 @@ def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.
         "tokens_per_s": sum(tokens) / total_t,
         "tokens_per_step": statistics.mean(tokens),
         "widths": sorted({n for n in tokens}),
+        "padded_widths": sorted({b["input_ids"].shape[1] for b, _ in timed_batches}),
         "max_over_median": max(timed) / median,
         "stall_free": max(timed) <= STALL_FACTOR * median,
         "peak_mem_gib": peak / 2**30 if peak is not None else None,
@@ -416,8 +435,8 @@ def run_sft_step_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| variant | row tokens | attn | ckpt | step ms (median) | tokens/s | peak GiB | MFU total | MFU body "
-            "| max/median | stalls | host syncs/step |")
+    head = ("| variant | row tokens | attn | ckpt | row pad | step ms (median) | tokens/s | peak GiB | MFU total "
+            "| MFU body | max/median | stalls | host syncs/step |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def pct(x):
@@ -425,11 +444,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['seq']} | | | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['seq']} | | | | {r['error']} | | | | | | | |")
             continue
         peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(
             f"| {r['variant']} | {r['seq']} | {r['attn']} | {'on' if r['grad_ckpt'] else 'off'} | "
+            f"{r.get('pad_to_multiple_of') or '-'} | "
             f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {peak} | {pct(r['mfu_total'])} | "
             f"{pct(r['mfu_body'])} | {r['max_over_median']:.2f} | {'none' if r['stall_free'] else 'STALL'} | "
             f"{r['host_syncs_per_step'] if r['host_syncs_per_step'] is not None else 'n/a'} |")

@@ -82,6 +82,32 @@ def test_batches_are_packed_rows_with_restarting_positions():
     assert row["input_ids"].shape[1] == sum(lengths) == 8192 and all(256 <= n <= 2048 for n in lengths[:-1])
 
 
+def test_fp8_rows_get_the_trainers_pad_segment_and_only_real_tokens_count():
+    """The fp8 rows pad like the SFT trainer's collator does on CUDA (to 128 tokens: a pad segment with its
+    own positions, never a target, outside token_mask), and tokens/s counts the real tokens only."""
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        batch, lengths = bench.make_batch(300, 1024, g, jitter=15, pad_to=128)
+        width, n = sum(lengths), batch["input_ids"].shape[1]
+        assert n % 128 == 0 and 0 <= n - width < 128
+        assert batch["token_mask"][0, :width].all() and not batch["token_mask"][0, width:].any()
+        assert (batch["labels"][0, width:] == -100).all()
+        if n > width:  # the pad segment restarts its positions and is a sample of its own
+            assert batch["position_ids"][0, width:].tolist() == list(range(n - width))
+            assert int(batch["sample_ids"][0, width]) == len(lengths) + 1
+    args = bench.parse_args(["--cpu-smoke", "--seqs", "100", "--iters", "2", "--variants", "fp8",
+                             "--pad-to-multiple-of", "64"])
+    (row,) = bench.run_sft_step_bench(args)
+    assert "error" not in row, row
+    assert row["pad_to_multiple_of"] == 64 and all(w % 64 == 0 for w in row["padded_widths"])
+    assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] * row["steps"] / sum(row["step_s"]), rel=1e-2)
+    assert row["tokens_per_step"] <= 100
+    assert max(row["widths"]) <= 100 < min(row["padded_widths"])
+    # auto: what the trainer does, i.e. no padding off CUDA
+    (auto,) = bench.run_sft_step_bench(bench.parse_args(["--cpu-smoke", "--seqs", "64", "--iters", "1", "--variants", "fp8"]))
+    assert auto["pad_to_multiple_of"] is None and auto["padded_widths"] == auto["widths"]
+
+
 def test_main_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "sft.json"
     bench.main(["--cpu-smoke", "--seqs", "64", "--iters", "2", "--variants", "fp32", "--json", str(out)])

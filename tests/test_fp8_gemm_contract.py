@@ -193,3 +193,28 @@ def test_transposed_and_strided_operand_views_are_made_contiguous(fake_scaled_mm
         ref = gemm.reference_gemm_nt(a, b)
         _assert_within_fp32_gemm_bound(got, ref, a.dequantize().abs(), b.dequantize().abs(), a.data.shape[1])
     assert len(fake_scaled_mm.calls) == len(cases)
+
+
+@pytest.mark.parametrize("tokens, copies", [(256, 0), (250, 4)])
+def test_rows_aligned_to_the_fp8_tile_make_the_three_gemms_copy_nothing(fake_scaled_mm, monkeypatch, tokens, copies):
+    """Why `fp8: true` pads packed rows to a multiple of 128 tokens on CUDA (posttrain.fp8.training.fp8_row_multiple):
+    with 256 tokens no operand of the forward, dgrad or wgrad GEMM is copied into a padded buffer; with 250
+    the forward's X, the dgrad's dY and both wgrad operands (which contract over tokens) are."""
+    from posttrain.fp8.training import fp8_row_multiple
+
+    assert fp8_row_multiple("cuda") == gemm.TILE and fp8_row_multiple("cpu") is None
+    padded = []
+    real_pad2d = gemm._pad2d
+
+    def counting_pad2d(t, rows, cols, value=0.0):
+        out = real_pad2d(t, rows, cols, value)
+        if out is not t and t.dtype == torch.float8_e4m3fn:
+            padded.append(tuple(t.shape))
+        return out
+
+    monkeypatch.setattr(gemm, "_pad2d", counting_pad2d)
+    x = torch.randn(tokens, 256, requires_grad=True)
+    w = nn.Parameter(torch.randn(384, 256))
+    fp8_linear(x, w).backward(torch.randn(tokens, 384))
+    assert len(fake_scaled_mm.calls) == 3
+    assert len(padded) == copies, padded

@@ -493,6 +493,32 @@ def trained(tiny_model_dir, distill_dir, tmp_path_factory):
     return {"cfg": cfg, "trainer": trainer, "summary": summary, "out": out}
 
 
+def test_fp8_rows_are_padded_to_the_fp8_tile_on_cuda_only(tiny_model_dir, distill_dir, tmp_path, monkeypatch):
+    """`fp8: true` on the GPU pads each packed row to a multiple of 128 tokens (its FP8 GEMMs then copy no
+    operand, tests/test_fp8_gemm_contract.py); a number in `pad_to_multiple_of` wins; elsewhere no padding.
+    The trainer's collator takes the resolved value."""
+    from posttrain.errors import ConfigError
+    from posttrain.sft import config as sft_config
+
+    on_gpu = SFTRecipeConfig(output_dir=str(tmp_path), fp8=True)
+    on_gpu.use_cpu = False  # what the config resolves to on a CUDA machine
+    monkeypatch.setattr(sft_config, "_cuda", lambda: True)
+    assert on_gpu.resolved_pad_to_multiple_of() == 128
+    on_gpu.fp8 = False
+    assert on_gpu.resolved_pad_to_multiple_of() is None
+    monkeypatch.setattr(sft_config, "_cuda", lambda: False)
+    assert SFTRecipeConfig(output_dir=str(tmp_path), fp8=True).resolved_pad_to_multiple_of() is None
+    assert SFTRecipeConfig(output_dir=str(tmp_path), pad_to_multiple_of="64").resolved_pad_to_multiple_of() == 64
+    for bad in ("x", 0, -8):
+        with pytest.raises(ConfigError, match="pad_to_multiple_of must be a positive integer"):
+            SFTRecipeConfig(output_dir=str(tmp_path), pad_to_multiple_of=bad)
+    # the trainer's collator pads by the resolved value (here as if on a GPU with fp8)
+    monkeypatch.setattr(SFTRecipeConfig, "resolved_pad_to_multiple_of", lambda self: 128)
+    trainer = build_trainer(_cfg(tiny_model_dir, distill_dir, tmp_path / "out"))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert trainer.data_collator.pad_to_multiple_of == 128 and batch["input_ids"].shape[1] % 128 == 0
+
+
 def _train_logs(out):
     return [h for h in json.loads((Path(out) / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 

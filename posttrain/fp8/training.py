@@ -51,6 +51,7 @@ __all__ = [
     "FP8_SOURCE_ATTR",
     "apply_fp8_training",
     "finalize_fp8_export",
+    "fp8_row_multiple",
     "fp8_source",
     "install_trl_reference_loader",
     "is_fp8_checkpoint",
@@ -70,6 +71,20 @@ def is_fp8_checkpoint(path: str | os.PathLike | None) -> bool:
         return False
     qc = read_config(path).get("quantization_config") or {}
     return qc.get("quant_method") == "fp8"
+
+
+def fp8_row_multiple(device_type: str) -> int | None:
+    """The token count a packed row is padded to a multiple of when FP8 layers train on ``device_type``.
+
+    On CUDA, 128 (one FP8 tile). ``F.scaled_mm`` gets M padded to 16 and K to 128 (posttrain.fp8.gemm), and
+    the wgrad GEMM contracts over tokens. So a row of, say, 8177 tokens makes every FP8 linear copy its
+    activation, its output gradient and both wgrad operands into padded buffers, at every step: 4 copies
+    and their scale grids per layer. A pad segment of at most 127 tokens costs less than that.
+    The pad segment is never a target, is excluded from the expert counts, and attends only to itself
+    (posttrain.sft.packing.PackedCollator). Elsewhere the reference GEMM takes any shape: None."""
+    from .gemm import TILE
+
+    return TILE if device_type == "cuda" else None
 
 
 def check_fp8_fields(cfg: Any) -> None:

@@ -226,7 +226,13 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
 
         # λ = 0 from the start, or after the schedule's switch, leaves the MTP module out of the loss
         apply_process_defaults(self, self.mtp_loss_weight == 0 or self.mtp_loss_weight_final == 0)
-        super().__post_init__()
+        ptm, bad = self.pad_to_multiple_of, f"pad_to_multiple_of must be a positive integer, 'auto' or null, got {self.pad_to_multiple_of!r}"
+        if isinstance(ptm, str) and ptm.lower() not in ("auto", "none", "null") and not ptm.isdigit():
+            raise ConfigError(bad)
+        super().__post_init__()  # TRL turns "auto" into None off Neuron, and "128" into 128
+        ptm = self.pad_to_multiple_of
+        if ptm is not None and (not isinstance(ptm, int) or isinstance(ptm, bool) or ptm < 1):
+            raise ConfigError(bad)
 
     def resolved_attn_implementation(self) -> str:
         """The kernel the model is loaded with: the field, or the device's default for packed rows."""
@@ -236,6 +242,18 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
         if attn == "sdpa_segmented":
             register_segmented_sdpa()
         return attn
+
+    def resolved_pad_to_multiple_of(self) -> int | None:
+        """Packed rows (or the flattened row) padded to a multiple of this many tokens: the field if it is a number
+        (1: never pad); for ``auto`` (TRL's default) or null, 128 when FP8 layers train on the GPU (see
+        posttrain.fp8.training.fp8_row_multiple), else no padding."""
+        if isinstance(self.pad_to_multiple_of, int):
+            return self.pad_to_multiple_of
+        if self.fp8:
+            from ..fp8.training import fp8_row_multiple
+
+            return fp8_row_multiple("cpu" if self.use_cpu or not _cuda() else "cuda")
+        return None
 
     def resolved_padding_free(self) -> bool:
         if self.padding_free is not None:

@@ -103,7 +103,7 @@ def build_trainer(cfg: SFTRecipeConfig) -> DeepseekV3SFTTrainer:
     collator = PackedCollator(
         pad_token_id=tokenizer.pad_token_id,
         padding_free=cfg.resolved_padding_free(),
-        pad_to_multiple_of=cfg.pad_to_multiple_of if isinstance(cfg.pad_to_multiple_of, int) else None,
+        pad_to_multiple_of=cfg.resolved_pad_to_multiple_of(),
     )
     trainer = DeepseekV3SFTTrainer(
         model=model,
