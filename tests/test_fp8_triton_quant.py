@@ -133,17 +133,23 @@ def run_cases(device: str) -> dict:
                 "max_e4m3_steps": int(Q.e4m3_step_distance(got[0], want[0]).max()) if got[0].shape == want[0].shape else -1,
                 "triton_launches": sum(calls),
             }
-        # above the chunk size: a stack the kernel reads in place goes in one launch (no chunks, no copies of
-        # their outputs); a transposed view (W^T for the grouped dgrad) still goes in chunks, which bound the
-        # high-precision copy the row-wise kernel needs
+        # above the chunk size: a stack the kernels read in place goes in one launch (no chunks, no copies of
+        # their outputs), W^T's rows (the grouped dgrad's operand) read from W included; a strided view the
+        # row-wise kernel must copy first still goes in chunks, which bound that high-precision copy
         w = torch.randn(3, 200, 260, device=device) * 10.0 ** torch.arange(-1, 2, device=device).view(3, 1, 1)
+        w[1, 7, 5] = -3e3  # one column with an outlier: its own scale
+        wb = w.to(torch.bfloat16)
         chunk, Q.QUANT_CHUNK_ELEMS = Q.QUANT_CHUNK_ELEMS, 4096
         try:
             for name, got_fn, want in (
                 ("above the chunk size, in place", lambda: Q.quantize_groups(w, (128, 128), check_finite=False),
                  Q.quantize_groups_reference(w, (128, 128), check_finite=False)),
-                ("above the chunk size, transposed rows", lambda: Q.quantize_rows(w.transpose(-2, -1)),
-                 Q.quantize_groups_reference(w.transpose(-2, -1).contiguous(), (1, 200), check_finite=False)),
+                ("above the chunk size, rows of W^T", lambda: Q.quantize_rows(wb.transpose(-2, -1)),
+                 Q.quantize_groups_reference(wb.transpose(-2, -1).contiguous(), (1, 200), check_finite=False)),
+                ("above the chunk size, rows of W^T ue8m0 fp32", lambda: Q.quantize_rows(w.transpose(-2, -1), "ue8m0"),
+                 Q.quantize_groups_reference(w.transpose(-2, -1).contiguous(), (1, 200), "ue8m0", check_finite=False)),
+                ("above the chunk size, a strided view", lambda: Q.quantize_rows(w[:, :, :250].transpose(-2, -1)),
+                 Q.quantize_groups_reference(w[:, :, :250].transpose(-2, -1).contiguous(), (1, 200), check_finite=False)),
             ):
                 calls.clear()
                 got = got_fn()
@@ -177,8 +183,10 @@ def _assert_bit_exact(results: dict) -> None:
     assert not results.pop("triton_broken"), "the Triton kernel failed and the fallback ran instead"
     assert results.pop("start-up check") is None
     fallback = results.pop("other group shapes fall back")
-    whole, chunked = results.pop("above the chunk size, in place"), results.pop("above the chunk size, transposed rows")
-    assert whole == {"bits_equal": True, "triton_launches": 1}, whole
+    for name in ("above the chunk size, in place", "above the chunk size, rows of W^T",
+                 "above the chunk size, rows of W^T ue8m0 fp32"):
+        assert results.pop(name) == {"bits_equal": True, "triton_launches": 1}, name
+    chunked = results.pop("above the chunk size, a strided view")
     assert chunked["bits_equal"] and chunked["triton_launches"] > 1, chunked
     for name, r in results.items():
         assert r["triton_launches"] >= 1, f"{name}: the Triton kernel did not run"
@@ -267,6 +275,8 @@ def test_every_kernel_configuration_compiles_for_the_h100_with_ieee_division_and
         "re-tile fp8 1x128 -> 128x1": (T._quant_tiles_kernel, {"x_ptr": "fp8", "q_ptr": "fp8"},
                                        _tiles(TRANSPOSED=True, BLOCK_R=128, HAS_IN_SCALE=True, IN_TILE_R=128)),
         "rows": (T._quant_rows_kernel, {"x_ptr": "bf16", "q_ptr": "fp8"}, dict(BLOCK_R=4, BLOCK_C=1024, UE8M0=False)),
+        "rows of W^T, read from W": (T._quant_rows_t_kernel, {"x_ptr": "bf16", "q_ptr": "fp8"},
+                                     dict(BLOCK_R=64, BLOCK_C=64, UE8M0=False)),
         "token runs": (T._token_runs_kernel, {"t_ptr": "bf16", "q_ptr": "fp8", "starts_ptr": "i64", "counts_ptr": "i64",
                                                 "pstarts_ptr": "i64", "plens_ptr": "i64"},
                        dict(BLOCK_T=64, BLOCK_C=128, UE8M0=False)),
@@ -278,3 +288,6 @@ def test_every_kernel_configuration_compiles_for_the_h100_with_ieee_division_and
     # the activation quantizer reads bf16 in vectors and writes fp8 in vectors (the 1.5 TB/s figure needs it)
     assert re.search(r"ld\.global(\.\w+)*\.v[24]", ptx["activation 1x128 (bf16)"])
     assert re.search(r"st\.global(\.\w+)*\.v[24]", ptx["activation 1x128 (bf16)"])
+    # W^T's rows are read from W along its contiguous dim and stored through a re-layout: vectors both ways
+    assert re.search(r"ld\.global(\.\w+)*\.v4", ptx["rows of W^T, read from W"])
+    assert re.search(r"st\.global(\.\w+)*\.v4", ptx["rows of W^T, read from W"])

@@ -161,6 +161,36 @@ if triton is not None:
             x = tl.load(x_base + cols[None, :], mask=m, other=0.0)
             tl.store(q_base + cols[None, :], _to_e4m3(x.to(tl.float32), s[:, None]), mask=m)
 
+    # Row-wise scales of W^T, read from W [n, R, C] in place: one scale per column of W over its R entries, the fp8
+    # W^T [n, C, R] written row-major (the grouped dgrad's operand, rebuilt at every optimizer step for every
+    # expert stack). Each program walks a strip of BLOCK_C columns down the rows twice (max-abs, then quantize),
+    # loading [BLOCK_R, BLOCK_C] tiles along W's contiguous dim; Triton re-lays each tile out for the
+    # transposed store. Before, W^T was first copied to a contiguous bf16 tensor for the row-wise kernel.
+    @triton.jit
+    def _quant_rows_t_kernel(
+        x_ptr, q_ptr, s_ptr,
+        n_rows, n_cols, sx_b,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, UE8M0: tl.constexpr,
+    ):
+        b = tl.program_id(1).to(tl.int64)
+        cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        x_base = x_ptr + b * sx_b + cols[None, :]
+        amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, n_rows, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < n_rows)[:, None] & col_ok[None, :]
+            x = tl.load(x_base + rows[:, None] * n_cols, mask=m, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+        s = _scale_of(amax, UE8M0)
+        tl.store(s_ptr + b * n_cols + cols, s, mask=col_ok)
+        q_base = q_ptr + b * n_rows * n_cols + cols[None, :] * n_rows
+        for r0 in range(0, n_rows, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < n_rows)[:, None] & col_ok[None, :]
+            x = tl.load(x_base + rows[:, None] * n_cols, mask=m, other=0.0)
+            tl.store(q_base + rows[:, None], _to_e4m3(x.to(tl.float32), s[None, :]), mask=m)
+
     # The grouped wgrad's operands (posttrain.fp8.experts.quantize_token_runs): tokens sorted by expert, one
     # scale per (expert, channel) over the expert's run of tokens, written transposed ([C, S_pad]) with each
     # run zero-padded. One program per (expert, 128 channels): a pass over the run for the max-abs, a pass
@@ -211,10 +241,15 @@ def _supported(group_r: int, group_c: int) -> bool:
 def in_place(kind: str, group_r: int, group_c: int, x: torch.Tensor) -> bool:
     """Whether :func:`quantize` takes ``x`` whole: one launch that reads it where it is, with no copy of it in
     high precision (so no chunking is needed to bound memory). Offsets are 64-bit: any size is fine."""
-    if not x.is_contiguous():
-        return False
     cols = x.shape[-1] if kind == "groups" else x.shape[-2]
-    return (kind == "groups" and group_r == 1 and group_c >= cols) or _supported(group_r, group_c)
+    if kind == "groups" and group_r == 1 and group_c >= cols:  # row-wise: W, or W^T read from W
+        return x.is_contiguous() or _rows_of_transpose(x)
+    return x.is_contiguous() and _supported(group_r, group_c)
+
+
+def _rows_of_transpose(x: torch.Tensor) -> bool:
+    """``x`` is the transpose of a contiguous stack (W^T of an expert stack W), each matrix under 2^31 elements."""
+    return x.dim() >= 2 and x.transpose(-2, -1).is_contiguous() and x.shape[-1] * x.shape[-2] < 2**31
 
 
 def quantize(
@@ -299,6 +334,8 @@ def quantize_token_runs(
 def _quantize_rows(x: torch.Tensor, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per row of the last two dims: (fp8 like x, scales [..., rows, 1])."""
     lead, (rows, cols) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
+    if x.stride(-1) != 1 and _rows_of_transpose(x):
+        return _quantize_rows_of_transpose(x, scale_fmt)
     v = x.reshape(-1, rows, cols)
     if v.stride(-1) != 1:
         v = v.contiguous()
@@ -312,3 +349,19 @@ def _quantize_rows(x: torch.Tensor, scale_fmt: str | None) -> tuple[torch.Tensor
     )
     return q.reshape(*lead, rows, cols), s.reshape(*lead, rows, 1)
 
+
+def _quantize_rows_of_transpose(xt: torch.Tensor, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise quantization of ``xt = W.transpose(-2, -1)`` (W contiguous) without a copy of W^T: (fp8 [..., C, R]
+    row-major, scales [..., C, 1])."""
+    w = xt.transpose(-2, -1)
+    lead, (n_rows, n_cols) = tuple(w.shape[:-2]), tuple(w.shape[-2:])
+    v = w.reshape(-1, n_rows, n_cols)  # a view: w is contiguous
+    n = v.shape[0]
+    q = torch.empty(n, n_cols, n_rows, dtype=torch.float8_e4m3fn, device=v.device)
+    s = torch.empty(n, n_cols, 1, dtype=torch.float32, device=v.device)
+    block_c = 64
+    _quant_rows_t_kernel[(_cdiv(n_cols, block_c), n)](
+        v, q, s, n_rows, n_cols, v.stride(0) if n > 1 else 0,
+        BLOCK_R=64, BLOCK_C=block_c, UE8M0=scale_fmt == "ue8m0", num_warps=4,
+    )
+    return q.reshape(*lead, n_cols, n_rows), s.reshape(*lead, n_cols, 1)
