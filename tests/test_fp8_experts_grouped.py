@@ -345,3 +345,44 @@ def test_the_blockwise_backward_allocates_one_dw_stack_in_the_weight_dtype(backw
         dx, dw = torch.autograd.grad(y, [xr, wp], gy.to(torch.bfloat16))
     assert [dtype for dtype, _ in rec.seen] == [torch.bfloat16]  # one stack: dW itself
     assert dw.dtype == torch.bfloat16 and float(dw[1].abs().sum()) == 0.0  # the expert without tokens
+
+
+def _fp8_tensors_of(numel: int) -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects()
+               if isinstance(o, torch.Tensor) and o.dtype == torch.float8_e4m3fn and o.numel() == numel)
+
+
+@pytest.mark.parametrize("layer", ["linear", "experts blockwise", "experts rowwise"])
+def test_without_the_weight_cache_no_fp8_weight_outlives_the_forward(grouped_fake, monkeypatch, layer):
+    """Under FSDP (more than one rank) the per-step FP8 weight cache is off, and the weights are unsharded only
+    around each layer's forward and backward. An FP8 weight kept from the forward until the layer's backward
+    would hold an FP8 copy of every unsharded weight at once (about 650 GB for V3's experts): none is kept;
+    the backward quantizes again from the weight it saved (FSDP gathers it again for the backward), with the
+    same gradients as with the cache."""
+    from posttrain.fp8 import linear as L
+
+    counts, x, w, gy = _problem(seed=4, n=384, k=256)
+    if layer == "linear":
+        w, gy = w[0], gy
+        run = lambda x, w: L.fp8_linear(x, w)  # noqa: E731
+    else:
+        recipe = FP8Recipe(grouped=layer.split()[1])
+        run = lambda x, w: fp8_grouped_linear(x, w, counts, recipe)  # noqa: E731
+    grads = {}
+    for cache in ("1", "0"):
+        monkeypatch.setenv(L.WEIGHT_CACHE_ENV, cache)
+        L.clear_weight_cache()
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = run(xi, wi)
+        alive = _fp8_tensors_of(w.numel())
+        if cache == "0":
+            assert alive == 0, f"{alive} FP8 copies of the weight kept for the backward"
+        else:
+            assert alive >= 1  # the cached copy, kept for the next micro-batch anyway
+        y.backward(gy)
+        grads[cache] = (y.detach(), xi.grad, wi.grad)
+    for a, b in zip(grads["1"], grads["0"]):
+        assert torch.equal(a, b)

@@ -38,7 +38,9 @@ from .linear import (
     _gemm_out_dtype,
     fp8_dgrad_gemm,
     fp8_wgrad_gemm,
+    for_backward,
     quantize_act,
+    weight_for_backward,
     weight_operand,
 )
 from .quant import FP8_DTYPE, FP8_MAX, compute_scale_inv, quant_backend, quantize_rows, run_triton
@@ -84,8 +86,8 @@ class _FP8GroupedLinear(torch.autograd.Function):
         ctx.counts, ctx.recipe = counts, recipe
         ctx.x_dtype, ctx.w_dtype, ctx.w_shape = x.dtype, weight.dtype, weight.shape
         if recipe.backward == "fp8":
-            ctx.save_for_backward(xq.data, xq.scale_inv)
-            ctx.w_fp8 = w
+            ctx.save_for_backward(xq.data, xq.scale_inv, weight)
+            ctx.w_fp8 = for_backward(w)
         else:
             ctx.save_for_backward(x, weight)
         return y.to(x.dtype)
@@ -94,9 +96,10 @@ class _FP8GroupedLinear(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         recipe: FP8Recipe = ctx.recipe
         need_x, need_w = ctx.needs_input_grad[:2]
-        a, b = ctx.saved_tensors
+        a, b, *rest = ctx.saved_tensors
         if recipe.backward == "fp8":
-            wq_t = ctx.w_fp8.blocks_t()  # W^T per expert: [E, K, N] operands
+            weight = rest[0]
+            wq_t = weight_for_backward(ctx.w_fp8, weight, recipe).blocks_t(weight)  # W^T per expert: [E, K, N]
         else:
             x_hp, weight = a, b
         k_in, w_shape = a.shape[1], ctx.w_shape
@@ -207,7 +210,7 @@ class _FP8GroupedRowwise(torch.autograd.Function):
         w = weight_operand(weight, recipe)
         wq, ws = w.rows(weight)  # [E, N, K] over K, [E, N]
         y = _rowwise_grouped(xq, xs, wq, ws, offs)
-        ctx.recipe, ctx.w_fp8 = recipe, w
+        ctx.recipe, ctx.w_fp8 = recipe, for_backward(w)
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         if recipe.backward == "fp8":
             ctx.save_for_backward(xq, xs, weight, counts, offs)  # FP8 activation cache (§3.3.3)
@@ -228,7 +231,7 @@ class _FP8GroupedRowwise(torch.autograd.Function):
         if need_x:
             if recipe.backward == "fp8":
                 gq, gs = quantize_rows(g, recipe.grad_scale_fmt)  # per token, over N
-                wq_t, ws_t = ctx.w_fp8.rows_t(weight)  # W^T [E, K, N] over N, [E, K]
+                wq_t, ws_t = weight_for_backward(ctx.w_fp8, weight, recipe).rows_t(weight)  # W^T [E, K, N] over N
                 dx = _rowwise_grouped(gq, gs, wq_t, ws_t, offs)
             else:
                 dx = F.grouped_mm(g, weight.to(torch.bfloat16), offs=offs)

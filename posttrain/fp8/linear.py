@@ -110,6 +110,7 @@ class QuantizedWeight:
 
     scale_fmt: str | None
     _forms: dict[str, object] = field(default_factory=dict)
+    cached: bool = False  # held by the per-step cache (see weight_operand)
 
     def _build(self, name: str, fn):
         got = self._forms.get(name)
@@ -162,9 +163,24 @@ def weight_operand(weight: torch.Tensor, recipe: FP8Recipe) -> QuantizedWeight:
     key = (step, weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, fmt)
     entry = _WEIGHT_CACHE.get(weight)
     if entry is None or entry[0] != key:
-        entry = (key, QuantizedWeight(fmt))
+        entry = (key, QuantizedWeight(fmt, cached=True))
         _WEIGHT_CACHE[weight] = entry
     return entry[1]
+
+
+def for_backward(w: QuantizedWeight) -> QuantizedWeight | None:
+    """What an FP8 layer's forward keeps for its backward: the cached forms, which live on anyway, or nothing.
+
+    Without the cache (the default under FSDP: more than one rank) the forward's FP8 weight would otherwise
+    stay alive until the layer's backward -- an FP8 copy of every unsharded weight of the model at once
+    (about 650 GB for V3's experts). The backward then quantizes again from the weight it saved, which
+    FSDP gathers again for the backward as it does for nn.Linear. See :func:`weight_for_backward`."""
+    return w if w.cached else None
+
+
+def weight_for_backward(kept: QuantizedWeight | None, weight: torch.Tensor, recipe: FP8Recipe) -> QuantizedWeight:
+    """The FP8 forms for a backward: those the forward kept (:func:`for_backward`), else built from ``weight``."""
+    return kept if kept is not None else weight_operand(weight, recipe)
 
 
 def clear_weight_cache() -> None:
@@ -236,8 +252,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         ctx.b_dtype = bias.dtype if bias is not None else None
         if recipe.backward == "fp8":
             # FP8 activation cache (§3.3.3): 1 byte per element instead of 2-4.
-            ctx.save_for_backward(xq.data, xq.scale_inv)
-            ctx.w_fp8 = w  # this step's FP8 weight (and, on Hopper, its transpose, built once)
+            ctx.save_for_backward(xq.data, xq.scale_inv, weight)
+            ctx.w_fp8 = for_backward(w)  # this step's FP8 weight (and, on Hopper, its transpose, built once)
         else:
             ctx.save_for_backward(x2d, weight)
         return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
@@ -249,9 +265,10 @@ class _FP8LinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if recipe.backward == "fp8":
-            xq_data, xq_scale = ctx.saved_tensors
+            xq_data, xq_scale, weight = ctx.saved_tensors
             if need_x:
-                dx = fp8_dgrad_gemm(g2d, ctx.w_fp8.blocks_t(), recipe, _gemm_out_dtype(ctx.x_dtype))
+                wq_t = weight_for_backward(ctx.w_fp8, weight, recipe).blocks_t(weight)
+                dx = fp8_dgrad_gemm(g2d, wq_t, recipe, _gemm_out_dtype(ctx.x_dtype))
             if need_w:
                 dw = fp8_wgrad_gemm(g2d, BlockQuantized(xq_data, xq_scale, (1, TILE)), recipe, _gemm_out_dtype(ctx.w_dtype))
         else:
