@@ -218,3 +218,15 @@ def test_rows_aligned_to_the_fp8_tile_make_the_three_gemms_copy_nothing(fake_sca
     fp8_linear(x, w).backward(torch.randn(tokens, 384))
     assert len(fake_scaled_mm.calls) == 3
     assert len(padded) == copies, padded
+
+
+def test_column_major_activation_scales_reach_scaled_mm_without_a_copy(fake_scaled_mm):
+    """The Triton quantizer writes a matrix's 1x128 scales column-major (tests/test_fp8_triton_quant.py):
+    scaled_mm_operands then hands them over as they are, where a row-major grid is copied at every GEMM."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=g), torch.randn(384, 256, generator=g)
+    xq, wq = BlockQuantized.quantize(x, (1, 128)), BlockQuantized.quantize(w, (128, 128))
+    col_major = BlockQuantized(xq.data, xq.scale_inv.t().contiguous().t(), (1, 128))
+    assert gemm.scaled_mm_operands(col_major, wq)["scale_a"].data_ptr() == col_major.scale_inv.data_ptr()
+    assert gemm.scaled_mm_operands(xq, wq)["scale_a"].data_ptr() != xq.scale_inv.data_ptr()  # row-major: a copy
+    assert torch.equal(gemm.scaled_mm_gemm_nt(col_major, wq), gemm.scaled_mm_gemm_nt(xq, wq))

@@ -157,6 +157,13 @@ def run_cases(device: str) -> dict:
                 results[name] = {"bits_equal": _bits_equal(got, want), "triton_launches": sum(calls)}
         finally:
             Q.QUANT_CHUNK_ELEMS = chunk
+        # one matrix in 1x128 tiles (X, dY, dY^T, X^T: the GEMMs' activation-side operands) gets its scales
+        # column-major, F.scaled_mm's layout for them, so that no GEMM copies them
+        xa = torch.randn(48, 300, device=device)
+        qa, sa = Q.quantize_groups(xa, (1, 128), check_finite=False)
+        results["1x128 scales column-major"] = [
+            tuple(s.stride()) == (1, s.shape[0]) for s in (
+                sa, Q.quantize_groups_t(xa, (1, 128))[1], Q.requantize_tiles_t(qa, sa)[1])]
         x = torch.randn(6, 140, device=device)
         calls.clear()
         got = Q.quantize_groups(x, (1, 70), check_finite=False)  # groups of 70: no Triton kernel, falls back
@@ -183,6 +190,7 @@ def _assert_bit_exact(results: dict) -> None:
     assert not results.pop("triton_broken"), "the Triton kernel failed and the fallback ran instead"
     assert results.pop("start-up check") is None
     fallback = results.pop("other group shapes fall back")
+    assert results.pop("1x128 scales column-major") == [True, True, True]
     for name in ("above the chunk size, in place", "above the chunk size, rows of W^T",
                  "above the chunk size, rows of W^T ue8m0 fp32"):
         assert results.pop(name) == {"bits_equal": True, "triton_launches": 1}, name
@@ -242,7 +250,7 @@ def _ptx(kernel, pointers: dict[str, str], constexprs: dict) -> str:
 
     signature, attrs = {}, {}
     for i, param in enumerate(kernel.params):
-        if param.is_constexpr:
+        if param.is_constexpr or param.name in constexprs:  # an int equal to 1 is specialized as a constant
             signature[param.name] = "constexpr"
         elif param.name.endswith("_ptr"):
             signature[param.name] = _PTR_TYPES[pointers.get(param.name, "fp32")]
@@ -256,8 +264,9 @@ def _ptx(kernel, pointers: dict[str, str], constexprs: dict) -> str:
 
 
 def _tiles(**kw) -> dict:
+    # ss_r = 1: one matrix in 1x128 tiles writes its scales column-major (what F.scaled_mm takes)
     base = dict(TRANSPOSED=False, EVEN_CONTIG=True, BLOCK_R=32, GROUP_R=1, GROUP_C=128, HAS_IN_SCALE=False,
-                IN_TILE_R=1, IN_TILE_C=1, UE8M0=False)
+                IN_TILE_R=1, IN_TILE_C=1, UE8M0=False, ss_r=1)
     return {**base, **kw}
 
 
@@ -279,7 +288,7 @@ def test_every_kernel_configuration_compiles_for_the_h100_with_ieee_division_and
                                      dict(BLOCK_R=64, BLOCK_C=64, UE8M0=False)),
         "token runs": (T._token_runs_kernel, {"t_ptr": "bf16", "q_ptr": "fp8", "starts_ptr": "i64", "counts_ptr": "i64",
                                                 "pstarts_ptr": "i64", "plens_ptr": "i64"},
-                       dict(BLOCK_T=64, BLOCK_C=128, UE8M0=False)),
+                       dict(BLOCK_T=64, BLOCK_C=128, UE8M0=False, RUN_ALIGN=16)),
     }
     ptx = {name: _ptx(kernel, ptrs, consts) for name, (kernel, ptrs, consts) in configs.items()}
     for name, text in ptx.items():
@@ -288,6 +297,13 @@ def test_every_kernel_configuration_compiles_for_the_h100_with_ieee_division_and
     # the activation quantizer reads bf16 in vectors and writes fp8 in vectors (the 1.5 TB/s figure needs it)
     assert re.search(r"ld\.global(\.\w+)*\.v[24]", ptx["activation 1x128 (bf16)"])
     assert re.search(r"st\.global(\.\w+)*\.v[24]", ptx["activation 1x128 (bf16)"])
+    # the transposed outputs (the wgrad's dY^T and X^T, the grouped wgrad's token runs) are stored in vectors:
+    # their row length, a token count, is specialized on divisibility by 16 (rows padded to 128 tokens always
+    # are; the runs are 16-aligned by construction), and the re-tile reads one input scale per column
+    for name in ("transposed tiles (wgrad dY^T)", "re-tile fp8 1x128 -> 128x1", "token runs"):
+        assert re.search(r"st\.global(\.\w+)*\.v4", ptx[name]), name
+        assert not re.search(r"st\.global\.b8", ptx[name]), name
+    assert len(re.findall(r"ld\.global\.b32", ptx["re-tile fp8 1x128 -> 128x1"])) <= 2
     # W^T's rows are read from W along its contiguous dim and stored through a re-layout: vectors both ways
     assert re.search(r"ld\.global(\.\w+)*\.v4", ptx["rows of W^T, read from W"])
     assert re.search(r"st\.global(\.\w+)*\.v4", ptx["rows of W^T, read from W"])

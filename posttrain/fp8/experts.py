@@ -322,7 +322,8 @@ def quantize_token_runs_triton(t: torch.Tensor, counts: torch.Tensor, scale_fmt:
     from . import triton_quant
 
     lay = _run_layout(counts, t.shape[0])
-    q, s = triton_quant.quantize_token_runs(t, counts, lay.starts, lay.padded_starts, lay.padded, lay.rows, scale_fmt)
+    q, s = triton_quant.quantize_token_runs(t, counts, lay.starts, lay.padded_starts, lay.padded, lay.rows, scale_fmt,
+                                            WGRAD_RUN_ALIGN)
     return q, s, lay.padded_ends.to(torch.int32)
 
 

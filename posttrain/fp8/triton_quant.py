@@ -79,18 +79,22 @@ if triton is not None:
             s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
         return s
 
-    # The token count differs from step to step (packed rows, routing), and Triton compiles a kernel per
-    # "specialization" of its int arguments (== 1, divisible by 16). So every argument that can depend on
-    # the token count is left unspecialized: the kernel compiles once per layer shape and dtype, never
-    # mid-run. The contiguous input dim's size, the other dim's stride (the hidden size, the same every
-    # step) and the batch stride (0 for one matrix, fixed for a weight stack) stay specialized: with an
-    # unknown batch offset or row stride the loads could not be vectorized.
-    @triton.jit(do_not_specialize=["n_other", "sis_b", "sis_r", "sis_c"])
+    # Triton compiles a kernel per "specialization" of its int arguments: whether each is 1 and whether it
+    # is divisible by 16, not its value. So a token count that changes from step to step (packed rows,
+    # routing) costs at most a second compile (the first count not divisible by 16), never one per width.
+    # The other dim's size (n_other: the token count when the output is transposed, i.e. the row length of
+    # the fp8 X^T / dY^T the wgrad takes) is specialized like the rest: divisible by 16 -- always, for rows
+    # padded to 128 tokens (posttrain.fp8.training.fp8_row_multiple) -- lets the transposed tile be stored in
+    # vectors instead of byte by byte. The in-scale strides stay unspecialized (they may be a token count;
+    # those loads are one per column). The batch stride (0 for one matrix, fixed for a weight stack) and the
+    # row stride stay specialized: with an unknown batch offset or row stride no load could be vectorized.
+    @triton.jit(do_not_specialize=["sis_b", "sis_r", "sis_c", "ss_c"])
     def _quant_tiles_kernel(
         x_ptr, in_s_ptr, q_ptr, s_ptr,
         n_contig, n_other,
         sx_b, sx_other,
         sis_b, sis_r, sis_c,
+        ss_r, ss_c,
         TRANSPOSED: tl.constexpr, EVEN_CONTIG: tl.constexpr,
         BLOCK_R: tl.constexpr, GROUP_R: tl.constexpr, GROUP_C: tl.constexpr,
         HAS_IN_SCALE: tl.constexpr, IN_TILE_R: tl.constexpr, IN_TILE_C: tl.constexpr,
@@ -119,16 +123,20 @@ if triton is not None:
             mask = row_ok if EVEN_CONTIG else row_ok & col_ok
         x = tl.load(x_ptr + b * sx_b + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_IN_SCALE:  # requant_t: dequantize with the input's own tile scales first
-            si = tl.load(in_s_ptr + b * sis_b + (rows[:, None] // IN_TILE_R) * sis_r
-                         + (cols[None, :] // IN_TILE_C) * sis_c, mask=mask, other=0.0)
-            x = x * si
+            if IN_TILE_R == BLOCK_R and IN_TILE_C == 1:  # one input tile per column of this tile: a vector
+                si = tl.load(in_s_ptr + b * sis_b + pid_r * sis_r + cols * sis_c, mask=cols < n_cols, other=0.0)
+                x = x * si[None, :]
+            else:
+                si = tl.load(in_s_ptr + b * sis_b + (rows[:, None] // IN_TILE_R) * sis_r
+                             + (cols[None, :] // IN_TILE_C) * sis_c, mask=mask, other=0.0)
+                x = x * si
         a = tl.abs(x)
         n_scale_cols = tl.cdiv(n_cols, GROUP_C)
         s_base = s_ptr + b * tl.cdiv(n_rows, GROUP_R) * n_scale_cols
-        if GROUP_R == 1:  # one group per row of the tile
+        if GROUP_R == 1:  # one group per row of the tile; scales at (ss_r, ss_c) strides
             s = _scale_of(tl.max(a, axis=1), UE8M0)
             q = _to_e4m3(x, s[:, None])
-            tl.store(s_base + rows * n_scale_cols + pid_c, s, mask=rows < n_rows)
+            tl.store(s_base + rows * ss_r + pid_c * ss_c, s, mask=rows < n_rows)
         else:  # BLOCK_R == GROUP_R: the whole tile is one group
             s = _scale_of(tl.max(tl.max(a, axis=1), axis=0), UE8M0)
             q = _to_e4m3(x, s)
@@ -195,19 +203,21 @@ if triton is not None:
     # scale per (expert, channel) over the expert's run of tokens, written transposed ([C, S_pad]) with each
     # run zero-padded. One program per (expert, 128 channels): a pass over the run for the max-abs, a pass
     # that quantizes and writes. Run lengths are read on the device, so nothing here depends on the host.
-    @triton.jit(do_not_specialize=["n_pad"])
+    # n_pad (the padded token total, the output's row length) is a multiple of 16 by construction: specialized,
+    # it lets the transposed tile be stored in vectors, and it never causes a second compile.
+    @triton.jit
     def _token_runs_kernel(
         t_ptr, starts_ptr, counts_ptr, pstarts_ptr, plens_ptr, q_ptr, s_ptr,
         n_cols, n_pad, stride_t,
-        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, UE8M0: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, UE8M0: tl.constexpr, RUN_ALIGN: tl.constexpr,
     ):
         e = tl.program_id(0)
         cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < n_cols
         start = tl.load(starts_ptr + e)
         count = tl.load(counts_ptr + e)
-        pstart = tl.load(pstarts_ptr + e)
-        plen = tl.load(plens_ptr + e)
+        pstart = tl.multiple_of(tl.load(pstarts_ptr + e), RUN_ALIGN)  # runs start RUN_ALIGN-aligned
+        plen = tl.multiple_of(tl.load(plens_ptr + e), RUN_ALIGN)  # and span whole multiples of it
         amax = tl.zeros([BLOCK_C], dtype=tl.float32)
         for r0 in range(0, count, BLOCK_T):
             rows = r0 + tl.arange(0, BLOCK_T)
@@ -278,7 +288,13 @@ def quantize(
         v = v.contiguous()
     n = v.shape[0]
     q = torch.empty(n, rows, cols, dtype=torch.float8_e4m3fn, device=v.device)
-    s = torch.empty(n, math.ceil(rows / group_r), math.ceil(cols / group_c), dtype=torch.float32, device=v.device)
+    s_rows, s_cols = math.ceil(rows / group_r), math.ceil(cols / group_c)
+    if group_r == 1 and n == 1:
+        # 1x128 tiles of one matrix (the GEMMs' activation-side operands): scales column-major, the layout
+        # F.scaled_mm takes for them (posttrain.fp8.gemm.scaled_mm_operands), so no GEMM copies them
+        s = torch.empty_strided((1, s_rows, s_cols), (s_rows * s_cols, 1, s_rows), dtype=torch.float32, device=v.device)
+    else:
+        s = torch.empty(n, s_rows, s_cols, dtype=torch.float32, device=v.device)
     if group_r == 1:
         # a transposed view is read down its columns: enough rows for 128-byte segments (64 bf16, 128 fp8)
         block_r = max(32, 128 // v.element_size()) if transposed else 32
@@ -298,6 +314,7 @@ def quantize(
         n_contig, n_other,
         v.stride(0) if n > 1 else 0, sx_other,
         *in_strides,
+        s.stride(1), s.stride(2),
         TRANSPOSED=transposed, EVEN_CONTIG=n_contig % (block_r if transposed else group_c) == 0,
         BLOCK_R=block_r, GROUP_R=group_r, GROUP_C=group_c,
         HAS_IN_SCALE=in_scale is not None, IN_TILE_R=in_tiles[0], IN_TILE_C=in_tiles[1],
@@ -309,11 +326,12 @@ def quantize(
 
 def quantize_token_runs(
     t: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor, padded_starts: torch.Tensor,
-    padded: torch.Tensor, rows: int, scale_fmt: str | None,
+    padded: torch.Tensor, rows: int, scale_fmt: str | None, align: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``t`` [S, C] sorted by expert, in the padded layout :func:`posttrain.fp8.experts._run_layout` gives
     (run ``e``: ``counts[e]`` tokens from ``starts[e]``, ``padded[e]`` rows from ``padded_starts[e]``, ``rows``
-    in all) -> (q [C, rows] fp8 row-major, scales [E*C]); the rows past the last run are written as zeros."""
+    in all) -> (q [C, rows] fp8 row-major, scales [E*C]); the rows past the last run are written as zeros.
+    Every ``padded_starts[e]`` and ``rows`` must be multiples of ``align`` (the layout's run alignment)."""
     if t.stride(-1) != 1:
         t = t.contiguous()
     n_cols, n_exp = t.shape[1], counts.shape[0]
@@ -325,7 +343,7 @@ def quantize_token_runs(
     _token_runs_kernel[(n_exp, _cdiv(n_cols, block_c))](
         t, starts, counts, padded_starts, plens, q, s,
         n_cols, rows, t.stride(0),
-        BLOCK_T=64, BLOCK_C=block_c, UE8M0=scale_fmt == "ue8m0",
+        BLOCK_T=64, BLOCK_C=block_c, UE8M0=scale_fmt == "ue8m0", RUN_ALIGN=align,
         num_warps=4,
     )
     return q, s.reshape(-1)
