@@ -139,6 +139,7 @@ def run_cases(device: str) -> dict:
         w = torch.randn(3, 200, 260, device=device) * 10.0 ** torch.arange(-1, 2, device=device).view(3, 1, 1)
         w[1, 7, 5] = -3e3  # one column with an outlier: its own scale
         wb = w.to(torch.bfloat16)
+        qs0 = Q.quantize_groups_reference(w[0], (1, 128), check_finite=False)
         chunk, Q.QUANT_CHUNK_ELEMS = Q.QUANT_CHUNK_ELEMS, 4096
         try:
             for name, got_fn, want in (
@@ -148,6 +149,8 @@ def run_cases(device: str) -> dict:
                  Q.quantize_groups_reference(wb.transpose(-2, -1).contiguous(), (1, 200), check_finite=False)),
                 ("above the chunk size, rows of W^T ue8m0 fp32", lambda: Q.quantize_rows(w.transpose(-2, -1), "ue8m0"),
                  Q.quantize_groups_reference(w.transpose(-2, -1).contiguous(), (1, 200), "ue8m0", check_finite=False)),
+                ("above the chunk size, re-tile", lambda: Q.requantize_tiles_t(*qs0),
+                 Q.quantize_groups_reference(Q.dequantize_groups(*qs0, (1, 128)).t(), (1, 128))),
                 ("above the chunk size, a strided view", lambda: Q.quantize_rows(w[:, :, :250].transpose(-2, -1)),
                  Q.quantize_groups_reference(w[:, :, :250].transpose(-2, -1).contiguous(), (1, 200), check_finite=False)),
             ):
@@ -192,7 +195,7 @@ def _assert_bit_exact(results: dict) -> None:
     fallback = results.pop("other group shapes fall back")
     assert results.pop("1x128 scales column-major") == [True, True, True]
     for name in ("above the chunk size, in place", "above the chunk size, rows of W^T",
-                 "above the chunk size, rows of W^T ue8m0 fp32"):
+                 "above the chunk size, rows of W^T ue8m0 fp32", "above the chunk size, re-tile"):
         assert results.pop(name) == {"bits_equal": True, "triton_launches": 1}, name
     chunked = results.pop("above the chunk size, a strided view")
     assert chunked["bits_equal"] and chunked["triton_launches"] > 1, chunked

@@ -179,7 +179,7 @@ def requantize_tiles_t(
         raise ValueError(f"requantize_tiles_t expects a 2-D tensor, got {tuple(q.shape)}")
     k = q.shape[1]
     chunk_rows = _chunk_rows(k, q.shape[0], tile)
-    if chunk_rows >= k:
+    if chunk_rows >= k or _triton_takes_whole("requant_t", tile, tile, q):
         return _run("requant_t", tile, tile, scale_fmt, q, scale_inv)
     # chunk over K in whole input tiles: output rows [k0, k1) read input columns [k0, k1) and scale columns k0/tile...
     m = q.shape[0]
