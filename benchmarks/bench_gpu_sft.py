@@ -66,7 +66,7 @@ import torch  # noqa: E402
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H800 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
                     "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 STALL_FACTOR = 2.0
-VARIANTS = ("bf16", "fp32", "fp32-autocast", "fp8")
+VARIANTS = ("bf16", "fp32", "fp32-autocast", "fp32-master", "fp8")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,8 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=None, help="default: the preset's (163840 for moonlight-16b)")
     ap.add_argument("--seqs", default="8192,32768", help="packed row lengths, comma-separated")
     ap.add_argument("--variants", default=None,
-                    help=f"comma-separated of {', '.join(VARIANTS)} (default: bf16,fp8 on CUDA; fp32,fp8 on CPU). "
+                    help=f"comma-separated of {', '.join(VARIANTS)} (default: bf16,fp32-master,fp8 on CUDA; fp32,fp8 on CPU). "
                     "bf16 / fp32: weights in that dtype; fp32-autocast: fp32 master weights + bf16 autocast; "
+                    "fp32-master: fp32 master weights, bf16 compute through FSDP2's MixedPrecisionPolicy on one rank "
+                    "(recipes/accelerate/fsdp2-1gpu.yaml); "
                     "fp8: `fp8: true` layers (swap_linears_to_fp8) over bf16 weights (fp32 on CPU)")
     ap.add_argument("--fp8-backward", default="fp8", choices=["fp8", "bf16"])
     ap.add_argument("--attn", default=None, help="attn_implementation (default: the SFT trainer's for the device)")
@@ -244,7 +246,7 @@ def _variant_setup(variant: str, device: torch.device) -> tuple[torch.dtype, boo
     """(weight dtype, bf16 autocast, fp8 layers)."""
     if variant == "bf16":
         return torch.bfloat16, False, False
-    if variant == "fp32":
+    if variant in ("fp32", "fp32-master"):
         return torch.float32, False, False
     if variant == "fp32-autocast":
         return torch.float32, True, False
@@ -253,7 +255,49 @@ def _variant_setup(variant: str, device: torch.device) -> tuple[torch.dtype, boo
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
+@contextlib.contextmanager
+def _one_rank_group(device: torch.device):
+    """A torch.distributed group of one process (FSDP2 needs one), torn down after the row if made here."""
+    import socket
+
+    import torch.distributed as dist
+
+    made = not dist.is_initialized()
+    if made:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                world_size=1, rank=0)
+    try:
+        yield
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
+def _fsdp2_mixed_precision(model) -> None:
+    """FSDP2 on one rank with bf16 compute over the fp32 master weights, as accelerate builds it from
+    recipes/accelerate/fsdp2-1gpu.yaml: each decoder layer and the MTP module a unit, then the root; the
+    bf16 copies of a unit's weights are made once per step and kept from forward to backward (one rank has
+    no memory to win by resharding); gradients reduced into the fp32 master weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = {id(b): b for b in [*model.model.layers, *model.mtp_layers]}  # the MTP module may be a layers entry
+    for block in blocks.values():
+        fully_shard(block, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+
+
 def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.device) -> dict[str, Any]:
+    if variant != "fp32-master":
+        return _run_variant(args, variant, seq, device)
+    with _one_rank_group(device):
+        return _run_variant(args, variant, seq, device)
+
+
+def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.device) -> dict[str, Any]:
     from posttrain.balancing import ExpertLoadBalancer
     from posttrain.sft.attention import default_attn_implementation, register_segmented_sdpa
 
@@ -283,6 +327,10 @@ def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.
     row["experts"] = model.config._experts_implementation
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if variant == "fp32-master":
+        _fsdp2_mixed_precision(model)
+        row["compute"] = "bfloat16 (FSDP2 MixedPrecisionPolicy)"
+    row["param_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=device.type == "cuda")
     balancer = ExpertLoadBalancer(model, bias_update_speed=1e-3, seq_balance_alpha=1e-4, history_interval=0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -419,7 +467,7 @@ def run_sft_step_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per (variant, row length): see the module docstring. Failures (out of memory, a
     kernel error) become rows with an `error` and the others still run."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    variants = (args.variants or ("bf16,fp8" if device.type == "cuda" else "fp32,fp8")).split(",")
+    variants = (args.variants or ("bf16,fp32-master,fp8" if device.type == "cuda" else "fp32,fp8")).split(",")
     rows = []
     for variant in variants:
         for seq in (int(s) for s in str(args.seqs).split(",")):

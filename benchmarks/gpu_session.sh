@@ -13,8 +13,10 @@
 #   profile/                        `bench_gpu_sft.py --profile`: the step's top operators and a Chrome trace
 #   pytest.log                      `pytest -m "not vllm"` on CUDA (-v: each result as it lands)
 # and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 540).
-# PARTS (default "bench profile pytest") picks the parts and their order; SECTIONS the benchmark sections
-# (name:limit_s); PYTEST_S caps pytest; PYTEST_TARGETS / PYTEST_MARK / PYTEST_WORKERS / PYTEST_DIST shape it.
+# Session 11 (one H100): env 3 s, sft_step 94 s (4 rows; 6 now), quant 17 s, experts 26 s, gemm 19 s, linear 11 s,
+# each plus ~7 s of start-up; pytest -n 14 had not finished in 120 s (3 slow tests left).
+# PARTS (default "bench pytest profile") picks the parts and their order; SECTIONS the benchmark sections
+# (name:limit_s); PYTEST_S caps pytest (default 200 s); PYTEST_TARGETS / PYTEST_MARK / PYTEST_WORKERS / PYTEST_DIST shape it.
 set -uo pipefail
 
 WHEELS=(transformers==5.19.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 math-verify==0.9.0
@@ -46,11 +48,11 @@ run() {
     python3 -c "import sys, torch, triton, transformers, trl, datasets, peft, accelerate; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
   } 2>&1 | tee "$work/env.txt"
   local part section limit
-  for part in ${PARTS:-bench profile pytest}; do
+  for part in ${PARTS:-bench pytest profile}; do
     case $part in
     bench)
       # the sections in the order of the acceptance; each writes its own JSON
-      for section in ${SECTIONS:-env:30 sft_step:200 quant:60 experts:90 gemm:90 linear:90}; do
+      for section in ${SECTIONS:-env:30 sft_step:240 quant:45 experts:60 gemm:45 linear:45}; do
         limit=${section#*:}; section=${section%%:*}
         (( $(left) > 30 )) || { echo "== $section skipped: budget spent" | tee -a "$work/bench_gpu.md"; continue; }
         (( limit > $(left) )) && limit=$(left)
@@ -71,7 +73,7 @@ run() {
         pack
       fi ;;
     pytest)
-      limit=$(( $(left) < ${PYTEST_S:-100000} ? $(left) : ${PYTEST_S:-100000} ))
+      limit=$(( $(left) < ${PYTEST_S:-200} ? $(left) : ${PYTEST_S:-200} ))
       if (( limit > 60 )); then
         echo "== pytest -m 'not vllm' (limit ${limit}s, t=$(( $(date +%s) - t0 ))s)"
         # -v: xdist prints each result as it lands, so a run cut off by the limit still names its failures

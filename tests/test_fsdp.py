@@ -191,6 +191,20 @@ def test_the_671b_config_runs_as_shipped(tmp_path, tiny_model_dir, sft_data):
     assert "model.layers.2.eh_proj.weight" in state and not any("gate_up_proj" in k for k in state)
 
 
+def test_the_one_gpu_config_keeps_fp32_master_weights_and_computes_in_bf16(sft_runs, tmp_path, tiny_model_dir, sft_data):
+    """recipes/accelerate/fsdp2-1gpu.yaml as shipped (one rank, bf16 mixed precision): the weights the
+    optimizer steps, and the checkpoint, stay float32 while the forward runs in bf16 -- its first loss is the
+    fp32 run's to bf16 rounding, not exactly."""
+    out = tmp_path / "one"
+    args = _sft_args(tiny_model_dir, sft_data, out, per_device=2)
+    args[args.index("--max_steps") + 1] = "2"
+    _launch("fsdp2-1gpu.yaml", 1, args, port=29549)
+    first, plain = _log(out)[1], _log(sft_runs["plain"])[1]
+    assert first != plain and first == pytest.approx(plain, rel=2e-2)
+    state = _safetensors(out / "checkpoint-2")
+    assert state and {t.dtype for t in state.values()} == {torch.float32}
+
+
 def test_fp8_under_fsdp2_matches_the_single_process_fp8_run(tmp_path, tiny_model_dir, sft_data):
     """`fp8: true` on 2 FSDP2 ranks: there the per-step FP8 weight cache is off, each FP8 layer's backward
     quantizes again from the weight FSDP gathers again for it (tests/test_fp8_experts_grouped.py: no FP8
