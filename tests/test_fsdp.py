@@ -210,19 +210,19 @@ def test_fp8_under_fsdp2_matches_the_single_process_fp8_run(tmp_path, tiny_model
     quantizes again from the weight FSDP gathers again for it (tests/test_fp8_experts_grouped.py: no FP8
     weight is kept from the forward). The losses follow the single-process FP8 run. FP8 rounding is not
     continuous: gradients that differ in fp32 summation order can move a weight across an e4m3 rounding
-    boundary, so the tolerance is 1e-3 (measured 4e-5), still far below a wrong sharding's > 1e-2."""
+    boundary, so the tolerance is 1e-3 (measured 4e-5 at step 2), still far below a wrong sharding's > 1e-2."""
     runs = {}
     for name, nproc, per_device in (("plain", 0, 2), ("fsdp2", 2, 1)):
         runs[name] = tmp_path / name
         args = _sft_args(tiny_model_dir, sft_data, runs[name], per_device=per_device) + ["--fp8", "true"]
-        args[args.index("--max_steps") + 1] = "3"
+        args[args.index("--max_steps") + 1] = "2"  # step 2's loss follows one update from sharded gradients
         args[args.index("--save_strategy") + 1] = "no"
         if nproc:
             _launch("fsdp2-1node.yaml", nproc, args, extra=["--mixed_precision", "no"], port=29547)
         else:
             _single(args)
     plain, sharded = _log(runs["plain"]), _log(runs["fsdp2"])
-    assert sorted(plain) == sorted(sharded) == [1, 2, 3]
+    assert sorted(plain) == sorted(sharded) == [1, 2]
     for step in plain:
         assert sharded[step] == pytest.approx(plain[step], rel=1e-3), (step, plain, sharded)
 
