@@ -5,14 +5,16 @@
 #
 #   bash benchmarks/gpu_session.sh prepare      # here: wheels for Python 3.12 into .whl/ (about 15 MiB)
 #   # then one device call, from the repository root, carrying .whl:
-#   #   run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=580)
+#   #   run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=590)
+#   Plan for that one call: the machine goes back after 30 s idle, and in session 11 a second call was refused
+#   ("no new device machine is lent at present").
 #
 # `run` installs the wheels into /tmp/site, then writes to $OUT (or ./gpu-out) gpu-out.tgz, which holds:
 #   env.txt                         the GPU and the versions
 #   bench_gpu.md, bench_gpu.*.json  `benchmarks/bench_gpu.py`, one section at a time, each with its own timeout
 #   profile/                        `bench_gpu_sft.py --profile`: the step's top operators and a Chrome trace
 #   pytest.log                      `pytest -m "not vllm"` on CUDA (-v: each result as it lands)
-# and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 540).
+# and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 560).
 # Session 11 (one H100): env 3 s, sft_step 94 s (4 rows; 6 now), quant 17 s, experts 26 s, gemm 19 s, linear 11 s,
 # each plus ~7 s of start-up; pytest -n 14 had not finished in 120 s (3 slow tests left).
 # PARTS (default "bench pytest profile") picks the parts and their order; SECTIONS the benchmark sections
@@ -34,7 +36,7 @@ prepare() {
 run() {
   # The device tool brings back at most 8 files from $OUT: everything is written to $work and tarred into
   # $OUT/gpu-out.tgz after every part, so a call cut off by its limit still returns what was done.
-  local out=${OUT:-$PWD/gpu-out} budget=${BUDGET_S:-540} work=/tmp/gpu-work t0
+  local out=${OUT:-$PWD/gpu-out} budget=${BUDGET_S:-560} work=/tmp/gpu-work t0
   mkdir -p "$out" "$work"
   t0=$(date +%s)
   left() { echo $(( budget - ($(date +%s) - t0) )); }
