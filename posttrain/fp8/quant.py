@@ -376,7 +376,8 @@ def _triton_check(device: torch.device) -> str | None:
     q, s = _quantize_padded(x, 1, 128, None, False)
     q = q[:, :300].contiguous()
     cases = [("groups", 1, 128, None, (xb,)), ("groups", 128, 128, None, (x,)), ("groups", 1, 128, "ue8m0", (x,)),
-             ("groups", 1, 300, None, (xb,)), ("groups_t", 1, 128, None, (xb,)), ("requant_t", 128, 128, None, (q, s))]
+             ("groups", 1, 300, None, (xb,)), ("groups", 1, 200, None, (xb.t(),)),  # rows of x, of x^T read from x
+             ("groups_t", 1, 128, None, (xb,)), ("requant_t", 128, 128, None, (q, s))]
     try:
         for kind, a, b, fmt, tensors in cases:
             got = triton_quant.quantize(kind, a, b, fmt, *tensors)

@@ -248,11 +248,15 @@ def _supported(group_r: int, group_c: int) -> bool:
     return _pow2(group_c) and 16 <= group_c <= 1024 and _pow2(group_r) and group_r * group_c <= _MAX_TILE_ELEMS
 
 
+def _row_wise(kind: str, group_r: int, group_c: int, x: torch.Tensor) -> bool:
+    """One group per whole row of ``x``: the row-wise kernels' case (groups of 7168 or 2048 channels)."""
+    return kind == "groups" and group_r == 1 and group_c >= x.shape[-1]
+
+
 def in_place(kind: str, group_r: int, group_c: int, x: torch.Tensor) -> bool:
     """Whether :func:`quantize` takes ``x`` whole: one launch that reads it where it is, with no copy of it in
     high precision (so no chunking is needed to bound memory). Offsets are 64-bit: any size is fine."""
-    cols = x.shape[-1] if kind == "groups" else x.shape[-2]
-    if kind == "groups" and group_r == 1 and group_c >= cols:  # row-wise: W, or W^T read from W
+    if _row_wise(kind, group_r, group_c, x):  # W, or W^T read from W
         return x.is_contiguous() or _rows_of_transpose(x)
     return x.is_contiguous() and _supported(group_r, group_c)
 
@@ -277,7 +281,7 @@ def quantize(
     else:
         raise ValueError(f"unknown quantizer kind {kind!r}")
     group_r, group_c = group
-    if kind == "groups" and group_r == 1 and group_c >= view.shape[-1]:
+    if _row_wise(kind, group_r, group_c, view):
         return _quantize_rows(view, scale_fmt)
     if not _supported(group_r, group_c):
         return None
