@@ -16,6 +16,10 @@ Prints the tables the issue is judged by, as markdown, and writes them as JSON:
 * ``quant``: quantizer throughput in GB/s (bytes read + written) for the activation 1x128, weight
   128x128, row-wise, transposed (wgrad dY^T) and re-tiling (wgrad X^T) kernels, eager vs compiled, with
   the compiled-vs-reference rule (scales identical, at most one e4m3 step) checked on the way.
+* ``lm_head``: the LM head + cross-entropy forward+backward at Moonlight's head (hidden 2048, vocabulary
+  163840), 8192 and 32768 tokens, bf16: full logits (``lm_head`` then fp32 ``cross_entropy``) vs the fused
+  head (``posttrain.lm_loss``, three GEMMs) vs TRL's chunked kernel (four GEMMs); time, peak memory,
+  gradient error against the full-logits path.
 * ``sft_step``: the SFT step on the Moonlight-shaped slice (benchmarks/bench_gpu_sft.py).
 
 Usage (one GPU):
@@ -58,7 +62,7 @@ V3_SHAPES = [
     ("dense gate|up", 18432, 7168),
     ("dense down", 7168, 18432),
 ]
-SECTIONS = ("env", "gemm", "linear", "experts", "quant", "sft_step")
+SECTIONS = ("env", "gemm", "linear", "experts", "quant", "lm_head", "sft_step")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -498,6 +502,65 @@ def section_quant(ctx: Ctx, args) -> list[dict]:
     return out
 
 
+# === lm_head (issue #13 item 4: the chunked LM head + cross-entropy) ====================================
+def section_lm_head(ctx: Ctx, args) -> list[dict]:
+    from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy
+
+    hidden, vocab = (128, 1024) if ctx.smoke else (2048, 163840)
+    token_counts = [256] if ctx.smoke else [8192, 32768]
+    if args.lm_shape:
+        *token_counts, hidden, vocab = args.lm_shape
+    out, rows = [], []
+    for n in token_counts:
+        torch.manual_seed(0)
+        head = nn.Linear(hidden, vocab, bias=False, device=ctx.device, dtype=ctx.dtype)
+        h = torch.randn(n, hidden, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+        t = torch.randint(0, vocab, (n,), device=ctx.device)
+        t[::64] = IGNORE_INDEX  # sample boundaries
+
+        def full(h, head, t):
+            return nn.functional.cross_entropy(head(h).float(), t, ignore_index=IGNORE_INDEX)
+
+        impls = {"full logits": full,
+                 "fused": lambda h, head, t: lm_head_cross_entropy(h, head, t, backend="fused"),
+                 "trl": lambda h, head, t: lm_head_cross_entropy(h, head, t, backend="trl")}
+        ref = None
+        for name, fn in impls.items():
+            r = {"tokens": n, "hidden": hidden, "vocab": vocab, "impl": name}
+
+            def run():
+                h.grad, head.weight.grad = None, None
+                fn(h, head, t).backward()
+
+            try:
+                ctx.free()
+                run()
+                r["peak_gib"] = ctx.peak_gib()
+                grads = (h.grad.detach().clone(), head.weight.grad.detach().clone())
+                if ref is None:
+                    ref = grads
+                else:
+                    r["err_dh"], r["err_dw"] = rel_err(grads[0], ref[0]), rel_err(grads[1], ref[1])
+                r["ms"] = ctx.bench_ms(run)
+                r["tflops"] = 6.0 * n * hidden * vocab / r["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 -- the full-logits path may run out of memory at 32k
+                traceback.print_exc()
+                r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            out.append(r)
+        base = {r["tokens"]: r.get("ms") for r in out if r["impl"] == "trl"}
+        for r in out[-len(impls):]:
+            r["trl_over_this"] = base[n] / r["ms"] if base.get(n) and r.get("ms") else None
+            rows.append([n, r["impl"], fmt(r.get("ms")), fmt(r.get("tflops"), ".1f"), fmt(r.get("trl_over_this"), ".2f"),
+                         fmt(r.get("peak_gib"), ".1f"), fmt(r.get("err_dh"), ".2e"), fmt(r.get("err_dw"), ".2e"),
+                         r.get("error", "")])
+        del head, h, t, ref
+        ctx.free()
+    table(f"LM head + cross-entropy forward+backward (hidden {hidden}, vocabulary {vocab}, {ctx.dtype}); "
+          "TF/s counts 6·n·H·V", ["tokens", "impl", "ms", "TF/s", "trl/this", "peak GiB", "err dh vs full",
+                                  "err dW vs full", "error"], rows)
+    return out
+
+
 # === sft_step (issue #13 item 6) =========================================================================
 def section_sft_step(ctx: Ctx, args) -> list[dict]:
     """The SFT step on the Moonlight-16B-shaped slice (4 layers + MTP, hidden 2048, 64 experts top-6,
@@ -521,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--tokens", type=int, default=4096, help="tokens for the experts layer")
     ap.add_argument("--json", default=None, help="write all rows here (default: $OUT/bench_gpu.json when $OUT is set)")
+    ap.add_argument("--lm-shape", type=int, nargs="+", default=None, metavar="N",
+                    help="lm_head section: TOKENS [TOKENS ...] HIDDEN VOCAB (default 8192 32768 2048 163840)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script end to end")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -536,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(torch {torch.__version__}). Use --cpu-smoke to check the script on tiny CPU shapes.", file=sys.stderr)
         return 2
     funcs = {"env": section_env, "gemm": section_gemm, "linear": section_linear, "experts": section_experts,
-             "quant": section_quant, "sft_step": section_sft_step}
+             "quant": section_quant, "lm_head": section_lm_head, "sft_step": section_sft_step}
     results: dict[str, object] = {"argv": sys.argv[1:] if argv is None else argv, "smoke": ctx.smoke}
     failed = []
     for name in sections:

@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "fp8: `fp8: true` layers (swap_linears_to_fp8) over bf16 weights (fp32 on CPU)")
     ap.add_argument("--fp8-backward", default="fp8", choices=["fp8", "bf16"])
     ap.add_argument("--attn", default=None, help="attn_implementation (default: the SFT trainer's for the device)")
+    ap.add_argument("--lm-loss", default="auto", choices=["auto", "fused", "trl"],
+                    help="LM head + cross-entropy (posttrain.lm_loss.lm_head_cross_entropy backend; auto: fused)")
     ap.add_argument("--experts", default="grouped_mm", help="transformers experts implementation (non-FP8 variants)")
     ap.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"],
                     help="activation checkpointing; auto: on for rows longer than 16384 tokens")
@@ -312,7 +314,7 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
         pad_to = int(args.pad_to_multiple_of) or None
     row: dict[str, Any] = {"variant": variant, "seq": seq, "attn": attn, "grad_ckpt": ckpt,
                            "weights": str(dtype).replace("torch.", ""), "autocast_bf16": autocast, "fp8": fp8,
-                           "pad_to_multiple_of": pad_to}
+                           "pad_to_multiple_of": pad_to, "lm_loss": args.lm_loss}
     if attn == "sdpa_segmented":
         register_segmented_sdpa()
     model = build_model(args, dtype, device)
@@ -344,7 +346,7 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with balancer.batch(token_mask=batch["token_mask"], sample_ids=batch["sample_ids"]), ctx:
             out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                        use_cache=False, compute_mtp=True, return_logits=False)
+                        use_cache=False, compute_mtp=True, return_logits=False, lm_loss_backend=args.lm_loss)
             loss = out.loss + args.mtp_weight * out.mtp_loss
             balance = balancer.sequence_balance_loss()
             if balance is not None:

@@ -28,7 +28,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3RMSNorm,
 )
 
-IGNORE_INDEX = -100
+from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy
 
 
 def autocast_attention_inputs(
@@ -194,12 +194,14 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
         compute_mtp: bool | None = None,
         detach_mtp_input: bool = False,
         return_logits: bool = True,
+        lm_loss_backend: str = "auto",
         **kwargs,
     ) -> MTPCausalLMOutput:
         """`return_logits=False` (with `labels`): the main and MTP losses are computed by the chunked
         LM head + cross-entropy (`lm_head_cross_entropy`) and `logits` / `mtp_logits` are None; the
         `[tokens, vocab]` logits are never materialised (fp32 logits of a 16k-token row at Moonlight's
-        163,840-entry vocabulary are 10 GiB per head). Same loss and gradients as the default path."""
+        163,840-entry vocabulary are 10 GiB per head). Same loss and gradients as the default path.
+        `lm_loss_backend` picks its implementation (`posttrain.lm_loss.lm_head_cross_entropy`'s `backend`)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -225,7 +227,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
                 target = _shift_left(labels, 1, fill=IGNORE_INDEX)
             loss = lm_head_cross_entropy(
                 hidden[:, slice_indices, :], self.lm_head, target[:, slice_indices],
-                num_items=kwargs.get("num_items_in_batch"),
+                num_items=kwargs.get("num_items_in_batch"), backend=lm_loss_backend,
             )
 
         if compute_mtp is None:
@@ -235,7 +237,8 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
             if input_ids is None:
                 raise ValueError("MTP needs input_ids (the next tokens feed the MTP embedding).")
             mtp_logits, mtp_loss = self._mtp(
-                hidden, input_ids, position_ids, labels, attention_mask, detach_mtp_input, return_logits=return_logits
+                hidden, input_ids, position_ids, labels, attention_mask, detach_mtp_input, return_logits=return_logits,
+                lm_loss_backend=lm_loss_backend,
             )
 
         return MTPCausalLMOutput(
@@ -257,6 +260,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
         attention_mask: torch.Tensor | None,
         detach_input: bool,
         return_logits: bool = True,
+        lm_loss_backend: str = "auto",
     ) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
         """(per-depth logits, or None with `return_logits=False` and labels; the MTP loss, the mean over
         depths of each depth's token-mean cross-entropy, report eq. 24-25 without λ)."""
@@ -300,7 +304,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
                 if return_logits:
                     losses.append(_token_mean_ce(depth_logits, target))
                 else:
-                    losses.append(lm_head_cross_entropy(head_input, self.lm_head, target))
+                    losses.append(lm_head_cross_entropy(head_input, self.lm_head, target, backend=lm_loss_backend))
         mtp_loss = torch.stack(losses).mean() if losses else None
         return (tuple(all_logits) if return_logits else None), mtp_loss
 
@@ -338,125 +342,3 @@ def _token_mean_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     valid = (target != IGNORE_INDEX).sum()
     total = nn.functional.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / valid.clamp(min=1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Chunked LM head + cross-entropy (issue 13)
-
-# Elements of one [tokens, vocab] tile. On CPU the tile is fp32 (32 MiB); on GPUs TRL's kernel uses
-# its own tiles: 4096 tokens (`trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`) × 32768 vocabulary
-# entries (`trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`), trl 1.16.0.
-_TILE_ELEMS = 1 << 23
-_TRL_VOCAB_CHUNK = 32768
-
-
-class _TokenChunkedLinearCE(torch.autograd.Function):
-    """log p(target) of `hidden @ weight.T (+ bias)` per token, computed `rows` tokens at a time with
-    full-vocabulary rows and torch's own (fused) log-sum-exp / exp kernels; backward recomputes each
-    chunk's logits. Keeps only the per-token log-sum-exp between forward and backward.
-
-    The CPU path: TRL's kernel runs there as a torch emulation of its Triton tiles, ~4x the
-    elementwise passes of this one (measured +12% per SFT step on the tiny preset)."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                target: torch.Tensor, rows: int) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        log_probs = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-        lse = torch.empty_like(log_probs)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], rows):
-                end = min(start + rows, hidden.shape[0])
-                logits = nn.functional.linear(hidden[start:end].to(dtype), w, b).float()
-                lse[start:end] = torch.logsumexp(logits, dim=-1)
-                log_probs[start:end] = logits.gather(1, target[start:end, None]).squeeze(1) - lse[start:end]
-        ctx.save_for_backward(hidden, weight, bias, target, lse)
-        ctx.rows, ctx.dtype = rows, dtype
-        return log_probs
-
-    @staticmethod
-    def backward(ctx, grad_log_probs: torch.Tensor):
-        hidden, weight, bias, target, lse = ctx.saved_tensors
-        dtype, rows = ctx.dtype, ctx.rows
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # fp32 accumulation over the token chunks, whatever the weight dtype
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
-        grad_log_probs = grad_log_probs.float()
-        for start in range(0, hidden.shape[0], rows):
-            end = min(start + rows, hidden.shape[0])
-            h = hidden[start:end].to(dtype)
-            logits = nn.functional.linear(h, w, b).float()
-            # d log p_t / d z = onehot(t) - softmax(z), times the incoming gradient, in place
-            grad = logits.sub_(lse[start:end, None]).exp_()
-            grad.scatter_add_(1, target[start:end, None], torch.full_like(grad[:, :1], -1.0))
-            grad.mul_(-grad_log_probs[start:end, None])
-            g = grad.to(dtype)
-            if grad_h is not None:
-                grad_h[start:end] = (g @ w).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(grad.t(), h.float())
-            if grad_b is not None:
-                grad_b += grad.sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None)
-
-
-def lm_head_cross_entropy(
-    hidden: torch.Tensor,
-    lm_head: nn.Linear,
-    target: torch.Tensor,
-    *,
-    num_items: torch.Tensor | int | None = None,
-    backend: str = "auto",
-    chunk: int | None = None,
-) -> torch.Tensor:
-    """Cross-entropy of `lm_head(hidden)` against `target` (IGNORE_INDEX skipped) without the
-    `[tokens, vocab]` logits: Σ -log p(target) over the valid targets, divided by their count (or
-    by `num_items`). Equal in value and gradients to `_token_mean_ce(lm_head(hidden), target)` up
-    to fp32 summation order.
-
-    Backends (`auto`: `trl` on CUDA/XPU, `torch` elsewhere):
-    * `trl`: TRL's `ChunkedLogProbFunction` (trl 1.16.0; the fused LM head of its GRPO trainer):
-      tiles of tokens × vocabulary folded into an online log-sum-exp by a Triton kernel, tiles
-      recomputed in backward, gradient GEMMs accumulated in fp32. Its positional signature
-      (hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs) is
-      TRL-internal, pinned with TRL. `chunk` is its vocabulary tile.
-    * `torch`: `_TokenChunkedLinearCE`, `chunk` tokens at a time (default: about 2^23 logits).
-    Under autocast both compute the logits in the autocast dtype, as `lm_head` itself would.
-
-    Only the valid positions are projected (prompt tokens and sample boundaries cost nothing); the
-    selection is one host sync per call on CUDA, as in TRL's own fused head.
-    """
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_target = target.reshape(-1).to(flat_hidden.device)
-    valid = flat_target != IGNORE_INDEX
-    h, t = flat_hidden[valid], flat_target[valid]
-    weight, bias = lm_head.weight, lm_head.bias
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without torch.distributed
-        DTensor = ()  # noqa: N806
-    if isinstance(weight, DTensor):  # a separately sharded head (FSDP2): gather it, as TRL does
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-    if backend == "auto":
-        backend = "trl" if h.device.type in ("cuda", "xpu") else "torch"
-    if backend == "trl":
-        from trl.kernels import ChunkedLogProbFunction
-
-        log_probs = ChunkedLogProbFunction.apply(h, weight, bias, t, 1.0, chunk or _TRL_VOCAB_CHUNK, None, 1.0, ())[0]
-    elif backend == "torch":
-        rows = chunk or max(1, _TILE_ELEMS // weight.shape[0])
-        log_probs = _TokenChunkedLinearCE.apply(h, weight, bias, t, rows)
-    else:
-        raise ValueError(f"backend must be 'auto', 'trl' or 'torch', got {backend!r}")
-    denominator = valid.sum().clamp(min=1) if num_items is None else num_items
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(log_probs.device)
-    return -log_probs.sum() / denominator

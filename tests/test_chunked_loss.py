@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from posttrain.modeling import IGNORE_INDEX, DeepseekV3ForCausalLMWithMTP, _token_mean_ce, lm_head_cross_entropy
+from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy
+from posttrain.modeling import DeepseekV3ForCausalLMWithMTP, _token_mean_ce
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 U = 2.0**-24  # fp32 unit roundoff
@@ -71,7 +72,7 @@ def _ref(h, head, t):
     return _token_mean_ce(head(h), t)
 
 
-@pytest.mark.parametrize("backend, chunk", [("torch", 1000), ("trl", 384)])
+@pytest.mark.parametrize("backend, chunk", [("fused", 1000), ("trl", 384)])
 def test_chunked_ce_equals_full_logits_in_value_and_gradients(backend, chunk, device):
     """4100 tokens (two of TRL's 4096-token tiles; five 1000-token chunks for the torch backend),
     V = 1000 cut into uneven vocabulary tiles (384, 384, 232), 30% ignored targets."""
@@ -109,7 +110,7 @@ def test_chunked_ce_under_bf16_autocast_computes_logits_like_lm_head(device):
     h, head, t = _problem(512, 32, 2048, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         ref = _loss_and_grads(_ref, h, head, t)
-        got = _loss_and_grads(lambda a, b, c: lm_head_cross_entropy(a, b, c, backend="torch", chunk=100), h, head, t)
+        got = _loss_and_grads(lambda a, b, c: lm_head_cross_entropy(a, b, c, backend="fused", chunk=100), h, head, t)
     fp32 = _loss_and_grads(_ref, h, head, t)
     assert abs(float(got[0]) - float(ref[0])) <= 1e-5 * float(ref[0])
     assert abs(float(fp32[0]) - float(ref[0])) > 10 * abs(float(got[0]) - float(ref[0]))
@@ -301,15 +302,16 @@ def test_sft_trainer_trains_and_evaluates_without_logits_and_matches_the_logits_
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA fast path (TRL's Triton kernel)
+# CUDA fast path (the fused head's Triton kernel; TRL's for comparison)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "trl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_auto_backend_is_trl_triton_and_matches_reference(dtype):
-    """On CUDA `auto` is TRL's Triton kernel; fp32 within the derived bound, bf16 weights within
-    bf16 rounding of the logits (the reference's logits are bf16 too)."""
-    from trl.kernels.chunked_logprob import _use_triton
+def test_cuda_backends_match_reference(dtype, backend):
+    """On CUDA `auto` is the fused head with its Triton kernel; it and TRL's Triton kernel: fp32 within
+    the derived bound, bf16 weights within bf16 rounding of the logits (the reference's are bf16 too)."""
+    from posttrain.lm_loss import _use_triton
 
     device = torch.device("cuda")
     assert _use_triton(device)
@@ -319,7 +321,7 @@ def test_cuda_auto_backend_is_trl_triton_and_matches_reference(dtype):
         head = head.to(dtype)
         h = h.detach().to(dtype).requires_grad_()
     ref = _loss_and_grads(_ref, h, head, t)
-    got = _loss_and_grads(lm_head_cross_entropy, h, head, t)
+    got = _loss_and_grads(lambda a, b, c: lm_head_cross_entropy(a, b, c, backend=backend), h, head, t)
     if dtype == torch.float32:
         loss_tol, h_tol, w_tol = _error_bounds(h, head, t)
         assert abs(float(got[0]) - float(ref[0])) <= loss_tol

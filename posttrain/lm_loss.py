@@ -1,0 +1,220 @@
+"""LM head + cross-entropy without the ``[tokens, vocab]`` logits, gradients computed in the forward.
+
+The SFT loss (and each MTP depth's, DeepSeek-V3 report §2.2 eq. 24-25) is a sum of per-token
+``-log p(target)`` over a linear head, divided by a count. Its gradient with respect to the logits,
+``softmax(z) - onehot(target)``, is known as soon as a token's logits are: so each chunk of tokens is
+projected once, its logits are turned into that gradient in place, and the two gradient GEMMs
+(``dh = g W`` and ``dW += gᵀ h``) run right there. The backward only scales the stored gradients by
+the incoming scalar. That is three GEMMs per head where recomputing the logits in the backward
+(TRL's ``ChunkedLogProbFunction``, or any chunked head that keeps only the log-sum-exp) takes four:
+at Moonlight's 163,840-entry vocabulary the two heads are 60% of the SFT step's matmul FLOPs.
+
+The price is memory held from the forward to the backward: ``dW`` in the weight's dtype (the size
+of the weight's own ``.grad``) and ``dh`` in the hidden states' dtype. The logits of a chunk live only
+while it is processed.
+
+The in-place turn of a chunk's logits into their gradient is one Triton kernel on CUDA (two reads
+and one write of the chunk) and torch's own kernels elsewhere; both are checked against each other
+in ``tests/test_lm_loss.py`` (the Triton one under its CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU install without Triton uses the torch fold
+    triton = None
+    tl = None
+
+IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "lm_head_cross_entropy", "softmax_grad_"]
+
+# Elements of one chunk's [tokens, vocab] logits: fp32 32 MiB on a CPU; on a GPU 2^28 (512 MiB in
+# bf16) keeps each of the chunk's GEMMs large (M ≥ 1536 rows at V3's and Moonlight's vocabularies).
+_CHUNK_ELEMS_CPU = 1 << 23
+_CHUNK_ELEMS_GPU = 1 << 28
+# TRL's kernel (the `trl` backend): its vocabulary tile (trl 1.16.0 `_CHUNKED_LOGPROB_CHUNK_SIZE`).
+_TRL_VOCAB_CHUNK = 32768
+_FOLD_BLOCK = 4096
+
+
+def _use_triton(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softmax_grad_kernel(z_ptr, stride, t_ptr, nll_ptr, V, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """One row of logits: -log p(target) into nll_ptr, and (WRITE_GRAD) the row overwritten with
+        softmax(z) - onehot(target), in the row's own dtype. Online max / sum-exp in fp32."""
+        row = tl.program_id(0).to(tl.int64)
+        base = z_ptr + row * stride
+        m = -float("inf")
+        s = 0.0
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            z = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        t = tl.load(t_ptr + row)
+        z_t = tl.load(base + t).to(tl.float32)
+        tl.store(nll_ptr + row, lse - z_t)
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                z = tl.load(base + offs, mask=offs < V, other=0.0).to(tl.float32)
+                g = tl.exp(z - lse) - tl.where(offs == t, 1.0, 0.0)
+                tl.store(base + offs, g.to(z_ptr.dtype.element_ty), mask=offs < V)
+
+
+def softmax_grad_(logits: torch.Tensor, target: torch.Tensor, write_grad: bool = True,
+                  kernel: str = "auto") -> torch.Tensor:
+    """-log softmax(logits)[target] per row (fp32), and with `write_grad` `logits` overwritten with
+    softmax(logits) - onehot(target): the gradient of the summed loss with respect to the logits.
+    `logits` is [rows, V] with a contiguous last dim; `target` holds valid indices only. `kernel`:
+    `auto` (Triton on CUDA, torch elsewhere), `triton` or `torch`."""
+    rows, vocab = logits.shape
+    nll = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    if rows == 0:
+        return nll
+    if kernel == "auto":
+        kernel = "triton" if _use_triton(logits.device) else "torch"
+    if kernel == "triton":
+        _softmax_grad_kernel[(rows,)](logits, logits.stride(0), target, nll, vocab,
+                                      WRITE_GRAD=write_grad, BLOCK=_FOLD_BLOCK, num_warps=8)
+        return nll
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    nll.copy_(lse - z.gather(1, target[:, None]).squeeze(1))
+    if write_grad:
+        g = z.sub_(lse[:, None]).exp_()  # in place when the logits are fp32 (the CPU case)
+        g.scatter_add_(1, target[:, None], torch.full_like(g[:, :1], -1.0))
+        if g is not logits:
+            logits.copy_(g)
+    return nll
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`acc += a @ b` into an fp32 `acc` without rounding the product to the inputs' dtype first:
+    summing bf16-rounded chunk products would bias the weight gradient. CUDA's cuBLAS does it in one
+    GEMM (torch ≥ 2.8 `out_dtype`); elsewhere the inputs are widened."""
+    if acc.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Σ -log softmax(hidden @ weightᵀ + bias)[target] over the rows, `rows` tokens at a time, with the
+    gradients computed in the forward (module docstring). `with_grad=False` computes the value only."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                rows: int, with_grad: bool) -> torch.Tensor:
+        device = hidden.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        need_h, need_w, need_b = (with_grad and n for n in ctx.needs_input_grad[:3])
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=device, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(bias.shape, device=device, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), device=device, dtype=torch.float32)
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                end = min(start + rows, hidden.shape[0])
+                h = hidden[start:end].to(dtype)
+                logits = nn.functional.linear(h, w, b)
+                total += softmax_grad_(logits, target[start:end], write_grad=with_grad).sum()
+                if grad_h is not None:
+                    grad_h[start:end] = logits @ w
+                if grad_w is not None:
+                    _addmm_fp32_(grad_w, logits.t(), h)
+                if grad_b is not None:
+                    grad_b += logits.sum(0, dtype=torch.float32)
+        # Held until the backward in the parameters' own dtypes (what `.grad` will be anyway).
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                              grad_b.to(bias.dtype) if grad_b is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grads = [_scaled(g, grad_total) if g is not None else None for g in ctx.saved_tensors]
+        return (*grads, None, None, None)
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor, chunk_elems: int = 1 << 26) -> torch.Tensor:
+    """`x * scale` with the product taken in fp32 (a bf16 `x` times an fp32 0-dim tensor would round the
+    scale to bf16 first), over row chunks so that the fp32 temporary stays bounded."""
+    scale = scale.float()
+    if x.dtype == torch.float32:
+        return x * scale
+    out = torch.empty_like(x)
+    step = max(1, chunk_elems // max(1, x[0].numel())) if x.dim() > 1 else x.shape[0] or 1
+    for start in range(0, x.shape[0], step):
+        out[start:start + step] = x[start:start + step].float() * scale
+    return out
+
+
+def lm_head_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    target: torch.Tensor,
+    *,
+    num_items: torch.Tensor | int | None = None,
+    backend: str = "auto",
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of `lm_head(hidden)` against `target` (IGNORE_INDEX skipped) without the
+    `[tokens, vocab]` logits: Σ -log p(target) over the valid targets, divided by their count (or
+    by `num_items`). Equal in value and gradients to `lm_head` → fp32 logits → `cross_entropy` up
+    to summation order (and, for bf16 weights, one more rounding of the weight gradient).
+
+    Backends:
+    * `fused` (`auto`): `_FusedLinearCE`, `chunk` tokens at a time (default: about 2^23 logits on a
+      CPU, 2^28 on a GPU), three GEMMs per head, gradients made in the forward.
+    * `trl`: TRL's `ChunkedLogProbFunction` (trl 1.16.0): tokens × vocabulary tiles folded into an
+      online log-sum-exp by its Triton kernel, tiles recomputed in the backward (four GEMMs). Its
+      positional signature (hidden, weight, bias, targets, temperature, chunk_size, softcap,
+      logit_scale, outputs) is TRL-internal, pinned with TRL. `chunk` is its vocabulary tile.
+    Under autocast both compute the logits in the autocast dtype, as `lm_head` itself would.
+
+    Only the valid positions are projected (prompt tokens and sample boundaries cost nothing); the
+    selection is one host sync per call on CUDA, as in TRL's own fused head.
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_target = target.reshape(-1).to(flat_hidden.device)
+    valid = flat_target != IGNORE_INDEX
+    h, t = flat_hidden[valid], flat_target[valid]
+    weight, bias = lm_head.weight, lm_head.bias
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        DTensor = ()  # noqa: N806
+    if isinstance(weight, DTensor):  # a separately sharded head (FSDP2): gather it, as TRL does
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    if backend in ("auto", "fused"):
+        per_chunk = _CHUNK_ELEMS_GPU if h.device.type in ("cuda", "xpu") else _CHUNK_ELEMS_CPU
+        rows = chunk or max(1, per_chunk // weight.shape[0])
+        with_grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (h, weight, bias))
+        total = _FusedLinearCE.apply(h, weight, bias, t, rows, with_grad)
+    elif backend == "trl":
+        from trl.kernels import ChunkedLogProbFunction
+
+        log_probs = ChunkedLogProbFunction.apply(h, weight, bias, t, 1.0, chunk or _TRL_VOCAB_CHUNK, None, 1.0, ())[0]
+        total = -log_probs.sum()
+    else:
+        raise ValueError(f"backend must be 'auto', 'fused' or 'trl', got {backend!r}")
+    denominator = valid.sum().clamp(min=1) if num_items is None else num_items
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(total.device)
+    return total / denominator

@@ -1,0 +1,219 @@
+"""The fused LM head + cross-entropy (posttrain.lm_loss): gradients made in the forward, three GEMMs a head.
+
+What it promises, each checked here (the value and gradients against the full-logits path, on packed
+model rows, are in tests/test_chunked_loss.py):
+* one projection of each chunk's logits: 3 matmuls per chunk over forward + backward (TRL's kernel takes 4);
+* value only, 1 matmul per chunk, under `no_grad`; no weight GEMM for a frozen head;
+* the backward's scale is applied in fp32 to bf16 gradients (not rounded to bf16 first);
+* the Triton kernel that turns a chunk's logits into their gradient equals the torch one (CPU interpreter,
+  in a fresh process: ``python tests/test_lm_loss.py`` with ``TRITON_INTERPRET=1``) and compiles for an H100.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from subprocess_env import repo_env  # noqa: E402
+from torch import nn
+
+from posttrain import lm_loss
+from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy, softmax_grad_
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _problem(n: int, hidden: int, vocab: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
+    head = nn.Linear(hidden, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g) * 3 / math.sqrt(hidden))
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[torch.rand(n, generator=g) < 0.2] = IGNORE_INDEX
+    return h, head.to(dtype), t
+
+
+class _CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix products any op runs (forward or backward). torch internals: the dispatch-mode
+    API of torch 2.x (torch/utils/_python_dispatch.py) and aten's matmul op names."""
+
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).split(".")[1] in ("mm", "addmm", "addmm_", "bmm"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _matmuls(fn) -> int:
+    mode = _CountMatmuls()
+    with mode:
+        fn()
+    return mode.count
+
+
+@pytest.mark.parametrize("backend, chunks, per_chunk", [("fused", 4, 3), ("trl", 4, 4)])
+def test_fused_head_projects_each_chunk_once_trl_twice(backend, chunks, per_chunk):
+    """400 valid tokens; fused: 4 chunks of 100 tokens; TRL: 4 vocabulary tiles of 64 (its tokens go in
+    one 4096-token tile). Forward + backward: 3 matmuls per chunk (logits, dh, dW) against TRL's 4 (the
+    logits again in the backward)."""
+    h, head, t = _problem(400, 16, 256)
+    t[:] = 1
+    chunk = 100 if backend == "fused" else 64
+
+    def step():
+        lm_head_cross_entropy(h, head, t, backend=backend, chunk=chunk).backward()
+
+    assert _matmuls(step) == chunks * per_chunk
+
+
+def test_no_grad_computes_the_value_only_and_a_frozen_head_gets_no_weight_gemm():
+    h, head, t = _problem(300, 16, 256)
+    with torch.no_grad():
+        assert _matmuls(lambda: lm_head_cross_entropy(h, head, t, chunk=100)) == 3
+        value = lm_head_cross_entropy(h, head, t, chunk=100)
+    torch.testing.assert_close(value, lm_head_cross_entropy(h, head, t, chunk=100).detach(), rtol=0, atol=0)
+    head.weight.requires_grad_(False)  # a LoRA run freezes the head
+    h.grad = None
+    assert _matmuls(lambda: lm_head_cross_entropy(h, head, t, chunk=100).backward()) == 3 * 2
+    assert head.weight.grad is None and h.grad is not None
+
+
+def test_the_backward_scale_is_applied_in_fp32_to_bf16_gradients():
+    """The incoming gradient of a mean loss is 1/n; bf16 holds 1/3 as 0.333984375. The stored bf16
+    gradients are multiplied by the fp32 scale (one bf16 rounding of the product), so the result equals
+    the fp32 product rounded once, not the product with a bf16-rounded scale."""
+    x = (torch.arange(1, 4097, dtype=torch.float32) / 4096).to(torch.bfloat16).reshape(64, 64)
+    scale = torch.tensor(1 / 3)
+    want = (x.float() * scale).to(torch.bfloat16)
+    assert torch.equal(lm_loss._scaled(x, scale, chunk_elems=1000), want)
+    assert not torch.equal(x * scale.to(torch.bfloat16), want)  # what rounding the scale first gives
+
+
+def test_bf16_weights_match_the_full_logits_path_within_bf16_rounding():
+    """bf16 hidden states and head: the same loss as bf16 logits → fp32 cross-entropy, gradients within
+    bf16 rounding (the weight gradient is rounded once more than autograd's: stored, then scaled)."""
+    h, head, t = _problem(512, 32, 1000, torch.bfloat16)
+    valid = t != IGNORE_INDEX
+
+    def ref():
+        logits = head(h).float()
+        return nn.functional.cross_entropy(logits[valid], t[valid])
+
+    def got():
+        return lm_head_cross_entropy(h, head, t, chunk=128)
+
+    out = {}
+    for name, fn in (("ref", ref), ("got", got)):
+        h.grad, head.weight.grad = None, None
+        loss = fn()
+        loss.backward()
+        out[name] = (loss.detach(), h.grad.float(), head.weight.grad.float())
+    assert abs(float(out["got"][0]) - float(out["ref"][0])) <= 1e-5 * float(out["ref"][0])
+    for a, b in zip(out["got"][1:], out["ref"][1:]):
+        assert float((a - b).norm() / b.norm()) < 2**-7
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernel
+
+
+def run_cases() -> dict:
+    """The Triton kernel against the torch fold on logits with V not a multiple of its block, large and
+    small logits, fp32 and bf16, with and without the gradient."""
+    results = {}
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for write_grad in (True, False):
+            z = (torch.randn(7, 5000, generator=g) * 8).to(dtype)
+            z[0, :] = -30.0  # a flat row
+            z[1, 17] = 60.0  # one dominant logit
+            t = torch.randint(0, 5000, (7,), generator=g)
+            t[1] = 17
+            a, b = z.clone(), z.clone()
+            nll_torch = softmax_grad_(a, t, write_grad=write_grad, kernel="torch")
+            nll_triton = softmax_grad_(b, t, write_grad=write_grad, kernel="triton")
+            # fp32: sums of 5000 exps in two orders, |logits| <= 60: a few ulp of the log-sum-exp
+            nll_err = float((nll_torch - nll_triton).abs().max())
+            grad_err = float((a.float() - b.float()).abs().max())
+            results[f"{dtype} grad={write_grad}"] = {"nll_err": nll_err, "grad_err": grad_err,
+                                                     "unchanged": bool(torch.equal(b, z)),
+                                                     "grad_sums": float(b.float().sum(1).abs().max())}
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = repo_env(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_triton_softmax_gradient_equals_the_torch_fold_in_the_interpreter(interpreted):
+    """nll within fp32 summation-order rounding (log-sum-exp of 5000 terms up to 60: 2^-24·(60 + log 5000)·
+    log2(5000)·2 < 1e-4); the gradient p - y within that error of p (p = exp(z - lse), p ≤ 1) plus one
+    rounding of its dtype (measured: 0 and 1.2e-6 in fp32); each
+    gradient row sums to 0 (softmax sums to 1, minus the target's 1); without `write_grad` the logits stay."""
+    for name, r in interpreted.items():
+        bf16 = "bfloat16" in name
+        assert r["nll_err"] <= 1e-4, name
+        if name.endswith("grad=True"):
+            assert r["grad_err"] <= (2**-8 if bf16 else 1e-4 + 2**-23), name
+            assert r["grad_sums"] <= (5000 * 2**-9 if bf16 else 1e-4), name
+            assert not r["unchanged"], name
+        else:
+            assert r["unchanged"], name
+
+
+@pytest.mark.gpu
+def test_triton_softmax_gradient_on_cuda_matches_the_torch_fold():
+    z = torch.randn(64, 163840, device="cuda", dtype=torch.bfloat16) * 4
+    t = torch.randint(0, 163840, (64,), device="cuda")
+    a, b = z.clone(), z.clone()
+    nll_a = softmax_grad_(a, t, kernel="torch")
+    nll_b = softmax_grad_(b, t, kernel="triton")
+    assert float((nll_a - nll_b).abs().max()) <= 1e-3
+    assert float((a.float() - b.float()).abs().max()) <= 2**-8
+
+
+def test_the_kernel_compiles_for_the_h100_with_vector_loads_and_stores():
+    """Triton's wheel carries ptxas: the kernel compiles for sm_90 here. bf16 logits are read and written in
+    vectors (the kernel is memory-bound: two reads and one write of the chunk)."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = lm_loss._softmax_grad_kernel
+    types = {"z_ptr": "*bf16", "t_ptr": "*i64", "nll_ptr": "*fp32", "stride": "i32", "V": "i32"}
+    signature, attrs = {}, {}
+    for i, param in enumerate(kernel.params):
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+        else:
+            signature[param.name] = types[param.name]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # aligned pointers, 163840 and 129280 divisible by 16
+    src = ASTSource(fn=kernel, signature=signature, constexprs={"WRITE_GRAD": True, "BLOCK": lm_loss._FOLD_BLOCK},
+                    attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert re.search(r"ld\.global(\.\w+)*\.v4", ptx)
+    assert re.search(r"st\.global(\.\w+)*\.v4", ptx)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1 (the tests in this file do)")
+    print(json.dumps(run_cases()))
