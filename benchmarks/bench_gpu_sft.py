@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attn", default=None, help="attn_implementation (default: the SFT trainer's for the device)")
     ap.add_argument("--lm-loss", default="auto", choices=["auto", "fused", "trl"],
                     help="LM head + cross-entropy (posttrain.lm_loss.lm_head_cross_entropy backend; auto: fused)")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="torch.compile each decoder block (an experiment: the first steps compile, --warmup must cover them)")
     ap.add_argument("--experts", default="grouped_mm", help="transformers experts implementation (non-FP8 variants)")
     ap.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"],
                     help="activation checkpointing; auto: on for rows longer than 16384 tokens")
@@ -329,6 +331,11 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
     row["experts"] = model.config._experts_implementation
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile_layers:
+        # regional compilation (torch.compile of each decoder block, the MTP block included), dynamic row widths
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+    row["compile_layers"] = bool(args.compile_layers)
     if variant == "fp32-master":
         _fsdp2_mixed_precision(model)
         row["compute"] = "bfloat16 (FSDP2 MixedPrecisionPolicy)"
@@ -498,7 +505,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue
         peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(
-            f"| {r['variant']} | {r['seq']} | {r['attn']} | {'on' if r['grad_ckpt'] else 'off'} | "
+            f"| {r['variant']}{' compiled' if r.get('compile_layers') else ''}{'' if r.get('lm_loss', 'auto') == 'auto' else ' ' + r['lm_loss']} "
+            f"| {r['seq']} | {r['attn']} | {'on' if r['grad_ckpt'] else 'off'} | "
             f"{r.get('pad_to_multiple_of') or '-'} | "
             f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {peak} | {pct(r['mfu_total'])} | "
             f"{pct(r['mfu_body'])} | {r['max_over_median']:.2f} | {'none' if r['stall_free'] else 'STALL'} | "

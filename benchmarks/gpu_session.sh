@@ -13,11 +13,12 @@
 #   env.txt                         the GPU and the versions
 #   bench_gpu.md, bench_gpu.*.json  `benchmarks/bench_gpu.py`, one section at a time, each with its own timeout
 #   profile/                        `bench_gpu_sft.py --profile`: the step's top operators and a Chrome trace
+#   compiled.json                   the bf16 step with torch.compile'd decoder blocks (an experiment)
 #   pytest.log                      `pytest -m "not vllm"` on CUDA (-v: each result as it lands)
 # and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 560).
 # Session 11 (one H100): env 3 s, sft_step 94 s (4 rows; 6 now), quant 17 s, experts 26 s, gemm 19 s, linear 11 s,
 # each plus ~7 s of start-up; pytest -n 14 had not finished in 120 s (3 slow tests left).
-# PARTS (default "bench pytest profile") picks the parts and their order; SECTIONS the benchmark sections
+# PARTS (default "bench pytest profile compiled") picks the parts and their order; SECTIONS the benchmark sections
 # (name:limit_s); PYTEST_S caps pytest (default 200 s); PYTEST_TARGETS / PYTEST_MARK / PYTEST_WORKERS / PYTEST_DIST shape it.
 set -uo pipefail
 
@@ -50,7 +51,7 @@ run() {
     python3 -c "import sys, torch, triton, transformers, trl, datasets, peft, accelerate; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
   } 2>&1 | tee "$work/env.txt"
   local part section limit
-  for part in ${PARTS:-bench pytest profile}; do
+  for part in ${PARTS:-bench pytest profile compiled}; do
     case $part in
     bench)
       # the sections in the order of the acceptance; each writes its own JSON
@@ -72,6 +73,15 @@ run() {
         echo "== profile (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
         timeout "$limit" python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --iters 3 \
           --profile "$work/profile" --json "$work/profile/rows.json" 2>"$work/profile.err" | tee -a "$work/bench_gpu.md"
+        pack
+      fi ;;
+    compiled)
+      # an experiment: the bf16 step with each decoder block torch.compile'd (compiles in the warm-up steps)
+      limit=$(( $(left) < 150 ? $(left) : 150 ))
+      if (( limit > 60 )); then
+        echo "== compiled layers (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
+        timeout "$limit" python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --compile-layers --warmup 4 \
+          --iters 6 --json "$work/compiled.json" 2>"$work/compiled.err" | tee -a "$work/bench_gpu.md"
         pack
       fi ;;
     pytest)
