@@ -30,6 +30,7 @@ or with a transformers `Trainer`: `BalancingCallback(balancer)` calls `step()` i
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,12 +202,19 @@ class ExpertLoadBalancer:
             for slot, (_, _, router) in enumerate(self.routers):
                 bias = router.e_score_correction_bias
                 bias.add_(delta[slot].to(device=bias.device, dtype=bias.dtype))
-        active = mean.squeeze(-1) > 0
+        mean = mean.squeeze(-1)
+        active = mean > 0
         self.num_steps += 1
         metrics: dict[str, float] = {}
-        if bool(active.any()):
-            vio = load.max(dim=-1).values[active] / mean.squeeze(-1)[active] - 1.0
-            metrics = {"moe/maxvio": float(vio.max()), "moe/maxvio_mean": float(vio.mean())}
+        # the layers that saw tokens, reduced on the device and read in one host sync (a GPU step waits
+        # for each read)
+        vio = load.max(dim=-1).values / torch.where(active, mean, torch.ones_like(mean)) - 1.0
+        n_active = active.sum()
+        vio_max = torch.where(active, vio, torch.full_like(vio, -math.inf)).max()
+        vio_mean = torch.where(active, vio, torch.zeros_like(vio)).sum() / n_active.clamp(min=1)
+        n_active, vio_max, vio_mean = torch.stack([n_active.to(vio.dtype), vio_max, vio_mean]).tolist()
+        if n_active > 0:
+            metrics = {"moe/maxvio": vio_max, "moe/maxvio_mean": vio_mean}
             if self.history_interval > 0 and (self.num_steps - 1) % self.history_interval == 0:
                 frac = (load / load.sum(dim=-1, keepdim=True).clamp(min=1)).float().cpu()
                 self.history.append((self.num_steps, frac))

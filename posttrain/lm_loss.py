@@ -187,12 +187,13 @@ def lm_head_cross_entropy(
     Under autocast both compute the logits in the autocast dtype, as `lm_head` itself would.
 
     Only the valid positions are projected (prompt tokens and sample boundaries cost nothing); the
-    selection is one host sync per call on CUDA, as in TRL's own fused head.
+    selection is one host sync per call on CUDA (TRL's own fused head makes the same one).
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_target = target.reshape(-1).to(flat_hidden.device)
     valid = flat_target != IGNORE_INDEX
-    h, t = flat_hidden[valid], flat_target[valid]
+    rows = valid.nonzero().squeeze(1)  # one host sync (boolean indexing of h and t would take two)
+    h, t = flat_hidden.index_select(0, rows), flat_target.index_select(0, rows)
     weight, bias = lm_head.weight, lm_head.bias
     try:
         from torch.distributed.tensor import DTensor
@@ -203,10 +204,10 @@ def lm_head_cross_entropy(
         bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
     if backend in ("auto", "fused"):
         per_chunk = _CHUNK_ELEMS_GPU if h.device.type in ("cuda", "xpu") else _CHUNK_ELEMS_CPU
-        rows = chunk or max(1, per_chunk // weight.shape[0])
+        chunk_rows = chunk or max(1, per_chunk // weight.shape[0])
         with_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (h, weight, bias))
-        total = _FusedLinearCE.apply(h, weight, bias, t, rows, with_grad)
+        total = _FusedLinearCE.apply(h, weight, bias, t, chunk_rows, with_grad)
     elif backend == "trl":
         from trl.kernels import ChunkedLogProbFunction
 

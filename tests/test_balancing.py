@@ -354,3 +354,23 @@ def test_sequence_balance_loss_and_router_hooks_make_no_host_sync():
             loss.backward()
         assert rec.syncs == [], (list(scope), rec.syncs)
     bal.remove()
+
+
+def test_step_reads_the_device_once_and_reports_maxvio_over_the_layers_that_saw_tokens():
+    """`step()` runs once per optimizer step on CUDA: its metrics are reduced on the device and read in one
+    host sync (it made five). maxvio = max load / mean load − 1, max and mean over the layers that saw
+    tokens; a layer with no tokens (an MTP depth not run) is left out, and no tokens at all means no metrics."""
+    from tests.host_sync import HostSyncRecorder
+
+    model = _router_stack(0)
+    bal = ExpertLoadBalancer(model, bias_update_speed=1e-3, seq_balance_alpha=0.0)
+    counts = torch.tensor([[4.0, 0, 2, 2, 0, 0, 0, 0], [0.0] * 8])  # layer 1 saw nothing
+    bal._counts = counts.clone()
+    with HostSyncRecorder() as rec:
+        metrics = bal.step()
+    assert rec.syncs == ["Tensor.tolist"], rec.syncs
+    assert metrics == {"moe/maxvio": pytest.approx(4 / 1 - 1), "moe/maxvio_mean": pytest.approx(3.0)}
+    bal._counts = torch.tensor([[4.0, 0, 2, 2, 0, 0, 0, 0], [1.0] * 8])
+    assert bal.step() == {"moe/maxvio": pytest.approx(3.0), "moe/maxvio_mean": pytest.approx(1.5)}
+    assert bal.step() == {}  # no tokens since the last step
+    bal.remove()

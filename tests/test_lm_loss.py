@@ -126,6 +126,17 @@ def test_bf16_weights_match_the_full_logits_path_within_bf16_rounding():
         assert float((a - b).norm() / b.norm()) < 2**-7
 
 
+def test_one_host_sync_per_call():
+    """Selecting the valid targets is the call's only wait for the GPU on CUDA (one `nonzero`; boolean
+    indexing of the hidden states and the targets would make two), forward and backward."""
+    from tests.host_sync import HostSyncRecorder
+
+    h, head, t = _problem(300, 16, 256)
+    with HostSyncRecorder() as rec:
+        lm_head_cross_entropy(h, head, t, chunk=100).backward()
+    assert len(rec.syncs) == 1 and "nonzero" in rec.syncs[0], rec.syncs
+
+
 # ---------------------------------------------------------------------------------------------
 # the Triton kernel
 
