@@ -18,8 +18,8 @@ Prints the tables the issue is judged by, as markdown, and writes them as JSON:
   the compiled-vs-reference rule (scales identical, at most one e4m3 step) checked on the way.
 * ``lm_head``: the LM head + cross-entropy forward+backward at Moonlight's head (hidden 2048, vocabulary
   163840), 8192 and 32768 tokens, bf16: full logits (``lm_head`` then fp32 ``cross_entropy``) vs the fused
-  head (``posttrain.lm_loss``, three GEMMs) vs TRL's chunked kernel (four GEMMs); time, peak memory,
-  gradient error against the full-logits path.
+  head (``posttrain.lm_loss``, three GEMMs) vs its recompute path and TRL's chunked kernel (four GEMMs
+  each); time, peak memory, gradient error against the full-logits path.
 * ``sft_step``: the SFT step on the Moonlight-shaped slice (benchmarks/bench_gpu_sft.py).
 
 Usage (one GPU):
@@ -523,6 +523,7 @@ def section_lm_head(ctx: Ctx, args) -> list[dict]:
 
         impls = {"full logits": full,
                  "fused": lambda h, head, t: lm_head_cross_entropy(h, head, t, backend="fused"),
+                 "recompute": lambda h, head, t: lm_head_cross_entropy(h, head, t, backend="recompute"),
                  "trl": lambda h, head, t: lm_head_cross_entropy(h, head, t, backend="trl")}
         ref = None
         for name, fn in impls.items():

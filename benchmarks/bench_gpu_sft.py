@@ -87,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "fp8: `fp8: true` layers (swap_linears_to_fp8) over bf16 weights (fp32 on CPU)")
     ap.add_argument("--fp8-backward", default="fp8", choices=["fp8", "bf16"])
     ap.add_argument("--attn", default=None, help="attn_implementation (default: the SFT trainer's for the device)")
-    ap.add_argument("--lm-loss", default="auto", choices=["auto", "fused", "trl"],
-                    help="LM head + cross-entropy (posttrain.lm_loss.lm_head_cross_entropy backend; auto: fused)")
+    ap.add_argument("--lm-loss", default="auto", choices=["auto", "fused", "recompute", "trl"],
+                    help="LM head + cross-entropy (posttrain.lm_loss.lm_head_cross_entropy backend; auto: fused on "
+                         "CUDA, recompute on CPU)")
     ap.add_argument("--compile-layers", action="store_true",
                     help="torch.compile each decoder block (an experiment: the first steps compile, --warmup must cover them)")
     ap.add_argument("--experts", default="grouped_mm", help="transformers experts implementation (non-FP8 variants)")

@@ -7,7 +7,8 @@ projected once, its logits are turned into that gradient in place, and the two g
 (``dh = g W`` and ``dW += gᵀ h``) run right there. The backward only scales the stored gradients by
 the incoming scalar. That is three GEMMs per head where recomputing the logits in the backward
 (TRL's ``ChunkedLogProbFunction``, or any chunked head that keeps only the log-sum-exp) takes four:
-at Moonlight's 163,840-entry vocabulary the two heads are 60% of the SFT step's matmul FLOPs.
+on the GPU benchmark's Moonlight-shaped slice (4 layers + MTP, vocabulary 163,840) the main and MTP
+heads are 61% of the step's matmul FLOPs.
 
 The price is memory held from the forward to the backward: ``dW`` in the weight's dtype (the size
 of the weight's own ``.grad``) and ``dh`` in the hidden states' dtype. The logits of a chunk live only
@@ -16,6 +17,9 @@ while it is processed.
 The in-place turn of a chunk's logits into their gradient is one Triton kernel on CUDA (two reads
 and one write of the chunk) and torch's own kernels elsewhere; both are checked against each other
 in ``tests/test_lm_loss.py`` (the Triton one under its CPU interpreter).
+
+On a CPU the default is still the recompute path (`_RecomputeLinearCE`, four GEMMs): the demo's
+statistical acceptance was measured with its rounding (see its docstring).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ except ImportError:  # a CPU install without Triton uses the torch fold
     tl = None
 
 IGNORE_INDEX = -100
-__all__ = ["IGNORE_INDEX", "lm_head_cross_entropy", "softmax_grad_"]
+LM_LOSS_BACKENDS = ("auto", "fused", "recompute", "trl")
+__all__ = ["IGNORE_INDEX", "LM_LOSS_BACKENDS", "lm_head_cross_entropy", "softmax_grad_"]
 
 # Elements of one chunk's [tokens, vocab] logits: fp32 32 MiB on a CPU; on a GPU 2^28 (512 MiB in
-# bf16) keeps each of the chunk's GEMMs large (M ≥ 1536 rows at V3's and Moonlight's vocabularies).
+# bf16) keeps each of the chunk's GEMMs large (1638 token rows at Moonlight's vocabulary, 2076 at V3's).
 _CHUNK_ELEMS_CPU = 1 << 23
 _CHUNK_ELEMS_GPU = 1 << 28
 # TRL's kernel (the `trl` backend): its vocabulary tile (trl 1.16.0 `_CHUNKED_LOGPROB_CHUNK_SIZE`).
@@ -134,7 +139,10 @@ class _FusedLinearCE(torch.autograd.Function):
                 logits = nn.functional.linear(h, w, b)
                 total += softmax_grad_(logits, target[start:end], write_grad=with_grad).sum()
                 if grad_h is not None:
-                    grad_h[start:end] = logits @ w
+                    if grad_h.dtype == dtype:
+                        torch.mm(logits, w, out=grad_h[start:end])  # rows of a contiguous buffer: no copy
+                    else:
+                        grad_h[start:end] = logits @ w
                 if grad_w is not None:
                     _addmm_fp32_(grad_w, logits.t(), h)
                 if grad_b is not None:
@@ -163,6 +171,67 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor, chunk_elems: int = 1 << 26) ->
     return out
 
 
+class _RecomputeLinearCE(torch.autograd.Function):
+    """log p(target) of `hidden @ weight.T (+ bias)` per token, computed `rows` tokens at a time with
+    full-vocabulary rows and torch's own (fused) log-sum-exp / exp kernels; backward recomputes each
+    chunk's logits. Keeps only the per-token log-sum-exp between forward and backward.
+
+    Four GEMMs per head where `_FusedLinearCE` takes three, but no gradient held between forward and
+    backward. The CPU default: its rounding is the one the demo's statistical acceptance was measured
+    with (tests/test_demo.py); the fused path's, equal within fp32 summation order, sent the demo's
+    seed-0 run down another trajectory that failed the test's interval (benchmarks/RESULTS.md, session 12).
+    TRL's kernel runs on a CPU as a torch emulation of its Triton tiles, ~4x the elementwise passes of
+    this one (measured +12% per SFT step on the tiny preset)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                target: torch.Tensor, rows: int) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        log_probs = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        lse = torch.empty_like(log_probs)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                end = min(start + rows, hidden.shape[0])
+                logits = nn.functional.linear(hidden[start:end].to(dtype), w, b).float()
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+                log_probs[start:end] = logits.gather(1, target[start:end, None]).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.rows, ctx.dtype = rows, dtype
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_log_probs: torch.Tensor):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        dtype, rows = ctx.dtype, ctx.rows
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulation over the token chunks, whatever the weight dtype
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
+        grad_log_probs = grad_log_probs.float()
+        for start in range(0, hidden.shape[0], rows):
+            end = min(start + rows, hidden.shape[0])
+            h = hidden[start:end].to(dtype)
+            logits = nn.functional.linear(h, w, b).float()
+            # d log p_t / d z = onehot(t) - softmax(z), times the incoming gradient, in place
+            grad = logits.sub_(lse[start:end, None]).exp_()
+            grad.scatter_add_(1, target[start:end, None], torch.full_like(grad[:, :1], -1.0))
+            grad.mul_(-grad_log_probs[start:end, None])
+            g = grad.to(dtype)
+            if grad_h is not None:
+                grad_h[start:end] = (g @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(grad.t(), h.float())
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None)
+
+
 def lm_head_cross_entropy(
     hidden: torch.Tensor,
     lm_head: nn.Linear,
@@ -177,9 +246,11 @@ def lm_head_cross_entropy(
     by `num_items`). Equal in value and gradients to `lm_head` → fp32 logits → `cross_entropy` up
     to summation order (and, for bf16 weights, one more rounding of the weight gradient).
 
-    Backends:
-    * `fused` (`auto`): `_FusedLinearCE`, `chunk` tokens at a time (default: about 2^23 logits on a
-      CPU, 2^28 on a GPU), three GEMMs per head, gradients made in the forward.
+    Backends (`auto`: `fused` on CUDA / XPU, `recompute` elsewhere):
+    * `fused`: `_FusedLinearCE`, `chunk` tokens at a time (default: about 2^23 logits on a CPU, 2^28
+      on a GPU), three GEMMs per head, gradients made in the forward.
+    * `recompute`: `_RecomputeLinearCE`, `chunk` tokens at a time (about 2^23 logits), the logits
+      recomputed in the backward; four GEMMs, nothing held but the log-sum-exp.
     * `trl`: TRL's `ChunkedLogProbFunction` (trl 1.16.0): tokens × vocabulary tiles folded into an
       online log-sum-exp by its Triton kernel, tiles recomputed in the backward (four GEMMs). Its
       positional signature (hidden, weight, bias, targets, temperature, chunk_size, softcap,
@@ -202,19 +273,24 @@ def lm_head_cross_entropy(
     if isinstance(weight, DTensor):  # a separately sharded head (FSDP2): gather it, as TRL does
         weight = weight.full_tensor()
         bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-    if backend in ("auto", "fused"):
+    if backend == "auto":
+        backend = "fused" if h.device.type in ("cuda", "xpu") else "recompute"
+    if backend == "fused":
         per_chunk = _CHUNK_ELEMS_GPU if h.device.type in ("cuda", "xpu") else _CHUNK_ELEMS_CPU
         chunk_rows = chunk or max(1, per_chunk // weight.shape[0])
         with_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (h, weight, bias))
         total = _FusedLinearCE.apply(h, weight, bias, t, chunk_rows, with_grad)
+    elif backend == "recompute":
+        log_probs = _RecomputeLinearCE.apply(h, weight, bias, t, chunk or max(1, _CHUNK_ELEMS_CPU // weight.shape[0]))
+        total = -log_probs.sum()
     elif backend == "trl":
         from trl.kernels import ChunkedLogProbFunction
 
         log_probs = ChunkedLogProbFunction.apply(h, weight, bias, t, 1.0, chunk or _TRL_VOCAB_CHUNK, None, 1.0, ())[0]
         total = -log_probs.sum()
     else:
-        raise ValueError(f"backend must be 'auto', 'fused' or 'trl', got {backend!r}")
+        raise ValueError(f"backend must be one of {LM_LOSS_BACKENDS}, got {backend!r}")
     denominator = valid.sum().clamp(min=1) if num_items is None else num_items
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device)

@@ -39,7 +39,7 @@ def test_cpu_smoke_runs_every_section(tmp_path, capsys, one_torch_thread):
     assert {r["backend"] for r in quant} >= {"eager"} and not [r for r in quant if "error" in r], quant
     assert all(r["scales_equal"] and r["max_e4m3_steps"] == 0 and r["gbs"] > 0 for r in quant if r["backend"] == "eager")
     lm = data["lm_head"]
-    assert [r["impl"] for r in lm] == ["full logits", "fused", "trl"] and not [r for r in lm if "error" in r], lm
+    assert [r["impl"] for r in lm] == ["full logits", "fused", "recompute", "trl"] and not [r for r in lm if "error" in r], lm
     assert all(r["err_dh"] < 1e-5 and r["err_dw"] < 1e-5 for r in lm[1:])  # fp32 on the CPU: same gradients
     sft = data["sft_step"]
     assert {r["variant"] for r in sft} == {"fp32", "fp8"} and not [r for r in sft if "error" in r], sft

@@ -72,7 +72,7 @@ def _ref(h, head, t):
     return _token_mean_ce(head(h), t)
 
 
-@pytest.mark.parametrize("backend, chunk", [("fused", 1000), ("trl", 384)])
+@pytest.mark.parametrize("backend, chunk", [("fused", 1000), ("recompute", 1000), ("trl", 384)])
 def test_chunked_ce_equals_full_logits_in_value_and_gradients(backend, chunk, device):
     """4100 tokens (two of TRL's 4096-token tiles; five 1000-token chunks for the torch backend),
     V = 1000 cut into uneven vocabulary tiles (384, 384, 232), 30% ignored targets."""
@@ -137,7 +137,8 @@ def _peak_above_current(fn) -> int:
     return _rss("VmHWM") - base
 
 
-def test_chunked_ce_peak_memory_stays_below_one_logits_tensor():
+@pytest.mark.parametrize("backend", ["fused", "recompute"])
+def test_chunked_ce_peak_memory_stays_below_one_logits_tensor(backend):
     """2048 tokens × 32768 vocabulary: one fp32 logits tensor is 256 MiB. Today's path keeps the
     logits, their log-softmax and the logits' gradient (measured 768 MiB above the start); the
     chunked path keeps 32 MiB tiles and the weight gradient (measured 65-73 MiB)."""
@@ -157,7 +158,7 @@ def test_chunked_ce_peak_memory_stays_below_one_logits_tensor():
         return step
 
     run(_ref)()  # first-call allocations (thread pools, kernels) out of the measurement
-    chunked = _peak_above_current(run(lm_head_cross_entropy))
+    chunked = _peak_above_current(run(lambda a, b, c: lm_head_cross_entropy(a, b, c, backend=backend)))
     full = _peak_above_current(run(_ref))
     assert chunked < logits_bytes < full, (chunked / 2**20, logits_bytes / 2**20, full / 2**20)
     assert full > 2 * logits_bytes  # the measurement sees the full path's logits, log-softmax and gradient
@@ -330,3 +331,31 @@ def test_cuda_backends_match_reference(dtype, backend):
         assert abs(float(got[0]) - float(ref[0])) <= 2**-8 * float(ref[0])
         for a, b in zip(got[1:], ref[1:]):
             assert float((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
+
+
+def test_sft_config_picks_the_head_implementation(tiny_model_dir, tmp_path, monkeypatch):
+    """`lm_loss_backend` reaches the model's loss (here `fused` on the CPU, whose default is `recompute`);
+    an unknown name is a config error that names the field and the choices."""
+    import json
+
+    from data_pipelines.arith_task import sft_rows
+    from posttrain import lm_loss
+    from posttrain.errors import ConfigError
+    from posttrain.recipe import build_config
+    from posttrain.sft import SFTRecipeConfig, build_trainer, run_sft
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(8)))
+    base = dict(model_name_or_path=str(tiny_model_dir), dataset_name=str(data), output_dir=str(tmp_path / "out"),
+                max_steps=1, per_device_train_batch_size=2, max_length=256, save_strategy="no",
+                save_final_model=False, disable_tqdm=True, report_to="none")
+    with pytest.raises(ConfigError, match="lm_loss_backend must be one of auto, fused, recompute, trl, got 'liger'"):
+        build_config(SFTRecipeConfig, dict(base, lm_loss_backend="liger"))
+    calls = {"_FusedLinearCE": 0, "_RecomputeLinearCE": 0}
+    for name in calls:
+        real = getattr(lm_loss, name).apply
+        monkeypatch.setattr(getattr(lm_loss, name), "apply",
+                            lambda *a, _n=name, _r=real: calls.__setitem__(_n, calls[_n] + 1) or _r(*a))
+    cfg = build_config(SFTRecipeConfig, dict(base, lm_loss_backend="fused"))
+    run_sft(cfg, trainer=build_trainer(cfg))
+    assert calls["_FusedLinearCE"] >= 2 and calls["_RecomputeLinearCE"] == 0, calls  # main + MTP head

@@ -18,6 +18,7 @@ from typing import Any
 from trl import SFTConfig
 
 from ..errors import ConfigError
+from ..lm_loss import LM_LOSS_BACKENDS
 from ..trainer_args import V3TrainingFields, check_mtp_loss_weight
 
 # LoRA targets (item 7): MLA projections and the dense / shared-expert MLPs. The routed experts are
@@ -107,6 +108,13 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
                   "whose logits become their gradient in the forward (a Triton kernel on CUDA), three GEMMs per "
                   "head; the [tokens, vocab] logits are never materialised, same loss and gradients. Used in "
                   "training and in loss-only evaluation. posttrain/lm_loss.py lm_head_cross_entropy."},
+    )
+    lm_loss_backend: str = field(
+        default="auto",
+        metadata={"help": "The chunked head's implementation: 'fused' (logits turned into their gradient in the "
+                  "forward: three GEMMs per head, the head's weight gradient held until the backward), "
+                  "'recompute' (the logits recomputed in the backward: four GEMMs), 'trl' (TRL's chunked "
+                  "log-prob kernel, four GEMMs) or 'auto' (fused on CUDA, recompute on CPU)."},
     )
 
     # --- routing balance (report §2.1.2) -------------------------------------------------------
@@ -198,6 +206,8 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
             raise ConfigError(f"truncation must be 'drop' or 'truncate', got {self.truncation!r}")
         if self.on_bad_row not in ("error", "skip"):
             raise ConfigError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.lm_loss_backend not in LM_LOSS_BACKENDS:
+            raise ConfigError(f"lm_loss_backend must be one of {', '.join(LM_LOSS_BACKENDS)}, got {self.lm_loss_backend!r}")
         from ..fp8.training import check_fp8_fields
 
         check_fp8_fields(self)

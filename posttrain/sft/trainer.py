@@ -98,6 +98,7 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
                 compute_mtp=compute_mtp,
                 detach_mtp_input=self.args.mtp_detach_input,
                 return_logits=return_logits,
+                lm_loss_backend=self.args.lm_loss_backend,
             )
             balance_loss = self.balancer.sequence_balance_loss() if (self.balancer is not None and training) else None
 
