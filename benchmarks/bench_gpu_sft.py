@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="LM head + cross-entropy (posttrain.lm_loss.lm_head_cross_entropy backend; auto: fused on "
                          "CUDA, recompute on CPU)")
     ap.add_argument("--compile-layers", action="store_true",
-                    help="torch.compile each decoder block (an experiment: the first steps compile, --warmup must cover them)")
+                    help="accelerate's regional compilation (torch.compile of each decoder block; an experiment: the "
+                         "first steps compile, --warmup must cover them)")
     ap.add_argument("--experts", default="grouped_mm", help="transformers experts implementation (non-FP8 variants)")
     ap.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"],
                     help="activation checkpointing; auto: on for rows longer than 16384 tokens")
@@ -333,9 +334,12 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.compile_layers:
-        # regional compilation (torch.compile of each decoder block, the MTP block included), dynamic row widths
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)
+        # accelerate's regional compilation (what `torch_compile: true` with
+        # ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=true gives a Trainer): each decoder block, the MTP block
+        # included, and the other leaves compiled on their own; dynamic row widths
+        from accelerate.utils import compile_regions
+
+        model = compile_regions(model, dynamic=True)
     row["compile_layers"] = bool(args.compile_layers)
     if variant == "fp32-master":
         _fsdp2_mixed_precision(model)

@@ -76,11 +76,12 @@ run() {
         pack
       fi ;;
     compiled)
-      # an experiment: the bf16 step with each decoder block torch.compile'd (compiles in the warm-up steps)
+      # an experiment: the bf16 step under accelerate's regional compilation (each block compiles, and the dense
+      # and MoE blocks recompile once each, in the warm-up steps: 6 on a CPU smoke run)
       limit=$(( $(left) < 150 ? $(left) : 150 ))
       if (( limit > 60 )); then
         echo "== compiled layers (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
-        timeout "$limit" python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --compile-layers --warmup 4 \
+        timeout "$limit" python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --compile-layers --warmup 6 \
           --iters 6 --json "$work/compiled.json" 2>"$work/compiled.err" | tee -a "$work/bench_gpu.md"
         pack
       fi ;;
