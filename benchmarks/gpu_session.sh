@@ -18,6 +18,8 @@
 # and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 560).
 # Session 11 (one H100): env 3 s, sft_step 94 s (4 rows; 6 now), quant 17 s, experts 26 s, gemm 19 s, linear 11 s,
 # each plus ~7 s of start-up; pytest -n 14 had not finished in 120 s (3 slow tests left).
+# Everything does not fit one call (bench ~300 s + pytest ~200 s + profile 90 s + compiled 150 s > BUDGET_S): with
+# two calls lent, run PARTS="bench pytest" first and PARTS="profile compiled" second.
 # PARTS (default "bench pytest profile compiled") picks the parts and their order; SECTIONS the benchmark sections
 # (name:limit_s); PYTEST_S caps pytest (default 200 s); PYTEST_TARGETS / PYTEST_MARK / PYTEST_WORKERS / PYTEST_DIST shape it.
 set -uo pipefail
