@@ -38,10 +38,12 @@ IGNORE_INDEX = -100
 LM_LOSS_BACKENDS = ("auto", "fused", "recompute", "trl")
 __all__ = ["IGNORE_INDEX", "LM_LOSS_BACKENDS", "lm_head_cross_entropy", "softmax_grad_"]
 
-# Elements of one chunk's [tokens, vocab] logits: fp32 32 MiB on a CPU; on a GPU 2^28 (512 MiB in
-# bf16) keeps each of the chunk's GEMMs large (1638 token rows at Moonlight's vocabulary, 2076 at V3's).
+# Elements of one chunk's [tokens, vocab] logits: fp32 32 MiB on a CPU. On a GPU 2^29 (1 GiB in bf16):
+# the chunk's token count is the contraction of its dW GEMM, which also reads and writes the whole fp32
+# [vocab, hidden] accumulator once per chunk (2.7 GB at Moonlight's head), so few, long chunks: 3276
+# tokens at Moonlight's vocabulary, 4152 at V3's.
 _CHUNK_ELEMS_CPU = 1 << 23
-_CHUNK_ELEMS_GPU = 1 << 28
+_CHUNK_ELEMS_GPU = 1 << 29
 # TRL's kernel (the `trl` backend): its vocabulary tile (trl 1.16.0 `_CHUNKED_LOGPROB_CHUNK_SIZE`).
 _TRL_VOCAB_CHUNK = 32768
 _FOLD_BLOCK = 4096
@@ -247,7 +249,7 @@ def lm_head_cross_entropy(
     to summation order (and, for bf16 weights, one more rounding of the weight gradient).
 
     Backends (`auto`: `fused` on CUDA / XPU, `recompute` elsewhere):
-    * `fused`: `_FusedLinearCE`, `chunk` tokens at a time (default: about 2^23 logits on a CPU, 2^28
+    * `fused`: `_FusedLinearCE`, `chunk` tokens at a time (default: about 2^23 logits on a CPU, 2^29
       on a GPU), three GEMMs per head, gradients made in the forward.
     * `recompute`: `_RecomputeLinearCE`, `chunk` tokens at a time (about 2^23 logits), the logits
       recomputed in the backward; four GEMMs, nothing held but the log-sum-exp.

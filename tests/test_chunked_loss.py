@@ -226,11 +226,15 @@ def test_model_losses_and_every_gradient_match_the_logits_path(tiny_model_dir, d
         assert model(input_ids=ids, position_ids=pos, use_cache=False, return_logits=False).logits is not None
 
 
-def test_model_never_makes_a_tokens_by_vocab_tensor(tiny_model_dir, device):
+def test_model_never_makes_a_tokens_by_vocab_tensor(tiny_model_dir, device, monkeypatch):
     """No op of the forward or backward produces a [tokens, vocab] tensor with return_logits=False;
-    the default path does (so the check sees one when it is there). 512 tokens × 65536 vocabulary:
-    CPU chunks of 128 tokens (2^23 logits); on CUDA TRL's tiles of 32768 vocabulary entries."""
+    the default path does (so the check sees one when it is there). 512 tokens × 65536 vocabulary in
+    chunks of 128 tokens (2^23 logits: the CPU's budget, set for CUDA's too, whose 2^29 would hold these
+    512 tokens in one chunk)."""
+    from posttrain import lm_loss
     from posttrain.presets import preset_config
+
+    monkeypatch.setattr(lm_loss, "_CHUNK_ELEMS_GPU", lm_loss._CHUNK_ELEMS_CPU)
 
     vocab = 65536
     torch.manual_seed(0)
