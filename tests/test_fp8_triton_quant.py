@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from subprocess_env import repo_env  # noqa: E402
+from subprocess_env import run_in_triton_interpreter  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bits_equal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
@@ -183,10 +180,7 @@ def run_cases(device: str) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = repo_env(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_triton_interpreter(__file__)
 
 
 def _assert_bit_exact(results: dict) -> None:

@@ -15,19 +15,16 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from subprocess_env import repo_env  # noqa: E402
+from subprocess_env import run_in_triton_interpreter  # noqa: E402
 from torch import nn
 
 from posttrain import lm_loss
 from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy, softmax_grad_
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -186,10 +183,7 @@ def run_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = repo_env(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_triton_interpreter(__file__)
 
 
 def test_triton_softmax_gradient_equals_the_torch_fold_in_the_interpreter(interpreted):
