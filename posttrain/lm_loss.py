@@ -81,6 +81,19 @@ if triton is not None:
                 tl.store(base + offs, g.to(z_ptr.dtype.element_ty), mask=offs < V)
 
 
+    @triton.jit
+    def _scale_bf16_kernel(x_ptr, out_ptr, s_ptr, n, BLOCK: tl.constexpr):
+        """bf16 out = x * s with the product in fp32 and one rounding to nearest even, s read from the device.
+        The rounding is spelled out on the bits so that Triton's CPU interpreter, whose casts truncate, gives
+        the hardware's result."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        y = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * tl.load(s_ptr)
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        tl.store(out_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+
+
 def softmax_grad_(logits: torch.Tensor, target: torch.Tensor, write_grad: bool = True,
                   kernel: str = "auto") -> torch.Tensor:
     """-log softmax(logits)[target] per row (fp32), and with `write_grad` `logits` overwritten with
@@ -160,13 +173,19 @@ class _FusedLinearCE(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _scaled(x: torch.Tensor, scale: torch.Tensor, chunk_elems: int = 1 << 26) -> torch.Tensor:
+def _scaled(x: torch.Tensor, scale: torch.Tensor, chunk_elems: int = 1 << 26, kernel: str = "auto") -> torch.Tensor:
     """`x * scale` with the product taken in fp32 (a bf16 `x` times an fp32 0-dim tensor would round the
-    scale to bf16 first), over row chunks so that the fp32 temporary stays bounded."""
+    scale to bf16 first): one Triton pass on CUDA, elsewhere over row chunks so that the fp32 temporary
+    stays bounded."""
     scale = scale.float()
     if x.dtype == torch.float32:
         return x * scale
     out = torch.empty_like(x)
+    if kernel == "triton" or (kernel == "auto" and _use_triton(x.device) and x.dtype == torch.bfloat16
+                              and x.is_contiguous()):
+        block = 4096
+        _scale_bf16_kernel[(-(-x.numel() // block),)](x, out, scale.reshape(1), x.numel(), BLOCK=block, num_warps=4)
+        return out
     step = max(1, chunk_elems // max(1, x[0].numel())) if x.dim() > 1 else x.shape[0] or 1
     for start in range(0, x.shape[0], step):
         out[start:start + step] = x[start:start + step].float() * scale

@@ -178,6 +178,15 @@ def run_cases() -> dict:
             results[f"{dtype} grad={write_grad}"] = {"nll_err": nll_err, "grad_err": grad_err,
                                                      "unchanged": bool(torch.equal(b, z)),
                                                      "grad_sums": float(b.float().sum(1).abs().max())}
+    # the backward's scaling: one fp32 product, one rounding to bf16, as the torch path
+    x = (torch.randn(300, 70, generator=g) * 3).to(torch.bfloat16)
+    scale = torch.tensor(1 / 3)
+    # ... and ties: 1.0 * (1 + 2^-8) lies halfway between two bf16 values (rounds to the even one, 1.0); times 1.5,
+    # 1 + k/128 lands halfway for every k = 2 mod 4 at or above 2.0, half of them rounding up
+    ties = torch.cat([x.reshape(-1), (1 + torch.arange(128) / 128).to(torch.bfloat16)])
+    results["scale bf16"] = {"equal": all(
+        torch.equal(lm_loss._scaled(ties, s, kernel="triton"), lm_loss._scaled(ties, s, chunk_elems=1000, kernel="torch"))
+        for s in (scale, torch.tensor(1 + 2**-8), torch.tensor(1.5)))}
     return results
 
 
@@ -191,6 +200,8 @@ def test_triton_softmax_gradient_equals_the_torch_fold_in_the_interpreter(interp
     log2(5000)·2 < 1e-4); the gradient p - y within that error of p (p = exp(z - lse), p ≤ 1) plus one
     rounding of its dtype (measured: 0 and 1.2e-6 in fp32); each
     gradient row sums to 0 (softmax sums to 1, minus the target's 1); without `write_grad` the logits stay."""
+    interpreted = dict(interpreted)
+    assert interpreted.pop("scale bf16") == {"equal": True}  # the backward's scaling kernel: bit for bit
     for name, r in interpreted.items():
         bf16 = "bfloat16" in name
         assert r["nll_err"] <= 1e-4, name
@@ -235,6 +246,12 @@ def test_the_kernel_compiles_for_the_h100_with_vector_loads_and_stores():
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     assert re.search(r"ld\.global(\.\w+)*\.v4", ptx)
     assert re.search(r"st\.global(\.\w+)*\.v4", ptx)
+    scale = lm_loss._scale_bf16_kernel
+    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "s_ptr": "*fp32", "n": "i64", "BLOCK": "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(scale.params) if p.name in ("x_ptr", "out_ptr", "n")}
+    ptx = triton.compile(ASTSource(fn=scale, signature=sig, constexprs={"BLOCK": 4096}, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert re.search(r"ld\.global(\.\w+)*\.v4", ptx) and re.search(r"st\.global(\.\w+)*\.v4", ptx)
 
 
 if __name__ == "__main__":
