@@ -224,3 +224,29 @@ def test_spec_decode_metric_names_are_vllms():
     source = inspect.getsource(spec_metrics)
     for name in ("vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"):
         assert f'"{name}"' in source, name
+
+
+def test_grpo_and_rm_training_on_cuda_switch_cudnn_sdpa_off(monkeypatch):
+    """cuDNN SDPA builds a plan per new sequence length (seconds on an H100, at every GRPO step): the GRPO
+    and reward-model trainers switch it off where CUDA is; nothing changes on a CPU-only machine."""
+    import ast as _ast
+
+    import torch
+
+    on = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert compat.avoid_cudnn_sdpa_replanning() is False and torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert compat.avoid_cudnn_sdpa_replanning() is True and not torch.backends.cuda.cudnn_sdp_enabled()
+        assert compat.avoid_cudnn_sdpa_replanning() is False  # already off
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(on)
+    # both trainers' constructors call it
+    for path, cls in (("posttrain/grpo/trainer.py", "V3GRPOTrainer"), ("posttrain/rm/trainer.py", "V3RewardTrainer")):
+        tree = _ast.parse((ROOT / path).read_text())
+        init = next(f for c in tree.body if isinstance(c, _ast.ClassDef) and c.name == cls
+                    for f in c.body if isinstance(f, _ast.FunctionDef) and f.name == "__init__")
+        calls = {n.func.id for n in _ast.walk(init) if isinstance(n, _ast.Call) and isinstance(n.func, _ast.Name)}
+        assert "avoid_cudnn_sdpa_replanning" in calls, path

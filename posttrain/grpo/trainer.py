@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from engines import RolloutEngine, SamplingSettings
-from engines.compat import apply_training_patches, silence_trl_rollout_func_warning
+from engines.compat import apply_training_patches, avoid_cudnn_sdpa_replanning, silence_trl_rollout_func_warning
 
 from ..balancing import BalancingCallback, ExpertLoadBalancer
 from ..checkpoints import DeepSeekLayoutCheckpoints
@@ -106,6 +106,7 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         # through `rollout_func`, and the flags below route TRL's IS-correction code to it.
         args.use_vllm = False
         apply_training_patches()  # before accelerator.prepare (FSDP2 loading)
+        avoid_cudnn_sdpa_replanning()  # sequence lengths change at every step
         silence_trl_rollout_func_warning()
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, rollout_func=self._rollout, **kwargs)
         args.use_vllm = use_vllm

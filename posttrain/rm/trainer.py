@@ -13,3 +13,9 @@ from ..checkpoints import DeepSeekLayoutCheckpoints
 
 class V3RewardTrainer(DeepSeekLayoutCheckpoints, RewardTrainer):
     """`trl.RewardTrainer` (−log σ(r_chosen − r_rejected)) on a V3 backbone."""
+
+    def __init__(self, *args, **kwargs):
+        from engines.compat import avoid_cudnn_sdpa_replanning
+
+        avoid_cudnn_sdpa_replanning()  # pairs are padded to each batch's longest: a new length per batch
+        super().__init__(*args, **kwargs)
