@@ -538,9 +538,9 @@ def section_lm_head(ctx: Ctx, args) -> list[dict]:
                 run()
                 r["peak_gib"] = ctx.peak_gib()
                 grads = (h.grad.detach().clone(), head.weight.grad.detach().clone())
-                if ref is None:
+                if name == "full logits":
                     ref = grads
-                else:
+                elif ref is not None:  # (none when the full logits did not fit)
                     r["err_dh"], r["err_dw"] = rel_err(grads[0], ref[0]), rel_err(grads[1], ref[1])
                 r["ms"] = ctx.bench_ms(run)
                 r["tflops"] = 6.0 * n * hidden * vocab / r["ms"] / 1e9
@@ -589,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="lm_head section: TOKENS [TOKENS ...] HIDDEN VOCAB (default 8192 32768 2048 163840)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script end to end")
     args = ap.parse_args(argv)
+    if args.lm_shape is not None and len(args.lm_shape) < 3:
+        ap.error("--lm-shape takes TOKENS [TOKENS ...] HIDDEN VOCAB: at least three numbers")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

@@ -13,7 +13,7 @@
 #   env.txt                         the GPU and the versions
 #   bench_gpu.md, bench_gpu.*.json  `benchmarks/bench_gpu.py`, one section at a time, each with its own timeout
 #   profile/                        `bench_gpu_sft.py --profile`: the step's top operators and a Chrome trace
-#   compiled.json                   the bf16 step with torch.compile'd decoder blocks (an experiment)
+#   compiled.json                   the bf16 step under accelerate's regional compilation (an experiment)
 #   pytest.log                      `pytest -m "not vllm"` on CUDA (-v: each result as it lands)
 # and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 560).
 # Session 11 (one H100): env 3 s, sft_step 94 s (4 rows; 6 now), quant 17 s, experts 26 s, gemm 19 s, linear 11 s,
@@ -78,8 +78,9 @@ run() {
         pack
       fi ;;
     compiled)
-      # an experiment: the bf16 step under accelerate's regional compilation (each block compiles, and the dense
-      # and MoE blocks recompile once each, in the warm-up steps: 6 on a CPU smoke run)
+      # an experiment: the bf16 step under accelerate's regional compilation. Each block class compiles, and the
+      # dense, MoE and MTP blocks recompile once each: within the first two steps on the CPU smoke shapes, so
+      # 6 warm-up steps leave margin.
       limit=$(( $(left) < 150 ? $(left) : 150 ))
       if (( limit > 60 )); then
         echo "== compiled layers (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
