@@ -104,10 +104,10 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
     )
     chunked_lm_loss: bool = field(
         default=True,
-        metadata={"help": "Compute the LM and MTP losses with the fused LM head + cross-entropy: token chunks "
-                  "whose logits become their gradient in the forward (a Triton kernel on CUDA), three GEMMs per "
-                  "head; the [tokens, vocab] logits are never materialised, same loss and gradients. Used in "
-                  "training and in loss-only evaluation. posttrain/lm_loss.py lm_head_cross_entropy."},
+        metadata={"help": "Compute the LM and MTP losses with a chunked LM head + cross-entropy "
+                  "(`lm_loss_backend` picks the implementation): the [tokens, vocab] logits are never "
+                  "materialised, same loss and gradients. Used in training and in loss-only evaluation. "
+                  "posttrain/lm_loss.py lm_head_cross_entropy."},
     )
     lm_loss_backend: str = field(
         default="auto",
