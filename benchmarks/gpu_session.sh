@@ -52,6 +52,15 @@ run() {
   { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c "import sys, torch, triton, transformers, trl, datasets, peft, accelerate; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
   } 2>&1 | tee "$work/env.txt"
+  # one bench_gpu_sft.py run as a part NAME: at most CAP s, skipped when no more than MIN s are left
+  sft_part() {
+    local name=$1 cap=$2 min=$3 limit; shift 3
+    limit=$(( $(left) < cap ? $(left) : cap ))
+    (( limit > min )) || return 0
+    echo "== $name (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
+    timeout "$limit" python3 benchmarks/bench_gpu_sft.py "$@" 2>"$work/$name.err" | tee -a "$work/bench_gpu.md"
+    pack
+  }
   local part section limit
   for part in ${PARTS:-bench pytest profile compiled}; do
     case $part in
@@ -70,24 +79,14 @@ run() {
       done ;;
     profile)
       # the profiler pass over the SFT step (bf16, 8k rows): top operators by GPU time, a Chrome trace
-      limit=$(( $(left) < 90 ? $(left) : 90 ))
-      if (( limit > 40 )); then
-        echo "== profile (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
-        timeout "$limit" python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --iters 3 \
-          --profile "$work/profile" --json "$work/profile/rows.json" 2>"$work/profile.err" | tee -a "$work/bench_gpu.md"
-        pack
-      fi ;;
+      sft_part profile 90 40 --seqs 8192 --variants bf16 --iters 3 --profile "$work/profile" \
+        --json "$work/profile/rows.json" ;;
     compiled)
       # an experiment: the bf16 step under accelerate's regional compilation. Each block class compiles, and the
       # dense, MoE and MTP blocks recompile once each: within the first two steps on the CPU smoke shapes, so
       # 6 warm-up steps leave margin.
-      limit=$(( $(left) < 150 ? $(left) : 150 ))
-      if (( limit > 60 )); then
-        echo "== compiled layers (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
-        timeout "$limit" python3 benchmarks/bench_gpu_sft.py --seqs 8192 --variants bf16 --compile-layers --warmup 6 \
-          --iters 6 --json "$work/compiled.json" 2>"$work/compiled.err" | tee -a "$work/bench_gpu.md"
-        pack
-      fi ;;
+      sft_part compiled 150 60 --seqs 8192 --variants bf16 --compile-layers --warmup 6 --iters 6 \
+        --json "$work/compiled.json" ;;
     pytest)
       limit=$(( $(left) < ${PYTEST_S:-200} ? $(left) : ${PYTEST_S:-200} ))
       if (( limit > 60 )); then
