@@ -341,6 +341,7 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
 
         model = compile_regions(model, dynamic=True)
     row["compile_layers"] = bool(args.compile_layers)
+    dynamo_before = _dynamo_counts()
     if variant == "fp32-master":
         _fsdp2_mixed_precision(model)
         row["compute"] = "bfloat16 (FSDP2 MixedPrecisionPolicy)"
@@ -380,6 +381,9 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
         _sync(device)
         times.append(time.perf_counter() - t0)
     peak = _peak_bytes(device)
+    if args.compile_layers:  # what Dynamo made of the steps: every graph break splits a block's graph
+        row["dynamo_graph_breaks"], row["dynamo_graphs"], row["dynamo_backend_failures"] = (
+            a - b for a, b in zip(_dynamo_counts(), dynamo_before))
     row["host_syncs_per_step"] = _count_host_syncs(step, batches[-1][0], device)
     if args.profile:
         row["profile"] = _profile(step, [b for b, _ in batches[-args.profile_steps:]], device,
@@ -415,6 +419,16 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
     })
     del model, opt, balancer, batches
     return row
+
+
+def _dynamo_counts() -> tuple[int, int, int]:
+    """(graph breaks, graphs compiled, graphs the backend failed to compile) so far in this process, from
+    torch._dynamo's counters. A backend failure (e.g. transformers' CPU `grouped_mm` fallback, whose
+    backward reads its offsets on the host) also ends in a graph break, which Dynamo does not count as one."""
+    from torch._dynamo.utils import counters
+
+    return (sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"],
+            counters["aot_autograd"]["not_ok"])
 
 
 def _count_host_syncs(step, batch: dict[str, torch.Tensor], device: torch.device) -> int | None:
@@ -516,6 +530,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {peak} | {pct(r['mfu_total'])} | "
             f"{pct(r['mfu_body'])} | {r['max_over_median']:.2f} | {'none' if r['stall_free'] else 'STALL'} | "
             f"{r['host_syncs_per_step'] if r['host_syncs_per_step'] is not None else 'n/a'} |")
+    for r in rows:
+        if "dynamo_graphs" in r:
+            lines.append(f"{r['variant']} compiled, {r['seq']}-token rows: {r['dynamo_graphs']} graphs compiled, "
+                         f"{r['dynamo_graph_breaks']} graph breaks, {r['dynamo_backend_failures']} graphs the "
+                         "backend could not compile (each a break too)")
     return "\n".join(lines)
 
 

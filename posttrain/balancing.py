@@ -55,12 +55,6 @@ def find_routers(model: nn.Module) -> list[tuple[int, str, DeepseekV3TopkRouter]
     return sorted(found, key=lambda t: t[0])
 
 
-def _in_backward() -> bool:
-    # Gradient checkpointing re-runs the forward inside backward; those recomputed routings are the
-    # same tokens again and must not be counted twice. (torch 2.13: -1 outside any graph task.)
-    return torch._C._current_graph_task_id() != -1
-
-
 class ExpertLoadBalancer:
     """Counts expert loads through router hooks, updates the correction biases, measures balance.
 
@@ -96,17 +90,34 @@ class ExpertLoadBalancer:
         self._sample_ids: torch.Tensor | None = None
         self._captured: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.paused = False
+        # True from the end of the model's forward to the start of the next one. Gradient checkpointing
+        # re-runs the blocks inside the backward, i.e. in that window: those routings are the same tokens
+        # again and are not counted twice. A plain attribute set by hooks on the model, not a query of the
+        # autograd engine (torch._C._current_graph_task_id), which torch.compile cannot trace: the router
+        # hook runs inside each compiled decoder block, and Dynamo guards on this flag instead of
+        # splitting the block around the router.
+        self._after_forward = False
         self.num_steps = 0
         self.history: list[tuple[int, torch.Tensor]] = []  # (step, [layers, experts] load fractions)
         self.last_metrics: dict[str, float] = {}
         self._handles = [
             router.register_forward_hook(self._make_hook(i)) for i, (_, _, router) in enumerate(self.routers)
         ]
+        self._handles += [
+            model.register_forward_pre_hook(self._model_forward_starts),
+            model.register_forward_hook(self._model_forward_ends),
+        ]
 
     # -- hooks ---------------------------------------------------------------------------------
+    def _model_forward_starts(self, module: nn.Module, args: Any) -> None:
+        self._after_forward = False
+
+    def _model_forward_ends(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._after_forward = True
+
     def _make_hook(self, slot: int):
         def hook(module: DeepseekV3TopkRouter, args: Any, output: tuple[torch.Tensor, ...]) -> None:
-            if self.paused or not module.training or _in_backward():
+            if self.paused or self._after_forward or not module.training:
                 return
             router_logits, _, topk_indices = output
             mask = self._mask_for(topk_indices.shape[0], topk_indices.device)

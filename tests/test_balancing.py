@@ -374,3 +374,52 @@ def test_step_reads_the_device_once_and_reports_maxvio_over_the_layers_that_saw_
     assert bal.step() == {"moe/maxvio": pytest.approx(3.0), "moe/maxvio_mean": pytest.approx(1.5)}
     assert bal.step() == {}  # no tokens since the last step
     bal.remove()
+
+
+class _CompiledBlocks(torch.nn.Module):
+    """A model whose forward runs a torch.compile'd block of routers, as accelerate's regional compilation
+    (`compile_regions`, `torch_compile: true`) compiles each decoder block with its router hooks inside."""
+
+    def __init__(self, stack: torch.nn.Module):
+        super().__init__()
+        self.stack = stack
+        self.block = torch.compile(self._route, fullgraph=True, backend="aot_eager", dynamic=False)
+
+    def _route(self, h: torch.Tensor) -> torch.Tensor:
+        return sum(layer["gate"](h)[1].sum() for layer in self.stack["layers"])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block(h)
+
+
+def test_router_hooks_compile_into_the_block_graph_and_count_as_in_eager():
+    """Under torch.compile the router hook is traced into the block's graph (`fullgraph=True` raises at a
+    graph break; asking the autograd engine whether it runs a backward split every MoE block in two). It
+    counts what eager counts, and routings after the model's forward (gradient checkpointing's recompute
+    in the backward) are still not counted: the compiled block is guarded on the balancer's flag."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    h, pos, mask = _packed_router_batch()
+    scope = {"token_mask": mask, "sample_ids": sample_ids_from_positions(pos)}
+    runs = {}
+    for compiled in (False, True):
+        stack = _router_stack(3)
+        model = _CompiledBlocks(stack) if compiled else stack
+        bal = ExpertLoadBalancer(model, bias_update_speed=0.0, seq_balance_alpha=1e-2)
+        x = h.clone().requires_grad_(True)
+        with bal.batch(**scope):
+            out = model(x) if compiled else sum(layer["gate"](x)[1].sum() for layer in stack["layers"])
+            (out + bal.sequence_balance_loss()).backward()
+        if compiled:
+            with bal.batch(**scope):
+                model.block(h)  # the blocks run again after the forward: a recompute, not counted
+        runs[compiled] = (bal._counts.clone(), x.grad, [layer["gate"].weight.grad for layer in stack["layers"]])
+        bal.remove()
+    assert not counters["graph_break"]
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][0].sum() == 2 * 2 * mask.sum()  # 2 layers x top-2 x real tokens, each once
+    torch.testing.assert_close(runs[True][1], runs[False][1])
+    for got, want in zip(runs[True][2], runs[False][2]):
+        torch.testing.assert_close(got, want)

@@ -250,3 +250,26 @@ def test_grpo_and_rm_training_on_cuda_switch_cudnn_sdpa_off(monkeypatch):
                     for f in c.body if isinstance(f, _ast.FunctionDef) and f.name == "__init__")
         calls = {n.func.id for n in _ast.walk(init) if isinstance(n, _ast.Call) and isinstance(n.func, _ast.Name)}
         assert "avoid_cudnn_sdpa_replanning" in calls, path
+
+
+def test_every_trainer_applies_the_training_patches_before_accelerate_prepares_the_model():
+    """`apply_training_patches` routes accelerate's FSDP2 preparation through our loader; a trainer that
+    skips it loads FSDP2 checkpoints through accelerate's own path. SFT, GRPO and the reward model call it
+    in their constructors, before `super().__init__` (where the Trainer builds its accelerator)."""
+    import ast as _ast
+
+    for path, cls in (("posttrain/sft/trainer.py", "DeepseekV3SFTTrainer"), ("posttrain/grpo/trainer.py", "V3GRPOTrainer"),
+                      ("posttrain/rm/trainer.py", "V3RewardTrainer")):
+        tree = _ast.parse((ROOT / path).read_text())
+        init = next(f for c in tree.body if isinstance(c, _ast.ClassDef) and c.name == cls
+                    for f in c.body if isinstance(f, _ast.FunctionDef) and f.name == "__init__")
+        lines = {}
+        for node in _ast.walk(init):
+            if isinstance(node, _ast.Call):
+                f = node.func
+                if isinstance(f, _ast.Name) and f.id == "apply_training_patches":
+                    lines.setdefault("patch", node.lineno)
+                elif isinstance(f, _ast.Attribute) and f.attr == "__init__" and isinstance(f.value, _ast.Call):
+                    lines.setdefault("super", node.lineno)
+        assert "patch" in lines, f"{cls} does not call apply_training_patches"
+        assert lines["patch"] < lines.get("super", 10**9), f"{cls} patches after super().__init__"

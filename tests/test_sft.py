@@ -305,6 +305,35 @@ def test_segmented_attention_reads_the_sample_bounds_once_per_forward(tiny_model
     assert reads == [2, 2]  # one per forward (2 main layers + MTP would be 3 each, read per layer)
 
 
+def test_segmented_attention_runs_under_torch_compile_at_changing_row_widths(tiny_model_dir):
+    """`torch_compile: true` on the CPU default: the compiled model trains on one packed row after another.
+    Dynamo used to trace the per-sample split, with the sample bounds read through the per-forward cache:
+    a later row (of ~20 samples, as the built-in task packs them) was split by another row's bounds ("Split
+    sizes add up to 101 but got the tensor's size of s50"; in `dsv3-posttrain sft --torch_compile true`, by
+    unrelated symbols). The compiled model's losses and gradients are the eager model's."""
+    from posttrain.sft.attention import register_segmented_sdpa
+
+    torch._dynamo.reset()
+    model = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                         attn_implementation=register_segmented_sdpa()).train()
+    compiled = torch.compile(model, backend="aot_eager")
+    weight = model.model.layers[0].self_attn.o_proj.weight
+    rows = []
+    for k in (20, 21, 19):
+        lengths = torch.randint(2, 12, (k,), generator=torch.Generator().manual_seed(k))
+        pos = torch.cat([torch.arange(n) for n in lengths.tolist()])[None]
+        rows.append((torch.randint(0, model.config.vocab_size, pos.shape, generator=torch.Generator().manual_seed(k)), pos))
+    got = {}
+    for name, fn in (("compiled", compiled), ("eager", model)):  # the compiled rows in a row, as training runs them
+        got[name] = []
+        for ids, pos in rows:
+            out = fn(input_ids=ids, position_ids=pos, labels=ids, use_cache=False, return_logits=False)
+            (out.loss + out.mtp_loss).backward()
+            got[name].append((out.loss.detach(), out.mtp_loss.detach(), weight.grad.clone()))
+            model.zero_grad()
+    torch.testing.assert_close(got["compiled"], got["eager"], rtol=1e-5, atol=1e-6)
+
+
 def test_attention_defaults_per_device_and_flex_refused_for_cpu_training(tmp_path):
     """Unset attn_implementation: flex_attention on CUDA, sdpa_segmented on CPU; both read samples
     from position_ids, so padding_free (one flat row per batch) follows. flex has no CPU backward:

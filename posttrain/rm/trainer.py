@@ -15,7 +15,8 @@ class V3RewardTrainer(DeepSeekLayoutCheckpoints, RewardTrainer):
     """`trl.RewardTrainer` (−log σ(r_chosen − r_rejected)) on a V3 backbone."""
 
     def __init__(self, *args, **kwargs):
-        from engines.compat import avoid_cudnn_sdpa_replanning
+        from engines.compat import apply_training_patches, avoid_cudnn_sdpa_replanning
 
+        apply_training_patches()  # before accelerator.prepare (FSDP2 loading), as the SFT and GRPO trainers
         avoid_cudnn_sdpa_replanning()  # pairs are padded to each batch's longest: a new length per batch
         super().__init__(*args, **kwargs)

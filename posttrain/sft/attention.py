@@ -92,6 +92,11 @@ def _segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
+# torch.compile (`torch_compile: true`, regional compilation) runs it eagerly, a graph break per layer:
+# the per-sample split lengths are read on the host (through the per-forward cache above), and traced
+# they went stale or symbolic, so a later row was split by sizes that do not add up to its width (torch
+# 2.13: "RuntimeError when making fake tensor call"). Compilation would not fuse its SDPA calls anyway.
+@torch.compiler.disable
 def segmented_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
