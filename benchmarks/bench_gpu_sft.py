@@ -339,6 +339,9 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
         # included, and the other leaves compiled on their own; dynamic row widths
         from accelerate.utils import compile_regions
 
+        from engines.compat import apply_training_patches
+
+        apply_training_patches()  # as the trainers do: the router hooks trace into checkpointed blocks too
         model = compile_regions(model, dynamic=True)
     row["compile_layers"] = bool(args.compile_layers)
     dynamo_before = _dynamo_counts()

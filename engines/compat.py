@@ -223,6 +223,13 @@ TORCH_SCALED_GROUPED_MM = ContactPoint(
     "F.scaled_grouped_mm does not take; the call is checked against torch's meta kernel and, on the GPU, "
     "against its emulation before use",
 )
+TORCH_CHECKPOINT_SIDE_EFFECTS = ContactPoint(
+    "torch", TORCH, "torch._dynamo.config:skip_fwd_side_effects_in_bwd_under_checkpoint", "patch",
+    "engines.compat.allow_side_effects_in_compiled_checkpointing (apply_training_patches)",
+    "the expert balancer's router hooks count loads and keep the routers' outputs for the sequence-wise loss; "
+    "in a compiled block under activation checkpointing Dynamo refuses those side effects and breaks the "
+    "graph at every router. The flag lets them run once, in the forward: a recompute must not count again",
+)
 
 # -- peft --------------------------------------------------------------------------------------------
 PEFT_CONFIG_CONVERTER = ContactPoint(
@@ -255,7 +262,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD,
-    TORCH_SCALED_GROUPED_MM,
+    TORCH_SCALED_GROUPED_MM, TORCH_CHECKPOINT_SIDE_EFFECTS,
 ]
 
 
@@ -537,14 +544,25 @@ def avoid_cudnn_sdpa_replanning() -> bool:
     return False
 
 
+def allow_side_effects_in_compiled_checkpointing() -> None:
+    """Under `torch.compile`, Python side effects inside a checkpointed block run in the forward only, as
+    the expert balancer's hooks want (their recompute is skipped in eager too), instead of a graph break
+    at each router. Process-wide: Dynamo reads the flag when it traces."""
+    import torch._dynamo.config as dynamo_config
+
+    _replace(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
+
+
 def apply_training_patches() -> None:
     """The patches every trainer needs; called before `accelerator.prepare`."""
     apply_accelerate_fsdp2_loading()
+    allow_side_effects_in_compiled_checkpointing()
 
 
 __all__ = [
     "CONTACT_POINTS",
     "ContactPoint",
+    "allow_side_effects_in_compiled_checkpointing",
     "apply_accelerate_fsdp2_loading",
     "apply_training_patches",
     "apply_trl_reference_loader",

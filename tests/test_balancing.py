@@ -423,3 +423,58 @@ def test_router_hooks_compile_into_the_block_graph_and_count_as_in_eager():
     torch.testing.assert_close(runs[True][1], runs[False][1])
     for got, want in zip(runs[True][2], runs[False][2]):
         torch.testing.assert_close(got, want)
+
+
+def test_router_hooks_compile_into_checkpointed_blocks_with_the_training_patches():
+    """With activation checkpointing inside a compiled block (regional compilation of a checkpointed decoder
+    layer), Dynamo refuses the hooks' side effects and broke the graph at every router. The trainers'
+    `apply_training_patches` lets them run once, in the forward: one graph, and the counts, the sequence
+    balance loss and the gradients are eager's (where the recompute is not counted either)."""
+    from torch._dynamo.utils import counters
+    from torch.utils.checkpoint import checkpoint
+
+    from engines import compat
+
+    def route(stack, h):
+        return sum(checkpoint(lambda x, gate=layer["gate"]: gate(x)[1] * x.reshape(-1, 16).sum(-1, keepdim=True),
+                              h, use_reentrant=False).sum() for layer in stack["layers"])
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, stack, compiled):
+            super().__init__()
+            self.stack = stack
+            fn = lambda h: route(self.stack, h)  # noqa: E731
+            self.block = torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+
+        def forward(self, h):
+            return self.block(h)
+
+    h, pos, mask = _packed_router_batch()
+    scope = {"token_mask": mask, "sample_ids": sample_ids_from_positions(pos)}
+
+    def run(compiled):
+        torch._dynamo.reset()
+        counters.clear()
+        stack = _router_stack(5)
+        model = Checkpointed(stack, compiled)
+        bal = ExpertLoadBalancer(model, bias_update_speed=0.0, seq_balance_alpha=0.1)
+        x = h.clone().requires_grad_(True)
+        with bal.batch(**scope):
+            out = model(x)
+            balance = bal.sequence_balance_loss()
+            (out + balance).backward()
+        bal.remove()
+        return bal._counts, balance.detach(), x.grad, [layer["gate"].weight.grad for layer in stack["layers"]]
+
+    want = run(compiled=False)
+    compat.restore()  # a trainer built earlier in this process applied the patches already
+    with pytest.raises(Exception, match="HOP|side effect|Mutating"):
+        run(compiled=True)  # without the patch: a graph break, which fullgraph=True turns into an error
+    try:
+        compat.apply_training_patches()
+        got = run(compiled=True)
+    finally:
+        compat.restore()
+    assert not counters["graph_break"]
+    assert torch.equal(got[0], want[0]) and got[0].sum() == 2 * 2 * mask.sum()
+    torch.testing.assert_close(got[1:], want[1:])

@@ -26,6 +26,19 @@ def test_installed_versions_are_within_the_pins_and_every_target_exists():
     assert compat.check_contact_points(points) == []
 
 
+def test_training_patches_let_compiled_checkpointed_blocks_keep_forward_side_effects():
+    import torch._dynamo.config as dynamo_config
+
+    compat.restore()
+    assert dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint is False  # torch's default
+    try:
+        compat.apply_training_patches()
+        assert dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint is True
+    finally:
+        compat.restore()
+    assert dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint is False
+
+
 @pytest.mark.vllm
 def test_installed_vllm_is_within_its_pins_and_every_target_exists():
     """vLLM's contact points; without vLLM installed this fails ("vllm is not installed"), as every
