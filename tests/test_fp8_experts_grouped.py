@@ -162,6 +162,36 @@ def test_transformers_experts_module_runs_on_the_grouped_path(grouped_fake):
     assert float(holder.experts.down_proj.grad.abs().sum()) > 0 and hidden.grad is not None
 
 
+def test_fp8_experts_run_eagerly_inside_a_compiled_block():
+    """Under `torch_compile: true` the FP8 experts are one graph break in the compiled block, not traced
+    (their token counts and the per-step weight cache are host state): the block gives the uncompiled
+    block's output and gradients bit for bit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    holder = _fp8_experts_module()
+    experts = holder.experts
+
+    def block(h, top_i, top_w):
+        return experts(torch.nn.functional.silu(h), top_i, top_w) * 2.0
+
+    compiled = torch.compile(block, backend="aot_eager", dynamic=True)
+    for tokens in (12, 20):
+        h = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(tokens))
+        top_w, top_i = torch.sigmoid(torch.randn(tokens, 8, generator=torch.Generator().manual_seed(1))).topk(2, -1)
+        runs = []
+        for fn in (block, compiled):
+            hi = h.clone().requires_grad_(True)
+            out = fn(hi, top_i, top_w)
+            out.square().sum().backward()
+            runs.append((out.detach(), hi.grad, experts.gate_up_proj.grad, experts.down_proj.grad))
+            experts.gate_up_proj.grad = experts.down_proj.grad = None
+        torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
+    reasons = list(counters["graph_break"])
+    assert reasons and all("fp8_experts_forward" in r for r in reasons), reasons
+
+
 # --- the FP8 wgrad: torch's 2d x 2d grouped FP8 GEMM (torch._scaled_grouped_mm) ---------------------------
 
 _real_scaled_grouped_mm = getattr(torch, "_scaled_grouped_mm", None)

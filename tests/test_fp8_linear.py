@@ -316,3 +316,41 @@ def test_weight_is_quantized_once_per_optimizer_step(monkeypatch):
     layer(x)
     layer(x)
     assert len(calls) == 2
+
+
+def test_fp8_linears_run_eagerly_inside_a_compiled_block():
+    """`torch_compile: true` compiles each decoder block around its FP8 layers: one graph break at each FP8
+    linear and nothing traced inside it. Traced, the autograd Function broke the graph inside itself and
+    Dynamo compiled the quantizers' frames per weight shape (18 breaks and 26 frames for these four
+    layers); without that break torch 2.13 fails on the second FP8 linear under dynamic shapes. Eager inside,
+    the block's output and gradients are bit for bit those of the uncompiled block, at every row count."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    dims = [256, 128, 384, 128, 256]
+    a, b, c, d = (FP8Linear(i, o, bias=False) for i, o in zip(dims, dims[1:]))
+
+    def block(x):  # straight-line, as a decoder block calls its projections
+        x = torch.nn.functional.silu(a(x)) * 1.5
+        x = torch.nn.functional.silu(b(x)) * 1.5
+        x = torch.nn.functional.silu(c(x)) * 1.5
+        return torch.nn.functional.silu(d(x)) * 1.5
+
+    compiled = torch.compile(block, backend="aot_eager", dynamic=True)
+    for rows in (64, 96, 80):
+        x = torch.randn(1, rows, 256)
+        runs = []
+        for fn in (block, compiled):
+            xi = x.clone().requires_grad_(True)
+            y = fn(xi)
+            y.square().sum().backward()
+            runs.append((y.detach(), xi.grad, [m.weight.grad for m in (a, b, c, d)]))
+            for m in (a, b, c, d):
+                m.weight.grad = None
+        torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
+    reasons = list(counters["graph_break"])
+    assert sum(counters["graph_break"].values()) == 4, reasons  # the four FP8 calls of the first trace
+    assert all("FP8Linear.forward" in r for r in reasons), reasons
+    assert counters["frames"]["total"] <= 5, dict(counters["frames"])  # the block and its resumes, no more

@@ -469,6 +469,7 @@ def _check_sum(counts, x: torch.Tensor) -> None:
         raise ValueError(f"counts {list(counts)} do not sum to the {x.shape[0]} rows of x")
 
 
+@torch.compiler.disable  # runs eagerly inside a compiled block: see posttrain.fp8.linear.fp8_linear
 def fp8_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:

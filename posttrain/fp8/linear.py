@@ -287,6 +287,14 @@ class _FP8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None
 
 
+# Under torch.compile (`torch_compile: true`, regional compilation) the FP8 layers run eagerly, one graph
+# break at each, and the rest of the block compiles. Traced, they fell apart: Dynamo broke the graph inside
+# the autograd Function (`is_inference_mode_enabled`) and recompiled `FP8Linear.forward` for every weight
+# shape, past its cache limit; and without that break, torch 2.13's Dynamo fails on a second FP8 linear
+# in one graph under dynamic shapes ("lift_tracked_freevar_to_input should not be called on root
+# SubgraphTracer"). Eager, they keep their Triton quantizers, cuBLAS FP8 GEMMs and the per-step weight
+# cache, which a traced graph would quantize again at every forward.
+@torch.compiler.disable
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, recipe: FP8Recipe = DEFAULT_RECIPE
 ) -> torch.Tensor:
@@ -323,6 +331,7 @@ class FP8Linear(nn.Linear):
         new.train(linear.training)
         return new
 
+    @torch.compiler.disable  # the break at the call, not inside a forward Dynamo compiles per shape
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias, self.recipe)
 
