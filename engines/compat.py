@@ -214,6 +214,12 @@ HF_ASYNC_LOAD = ContactPoint(
     "transformers", TRANSFORMERS, "env:HF_DEACTIVATE_ASYNC_LOAD", "env", "posttrain.fp8.training",
     "transformers' loading runs ahead of its consumer; with dequantized FP8 tensors that would hold a second copy",
 )
+ACCELERATE_REGIONAL_COMPILATION = ContactPoint(
+    "accelerate", ACCELERATE, "env:ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "env",
+    "engines.compat.prefer_regional_compilation (the recipe configs' __post_init__)",
+    "with torch_compile, accelerate compiles the whole model unless this is set: Dynamo then unrolls every "
+    "decoder layer (61 for V3) into one graph; regionally each block class compiles once",
+)
 
 # -- torch -------------------------------------------------------------------------------------------
 TORCH = ("2.11.0", "2.14.0")  # the GPU machine's 2.11 through this one's 2.13
@@ -261,7 +267,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
     HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
-    ACCELERATE_FSDP2_LOAD,
+    ACCELERATE_FSDP2_LOAD, ACCELERATE_REGIONAL_COMPILATION,
     TORCH_SCALED_GROUPED_MM, TORCH_CHECKPOINT_SIDE_EFFECTS,
 ]
 
@@ -553,6 +559,18 @@ def allow_side_effects_in_compiled_checkpointing() -> None:
     _replace(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
 
 
+def prefer_regional_compilation(args: Any) -> bool:
+    """With `torch_compile` (or a compile backend or mode) in `args`, accelerate compiles each decoder block
+    (its regional compilation) unless the user set ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION. Set from the
+    configs' `__post_init__`, as TrainingArguments sets ACCELERATE_DYNAMO_BACKEND there. Returns whether
+    the variable now asks for regional compilation."""
+    if not (getattr(args, "torch_compile", False) or getattr(args, "torch_compile_backend", None)
+            or getattr(args, "torch_compile_mode", None)):
+        return False
+    value = os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
+    return value.strip().lower() in ("1", "true", "yes", "y", "on")
+
+
 def apply_training_patches() -> None:
     """The patches every trainer needs; called before `accelerator.prepare`."""
     apply_accelerate_fsdp2_loading()
@@ -564,6 +582,7 @@ __all__ = [
     "ContactPoint",
     "allow_side_effects_in_compiled_checkpointing",
     "apply_accelerate_fsdp2_loading",
+    "prefer_regional_compilation",
     "apply_training_patches",
     "apply_trl_reference_loader",
     "apply_vllm_cpu_patches",

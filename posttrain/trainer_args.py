@@ -75,6 +75,9 @@ def apply_process_defaults(args: Any, mtp_module_unused: bool) -> None:
     import torch
 
     args.report_to = normalize_report_to(args.report_to)
+    from engines.compat import prefer_regional_compilation
+
+    prefer_regional_compilation(args)  # torch_compile: each decoder block, not all layers unrolled into one graph
     if not torch.cuda.is_available():
         # Without it transformers sets up no process group on a CPU-only machine, and
         # `accelerate launch --num_processes 2` would run two independent single-process jobs.

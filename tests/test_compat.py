@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,30 @@ def test_every_trainer_applies_the_training_patches_before_accelerate_prepares_t
                     lines.setdefault("super", node.lineno)
         assert "patch" in lines, f"{cls} does not call apply_training_patches"
         assert lines["patch"] < lines.get("super", 10**9), f"{cls} patches after super().__init__"
+
+
+def test_torch_compile_asks_accelerate_for_regional_compilation_unless_the_user_chose(monkeypatch, tmp_path):
+    """With `torch_compile` (or a compile backend or mode) the SFT, GRPO and RM configs ask accelerate to
+    compile each decoder block, not the whole model with every layer unrolled into one graph. A value the
+    user set is kept; without compilation nothing is set."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.rm.config import RMRecipeConfig
+    from posttrain.sft.config import SFTRecipeConfig
+
+    var = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
+    for name in (var, "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):
+        monkeypatch.setenv(name, "x")  # recorded as unset: whatever the configs write is undone after the test
+        monkeypatch.delenv(name)
+    SFTRecipeConfig(output_dir=str(tmp_path / "plain"))
+    assert var not in os.environ
+    for cls, kwargs in ((SFTRecipeConfig, {"torch_compile": True}), (GRPORecipeConfig, {"torch_compile_mode": "default"}),
+                        (RMRecipeConfig, {"torch_compile": True})):
+        monkeypatch.delenv(var, raising=False)
+        cls(output_dir=str(tmp_path / cls.__name__), **kwargs)
+        assert os.environ.get(var) == "true", cls.__name__
+        assert TorchDynamoPlugin(backend="inductor").use_regional_compilation is True
+    monkeypatch.setenv(var, "false")
+    SFTRecipeConfig(output_dir=str(tmp_path / "whole"), torch_compile=True)
+    assert os.environ[var] == "false" and TorchDynamoPlugin(backend="inductor").use_regional_compilation is False

@@ -100,6 +100,9 @@ class RMRecipeConfig(RewardConfig):
             raise ConfigError(f"torch_num_threads must be >= 1 or null, got {self.torch_num_threads}")
         if self.max_eval_samples is not None and self.max_eval_samples < 0:
             raise ConfigError(f"max_eval_samples must be >= 0, got {self.max_eval_samples}")
+        from engines.compat import prefer_regional_compilation
+
+        prefer_regional_compilation(self)  # as SFT and GRPO (posttrain.trainer_args.apply_process_defaults)
         super().__post_init__()
 
     def effective_eval_dataset(self) -> tuple[str, str] | None:
