@@ -559,16 +559,13 @@ def allow_side_effects_in_compiled_checkpointing() -> None:
     _replace(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
 
 
-def prefer_regional_compilation(args: Any) -> bool:
+def prefer_regional_compilation(args: Any) -> None:
     """With `torch_compile` (or a compile backend or mode) in `args`, accelerate compiles each decoder block
     (its regional compilation) unless the user set ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION. Set from the
-    configs' `__post_init__`, as TrainingArguments sets ACCELERATE_DYNAMO_BACKEND there. Returns whether
-    the variable now asks for regional compilation."""
-    if not (getattr(args, "torch_compile", False) or getattr(args, "torch_compile_backend", None)
+    configs' `__post_init__`, as TrainingArguments sets ACCELERATE_DYNAMO_BACKEND there."""
+    if (getattr(args, "torch_compile", False) or getattr(args, "torch_compile_backend", None)
             or getattr(args, "torch_compile_mode", None)):
-        return False
-    value = os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
-    return value.strip().lower() in ("1", "true", "yes", "y", "on")
+        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
 
 
 def apply_training_patches() -> None:

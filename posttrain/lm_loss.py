@@ -131,6 +131,15 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
+def _head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None):
+    """(compute dtype, weight, bias) of a head chunk loop: the autocast dtype under autocast, else the hidden
+    states' (or `dtype` when given), with the head's parameters cast to it."""
+    if dtype is None:
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    return dtype, weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Σ -log softmax(hidden @ weightᵀ + bias)[target] over the rows, `rows` tokens at a time, with the
     gradients computed in the forward (module docstring). `with_grad=False` computes the value only."""
@@ -139,9 +148,7 @@ class _FusedLinearCE(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                 rows: int, with_grad: bool) -> torch.Tensor:
         device = hidden.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        dtype, w, b = _head_operands(hidden, weight, bias)
         need_h, need_w, need_b = (with_grad and n for n in ctx.needs_input_grad[:3])
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, device=device, dtype=torch.float32) if need_w else None
@@ -207,9 +214,7 @@ class _RecomputeLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 target: torch.Tensor, rows: int) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        dtype, w, b = _head_operands(hidden, weight, bias)
         log_probs = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         lse = torch.empty_like(log_probs)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -225,10 +230,9 @@ class _RecomputeLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_probs: torch.Tensor):
         hidden, weight, bias, target, lse = ctx.saved_tensors
-        dtype, rows = ctx.dtype, ctx.rows
+        rows = ctx.rows
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        dtype, w, b = _head_operands(hidden, weight, bias, ctx.dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         # fp32 accumulation over the token chunks, whatever the weight dtype
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None

@@ -240,11 +240,16 @@ def test_spec_decode_metric_names_are_vllms():
         assert f'"{name}"' in source, name
 
 
+def _constructor(path: str, cls: str) -> ast.FunctionDef:
+    """The `__init__` of class `cls` in the repository file `path`, parsed."""
+    tree = ast.parse((ROOT / path).read_text())
+    return next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == cls
+                for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+
+
 def test_grpo_and_rm_training_on_cuda_switch_cudnn_sdpa_off(monkeypatch):
     """cuDNN SDPA builds a plan per new sequence length (seconds on an H100, at every GRPO step): the GRPO
     and reward-model trainers switch it off where CUDA is; nothing changes on a CPU-only machine."""
-    import ast as _ast
-
     import torch
 
     on = torch.backends.cuda.cudnn_sdp_enabled()
@@ -259,10 +264,8 @@ def test_grpo_and_rm_training_on_cuda_switch_cudnn_sdpa_off(monkeypatch):
         torch.backends.cuda.enable_cudnn_sdp(on)
     # both trainers' constructors call it
     for path, cls in (("posttrain/grpo/trainer.py", "V3GRPOTrainer"), ("posttrain/rm/trainer.py", "V3RewardTrainer")):
-        tree = _ast.parse((ROOT / path).read_text())
-        init = next(f for c in tree.body if isinstance(c, _ast.ClassDef) and c.name == cls
-                    for f in c.body if isinstance(f, _ast.FunctionDef) and f.name == "__init__")
-        calls = {n.func.id for n in _ast.walk(init) if isinstance(n, _ast.Call) and isinstance(n.func, _ast.Name)}
+        init = _constructor(path, cls)
+        calls = {n.func.id for n in ast.walk(init) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
         assert "avoid_cudnn_sdpa_replanning" in calls, path
 
 
@@ -270,20 +273,16 @@ def test_every_trainer_applies_the_training_patches_before_accelerate_prepares_t
     """`apply_training_patches` routes accelerate's FSDP2 preparation through our loader; a trainer that
     skips it loads FSDP2 checkpoints through accelerate's own path. SFT, GRPO and the reward model call it
     in their constructors, before `super().__init__` (where the Trainer builds its accelerator)."""
-    import ast as _ast
-
     for path, cls in (("posttrain/sft/trainer.py", "DeepseekV3SFTTrainer"), ("posttrain/grpo/trainer.py", "V3GRPOTrainer"),
                       ("posttrain/rm/trainer.py", "V3RewardTrainer")):
-        tree = _ast.parse((ROOT / path).read_text())
-        init = next(f for c in tree.body if isinstance(c, _ast.ClassDef) and c.name == cls
-                    for f in c.body if isinstance(f, _ast.FunctionDef) and f.name == "__init__")
+        init = _constructor(path, cls)
         lines = {}
-        for node in _ast.walk(init):
-            if isinstance(node, _ast.Call):
+        for node in ast.walk(init):
+            if isinstance(node, ast.Call):
                 f = node.func
-                if isinstance(f, _ast.Name) and f.id == "apply_training_patches":
+                if isinstance(f, ast.Name) and f.id == "apply_training_patches":
                     lines.setdefault("patch", node.lineno)
-                elif isinstance(f, _ast.Attribute) and f.attr == "__init__" and isinstance(f.value, _ast.Call):
+                elif isinstance(f, ast.Attribute) and f.attr == "__init__" and isinstance(f.value, ast.Call):
                     lines.setdefault("super", node.lineno)
         assert "patch" in lines, f"{cls} does not call apply_training_patches"
         assert lines["patch"] < lines.get("super", 10**9), f"{cls} patches after super().__init__"
