@@ -427,6 +427,10 @@ def section_experts(ctx: Ctx, args) -> list[dict]:
 # --- quant ---------------------------------------------------------------------------------------------
 
 
+def _flat_pairs(pairs: tuple) -> tuple[torch.Tensor, ...]:
+    return tuple(t for pair in pairs for t in pair)
+
+
 def section_quant(ctx: Ctx, args) -> list[dict]:
     from posttrain.fp8 import experts as E
     from posttrain.fp8 import quant as Q
@@ -439,6 +443,7 @@ def section_quant(ctx: Ctx, args) -> list[dict]:
     r_tok, n_exp = (512, 8) if ctx.smoke else (4096 * 8, 256)
     xr = torch.randn(r_tok, k, device=ctx.device, dtype=ctx.dtype)
     runs = torch.bincount(torch.randint(0, n_exp, (r_tok,), device=ctx.device), minlength=n_exp)
+    xrq, xrs = Q.quantize_rows(xr)
     e = x.element_size()
     s_bytes = 4
     kernels = [  # name, fn, bytes moved (read + written)
@@ -451,11 +456,21 @@ def section_quant(ctx: Ctx, args) -> list[dict]:
          m * k * (e + 1) + k * (m // 128) * s_bytes),
         (f"re-tile fp8 1x128 -> 128x1 (wgrad X^T) [{m}, {k}]", lambda: Q.requantize_tiles_t(xq, xs),
          m * k * 2 + (m * (k // 128) + k * (m // 128)) * s_bytes),
+        # both operands of one FP8Linear input from one read: X and X^T re-tiled (forward), dY and dY^T (backward);
+        # off the Triton backend these are the two kernels above, one after the other
+        (f"X 1x128 + X^T re-tiled 128x1, one read [{m}, {k}]",
+         lambda: _flat_pairs(Q.quantize_tiles_and_t(x, requantize=True)),
+         m * k * (e + 2) + (m * (k // 128) + k * (m // 128)) * s_bytes),
+        (f"dY 1x128 + dY^T 128x1, one read [{m}, {k}]", lambda: _flat_pairs(Q.quantize_tiles_and_t(x)),
+         m * k * (e + 2) + (m * (k // 128) + k * (m // 128)) * s_bytes),
         # the grouped experts' FP8 wgrad operand: 4096 tokens x top-8 routed over 256 experts
         (f"token runs per expert, transposed (grouped wgrad) [{r_tok}, {k}], {n_exp} experts",
          lambda: E.quantize_token_runs(xr, runs), r_tok * k * (e + 1) + n_exp * k * s_bytes),
+        # the same from the row-wise fp8 cache (1 byte + a scale per token read), the rowwise experts' X^T
+        (f"token runs from the fp8 cache, row scales [{r_tok}, {k}], {n_exp} experts",
+         lambda: E.quantize_token_runs(xrq, runs, row_scale=xrs), r_tok * (k * 2 + s_bytes) + n_exp * k * s_bytes),
     ]
-    no_compiled = {kernels[-1][0]}  # the token runs have an eager and a Triton kernel, no compiled one
+    no_compiled = {kernels[-2][0], kernels[-1][0]}  # the token runs have an eager and a Triton kernel, no compiled one
     # eager is the reference; compiled (torch.compile) and triton (posttrain.fp8.triton_quant) are checked
     # against it. On the CPU smoke run compiled is skipped (tens of seconds of C++ compiles) unless forced,
     # and triton needs TRITON_INTERPRET=1 set before Triton is imported.
@@ -480,8 +495,9 @@ def section_quant(ctx: Ctx, args) -> list[dict]:
                     got = fn()
                     ms = ctx.bench_ms(fn)
                     r["ms"], r["gbs"] = ms, nbytes / ms / 1e6
-                    r["scales_equal"] = bool(torch.equal(got[1], ref[1]))
-                    r["max_e4m3_steps"] = int(Q.e4m3_step_distance(got[0], ref[0]).max())
+                    # (fp8, scales) pairs: one, or two for the kernels that make both tilings
+                    r["scales_equal"] = all(torch.equal(a, b) for a, b in zip(got[1::2], ref[1::2]))
+                    r["max_e4m3_steps"] = max(int(Q.e4m3_step_distance(a, b).max()) for a, b in zip(got[0::2], ref[0::2]))
                     # which kernel really ran: a failed compile or launch falls back for the rest of the run
                     r["ran"] = Q.quant_backend(ctx.device) if be != "eager" else "eager"
                 except Exception as ex:  # noqa: BLE001

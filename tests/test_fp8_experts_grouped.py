@@ -299,6 +299,21 @@ def test_the_grouped_backward_takes_the_fp8_wgrad_where_it_is_enabled(grouped_fa
     assert len(wgrad_fake.calls) == 1
 
 
+def test_the_fp8_wgrad_requantizes_x_from_the_forward_s_fp8_cache(grouped_fake, wgrad_fake, monkeypatch):
+    """X^T's runs come from the cached row-wise fp8 X and its per-token scales, dequantized in float32 inside the
+    quantizer: no bf16 copy of X (the previous path rounded X to bf16 first, a second rounding)."""
+    monkeypatch.setenv(experts.WGRAD_ENV, "fp8")
+    counts, x, w, gy = _problem(seed=4)
+    wp = nn.Parameter(w.clone())
+    fp8_grouped_linear(x, wp, counts, FP8Recipe()).backward(gy)
+    xq, xs = experts.quantize_rows(x)
+    want = experts.fp8_grouped_wgrad(gy.to(torch.bfloat16), xq.float() * xs[:, None], tuple(counts), FP8Recipe())
+    assert torch.equal(wp.grad, want.float())
+    bf16_copy = experts.fp8_grouped_wgrad(gy.to(torch.bfloat16), (xq.float() * xs[:, None]).to(torch.bfloat16),
+                                          tuple(counts), FP8Recipe())
+    assert not torch.equal(wp.grad, bf16_copy.float())  # the case tells the two apart
+
+
 def test_wgrad_probe_accepts_the_kernel_and_rejects_wrong_numbers(wgrad_fake, monkeypatch, caplog):
     assert experts._probe_grouped_wgrad(torch.device("cpu")) is True
     _assert_probe_rejects_wrong_numbers(monkeypatch, caplog, torch, "_scaled_grouped_mm", wgrad_fake,

@@ -93,6 +93,38 @@ def test_fp8_linear_bf16_activations_keep_fp32_master_grads():
     assert x.grad.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
 
 
+
+def test_fp8_linear_caches_only_x_transposed_in_fp8_and_no_activation_for_a_frozen_weight():
+    """The forward keeps X^T in 128x1 FP8 tiles for the wgrad (1 byte per element, §3.3.3), not X itself, and
+    keeps no activation at all when the weight gets no gradient; the gradients are those of the recipe."""
+    x, w, gy = _inputs(200, 300, 130)
+
+    def saved_by_forward(weight: nn.Parameter, x_in: torch.Tensor) -> tuple[list, torch.Tensor]:
+        saved = []
+
+        def pack(t):
+            saved.append(("weight" if t is weight else t.dtype, tuple(t.shape)))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fp8_linear(x_in, weight)
+        return saved, y
+
+    weight = nn.Parameter(w.clone())
+    saved, y = saved_by_forward(weight, x.clone().requires_grad_(True))
+    assert sorted(map(str, saved)) == sorted(map(str, [
+        ("weight", (130, 300)), (torch.float8_e4m3fn, (300, 200)), (torch.float32, (300, 2))]))
+    y.backward(gy)
+    x_fp8 = _fake_quant(x, 1, 128)
+    assert _rel(weight.grad, _fake_quant(gy, 128, 1).T @ _fake_quant(x_fp8, 128, 1)) < 1e-5
+
+    frozen = nn.Parameter(w.clone(), requires_grad=False)
+    xr = x.clone().requires_grad_(True)
+    saved, y = saved_by_forward(frozen, xr)
+    assert saved == [("weight", (130, 300))]
+    y.backward(gy)
+    assert _rel(xr.grad, _fake_quant(gy, 1, 128) @ _fake_quant(w, 128, 128)) < 1e-5
+
 def test_fp8_training_loop_with_bf16_moments_decreases_loss():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(256, 256), nn.SiLU(), nn.Linear(256, 130))

@@ -48,6 +48,10 @@ def _rounding_rows() -> torch.Tensor:
     return rows
 
 
+def _flat(pairs: tuple) -> tuple[torch.Tensor, ...]:
+    return tuple(t for pair in pairs for t in pair)
+
+
 def _cases(device: str) -> dict[str, tuple]:
     """name -> (thunk through the public quantizers, thunk of the eager reference)."""
     from posttrain.fp8 import experts as E
@@ -64,6 +68,8 @@ def _cases(device: str) -> dict[str, tuple]:
     runs = torch.tensor([65, 0, 200, 7, 28], device=device)
     xr = (torch.randn(37, 1300, generator=g) * 10.0 ** torch.randint(-3, 4, (37, 1), generator=g)).to(device)
     ref = Q.quantize_groups_reference
+    xq_rows, xs_rows = Q.quantize_groups_reference(xb, (1, 260), check_finite=False)
+    xs_rows = xs_rows.squeeze(-1)
     return {
         "tiles 1x128 fp32": (lambda: Q.quantize_groups(x, (1, 128), check_finite=False),
                              lambda: ref(x, (1, 128), check_finite=False)),
@@ -89,6 +95,14 @@ def _cases(device: str) -> dict[str, tuple]:
                                        lambda: ref(w.transpose(-2, -1), (1, 128), check_finite=False)),
         "re-tile 1x128 -> 128x1 (wgrad X^T)": (lambda: Q.requantize_tiles_t(q, s),
                                                lambda: ref(Q.dequantize_groups(q, s, (1, 128)).t(), (1, 128))),
+        # both operands of one activation-side tensor from one read (FP8Linear): X with X^T re-tiled from its
+        # fp8 tiles, and dY with dY^T quantized from dY; 300 tokens (a partial token tile), 260 channels
+        "X and X^T re-tiled, one read": (
+            lambda: _flat(Q.quantize_tiles_and_t(xb, requantize=True)),
+            lambda: (lambda t: t + ref(Q.dequantize_groups(*t, (1, 128)).t(), (1, 128)))(ref(xb, (1, 128), check_finite=False))),
+        "dY and dY^T, one read, ue8m0": (
+            lambda: _flat(Q.quantize_tiles_and_t(x, scale_fmt="ue8m0")),
+            lambda: ref(x, (1, 128), "ue8m0", check_finite=False) + ref(x.t(), (1, 128), "ue8m0", check_finite=False)),
         "round to nearest e4m3, ties to even": (lambda: Q.quantize_groups(r, (1, 128), check_finite=False),
                                                 lambda: ref(r, (1, 128), check_finite=False)),
         # the grouped wgrad's operand: runs of tokens per expert (one empty, one of 64 + 1 rows, one
@@ -97,6 +111,9 @@ def _cases(device: str) -> dict[str, tuple]:
                                                   lambda: E.quantize_token_runs_reference(xb, runs)),
         "token runs ue8m0 fp32": (lambda: E.quantize_token_runs(x, runs, "ue8m0"),
                                   lambda: E.quantize_token_runs_reference(x, runs, "ue8m0")),
+        # the same from the row-wise fp8 activation cache, dequantized on the fly (the grouped wgrad's X^T)
+        "token runs from fp8 with row scales": (lambda: E.quantize_token_runs(xq_rows, runs, row_scale=xs_rows),
+                                                lambda: E.quantize_token_runs_reference(xq_rows, runs, row_scale=xs_rows)),
     }
 
 
@@ -106,17 +123,18 @@ def run_cases(device: str) -> dict:
     from posttrain.fp8 import triton_quant
 
     calls = []
-    real = {name: getattr(triton_quant, name) for name in ("quantize", "quantize_token_runs")}
+    real = {name: getattr(triton_quant, name) for name in ("quantize", "quantize_both", "quantize_token_runs")}
 
-    def counted(fn):
+    def counted(name, fn):
         def call(*a, **k):
             out = fn(*a, **k)
-            calls.append(out is not None)
+            if out is not None:
+                calls.append(name)
             return out
         return call
 
     for name, fn in real.items():
-        setattr(triton_quant, name, counted(fn))
+        setattr(triton_quant, name, counted(name, fn))
     os.environ[Q.QUANT_BACKEND_ENV] = "triton"
     Q._compile_state["broken"] = True  # a shape Triton does not cover must not reach a CPU torch.compile
     results = {}
@@ -128,7 +146,7 @@ def run_cases(device: str) -> dict:
                 "bits_equal": _bits_equal(got, want),
                 "scales_equal": bool(torch.equal(got[1], want[1])),
                 "max_e4m3_steps": int(Q.e4m3_step_distance(got[0], want[0]).max()) if got[0].shape == want[0].shape else -1,
-                "triton_launches": sum(calls),
+                "triton_launches": len(calls),
             }
         # above the chunk size: a stack the kernels read in place goes in one launch (no chunks, no copies of
         # their outputs), W^T's rows (the grouped dgrad's operand) read from W included; a strided view the
@@ -154,21 +172,26 @@ def run_cases(device: str) -> dict:
                 calls.clear()
                 got = got_fn()
                 want = (want[0], want[1].reshape(got[1].shape))
-                results[name] = {"bits_equal": _bits_equal(got, want), "triton_launches": sum(calls)}
+                results[name] = {"bits_equal": _bits_equal(got, want), "triton_launches": len(calls)}
         finally:
             Q.QUANT_CHUNK_ELEMS = chunk
         # one matrix in 1x128 tiles (X, dY, dY^T, X^T: the GEMMs' activation-side operands) gets its scales
         # column-major, F.scaled_mm's layout for them, so that no GEMM copies them
         xa = torch.randn(48, 300, device=device)
         qa, sa = Q.quantize_groups(xa, (1, 128), check_finite=False)
+        both = [Q.quantize_tiles_and_t(xa, requantize=r) for r in (False, True)]
         results["1x128 scales column-major"] = [
             tuple(s.stride()) == (1, s.shape[0]) for s in (
-                sa, Q.quantize_groups_t(xa, (1, 128))[1], Q.requantize_tiles_t(qa, sa)[1])]
+                sa, Q.quantize_groups_t(xa, (1, 128))[1], Q.requantize_tiles_t(qa, sa)[1],
+                *(pair[1] for got in both for pair in got))]
         x = torch.randn(6, 140, device=device)
         calls.clear()
         got = Q.quantize_groups(x, (1, 70), check_finite=False)  # groups of 70: no Triton kernel, falls back
         want = Q.quantize_groups_reference(x, (1, 70), check_finite=False)
-        results["other group shapes fall back"] = {"bits_equal": _bits_equal(got, want), "triton_launches": sum(calls)}
+        results["other group shapes fall back"] = {"bits_equal": _bits_equal(got, want), "triton_launches": len(calls)}
+        # FP8Linear forward+backward: X with X^T in one launch, dY with dY^T in one (and W's blocks), where the
+        # separate quantizers took five; output and gradients those of the eager quantizers, bit for bit
+        results["FP8Linear forward+backward"] = _fp8_linear_both_backends(device, calls)
         # the check quant_backend() runs before picking Triton on CUDA (it compares every kernel directly)
         results["start-up check"] = Q._triton_check(torch.device(device))
         results["triton_broken"] = bool(Q._triton_state.get("broken"))
@@ -176,6 +199,29 @@ def run_cases(device: str) -> dict:
         for name, fn in real.items():
             setattr(triton_quant, name, fn)
     return results
+
+
+def _fp8_linear_both_backends(device: str, calls: list) -> dict:
+    from posttrain.fp8 import quant as Q
+    from posttrain.fp8.linear import clear_weight_cache, fp8_linear
+
+    g = torch.Generator().manual_seed(5)
+    x0 = (torch.randn(300, 260, generator=g) * 10.0 ** torch.randint(-2, 3, (300, 1), generator=g)).to(device)
+    gy = (torch.randn(300, 130, generator=g) * 10.0 ** torch.randint(-2, 3, (300, 1), generator=g)).to(device)
+    w = torch.nn.Parameter((torch.randn(130, 260, generator=g) / 16).to(device))
+    out = {}
+    for backend in ("triton", "eager"):
+        os.environ[Q.QUANT_BACKEND_ENV] = backend
+        clear_weight_cache()
+        calls.clear()
+        w.grad = None
+        x = x0.clone().requires_grad_(True)
+        y = fp8_linear(x, w)
+        y.backward(gy)
+        out[backend] = (y.detach(), x.grad, w.grad.clone(), sorted(calls))
+    os.environ[Q.QUANT_BACKEND_ENV] = "triton"
+    (*got, launches), (*want, _) = out["triton"], out["eager"]
+    return {"bits_equal": _bits_equal(tuple(got), tuple(want)), "launches": launches}
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +233,16 @@ def _assert_bit_exact(results: dict) -> None:
     assert not results.pop("triton_broken"), "the Triton kernel failed and the fallback ran instead"
     assert results.pop("start-up check") is None
     fallback = results.pop("other group shapes fall back")
-    assert results.pop("1x128 scales column-major") == [True, True, True]
+    assert results.pop("1x128 scales column-major") == [True] * 7
     for name in ("above the chunk size, in place", "above the chunk size, rows of W^T",
                  "above the chunk size, rows of W^T ue8m0 fp32", "above the chunk size, re-tile"):
         assert results.pop(name) == {"bits_equal": True, "triton_launches": 1}, name
+    assert results.pop("FP8Linear forward+backward") == {
+        "bits_equal": True, "launches": ["quantize", "quantize_both", "quantize_both"]}
     chunked = results.pop("above the chunk size, a strided view")
     assert chunked["bits_equal"] and chunked["triton_launches"] > 1, chunked
+    for name in ("X and X^T re-tiled, one read", "dY and dY^T, one read, ue8m0"):
+        assert results[name]["triton_launches"] == 1, f"{name}: not one kernel"
     for name, r in results.items():
         assert r["triton_launches"] >= 1, f"{name}: the Triton kernel did not run"
         assert r["scales_equal"], f"{name}: scales differ"
@@ -202,7 +252,8 @@ def _assert_bit_exact(results: dict) -> None:
 
 def test_triton_quantizers_equal_the_reference_bit_for_bit_in_the_interpreter(interpreted):
     """Activation 1x128 tiles, weight 128x128 blocks (with expert dims), row-wise scales, UE8M0 scales, the
-    wgrad's transposed tiles, the fp8 re-tiling and the grouped wgrad's token runs, partial last tiles,
+    wgrad's transposed tiles, the fp8 re-tiling, both tilings of X or dY from one read (one launch) and the
+    grouped wgrad's token runs, partial last tiles,
     subnormals, and every rounding tie of e4m3:
     the kernel's fp8 bytes and scales equal the eager reference exactly (the rule the compiled quantizer
     only meets within one e4m3 step)."""
@@ -238,7 +289,7 @@ _H100 = ("cuda", 90, 32)
 _PTR_TYPES = {"bf16": "*bf16", "fp32": "*fp32", "fp8": "*fp8e4nv", "i64": "*i64"}
 
 
-def _ptx(kernel, pointers: dict[str, str], constexprs: dict) -> str:
+def _ptx(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int = 4) -> str:
     """PTX of ``kernel`` for an H100, its pointers 16-byte aligned and its specialized ints divisible by 16,
     as a launch on V3 shapes specializes them (hidden sizes 7168, 2048, ...; a zero batch stride)."""
     import triton
@@ -257,7 +308,7 @@ def _ptx(kernel, pointers: dict[str, str], constexprs: dict) -> str:
             if not param.do_not_specialize:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget(*_H100)).asm["ptx"]
+    return triton.compile(src, target=GPUTarget(*_H100), options={"num_warps": num_warps}).asm["ptx"]
 
 
 def _tiles(**kw) -> dict:
@@ -280,14 +331,23 @@ def test_every_kernel_configuration_compiles_for_the_h100_with_ieee_division_and
         "transposed tiles (wgrad dY^T)": (T._quant_tiles_kernel, bf16_in, _tiles(TRANSPOSED=True, BLOCK_R=64)),
         "re-tile fp8 1x128 -> 128x1": (T._quant_tiles_kernel, {"x_ptr": "fp8", "q_ptr": "fp8"},
                                        _tiles(TRANSPOSED=True, BLOCK_R=128, HAS_IN_SCALE=True, IN_TILE_R=128)),
+        "X and X^T, one read": (T._quant_both_kernel, {"x_ptr": "bf16", "q_ptr": "fp8", "qt_ptr": "fp8"},
+                                dict(TILE=128, REQUANT=True, EVEN_COLS=True, UE8M0=False)),
+        "dY and dY^T, one read": (T._quant_both_kernel, {"x_ptr": "bf16", "q_ptr": "fp8", "qt_ptr": "fp8"},
+                                  dict(TILE=128, REQUANT=False, EVEN_COLS=True, UE8M0=False)),
         "rows": (T._quant_rows_kernel, {"x_ptr": "bf16", "q_ptr": "fp8"}, dict(BLOCK_R=4, BLOCK_C=1024, UE8M0=False)),
         "rows of W^T, read from W": (T._quant_rows_t_kernel, {"x_ptr": "bf16", "q_ptr": "fp8"},
                                      dict(BLOCK_R=64, BLOCK_C=64, UE8M0=False)),
         "token runs": (T._token_runs_kernel, {"t_ptr": "bf16", "q_ptr": "fp8", "starts_ptr": "i64", "counts_ptr": "i64",
                                                 "pstarts_ptr": "i64", "plens_ptr": "i64"},
-                       dict(BLOCK_T=64, BLOCK_C=128, UE8M0=False, RUN_ALIGN=16)),
+                       dict(BLOCK_T=64, BLOCK_C=128, UE8M0=False, RUN_ALIGN=16, HAS_IN_SCALE=False)),
+        "token runs from fp8 with row scales": (
+            T._token_runs_kernel, {"t_ptr": "fp8", "in_s_ptr": "fp32", "q_ptr": "fp8", "starts_ptr": "i64",
+                                   "counts_ptr": "i64", "pstarts_ptr": "i64", "plens_ptr": "i64"},
+            dict(BLOCK_T=64, BLOCK_C=128, UE8M0=False, RUN_ALIGN=16, HAS_IN_SCALE=True)),
     }
-    ptx = {name: _ptx(kernel, ptrs, consts) for name, (kernel, ptrs, consts) in configs.items()}
+    warps = {"X and X^T, one read": 16, "dY and dY^T, one read": 16}  # as triton_quant.quantize_both launches them
+    ptx = {name: _ptx(kernel, ptrs, consts, warps.get(name, 4)) for name, (kernel, ptrs, consts) in configs.items()}
     for name, text in ptx.items():
         assert "div.rn.f32" in text and not re.search(r"div\.(full|approx)", text), name  # IEEE, as the reference
         assert "cvt.rn.satfinite.e4m3x2.f32" in text, name  # the hardware cast, of values e4m3 holds exactly
@@ -297,10 +357,14 @@ def test_every_kernel_configuration_compiles_for_the_h100_with_ieee_division_and
     # the transposed outputs (the wgrad's dY^T and X^T, the grouped wgrad's token runs) are stored in vectors:
     # their row length, a token count, is specialized on divisibility by 16 (rows padded to 128 tokens always
     # are; the runs are 16-aligned by construction), and the re-tile reads one input scale per column
-    for name in ("transposed tiles (wgrad dY^T)", "re-tile fp8 1x128 -> 128x1", "token runs"):
+    for name in ("transposed tiles (wgrad dY^T)", "re-tile fp8 1x128 -> 128x1", "token runs",
+                 "token runs from fp8 with row scales",
+                 "X and X^T, one read", "dY and dY^T, one read"):
         assert re.search(r"st\.global(\.\w+)*\.v4", ptx[name]), name
         assert not re.search(r"st\.global\.b8", ptx[name]), name
     assert len(re.findall(r"ld\.global\.b32", ptx["re-tile fp8 1x128 -> 128x1"])) <= 2
+    for name in ("X and X^T, one read", "dY and dY^T, one read"):  # x read once, in vectors
+        assert re.search(r"ld\.global(\.\w+)*\.v[24]", ptx[name]), name
     # W^T's rows are read from W along its contiguous dim and stored through a re-layout: vectors both ways
     assert re.search(r"ld\.global(\.\w+)*\.v4", ptx["rows of W^T, read from W"])
     assert re.search(r"st\.global(\.\w+)*\.v4", ptx["rows of W^T, read from W"])

@@ -40,6 +40,8 @@ from .linear import (
     fp8_wgrad_gemm,
     for_backward,
     quantize_act,
+    quantize_grad,
+    retile_act_t,
     weight_for_backward,
     weight_operand,
 )
@@ -110,10 +112,11 @@ class _FP8GroupedLinear(torch.autograd.Function):
         for e, s, t in _segments(ctx.counts):
             g = grad_out[s:t]
             if recipe.backward == "fp8":
+                gq, gq_t = quantize_grad(g, recipe, dgrad=need_x, wgrad=need_w)
                 if need_x:
-                    dx[s:t] = fp8_dgrad_gemm(g, wq_t[e], recipe)
+                    dx[s:t] = fp8_dgrad_gemm(gq, wq_t[e])
                 if need_w:
-                    dw[e] = fp8_wgrad_gemm(g, BlockQuantized(a[s:t], b[s:t], (1, TILE)), recipe)
+                    dw[e] = fp8_wgrad_gemm(gq_t, retile_act_t(BlockQuantized(a[s:t], b[s:t], (1, TILE)), recipe))
             else:
                 cdt = ctx.x_dtype
                 if need_x:
@@ -237,10 +240,11 @@ class _FP8GroupedRowwise(torch.autograd.Function):
                 dx = F.grouped_mm(g, weight.to(torch.bfloat16), offs=offs)
             dx = dx.to(ctx.x_dtype)
         if need_w:
-            x_hp = (xq.float() * xs[:, None]).to(torch.bfloat16) if recipe.backward == "fp8" else x.to(torch.bfloat16)
             if recipe.backward == "fp8" and _grouped_wgrad_available(g.device):
-                dw = fp8_grouped_wgrad(g, x_hp, counts, recipe)
+                # X^T's runs re-quantized from the FP8 cache itself (the report's re-tiling, §3.5.2, per expert)
+                dw = fp8_grouped_wgrad(g, xq, counts, recipe, x_row_scale=xs)
             else:  # [E, N, K]: dY_e^T X_e over each expert's tokens
+                x_hp = (xq.float() * xs[:, None]).to(torch.bfloat16) if recipe.backward == "fp8" else x.to(torch.bfloat16)
                 dw = _zero_groups_without_tokens(F.grouped_mm(g.t(), x_hp, offs=offs), counts)
             dw = dw.to(ctx.w_dtype)
         return dx, dw, None, None
@@ -303,32 +307,38 @@ def _padded_runs(counts: torch.Tensor, tokens: int, align: int = WGRAD_RUN_ALIGN
     return dest, padded_expert, lay.padded_ends.to(torch.int32)
 
 
-def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None):
+def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None, row_scale: torch.Tensor | None = None):
     """``t`` [S, C] (rows sorted by expert, ``counts[e]`` rows for expert ``e``; ints or a tensor) as the
     transposed fp8 operand of the grouped wgrad: ``(q [C, S_pad] row-major, scales [E*C] float32, offs)``,
     one scale per (expert, column) over that expert's tokens, each run zero-padded to WGRAD_RUN_ALIGN
     tokens (see _padded_runs), ``offs`` the runs' ends (int32, the kernel's offsets). One Triton kernel
-    where the quantizer backend is Triton (posttrain.fp8.triton_quant, bit for bit the reference below)."""
+    where the quantizer backend is Triton (posttrain.fp8.triton_quant, bit for bit the reference below).
+    ``row_scale`` [S]: ``t`` is the row-wise fp8 activation cache, standing for ``t.float() * row_scale[:, None]``
+    (dequantized on the fly by the Triton kernel, with no high-precision copy)."""
     counts = _device_counts(counts, t.device)
     if quant_backend(t.device) == "triton":
-        got = run_triton(lambda: quantize_token_runs_triton(t, counts, scale_fmt))
+        got = run_triton(lambda: quantize_token_runs_triton(t, counts, scale_fmt, row_scale))
         if got is not None:
             return got
-    return quantize_token_runs_reference(t, counts, scale_fmt)
+    return quantize_token_runs_reference(t, counts, scale_fmt, row_scale)
 
 
-def quantize_token_runs_triton(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None):
+def quantize_token_runs_triton(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None,
+                               row_scale: torch.Tensor | None = None):
     """:func:`quantize_token_runs` as one Triton kernel over the same layout (no backend choice, no fallback)."""
     from . import triton_quant
 
     lay = _run_layout(counts, t.shape[0])
     q, s = triton_quant.quantize_token_runs(t, counts, lay.starts, lay.padded_starts, lay.padded, lay.rows, scale_fmt,
-                                            WGRAD_RUN_ALIGN)
+                                            WGRAD_RUN_ALIGN, row_scale)
     return q, s, lay.padded_ends.to(torch.int32)
 
 
-def quantize_token_runs_reference(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None):
+def quantize_token_runs_reference(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None,
+                                  row_scale: torch.Tensor | None = None):
     """:func:`quantize_token_runs` in eager torch ops (several passes over memory): the definition."""
+    if row_scale is not None:
+        t = t.float() * row_scale[:, None]
     dest, padded_expert, offs = _padded_runs(counts, t.shape[0])
     cols = t.shape[1]
     t_pad = t.new_zeros(padded_expert.shape[0], cols)
@@ -359,12 +369,15 @@ def _emulate_grouped_wgrad(gq_t, gs, xq_t, xs, offs) -> torch.Tensor:
     return out
 
 
-def fp8_grouped_wgrad(grad_out: torch.Tensor, x: torch.Tensor, counts, recipe: FP8Recipe) -> torch.Tensor:
+def fp8_grouped_wgrad(
+    grad_out: torch.Tensor, x: torch.Tensor, counts, recipe: FP8Recipe, x_row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """dW [E, N, K] = per expert ``grad_out_e^T x_e``, both quantized per (expert, channel) over the expert's
     tokens, in one grouped FP8 GEMM (:func:`_grouped_wgrad_kernel`); experts without tokens get zeros (their
-    run is all zero tokens). ``counts``: ints or a tensor (kept on the device)."""
+    run is all zero tokens). ``counts``: ints or a tensor (kept on the device). ``x_row_scale``: ``x`` is the
+    forward's row-wise fp8 cache with these per-token scales (re-quantized per run straight from it)."""
     gq_t, gs, offs = quantize_token_runs(grad_out, counts, recipe.grad_scale_fmt)
-    xq_t, xs, _ = quantize_token_runs(x, counts, recipe.act_scale_fmt)
+    xq_t, xs, _ = quantize_token_runs(x, counts, recipe.act_scale_fmt, x_row_scale)
     return _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, offs)
 
 

@@ -7,9 +7,12 @@ Recipe (§3.3.2, Figure 7):
 * Dgrad ``dX = dY W``: dY quantized per 1x128 tile along the output channels (the
   contraction dim of this GEMM); W reuses the forward's 128x128 blocks, transposed.
 * Wgrad ``dW = dY^T X``: the contraction runs over tokens, so both dY and X are
-  quantized in 128x1 tiles (128 tokens x 1 channel). X is cached in FP8 from the forward
-  (1x128) and re-tiled to 128x1 for this GEMM -- the report's "Low-Precision Storage"
-  (§3.3.3) and its note on converting 1x128 tiles to 128x1 in the backward (§3.5.2).
+  quantized in 128x1 tiles (128 tokens x 1 channel). X's 1x128 FP8 tiles are re-tiled to
+  128x1 (dequantize, transpose, quantize: the report's note on converting 1x128 tiles to
+  128x1, §3.5.2) and that FP8 form is what the forward caches for this GEMM -- the
+  report's "Low-Precision Storage" (§3.3.3). The re-tiling runs in the forward, in the
+  same pass that quantizes X (one read of X on the Triton backend), and dY and dY^T are
+  likewise quantized in one pass; the values are those of the separate steps, bit for bit.
 * Master weights and weight gradients stay in the parameter's dtype (fp32 in the
   report); the components the report keeps in high precision (§3.3.1: embedding, output
   head, MoE gating, norms, the attention operator) are simply not swapped.
@@ -31,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .gemm import TILE, BlockQuantized, fast_path_active, fp8_gemm_nt
 from .layout import is_fp8_weight_name
-from .quant import quantize_groups, quantize_groups_t, quantize_rows, requantize_tiles_t
+from .quant import quantize_groups, quantize_groups_t, quantize_rows, quantize_tiles_and_t, requantize_tiles_t
 
 __all__ = [
     "FP8Recipe",
@@ -206,30 +209,47 @@ def quantize_act(x2d: torch.Tensor, recipe: FP8Recipe) -> BlockQuantized:
     return BlockQuantized.quantize(x2d, (1, TILE), recipe.act_scale_fmt)
 
 
+def quantize_act_and_t(x2d: torch.Tensor, recipe: FP8Recipe) -> tuple[BlockQuantized, BlockQuantized]:
+    """X in 1x128 tiles (the forward GEMM's operand) and X^T re-tiled from them to 128x1 tiles (the wgrad's,
+    cached for the backward; report §3.3.3, §3.5.2), from one read of X."""
+    (q, s), (qt, st) = quantize_tiles_and_t(x2d, TILE, recipe.act_scale_fmt, requantize=True)
+    return BlockQuantized(q, s, (1, TILE)), BlockQuantized(qt, st, (1, TILE))
+
+
+def retile_act_t(xq: BlockQuantized, recipe: FP8Recipe) -> BlockQuantized:
+    """X^T in 128x1 tiles from X's 1x128 FP8 tiles (report §3.5.2): the wgrad's operand where the forward did not
+    make it (the per-expert GEMMs, whose token tiles must not cross an expert's run)."""
+    qt, st = requantize_tiles_t(xq.data, xq.scale_inv, TILE, recipe.act_scale_fmt)
+    return BlockQuantized(qt, st, (1, TILE))
+
+
+def quantize_grad(
+    g2d: torch.Tensor, recipe: FP8Recipe, *, dgrad: bool = True, wgrad: bool = True
+) -> tuple[BlockQuantized | None, BlockQuantized | None]:
+    """dY in 1x128 tiles along N (the dgrad's operand) and dY^T in 1x128 tiles along tokens (the wgrad's 128x1
+    tiles of dY), each only if asked for; both from one read of dY when both are."""
+    fmt = recipe.grad_scale_fmt
+    if dgrad and wgrad:
+        (q, s), (qt, st) = quantize_tiles_and_t(g2d, TILE, fmt)
+        return BlockQuantized(q, s, (1, TILE)), BlockQuantized(qt, st, (1, TILE))
+    gq = BlockQuantized.quantize(g2d, (1, TILE), fmt) if dgrad else None
+    gq_t = BlockQuantized(*quantize_groups_t(g2d, (1, TILE), fmt), (1, TILE)) if wgrad else None
+    return gq, gq_t
+
+
 def fp8_forward_gemm(xq: BlockQuantized, wq: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Y = X W^T (fp32 accumulation; ``out_dtype`` written by the GEMM itself on the fast path)."""
     return fp8_gemm_nt(xq, wq, out_dtype)
 
 
-def fp8_dgrad_gemm(
-    g2d: torch.Tensor, wq_t: BlockQuantized, recipe: FP8Recipe, out_dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def fp8_dgrad_gemm(gq: BlockQuantized, wq_t: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """dX = dY W: dY in 1x128 tiles along N; ``wq_t`` is W^T's operand (W's blocks transposed)."""
-    gq = BlockQuantized.quantize(g2d, (1, TILE), recipe.grad_scale_fmt)
     return fp8_gemm_nt(gq, wq_t, out_dtype)
 
 
-def fp8_wgrad_gemm(
-    g2d: torch.Tensor, xq: BlockQuantized, recipe: FP8Recipe, out_dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """dW = dY^T X with dY and X both in 128x1 tiles (groups of 128 tokens), fp32 accumulation.
-
-    X comes from the forward's FP8 cache (1x128 tiles) and is re-tiled to 128x1 by one fused
-    dequantize-transpose-quantize (report §3.3.3, §3.5.2); dY^T is quantized straight from dY.
-    """
-    gq_t, gs_t = quantize_groups_t(g2d, (1, TILE), recipe.grad_scale_fmt)
-    xq_t, xs_t = requantize_tiles_t(xq.data, xq.scale_inv, TILE, recipe.act_scale_fmt)
-    return fp8_gemm_nt(BlockQuantized(gq_t, gs_t, (1, TILE)), BlockQuantized(xq_t, xs_t, (1, TILE)), out_dtype)
+def fp8_wgrad_gemm(gq_t: BlockQuantized, xq_t: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dW = dY^T X with dY and X both in 128x1 tiles (groups of 128 tokens), fp32 accumulation."""
+    return fp8_gemm_nt(gq_t, xq_t, out_dtype)
 
 
 def _gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -241,9 +261,13 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: FP8Recipe):
         x2d = x.reshape(-1, x.shape[-1])
-        xq = quantize_act(x2d, recipe)
+        need_w = ctx.needs_input_grad[1]
+        fp8_wgrad = recipe.backward == "fp8" and need_w
+        # X^T for the wgrad is made now, from the same read of X (see the module docstring)
+        xq, xq_t = quantize_act_and_t(x2d, recipe) if fp8_wgrad else (quantize_act(x2d, recipe), None)
         w = weight_operand(weight, recipe)
         y = fp8_forward_gemm(xq, w.blocks(weight), _gemm_out_dtype(x.dtype) if bias is None else torch.float32)
+        del xq  # the forward's X tiles are not needed again
         if bias is not None:
             y = y + bias.float()
         ctx.recipe = recipe
@@ -251,8 +275,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         ctx.w_dtype = weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
         if recipe.backward == "fp8":
-            # FP8 activation cache (§3.3.3): 1 byte per element instead of 2-4.
-            ctx.save_for_backward(xq.data, xq.scale_inv, weight)
+            # FP8 activation cache (§3.3.3): 1 byte per element instead of 2-4, and none when W is frozen
+            ctx.save_for_backward(weight, *((xq_t.data, xq_t.scale_inv) if fp8_wgrad else ()))
             ctx.w_fp8 = for_backward(w)  # this step's FP8 weight (and, on Hopper, its transpose, built once)
         else:
             ctx.save_for_backward(x2d, weight)
@@ -265,12 +289,13 @@ class _FP8LinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if recipe.backward == "fp8":
-            xq_data, xq_scale, weight = ctx.saved_tensors
+            weight, *xt = ctx.saved_tensors
+            gq, gq_t = quantize_grad(g2d, recipe, dgrad=need_x, wgrad=need_w)
             if need_x:
                 wq_t = weight_for_backward(ctx.w_fp8, weight, recipe).blocks_t(weight)
-                dx = fp8_dgrad_gemm(g2d, wq_t, recipe, _gemm_out_dtype(ctx.x_dtype))
+                dx = fp8_dgrad_gemm(gq, wq_t, _gemm_out_dtype(ctx.x_dtype))
             if need_w:
-                dw = fp8_wgrad_gemm(g2d, BlockQuantized(xq_data, xq_scale, (1, TILE)), recipe, _gemm_out_dtype(ctx.w_dtype))
+                dw = fp8_wgrad_gemm(gq_t, BlockQuantized(*xt, (1, TILE)), _gemm_out_dtype(ctx.w_dtype))
         else:
             x2d, weight = ctx.saved_tensors
             cdt = ctx.x_dtype

@@ -192,6 +192,30 @@ def requantize_tiles_t(
     return out_q, out_s
 
 
+def quantize_tiles_and_t(
+    x: torch.Tensor, tile: int = DEFAULT_TILE, scale_fmt: str | None = None, *, requantize: bool = False
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Both operands an FP8 linear makes of one activation-side matrix ``x`` [M, K], from one read of it:
+    ``x`` in 1 x ``tile`` tiles (the forward's X, the dgrad's dY) and ``x^T`` [K, M] in 1 x ``tile`` tiles along M
+    (the wgrad's 128x1 tiles of X or dY, report §3.3.2).
+
+    ``requantize=False`` (dY): equals ``(quantize_groups(x, (1, tile)), quantize_groups_t(x, (1, tile)))``.
+    ``requantize=True`` (X): the transpose is made from the fp8 tiles, as the report's backward converts the
+    cached 1x128 activation to 128x1 tiles (§3.5.2): equals ``requantize_tiles_t(*first)``. Bit for bit either
+    way; on the Triton backend it is one kernel, elsewhere the two calls.
+    """
+    _check_scale_fmt(scale_fmt)
+    if x.dim() == 2 and not _is_compiling() and quant_backend(x.device) == "triton":
+        from posttrain.fp8 import triton_quant
+
+        got = run_triton(lambda: triton_quant.quantize_both(x, tile, scale_fmt, requantize))
+        if got is not None:
+            return got
+    first = quantize_groups(x, (1, tile), scale_fmt, check_finite=False)
+    second = requantize_tiles_t(*first, tile, scale_fmt) if requantize else quantize_groups_t(x, (1, tile), scale_fmt)
+    return first, second
+
+
 def quantize_rows(x: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise quantization (one scale per row of the last two dims): ``(fp8, scale_inv [..., rows])``.
 
@@ -394,6 +418,23 @@ def _triton_check(device: torch.device) -> str | None:
         if not (torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
                 and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])):
             return "the grouped wgrad's token runs differ from the reference"
+        xq, xs = _quantize_padded(xb, 1, 300, None, False)  # the row-wise fp8 cache, dequantized in the kernel
+        got = quantize_token_runs_triton(xq, counts, None, xs.squeeze(-1))
+        want = quantize_token_runs_reference(xq, counts, None, xs.squeeze(-1))
+        if not all(torch.equal(a.view(torch.uint8) if a.dtype == FP8_DTYPE else a,
+                               b.view(torch.uint8) if b.dtype == FP8_DTYPE else b) for a, b in zip(got, want)):
+            return "the grouped wgrad's token runs from the fp8 cache differ from the reference"
+        for requantize in (False, True):  # X and X^T, dY and dY^T from one read
+            got = triton_quant.quantize_both(xb, 128, None, requantize)
+            first = _reference("groups", 1, 128, None, (xb,))
+            want = ((first[0][:, :300], first[1]),
+                    _reference("requant_t", 128, 128, None, (first[0][:, :300].contiguous(), first[1])) if requantize
+                    else _reference("groups_t", 1, 128, None, (xb,)))
+            for (gq, gs), (wq, ws) in zip(got, want):
+                rows, cols = gq.shape
+                if not (torch.equal(gq.view(torch.uint8), wq[:rows, :cols].contiguous().view(torch.uint8))
+                        and torch.equal(gs, ws)):
+                    return f"both tilings of one read (requantize={requantize}) differ from the reference"
     except Exception as e:  # noqa: BLE001 -- no driver, no compiler, ...: the compiled path still works
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None

@@ -13,8 +13,10 @@ group max-abs, and writes the fp8 values and their float32 scale. The results eq
 there, the element divisions are IEEE round-to-nearest (``div_rn``, like torch's tensor division on CPU and
 CUDA), and the rounding to e4m3 is done explicitly in float32 (:func:`_round_to_e4m3`), so the final
 cast only converts values that e4m3 holds exactly -- hardware ``cvt`` or Triton's CPU interpreter give the
-same bits. Row-wise scales (one per row of 7168 or 2048 channels, what torch's grouped FP8 GEMM takes) and
-the grouped wgrad's per-expert token runs have a kernel each. Group shapes none of them covers (a group
+same bits. Row-wise scales (one per row of 7168 or 2048 channels, what torch's grouped FP8 GEMM takes),
+the grouped wgrad's per-expert token runs, and the two operands an FP8 linear makes of one activation-side
+tensor (:func:`quantize_both`: X and X^T in the forward, dY and dY^T in the backward, from one read) have a
+kernel each. Group shapes none of them covers (a group
 width that is not a power of two and not a whole row) return None: the caller falls back to the compiled
 or eager quantizer.
 
@@ -35,7 +37,7 @@ except ImportError:  # the CPU install may lack Triton; quant_backend() then nev
     triton = None
     tl = None
 
-__all__ = ["available", "in_place", "quantize", "quantize_token_runs"]
+__all__ = ["available", "in_place", "quantize", "quantize_both", "quantize_token_runs"]
 
 # The kernels spell out the constants of posttrain.fp8.quant: 448 (e4m3's largest value), float32(1/448)
 # and float32's smallest normal, 1.1754943508222875e-38.
@@ -143,6 +145,40 @@ if triton is not None:
             tl.store(s_base + pid_r * n_scale_cols + pid_c, s)
         tl.store(q_ptr + b * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
 
+    # Both operands one activation-side tensor feeds, from one read of it (a launch and a pass over memory fewer
+    # per FP8 linear, both ways). x [R, C] (tokens x channels, contiguous channels) goes out in 1xTILE tiles along
+    # C (the forward's X, the dgrad's dY) and, transposed, in 1xTILE tiles along R (the wgrad's X^T and dY^T:
+    # 128x1 tiles of x). REQUANT quantizes the transpose from the fp8 tiles just made, dequantized -- the report's
+    # 1x128 -> 128x1 conversion of the cached activation (§3.5.2) -- and otherwise from x itself (dY^T). Each
+    # program owns one TILE x TILE tile, which holds every group of both outputs that it touches. Both scale grids
+    # are written column-major, F.scaled_mm's layout for them. Masked entries load as zeros: a partial row or
+    # column group then has the reference's zero padding, and a zero row requantizes to zeros.
+    @triton.jit
+    def _quant_both_kernel(
+        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+        n_rows, n_cols, sx_r,
+        TILE: tl.constexpr, REQUANT: tl.constexpr, EVEN_COLS: tl.constexpr, UE8M0: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r.to(tl.int64) * TILE + tl.arange(0, TILE)
+        cols = pid_c.to(tl.int64) * TILE + tl.arange(0, TILE)
+        row_ok = rows < n_rows
+        col_ok = cols < n_cols
+        mask = row_ok[:, None] if EVEN_COLS else row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * sx_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = _scale_of(tl.max(tl.abs(x), axis=1), UE8M0)
+        q = _to_e4m3(x, s[:, None])
+        tl.store(s_ptr + pid_c * n_rows + rows, s, mask=row_ok)
+        tl.store(q_ptr + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
+        if REQUANT:  # dequantize as the reference does: fp8 -> float32, times the tile's scale
+            v = q.to(tl.float32) * s[:, None]
+        else:
+            v = x
+        st = _scale_of(tl.max(tl.abs(v), axis=0), UE8M0)
+        tl.store(st_ptr + pid_r * n_cols + cols, st, mask=col_ok)
+        tl.store(qt_ptr + cols[None, :] * n_rows + rows[:, None], _to_e4m3(v, st[None, :]), mask=mask)
+
     # Row-wise scales (one per row over all its columns, e.g. 7168): torch's grouped FP8 GEMM takes these.
     # A row is too long for one tile, so each program walks its rows twice: max-abs, then quantize.
     @triton.jit(do_not_specialize=["n_rows"])
@@ -205,11 +241,15 @@ if triton is not None:
     # that quantizes and writes. Run lengths are read on the device, so nothing here depends on the host.
     # n_pad (the padded token total, the output's row length) is a multiple of 16 by construction: specialized,
     # it lets the transposed tile be stored in vectors, and it never causes a second compile.
+    # With HAS_IN_SCALE, ``t`` is fp8 with one scale per token (the row-wise FP8 activation cache) and is
+    # dequantized on the fly, as one float32 product per element: the wgrad's X^T runs come from the cached
+    # FP8 X without a high-precision copy of it.
     @triton.jit
     def _token_runs_kernel(
-        t_ptr, starts_ptr, counts_ptr, pstarts_ptr, plens_ptr, q_ptr, s_ptr,
+        t_ptr, in_s_ptr, starts_ptr, counts_ptr, pstarts_ptr, plens_ptr, q_ptr, s_ptr,
         n_cols, n_pad, stride_t,
         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, UE8M0: tl.constexpr, RUN_ALIGN: tl.constexpr,
+        HAS_IN_SCALE: tl.constexpr,
     ):
         e = tl.program_id(0)
         cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -222,15 +262,19 @@ if triton is not None:
         for r0 in range(0, count, BLOCK_T):
             rows = r0 + tl.arange(0, BLOCK_T)
             m = (rows < count)[:, None] & col_ok[None, :]
-            x = tl.load(t_ptr + (start + rows)[:, None] * stride_t + cols[None, :], mask=m, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+            x = tl.load(t_ptr + (start + rows)[:, None] * stride_t + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if HAS_IN_SCALE:
+                x = x * tl.load(in_s_ptr + start + rows, mask=rows < count, other=0.0)[:, None]
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
         s = _scale_of(amax, UE8M0)
         tl.store(s_ptr + e * n_cols + cols, s, mask=col_ok)
         for r0 in range(0, plen, BLOCK_T):  # the run and its zero padding
             rows = r0 + tl.arange(0, BLOCK_T)
             m = (rows < count)[:, None] & col_ok[None, :]
-            x = tl.load(t_ptr + (start + rows)[:, None] * stride_t + cols[None, :], mask=m, other=0.0)
-            q = _to_e4m3(x.to(tl.float32), s[None, :])
+            x = tl.load(t_ptr + (start + rows)[:, None] * stride_t + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if HAS_IN_SCALE:
+                x = x * tl.load(in_s_ptr + start + rows, mask=rows < count, other=0.0)[:, None]
+            q = _to_e4m3(x, s[None, :])
             tl.store(q_ptr + cols[None, :] * n_pad + (pstart + rows)[:, None], q,
                      mask=(rows < plen)[:, None] & col_ok[None, :])
 
@@ -328,14 +372,39 @@ def quantize(
     return q.reshape(*lead, rows, cols), s.reshape(*lead, *s.shape[-2:])
 
 
+def quantize_both(
+    x: torch.Tensor, tile: int, scale_fmt: str | None, requantize: bool
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """``x`` [R, C] in 1 x ``tile`` tiles and its transpose [C, R] in 1 x ``tile`` tiles, in one launch (see
+    ``_quant_both_kernel``); None when the kernel does not cover ``x`` (not one matrix with contiguous rows, or
+    a tile that is not a power of two from 16 to 128)."""
+    if x.dim() != 2 or x.stride(-1) != 1 or not (_pow2(tile) and 16 <= tile <= 128):
+        return None
+    rows, cols = x.shape
+    rb, cb = _cdiv(rows, tile), _cdiv(cols, tile)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty_strided((rows, cb), (1, rows), dtype=torch.float32, device=x.device)
+    qt = torch.empty(cols, rows, dtype=torch.float8_e4m3fn, device=x.device)
+    st = torch.empty_strided((cols, rb), (1, cols), dtype=torch.float32, device=x.device)
+    _quant_both_kernel[(rb, cb)](
+        x, q, s, qt, st, rows, cols, x.stride(0),
+        TILE=tile, REQUANT=requantize, EVEN_COLS=cols % tile == 0, UE8M0=scale_fmt == "ue8m0",
+        # a 128x128 float32 tile and its fp8 forms live in registers: with 4 warps ptxas spills (sm_90), with 8
+        # it takes 165-239 registers a thread, with 16 95-125 and twice the loads in flight per SM
+        num_warps=16,
+    )
+    return (q, s), (qt, st)
+
+
 def quantize_token_runs(
     t: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor, padded_starts: torch.Tensor,
-    padded: torch.Tensor, rows: int, scale_fmt: str | None, align: int = 16,
+    padded: torch.Tensor, rows: int, scale_fmt: str | None, align: int = 16, row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``t`` [S, C] sorted by expert, in the padded layout :func:`posttrain.fp8.experts._run_layout` gives
     (run ``e``: ``counts[e]`` tokens from ``starts[e]``, ``padded[e]`` rows from ``padded_starts[e]``, ``rows``
     in all) -> (q [C, rows] fp8 row-major, scales [E*C]); the rows past the last run are written as zeros.
-    Every ``padded_starts[e]`` and ``rows`` must be multiples of ``align`` (the layout's run alignment)."""
+    Every ``padded_starts[e]`` and ``rows`` must be multiples of ``align`` (the layout's run alignment).
+    ``row_scale`` [S] float32: ``t`` is fp8 and stands for ``t.float() * row_scale[:, None]``."""
     if t.stride(-1) != 1:
         t = t.contiguous()
     n_cols, n_exp = t.shape[1], counts.shape[0]
@@ -345,9 +414,9 @@ def quantize_token_runs(
     s = torch.empty(n_exp, n_cols, dtype=torch.float32, device=t.device)
     block_c = 128
     _token_runs_kernel[(n_exp, _cdiv(n_cols, block_c))](
-        t, starts, counts, padded_starts, plens, q, s,
+        t, t if row_scale is None else row_scale, starts, counts, padded_starts, plens, q, s,
         n_cols, rows, t.stride(0),
-        BLOCK_T=64, BLOCK_C=block_c, UE8M0=scale_fmt == "ue8m0", RUN_ALIGN=align,
+        BLOCK_T=64, BLOCK_C=block_c, UE8M0=scale_fmt == "ue8m0", RUN_ALIGN=align, HAS_IN_SCALE=row_scale is not None,
         num_warps=4,
     )
     return q, s.reshape(-1)
