@@ -82,6 +82,13 @@ VLLM_CPU_MLA = ContactPoint(
     "AMX_MLA (vLLM's choice for bf16 on AMX CPUs) takes bf16 weights only and frees kv_b_proj after "
     "loading, so fp32 engines and engines taking weight syncs ask for CPU_MLA",
 )
+VLLM_SPEC_DRAFT_ATTENTION = ContactPoint(
+    "vllm", VLLM, "vllm.config.speculative:SpeculativeConfig", "calls",
+    "engines.vllm_engine.vllm_engine_kwargs",
+    "the MTP drafter selects its own attention backend (AMX_MLA on AMX CPUs, which rejects fp32 weights at "
+    "load: 'expect weight to be bfloat16, ...'), so it is given the engine's CPU_MLA",
+    param="attention_backend",
+)
 VLLM_LOADER_REGISTRY = ContactPoint(
     "vllm", VLLM, "vllm.model_executor.model_loader:register_model_loader", "calls",
     "engines.vllm_engine._register_dequantizing_loader",
@@ -260,7 +267,7 @@ ACCELERATE_FSDP2_LOAD = ContactPoint(
 
 CONTACT_POINTS: list[ContactPoint] = [
     VLLM_CPU_ROPE, VLLM_CPU_LINEAR, VLLM_POST_LOAD, VLLM_EXPERT_PREPACK, VLLM_RELOAD_WEIGHTS, VLLM_CPU_MLA,
-    VLLM_LOADER_REGISTRY, VLLM_LOADER_WEIGHTS, VLLM_FP8_KERNEL_LIST, VLLM_WORKER_CLS, VLLM_IN_PROCESS,
+    VLLM_SPEC_DRAFT_ATTENTION, VLLM_LOADER_REGISTRY, VLLM_LOADER_WEIGHTS, VLLM_FP8_KERNEL_LIST, VLLM_WORKER_CLS, VLLM_IN_PROCESS,
     VLLM_API_SERVER, VLLM_SERVE_ARGS, VLLM_DEV_MODE, VLLM_CPU_SPEC_EXPAND, VLLM_KERNEL_OVERRIDES, VLLM_SPEC_DRAFTER,
     VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS,
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,

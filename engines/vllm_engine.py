@@ -69,7 +69,8 @@ def vllm_engine_kwargs(
     checkpoint's own on GPU. On CPU: eager mode (compilation costs more than it saves here), a small
     KV cache unless `VLLM_CPU_KVCACHE_SPACE` is set, and the reference `CPU_MLA` attention backend
     for fp32 and for engines that take weight syncs -- the AMX one vLLM prefers on AMX CPUs takes
-    bf16 weights only and frees `kv_b_proj.weight` after loading (compat.VLLM_CPU_MLA).
+    bf16 weights only and frees `kv_b_proj.weight` after loading (compat.VLLM_CPU_MLA) -- for the
+    MTP drafter of speculative decoding too (compat.VLLM_SPEC_DRAFT_ATTENTION).
     """
     if dtype is None:
         dtype = "float32" if on_cpu() else "auto"
@@ -84,6 +85,10 @@ def vllm_engine_kwargs(
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     kwargs.update(extra)
+    spec, attention = kwargs.get("speculative_config"), kwargs.get("attention_config")
+    if on_cpu() and isinstance(spec, dict) and attention and "backend" in attention:
+        # the MTP drafter picks its own attention backend (AMX_MLA on an AMX CPU, whatever the dtype): same reason
+        kwargs["speculative_config"] = {"attention_backend": attention["backend"], **spec}
     return kwargs
 
 

@@ -239,3 +239,23 @@ def test_speculation_is_refused_where_it_cannot_run(tmp_path, tiny_model_dir):
     no_mtp.mkdir()
     (no_mtp / "config.json").write_text('{"num_nextn_predict_layers": 0}')
     assert "no MTP module" in _spec_tokens_problem(str(no_mtp), fp8_served=False)
+
+
+def test_the_drafter_gets_the_engine_s_cpu_attention_backend(tmp_path, monkeypatch):
+    """On an AMX CPU vLLM gives the MTP drafter its AMX_MLA attention whatever the dtype, and AMX_MLA rejects fp32
+    weights at load ("expect weight to be bfloat16, ..."): the drafter is given the engine's CPU_MLA, unless the
+    user chose one. Where the engine keeps vLLM's choice (bf16 without weight syncs), so does the drafter."""
+    from engines import vllm_engine as V
+
+    monkeypatch.setattr(V, "on_cpu", lambda: True)
+    spec = {"method": "mtp", "num_speculative_tokens": 1}
+    fp32 = V.vllm_engine_kwargs(str(tmp_path), dtype="float32", speculative_config=dict(spec))
+    assert fp32["attention_config"] == {"backend": "CPU_MLA"}
+    assert fp32["speculative_config"] == {**spec, "attention_backend": "CPU_MLA"}
+    synced = V.vllm_engine_kwargs(str(tmp_path), dtype="bfloat16", weight_sync=True, speculative_config=dict(spec))
+    assert synced["speculative_config"]["attention_backend"] == "CPU_MLA"
+    chosen = V.vllm_engine_kwargs(str(tmp_path), dtype="float32",
+                                  speculative_config={**spec, "attention_backend": "TORCH_SDPA"})
+    assert chosen["speculative_config"]["attention_backend"] == "TORCH_SDPA"
+    bf16 = V.vllm_engine_kwargs(str(tmp_path), dtype="bfloat16", speculative_config=dict(spec))
+    assert "attention_config" not in bf16 and bf16["speculative_config"] == spec
