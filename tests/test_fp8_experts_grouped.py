@@ -392,12 +392,14 @@ def test_the_blockwise_backward_allocates_one_dw_stack_in_the_weight_dtype(backw
     assert dw.dtype == torch.bfloat16 and float(dw[1].abs().sum()) == 0.0  # the expert without tokens
 
 
-def _fp8_tensors_of(numel: int) -> int:
+def _fp8_tensors_of(numel: int) -> dict[int, torch.Tensor]:
+    """The live fp8 tensors of ``numel`` elements by id (other tests in the process may have left some; holding
+    them keeps their ids from being reused)."""
     import gc
 
     gc.collect()
-    return sum(1 for o in gc.get_objects()
-               if isinstance(o, torch.Tensor) and o.dtype == torch.float8_e4m3fn and o.numel() == numel)
+    return {id(o): o for o in gc.get_objects()
+            if isinstance(o, torch.Tensor) and o.dtype == torch.float8_e4m3fn and o.numel() == numel}
 
 
 @pytest.mark.parametrize("layer", ["linear", "experts blockwise", "experts rowwise"])
@@ -421,8 +423,9 @@ def test_without_the_weight_cache_no_fp8_weight_outlives_the_forward(grouped_fak
         monkeypatch.setenv(L.WEIGHT_CACHE_ENV, cache)
         L.clear_weight_cache()
         xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        before = _fp8_tensors_of(w.numel())
         y = run(xi, wi)
-        alive = _fp8_tensors_of(w.numel())
+        alive = len(_fp8_tensors_of(w.numel()).keys() - before.keys())
         if cache == "0":
             assert alive == 0, f"{alive} FP8 copies of the weight kept for the backward"
         else:
