@@ -194,6 +194,19 @@ def run_cases(device: str) -> dict:
         results["FP8Linear forward+backward"] = _fp8_linear_both_backends(device, calls)
         # the check quant_backend() runs before picking Triton on CUDA (it compares every kernel directly)
         results["start-up check"] = Q._triton_check(torch.device(device))
+        results["one-read start-up check"] = Q._one_read_check(torch.device(device))
+        # a one-read kernel that fails turns off itself only: the separate Triton kernels still run, same bits
+        real_both = triton_quant.quantize_both
+        triton_quant.quantize_both = lambda *a: 1 / 0
+        try:
+            calls.clear()
+            got = _flat(Q.quantize_tiles_and_t(xa, requantize=True))
+            want = _flat((Q.quantize_groups_reference(xa, (1, 128), check_finite=False),
+                          Q.quantize_groups_reference(Q.dequantize_groups(qa, sa, (1, 128)).t(), (1, 128))))
+            results["one-read failure"] = {"bits_equal": _bits_equal(got, want), "launches": sorted(calls),
+                                           "off": bool(Q._triton_state.pop("one read off", False))}
+        finally:
+            triton_quant.quantize_both = real_both
         results["triton_broken"] = bool(Q._triton_state.get("broken"))
     finally:
         for name, fn in real.items():
@@ -232,6 +245,8 @@ def interpreted() -> dict:
 def _assert_bit_exact(results: dict) -> None:
     assert not results.pop("triton_broken"), "the Triton kernel failed and the fallback ran instead"
     assert results.pop("start-up check") is None
+    assert results.pop("one-read start-up check") is None
+    assert results.pop("one-read failure") == {"bits_equal": True, "launches": ["quantize", "quantize"], "off": True}
     fallback = results.pop("other group shapes fall back")
     assert results.pop("1x128 scales column-major") == [True] * 7
     for name in ("above the chunk size, in place", "above the chunk size, rows of W^T",
