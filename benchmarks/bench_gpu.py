@@ -500,6 +500,8 @@ def section_quant(ctx: Ctx, args) -> list[dict]:
                     r["max_e4m3_steps"] = max(int(Q.e4m3_step_distance(a, b).max()) for a, b in zip(got[0::2], ref[0::2]))
                     # which kernel really ran: a failed compile or launch falls back for the rest of the run
                     r["ran"] = Q.quant_backend(ctx.device) if be != "eager" else "eager"
+                    if r["ran"] == "triton" and "one read" in name and Q._triton_state.get("one read off"):
+                        r["ran"] = "triton, two kernels (the one-read kernel is off: see the log)"
                 except Exception as ex:  # noqa: BLE001
                     traceback.print_exc()
                     r["error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
