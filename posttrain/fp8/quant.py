@@ -456,7 +456,9 @@ def _one_read(x: torch.Tensor, tile: int, scale_fmt: str | None, requantize: boo
 
     try:
         key = ("one read probed", str(x.device))
-        if x.device.type == "cuda" and key not in _triton_state:
+        # checked where quant_backend() checks the other kernels: on CUDA, when the backend is "auto"
+        auto = os.environ.get(QUANT_BACKEND_ENV, "auto") == "auto"
+        if auto and x.device.type == "cuda" and key not in _triton_state:
             _triton_state[key] = True
             problem = _one_read_check(x.device)
             if problem:
