@@ -230,3 +230,36 @@ def test_column_major_activation_scales_reach_scaled_mm_without_a_copy(fake_scal
     assert gemm.scaled_mm_operands(col_major, wq)["scale_a"].data_ptr() == col_major.scale_inv.data_ptr()
     assert gemm.scaled_mm_operands(xq, wq)["scale_a"].data_ptr() != xq.scale_inv.data_ptr()  # row-major: a copy
     assert torch.equal(gemm.scaled_mm_gemm_nt(col_major, wq), gemm.scaled_mm_gemm_nt(xq, wq))
+
+
+def test_a_cached_weight_is_put_in_scaled_mm_s_layout_once_per_step(fake_scaled_mm, monkeypatch):
+    """kv_a's 576 rows are not a multiple of 128. Its FP8 weight is padded into F.scaled_mm's layout (and, for the
+    dgrad, transposed) when the step's FP8 weight is built, not at every GEMM: a second forward+backward in the
+    same optimizer step copies only dY, whose 320 channels the dgrad contracts over."""
+    padded = []
+    real_pad2d = gemm._pad2d
+
+    def counting_pad2d(t, rows, cols, value=0.0):
+        out = real_pad2d(t, rows, cols, value)
+        if out is not t and t.dtype == torch.float8_e4m3fn:
+            padded.append(tuple(t.shape))
+        return out
+
+    monkeypatch.setattr(gemm, "_pad2d", counting_pad2d)
+    g = torch.Generator().manual_seed(1)
+    x, w, gy = torch.randn(256, 256, generator=g), torch.randn(320, 256, generator=g), torch.randn(256, 320, generator=g)
+    weight = nn.Parameter(w.clone())
+    grads = []
+    for _ in range(2):
+        padded.clear()
+        xx = x.clone().requires_grad_(True)
+        weight.grad = None
+        fp8_linear(xx, weight).backward(gy)
+        grads.append((xx.grad, weight.grad))
+    assert padded == [(256, 320)], padded  # dY, in the dgrad
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    monkeypatch.setattr(gemm, "_fast_path_available", lambda device: False)  # and it is the reference's product
+    xr = x.clone().requires_grad_(True)
+    weight.grad = None
+    fp8_linear(xr, weight).backward(gy)
+    _assert_within_fp32_gemm_bound(grads[0][0], xr.grad, _hat(gy), _hat(w.T), 320)

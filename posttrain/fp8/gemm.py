@@ -103,22 +103,28 @@ def _outer_dim_major(s: torch.Tensor) -> torch.Tensor:
     return s.t().contiguous().t()
 
 
-def scaled_mm_operands(a: BlockQuantized, b: BlockQuantized) -> dict:
-    """The arguments of ``F.scaled_mm`` for ``a @ b.T`` in torch's required layout (see the note above).
+@dataclass
+class ScaledMMOperandB:
+    """The B operand of ``a @ b.T`` already in ``F.scaled_mm``'s layout (see :func:`prepare_b`). A weight's is
+    built once per optimizer step, so that its GEMMs do not pad or copy it again at every call."""
 
-    M is padded to a multiple of 16, N and K to multiples of 128 with zeros (zeros add nothing; padded
-    scales are 1). Kept as a separate function so that tests can check the layouts without a GPU.
-    """
+    mat_b: torch.Tensor  # [K_pad, N_pad] fp8, column-major
+    scale_b: torch.Tensor  # float32, in the layout scale_recipe_b takes
+    scale_recipe_b: object  # torch.nn.functional.ScalingType
+    source: BlockQuantized  # what it was made from: the reference path's operand
+    n: int  # rows of B before padding (the GEMM's output columns)
+
+
+def prepare_b(b: BlockQuantized) -> ScaledMMOperandB:
+    """``b`` [N, K] (1x128 tiles or 128x128 blocks, any view) as ``F.scaled_mm``'s mat_b: N and K zero-padded to
+    multiples of 128 (padded scales are 1), [K, N] column-major, its scales in torch's layout."""
     from torch.nn.functional import ScalingType  # torch >= 2.10
 
-    if a.group != (1, TILE) or b.group not in ((1, TILE), (TILE, TILE)):
-        raise ValueError(f"unsupported groups {a.group} x {b.group}")
-    m, k = a.data.shape
-    n = b.data.shape[0]
-    mp, np_, kp = _round_up(m, 16), _round_up(n, TILE), _round_up(k, TILE)
+    if b.group not in ((1, TILE), (TILE, TILE)):
+        raise ValueError(f"unsupported groups of B: {b.group}")
+    n, k = b.data.shape
+    np_, kp = _round_up(n, TILE), _round_up(k, TILE)
     kb = kp // TILE
-    a_data = _pad2d(a.data, mp, kp).contiguous()
-    a_scale = _outer_dim_major(_pad2d(a.scale_inv.float(), mp, kb, 1.0))
     # B as [N, K] row-major, i.e. mat_b = b_data.t() is [K, N] column-major
     b_data = _pad2d(b.data, np_, kp).contiguous()
     if b.group == (TILE, TILE):
@@ -129,13 +135,36 @@ def scaled_mm_operands(a: BlockQuantized, b: BlockQuantized) -> dict:
     else:
         b_scale = _outer_dim_major(_pad2d(b.scale_inv.float(), np_, kb, 1.0))
         recipe_b = ScalingType.BlockWise1x128
-    return dict(mat_a=a_data, mat_b=b_data.t(), scale_a=a_scale, scale_recipe_a=ScalingType.BlockWise1x128,
-                scale_b=b_scale, scale_recipe_b=recipe_b)
+    return ScaledMMOperandB(b_data.t(), b_scale, recipe_b, b, n)
 
 
-def scaled_mm_gemm_nt(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def scaled_mm_operands(a: BlockQuantized, b: BlockQuantized | ScaledMMOperandB) -> dict:
+    """The arguments of ``F.scaled_mm`` for ``a @ b.T`` in torch's required layout (see the note above).
+
+    M is padded to a multiple of 16, N and K to multiples of 128 with zeros (zeros add nothing; padded
+    scales are 1). ``b`` may come prepared (:func:`prepare_b`). Kept as a separate function so that tests can
+    check the layouts without a GPU.
+    """
+    from torch.nn.functional import ScalingType  # torch >= 2.10
+
+    if a.group != (1, TILE):
+        raise ValueError(f"unsupported groups of A: {a.group}")
+    pb = b if isinstance(b, ScaledMMOperandB) else prepare_b(b)
+    m, k = a.data.shape
+    mp, kp = _round_up(m, 16), _round_up(k, TILE)
+    if pb.mat_b.shape[0] != kp:
+        raise ValueError(f"a has {k} columns, b {pb.source.data.shape[1]}")
+    a_data = _pad2d(a.data, mp, kp).contiguous()
+    a_scale = _outer_dim_major(_pad2d(a.scale_inv.float(), mp, kp // TILE, 1.0))
+    return dict(mat_a=a_data, mat_b=pb.mat_b, scale_a=a_scale, scale_recipe_a=ScalingType.BlockWise1x128,
+                scale_b=pb.scale_b, scale_recipe_b=pb.scale_recipe_b)
+
+
+def scaled_mm_gemm_nt(
+    a: BlockQuantized, b: BlockQuantized | ScaledMMOperandB, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The same product through ``F.scaled_mm`` with DeepSeek block scales (Hopper), for any operand views."""
-    m, n = a.data.shape[0], b.data.shape[0]
+    m, n = a.data.shape[0], (b.n if isinstance(b, ScaledMMOperandB) else b.data.shape[0])
     kernel_out = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     ops = scaled_mm_operands(a, b)
     # operands positionally, scales by the keywords the H100 run used (torch 2.11.0+cu130)
@@ -201,11 +230,13 @@ def fast_path_active(device: torch.device | str) -> bool:
     return _fast_path_available(torch.device(device))
 
 
-def fp8_gemm_nt(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def fp8_gemm_nt(
+    a: BlockQuantized, b: BlockQuantized | ScaledMMOperandB, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``A @ B^T`` for block-quantized operands; picks ``scaled_mm`` on Hopper, the fp32 reference elsewhere."""
     if a.group == (1, TILE) and _fast_path_available(a.data.device):
         return scaled_mm_gemm_nt(a, b, out_dtype)
-    return reference_gemm_nt(a, b, out_dtype)
+    return reference_gemm_nt(a, b.source if isinstance(b, ScaledMMOperandB) else b, out_dtype)
 
 
 def active_backend(device: torch.device | str) -> str:

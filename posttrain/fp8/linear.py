@@ -32,7 +32,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .gemm import TILE, BlockQuantized, fast_path_active, fp8_gemm_nt
+from .gemm import TILE, BlockQuantized, ScaledMMOperandB, fast_path_active, fp8_gemm_nt, prepare_b
 from .layout import is_fp8_weight_name
 from .quant import quantize_groups, quantize_groups_t, quantize_rows, quantize_tiles_and_t, requantize_tiles_t
 
@@ -126,13 +126,25 @@ class QuantizedWeight:
         return self._build("blocks", lambda: _quantize_weight_now(weight, self.scale_fmt))
 
     def blocks_t(self, weight: torch.Tensor | None = None) -> BlockQuantized:
-        """W^T's operand for the dgrad GEMM: the same blocks, transposed. On the Hopper fast path a
-        contiguous copy (made once per step instead of at every backward); elsewhere a view."""
+        """W^T's blocks for the per-expert dgrad GEMMs of an [E, N, K] stack: the same blocks, transposed. On the
+        Hopper fast path a contiguous copy (made once per step instead of at every backward); elsewhere a view.
+        A 2-D weight's GEMMs take :meth:`gemm_operand`."""
         wq = self.blocks(weight)
         if not fast_path_active(wq.data.device):
             return wq.t()
         return self._build("blocks_t", lambda: BlockQuantized(
             wq.data.transpose(-2, -1).contiguous(), wq.scale_inv.transpose(-2, -1).contiguous(), (TILE, TILE)))
+
+    def gemm_operand(self, weight: torch.Tensor, transposed: bool = False) -> BlockQuantized | ScaledMMOperandB:
+        """A 2-D weight's B operand for the forward GEMM (W) or, ``transposed``, the dgrad's (W^T). On the Hopper fast
+        path in ``F.scaled_mm``'s layout, padded and copied once per step (a weight whose rows are not a multiple
+        of 128, kv_a's 576, was padded at every GEMM); elsewhere the blocks or their transposed view."""
+        wq = self.blocks(weight)
+        if not fast_path_active(wq.data.device):
+            return wq.t() if transposed else wq
+        if transposed:
+            return self._build("mm_t", lambda: prepare_b(wq.t()))
+        return self._build("mm", lambda: prepare_b(wq))
 
     def rows(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-wise fp8 of W [E, N, K] over K, scales [E, N]: the grouped forward operand."""
@@ -237,12 +249,16 @@ def quantize_grad(
     return gq, gq_t
 
 
-def fp8_forward_gemm(xq: BlockQuantized, wq: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def fp8_forward_gemm(
+    xq: BlockQuantized, wq: BlockQuantized | ScaledMMOperandB, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Y = X W^T (fp32 accumulation; ``out_dtype`` written by the GEMM itself on the fast path)."""
     return fp8_gemm_nt(xq, wq, out_dtype)
 
 
-def fp8_dgrad_gemm(gq: BlockQuantized, wq_t: BlockQuantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def fp8_dgrad_gemm(
+    gq: BlockQuantized, wq_t: BlockQuantized | ScaledMMOperandB, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """dX = dY W: dY in 1x128 tiles along N; ``wq_t`` is W^T's operand (W's blocks transposed)."""
     return fp8_gemm_nt(gq, wq_t, out_dtype)
 
@@ -266,7 +282,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         # X^T for the wgrad is made now, from the same read of X (see the module docstring)
         xq, xq_t = quantize_act_and_t(x2d, recipe) if fp8_wgrad else (quantize_act(x2d, recipe), None)
         w = weight_operand(weight, recipe)
-        y = fp8_forward_gemm(xq, w.blocks(weight), _gemm_out_dtype(x.dtype) if bias is None else torch.float32)
+        y = fp8_forward_gemm(xq, w.gemm_operand(weight), _gemm_out_dtype(x.dtype) if bias is None else torch.float32)
         del xq  # the forward's X tiles are not needed again
         if bias is not None:
             y = y + bias.float()
@@ -292,7 +308,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             weight, *xt = ctx.saved_tensors
             gq, gq_t = quantize_grad(g2d, recipe, dgrad=need_x, wgrad=need_w)
             if need_x:
-                wq_t = weight_for_backward(ctx.w_fp8, weight, recipe).blocks_t(weight)
+                wq_t = weight_for_backward(ctx.w_fp8, weight, recipe).gemm_operand(weight, transposed=True)
                 dx = fp8_dgrad_gemm(gq, wq_t, _gemm_out_dtype(ctx.x_dtype))
             if need_w:
                 dw = fp8_wgrad_gemm(gq_t, BlockQuantized(*xt, (1, TILE)), _gemm_out_dtype(ctx.w_dtype))
