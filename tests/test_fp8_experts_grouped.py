@@ -314,6 +314,29 @@ def test_the_fp8_wgrad_requantizes_x_from_the_forward_s_fp8_cache(grouped_fake, 
     assert not torch.equal(wp.grad, bf16_copy.float())  # the case tells the two apart
 
 
+def test_the_fp8_wgrad_lays_out_the_runs_once_for_both_operands(wgrad_fake, monkeypatch):
+    """dY^T and X^T run over the same tokens: on the Triton backend both launches get one layout (a dozen tiny
+    kernels on [E] each time it is computed), and dW is what the eager quantizers give."""
+    from posttrain.fp8 import triton_quant
+
+    counts, x, w, gy = _problem(seed=5)
+    dy, xb = gy.to(torch.bfloat16), x.to(torch.bfloat16)
+    want = experts.fp8_grouped_wgrad(dy, xb, tuple(counts), FP8Recipe())
+    layouts = []
+
+    def runs(t, counts, starts, padded_starts, padded, rows, scale_fmt, align=16, row_scale=None):
+        layouts.append((starts, padded_starts, padded))
+        q, s, _ = experts.quantize_token_runs_reference(t, counts, scale_fmt, row_scale)
+        assert q.shape[1] == rows
+        return q, s
+
+    monkeypatch.setattr(triton_quant, "quantize_token_runs", runs)
+    monkeypatch.setattr(experts, "quant_backend", lambda device: "triton")
+    got = experts.fp8_grouped_wgrad(dy, xb, tuple(counts), FP8Recipe())
+    assert len(layouts) == 2 and all(a is b for a, b in zip(*layouts))
+    assert torch.equal(got, want)
+
+
 def test_wgrad_probe_accepts_the_kernel_and_rejects_wrong_numbers(wgrad_fake, monkeypatch, caplog):
     assert experts._probe_grouped_wgrad(torch.device("cpu")) is True
     _assert_probe_rejects_wrong_numbers(monkeypatch, caplog, torch, "_scaled_grouped_mm", wgrad_fake,

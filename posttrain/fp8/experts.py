@@ -307,28 +307,30 @@ def _padded_runs(counts: torch.Tensor, tokens: int, align: int = WGRAD_RUN_ALIGN
     return dest, padded_expert, lay.padded_ends.to(torch.int32)
 
 
-def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None, row_scale: torch.Tensor | None = None):
+def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None, row_scale: torch.Tensor | None = None,
+                        layout: _RunLayout | None = None):
     """``t`` [S, C] (rows sorted by expert, ``counts[e]`` rows for expert ``e``; ints or a tensor) as the
     transposed fp8 operand of the grouped wgrad: ``(q [C, S_pad] row-major, scales [E*C] float32, offs)``,
     one scale per (expert, column) over that expert's tokens, each run zero-padded to WGRAD_RUN_ALIGN
     tokens (see _padded_runs), ``offs`` the runs' ends (int32, the kernel's offsets). One Triton kernel
     where the quantizer backend is Triton (posttrain.fp8.triton_quant, bit for bit the reference below).
     ``row_scale`` [S]: ``t`` is the row-wise fp8 activation cache, standing for ``t.float() * row_scale[:, None]``
-    (dequantized on the fly by the Triton kernel, with no high-precision copy)."""
+    (dequantized on the fly by the Triton kernel, with no high-precision copy). ``layout``: these counts'
+    :func:`_run_layout`, when the caller quantizes several tensors over the same runs."""
     counts = _device_counts(counts, t.device)
     if quant_backend(t.device) == "triton":
-        got = run_triton(lambda: quantize_token_runs_triton(t, counts, scale_fmt, row_scale))
+        got = run_triton(lambda: quantize_token_runs_triton(t, counts, scale_fmt, row_scale, layout))
         if got is not None:
             return got
     return quantize_token_runs_reference(t, counts, scale_fmt, row_scale)
 
 
 def quantize_token_runs_triton(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None,
-                               row_scale: torch.Tensor | None = None):
+                               row_scale: torch.Tensor | None = None, layout: _RunLayout | None = None):
     """:func:`quantize_token_runs` as one Triton kernel over the same layout (no backend choice, no fallback)."""
     from . import triton_quant
 
-    lay = _run_layout(counts, t.shape[0])
+    lay = layout if layout is not None else _run_layout(counts, t.shape[0])
     q, s = triton_quant.quantize_token_runs(t, counts, lay.starts, lay.padded_starts, lay.padded, lay.rows, scale_fmt,
                                             WGRAD_RUN_ALIGN, row_scale)
     return q, s, lay.padded_ends.to(torch.int32)
@@ -376,8 +378,11 @@ def fp8_grouped_wgrad(
     tokens, in one grouped FP8 GEMM (:func:`_grouped_wgrad_kernel`); experts without tokens get zeros (their
     run is all zero tokens). ``counts``: ints or a tensor (kept on the device). ``x_row_scale``: ``x`` is the
     forward's row-wise fp8 cache with these per-token scales (re-quantized per run straight from it)."""
-    gq_t, gs, offs = quantize_token_runs(grad_out, counts, recipe.grad_scale_fmt)
-    xq_t, xs, _ = quantize_token_runs(x, counts, recipe.act_scale_fmt, x_row_scale)
+    counts = _device_counts(counts, grad_out.device)
+    # both operands run over the same tokens: one layout (a dozen tiny kernels on [E]) for the two Triton launches
+    lay = _run_layout(counts, grad_out.shape[0]) if quant_backend(grad_out.device) == "triton" else None
+    gq_t, gs, offs = quantize_token_runs(grad_out, counts, recipe.grad_scale_fmt, layout=lay)
+    xq_t, xs, _ = quantize_token_runs(x, counts, recipe.act_scale_fmt, x_row_scale, layout=lay)
     return _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, offs)
 
 
