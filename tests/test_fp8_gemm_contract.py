@@ -195,14 +195,8 @@ def test_transposed_and_strided_operand_views_are_made_contiguous(fake_scaled_mm
     assert len(fake_scaled_mm.calls) == len(cases)
 
 
-@pytest.mark.parametrize("tokens, copies", [(256, 0), (250, 4)])
-def test_rows_aligned_to_the_fp8_tile_make_the_three_gemms_copy_nothing(fake_scaled_mm, monkeypatch, tokens, copies):
-    """Why `fp8: true` pads packed rows to a multiple of 128 tokens on CUDA (posttrain.fp8.training.fp8_row_multiple):
-    with 256 tokens no operand of the forward, dgrad or wgrad GEMM is copied into a padded buffer; with 250
-    the forward's X, the dgrad's dY and both wgrad operands (which contract over tokens) are."""
-    from posttrain.fp8.training import fp8_row_multiple
-
-    assert fp8_row_multiple("cuda") == gemm.TILE and fp8_row_multiple("cpu") is None
+def _count_fp8_pads(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the fp8 operands scaled_mm_operands copies into padded buffers, appended as it does."""
     padded = []
     real_pad2d = gemm._pad2d
 
@@ -213,6 +207,18 @@ def test_rows_aligned_to_the_fp8_tile_make_the_three_gemms_copy_nothing(fake_sca
         return out
 
     monkeypatch.setattr(gemm, "_pad2d", counting_pad2d)
+    return padded
+
+
+@pytest.mark.parametrize("tokens, copies", [(256, 0), (250, 4)])
+def test_rows_aligned_to_the_fp8_tile_make_the_three_gemms_copy_nothing(fake_scaled_mm, monkeypatch, tokens, copies):
+    """Why `fp8: true` pads packed rows to a multiple of 128 tokens on CUDA (posttrain.fp8.training.fp8_row_multiple):
+    with 256 tokens no operand of the forward, dgrad or wgrad GEMM is copied into a padded buffer; with 250
+    the forward's X, the dgrad's dY and both wgrad operands (which contract over tokens) are."""
+    from posttrain.fp8.training import fp8_row_multiple
+
+    assert fp8_row_multiple("cuda") == gemm.TILE and fp8_row_multiple("cpu") is None
+    padded = _count_fp8_pads(monkeypatch)
     x = torch.randn(tokens, 256, requires_grad=True)
     w = nn.Parameter(torch.randn(384, 256))
     fp8_linear(x, w).backward(torch.randn(tokens, 384))
@@ -236,16 +242,7 @@ def test_a_cached_weight_is_put_in_scaled_mm_s_layout_once_per_step(fake_scaled_
     """kv_a's 576 rows are not a multiple of 128. Its FP8 weight is padded into F.scaled_mm's layout (and, for the
     dgrad, transposed) when the step's FP8 weight is built, not at every GEMM: a second forward+backward in the
     same optimizer step copies only dY, whose 320 channels the dgrad contracts over."""
-    padded = []
-    real_pad2d = gemm._pad2d
-
-    def counting_pad2d(t, rows, cols, value=0.0):
-        out = real_pad2d(t, rows, cols, value)
-        if out is not t and t.dtype == torch.float8_e4m3fn:
-            padded.append(tuple(t.shape))
-        return out
-
-    monkeypatch.setattr(gemm, "_pad2d", counting_pad2d)
+    padded = _count_fp8_pads(monkeypatch)
     g = torch.Generator().manual_seed(1)
     x, w, gy = torch.randn(256, 256, generator=g), torch.randn(320, 256, generator=g), torch.randn(256, 320, generator=g)
     weight = nn.Parameter(w.clone())
