@@ -294,11 +294,11 @@ def _run_layout(counts: torch.Tensor, tokens: int, align: int = WGRAD_RUN_ALIGN)
                       (tokens // align + counts.shape[0]) * align)
 
 
-def _padded_runs(counts: torch.Tensor, tokens: int, align: int = WGRAD_RUN_ALIGN):
+def _padded_runs(counts: torch.Tensor, tokens: int, layout: _RunLayout | None = None):
     """The padded layout, on the device: (each token's row in it [tokens], each of its rows' expert
     [layout rows], the runs' ends int32 [E]). Rows past the last run are given to the last expert: they
     stay zero, so they change neither its scales nor, lying outside every group, any product."""
-    lay = _run_layout(counts, tokens, align)
+    lay = layout if layout is not None else _run_layout(counts, tokens)
     token_rows = torch.arange(tokens, device=counts.device)
     expert = torch.searchsorted(lay.starts + counts, token_rows, right=True)  # tokens are sorted by expert
     dest = token_rows + (lay.padded_starts - lay.starts)[expert]
@@ -322,7 +322,7 @@ def quantize_token_runs(t: torch.Tensor, counts, scale_fmt: str | None = None, r
         got = run_triton(lambda: quantize_token_runs_triton(t, counts, scale_fmt, row_scale, layout))
         if got is not None:
             return got
-    return quantize_token_runs_reference(t, counts, scale_fmt, row_scale)
+    return quantize_token_runs_reference(t, counts, scale_fmt, row_scale, layout)
 
 
 def quantize_token_runs_triton(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None,
@@ -337,11 +337,11 @@ def quantize_token_runs_triton(t: torch.Tensor, counts: torch.Tensor, scale_fmt:
 
 
 def quantize_token_runs_reference(t: torch.Tensor, counts: torch.Tensor, scale_fmt: str | None = None,
-                                  row_scale: torch.Tensor | None = None):
+                                  row_scale: torch.Tensor | None = None, layout: _RunLayout | None = None):
     """:func:`quantize_token_runs` in eager torch ops (several passes over memory): the definition."""
     if row_scale is not None:
         t = t.float() * row_scale[:, None]
-    dest, padded_expert, offs = _padded_runs(counts, t.shape[0])
+    dest, padded_expert, offs = _padded_runs(counts, t.shape[0], layout)
     cols = t.shape[1]
     t_pad = t.new_zeros(padded_expert.shape[0], cols)
     t_pad[dest] = t
@@ -379,8 +379,7 @@ def fp8_grouped_wgrad(
     run is all zero tokens). ``counts``: ints or a tensor (kept on the device). ``x_row_scale``: ``x`` is the
     forward's row-wise fp8 cache with these per-token scales (re-quantized per run straight from it)."""
     counts = _device_counts(counts, grad_out.device)
-    # both operands run over the same tokens: one layout (a dozen tiny kernels on [E]) for the two Triton launches
-    lay = _run_layout(counts, grad_out.shape[0]) if quant_backend(grad_out.device) == "triton" else None
+    lay = _run_layout(counts, grad_out.shape[0])  # both operands run over the same tokens: one layout for the two
     gq_t, gs, offs = quantize_token_runs(grad_out, counts, recipe.grad_scale_fmt, layout=lay)
     xq_t, xs, _ = quantize_token_runs(x, counts, recipe.act_scale_fmt, x_row_scale, layout=lay)
     return _grouped_wgrad_kernel(gq_t, gs, xq_t, xs, offs)

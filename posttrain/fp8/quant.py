@@ -401,25 +401,16 @@ def _triton_check(device: torch.device) -> str | None:
              ("groups_t", 1, 128, None, (xb,)), ("requant_t", 128, 128, None, (q, s))]
     try:
         for kind, a, b, fmt, tensors in cases:
-            got = triton_quant.quantize(kind, a, b, fmt, *tensors)
-            want_q, want_s = _reference(kind, a, b, fmt, tensors)
-            rows, cols = got[0].shape[-2:]
-            if not (torch.equal(got[0].view(torch.uint8), want_q[..., :rows, :cols].contiguous().view(torch.uint8))
-                    and torch.equal(got[1], want_s)):
+            if not _bits_match(triton_quant.quantize(kind, a, b, fmt, *tensors), _reference(kind, a, b, fmt, tensors)):
                 return f"{kind} {a}x{b} {fmt or 'fp32 scales'} differs from the reference"
         from posttrain.fp8.experts import quantize_token_runs_reference, quantize_token_runs_triton
 
         counts = torch.tensor([40, 0, 123, 37], device=device)  # an expert without tokens, unaligned runs
-        got = quantize_token_runs_triton(xb, counts)
-        want = quantize_token_runs_reference(xb, counts)
-        if not (torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
-                and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])):
+        if not _bits_match(quantize_token_runs_triton(xb, counts), quantize_token_runs_reference(xb, counts)):
             return "the grouped wgrad's token runs differ from the reference"
         xq, xs = _quantize_padded(xb, 1, 300, None, False)  # the row-wise fp8 cache, dequantized in the kernel
-        got = quantize_token_runs_triton(xq, counts, None, xs.squeeze(-1))
-        want = quantize_token_runs_reference(xq, counts, None, xs.squeeze(-1))
-        if not all(torch.equal(a.view(torch.uint8) if a.dtype == FP8_DTYPE else a,
-                               b.view(torch.uint8) if b.dtype == FP8_DTYPE else b) for a, b in zip(got, want)):
+        if not _bits_match(quantize_token_runs_triton(xq, counts, None, xs.squeeze(-1)),
+                           quantize_token_runs_reference(xq, counts, None, xs.squeeze(-1))):
             return "the grouped wgrad's token runs from the fp8 cache differ from the reference"
     except Exception as e:  # noqa: BLE001 -- no driver, no compiler, ...: the compiled path still works
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -438,12 +429,20 @@ def _one_read_check(device: torch.device) -> str | None:
     for requantize in (False, True):
         got = triton_quant.quantize_both(xb, 128, None, requantize)
         second = _reference("requant_t", 128, 128, None, first) if requantize else _reference("groups_t", 1, 128, None, (xb,))
-        for (gq, gs), (wq, ws) in zip(got, (first, second)):
-            rows, cols = gq.shape
-            if not (torch.equal(gq.view(torch.uint8), wq[:rows, :cols].contiguous().view(torch.uint8))
-                    and torch.equal(gs, ws)):
-                return f"requantize={requantize} differs from the reference"
+        if not all(_bits_match(g, w) for g, w in zip(got, (first, second))):
+            return f"requantize={requantize} differs from the reference"
     return None
+
+
+def _bits_match(got: tuple, want: tuple) -> bool:
+    """A kernel's outputs against the eager reference's: fp8 as bytes (the reference's, padded to whole groups,
+    cropped to the kernel's shape), scales and offsets exactly."""
+    def raw(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if t.dtype != FP8_DTYPE:
+            return t
+        return t[..., : like.shape[-2], : like.shape[-1]].contiguous().view(torch.uint8)
+
+    return len(got) == len(want) and all(torch.equal(raw(g, g), raw(w, g)) for g, w in zip(got, want))
 
 
 def _one_read(x: torch.Tensor, tile: int, scale_fmt: str | None, requantize: bool):
