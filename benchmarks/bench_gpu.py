@@ -20,6 +20,10 @@ Prints the tables the issue is judged by, as markdown, and writes them as JSON:
   163840), 8192 and 32768 tokens, bf16: full logits (``lm_head`` then fp32 ``cross_entropy``) vs the fused
   head (``posttrain.lm_loss``, three GEMMs) vs its recompute path and TRL's chunked kernel (four GEMMs
   each); time, peak memory, gradient error against the full-logits path.
+* ``norm``: DeepSeek-V3's RMSNorm forward+backward on packed rows (8192 tokens x 2048 / 7168 / 512, bf16):
+  transformers' eager formula vs ``posttrain.rms_norm`` (torch's fused kernel on CUDA); time, effective
+  GB/s (input, output and their gradients once each), activation memory kept for the backward, and the
+  difference from the eager formula in bf16 steps.
 * ``sft_step``: the SFT step on the Moonlight-shaped slice (benchmarks/bench_gpu_sft.py).
 
 Usage (one GPU):
@@ -62,7 +66,7 @@ V3_SHAPES = [
     ("dense gate|up", 18432, 7168),
     ("dense down", 7168, 18432),
 ]
-SECTIONS = ("env", "gemm", "linear", "experts", "quant", "lm_head", "sft_step")
+SECTIONS = ("env", "gemm", "linear", "experts", "quant", "lm_head", "norm", "sft_step")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -582,6 +586,76 @@ def section_lm_head(ctx: Ctx, args) -> list[dict]:
     return out
 
 
+# === norm (issue #13 item 4: the step's eager element-wise work) =========================================
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps from ``fn()``'s forward for its backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def section_norm(ctx: Ctx, args) -> list[dict]:
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    from posttrain.rms_norm import DeepseekV3FusedRMSNorm, fused_rms_norm_usable
+
+    tokens = 256 if ctx.smoke else 8192
+    out, rows = [], []
+    for width in (2048, 7168, 512):
+        torch.manual_seed(0)
+        x = torch.randn(tokens, width, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+        gy = torch.randn(tokens, width, device=ctx.device, dtype=ctx.dtype)
+        weight = torch.empty(width, device=ctx.device, dtype=ctx.dtype).uniform_(0.5, 1.5)
+        ref = None
+        for name, cls in (("transformers eager", DeepseekV3RMSNorm), ("posttrain", DeepseekV3FusedRMSNorm)):
+            norm = cls(width, eps=1e-6).to(ctx.device, ctx.dtype)
+            with torch.no_grad():
+                norm.weight.copy_(weight)
+            r = {"tokens": tokens, "width": width, "impl": name,
+                 "fused_kernel": cls is DeepseekV3FusedRMSNorm and fused_rms_norm_usable(x, norm.weight)}
+
+            def run():
+                x.grad, norm.weight.grad = None, None
+                norm(x).backward(gy)
+
+            try:
+                ctx.free()
+                y = norm(x).detach()
+                run()
+                r["saved_mib"] = saved_bytes(lambda: norm(x)) / 2**20
+                if ref is None:
+                    ref = (y, x.grad.clone())
+                else:  # result steps apart, in units of the eager result's bf16 (or fp32) spacing
+                    spacing = torch.finfo(ctx.dtype).eps * ref[0].float().abs().clamp_min(torch.finfo(ctx.dtype).tiny)
+                    r["max_steps_vs_eager"] = float(((y.float() - ref[0].float()).abs() / spacing).max())
+                    r["err_dx_vs_eager"] = rel_err(x.grad, ref[1])
+                r["ms"] = ctx.bench_ms(run)
+                r["gb_per_s"] = 5 * x.numel() * x.element_size() / r["ms"] / 1e6
+            except Exception as e:  # noqa: BLE001 -- one broken row must not hide the others
+                traceback.print_exc()
+                r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            out.append(r)
+        eager, ours = out[-2], out[-1]
+        ours["eager_over_this"] = eager["ms"] / ours["ms"] if eager.get("ms") and ours.get("ms") else None
+        for r in (eager, ours):
+            rows.append([tokens, width, r["impl"], "yes" if r["fused_kernel"] else "no", fmt(r.get("ms")),
+                         fmt(r.get("gb_per_s"), ".0f"), fmt(r.get("eager_over_this"), ".2f"), fmt(r.get("saved_mib"), ".1f"),
+                         fmt(r.get("max_steps_vs_eager"), ".2f"), fmt(r.get("err_dx_vs_eager"), ".2e"), r.get("error", "")])
+        del x, gy, ref
+        ctx.free()
+    table(f"RMSNorm forward+backward ({ctx.dtype}); GB/s counts x, y, dy, x, dx once each",
+          ["tokens", "width", "impl", "fused kernel", "ms", "GB/s", "eager/this", "saved MiB", "max steps vs eager",
+           "err dx vs eager", "error"], rows)
+    return out
+
+
 # === sft_step (issue #13 item 6) =========================================================================
 def section_sft_step(ctx: Ctx, args) -> list[dict]:
     """The SFT step on the Moonlight-16B-shaped slice (4 layers + MTP, hidden 2048, 64 experts top-6,
@@ -624,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(torch {torch.__version__}). Use --cpu-smoke to check the script on tiny CPU shapes.", file=sys.stderr)
         return 2
     funcs = {"env": section_env, "gemm": section_gemm, "linear": section_linear, "experts": section_experts,
-             "quant": section_quant, "lm_head": section_lm_head, "sft_step": section_sft_step}
+             "quant": section_quant, "lm_head": section_lm_head, "norm": section_norm,
+             "sft_step": section_sft_step}
     results: dict[str, object] = {"argv": sys.argv[1:] if argv is None else argv, "smoke": ctx.smoke}
     failed = []
     for name in sections:

@@ -221,6 +221,12 @@ HF_ASYNC_LOAD = ContactPoint(
     "transformers", TRANSFORMERS, "env:HF_DEACTIVATE_ASYNC_LOAD", "env", "posttrain.fp8.training",
     "transformers' loading runs ahead of its consumer; with dequantized FP8 tensors that would hold a second copy",
 )
+HF_RMS_NORM = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3RMSNorm.forward",
+    "override", "posttrain.rms_norm.DeepseekV3FusedRMSNorm (reads the module's `weight` and `variance_epsilon`)",
+    "the eager formula is ~8 kernels forward and ~15 backward and keeps fp32 copies for the backward; on CUDA "
+    "torch's fused kernel does each way in one (tests/test_rms_norm.py checks the eps and weight it is given)",
+)
 ACCELERATE_REGIONAL_COMPILATION = ContactPoint(
     "accelerate", ACCELERATE, "env:ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "env",
     "engines.compat.prefer_regional_compilation (the recipe configs' __post_init__)",
@@ -273,6 +279,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
     TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
     HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
+    HF_RMS_NORM,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD, ACCELERATE_REGIONAL_COMPILATION,
     TORCH_SCALED_GROUPED_MM, TORCH_CHECKPOINT_SIDE_EFFECTS,

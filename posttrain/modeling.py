@@ -29,6 +29,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy
+from posttrain.rms_norm import use_fused_rms_norm
 
 
 def autocast_attention_inputs(
@@ -174,6 +175,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
         n_main = config.num_hidden_layers
         for k in range(num_mtp_layers(config)):
             self.model.layers.append(DeepseekV3MTPLayer(config, n_main + k))
+        use_fused_rms_norm(self)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
         self.post_init()
 
     # ----------------------------------------------------------------------------------------

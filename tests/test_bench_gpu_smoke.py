@@ -41,9 +41,14 @@ def test_cpu_smoke_runs_every_section(tmp_path, capsys, one_torch_thread):
     lm = data["lm_head"]
     assert [r["impl"] for r in lm] == ["full logits", "fused", "recompute", "trl"] and not [r for r in lm if "error" in r], lm
     assert all(r["err_dh"] < 1e-5 and r["err_dw"] < 1e-5 for r in lm[1:])  # fp32 on the CPU: same gradients
+    norm = data["norm"]
+    assert [r["width"] for r in norm] == [2048, 2048, 7168, 7168, 512, 512] and not [r for r in norm if "error" in r]
+    # on the CPU both rows are the eager formula (torch fuses RMSNorm on CUDA only): the same numbers
+    assert not any(r["fused_kernel"] for r in norm) and all(r["max_steps_vs_eager"] == 0 for r in norm[1::2])
     sft = data["sft_step"]
     assert {r["variant"] for r in sft} == {"fp32", "fp8"} and not [r for r in sft if "error" in r], sft
-    for title in ("### GEMM", "### FP8Linear", "### Routed experts", "### FP8 quantizers", "### LM head", "## SFT step"):
+    for title in ("### GEMM", "### FP8Linear", "### Routed experts", "### FP8 quantizers", "### LM head", "### RMSNorm",
+                  "## SFT step"):
         assert title in printed
 
 

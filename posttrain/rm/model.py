@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..rms_norm import use_fused_rms_norm
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
     finally:
         cls._keys_to_ignore_on_load_unexpected, cls._keys_to_ignore_on_load_missing = saved
         hf_logging.set_verbosity(verbosity)
+    use_fused_rms_norm(model)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.architectures = [cls.__name__]
     for key in ("topk_method", "scoring_func"):  # keep what vLLM / the V3 layout read from config.json
