@@ -224,7 +224,7 @@ HF_ASYNC_LOAD = ContactPoint(
 HF_RMS_NORM = ContactPoint(
     "transformers", TRANSFORMERS, "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3RMSNorm.forward",
     "override", "posttrain.rms_norm.DeepseekV3FusedRMSNorm (reads the module's `weight` and `variance_epsilon`)",
-    "the eager formula is ~8 kernels forward and ~15 backward and keeps fp32 copies for the backward; on CUDA "
+    "the eager formula is 8 kernels forward and 16 backward and keeps fp32 copies for the backward; on CUDA "
     "torch's fused kernel does each way in one (tests/test_rms_norm.py checks the eps and weight it is given)",
 )
 ACCELERATE_REGIONAL_COMPILATION = ContactPoint(

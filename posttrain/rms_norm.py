@@ -1,12 +1,11 @@
 """DeepSeek-V3's RMSNorm through torch's fused kernel on CUDA, transformers' formula everywhere else.
 
 transformers' `DeepseekV3RMSNorm` computes in eager ops: an fp32 copy of the input, its square, the mean,
-rsqrt, two products and two casts, about 8 kernels forward and 15 backward, and it keeps fp32 copies of
-its input for the backward. On a packed 8k row of a Moonlight-sized model that is ~125 bytes of memory
-traffic per normalized element, where one read and one write of the input and its gradient would do
-(benchmarks/RESULTS.md, session 15). torch has the fused kernel: `F.rms_norm` dispatches to
-`_fused_rms_norm` on CUDA (forward and backward one kernel each, fp32 inside, the input and an fp32 rstd
-kept), so no kernel of our own is needed.
+rsqrt, two products and two casts: 8 kernels forward and 16 backward, moving 132 bytes per normalized
+element in bf16, where a fused kernel moves about 10 (read x, write y; read dy and x, write dx), and it keeps
+fp32 copies of its input for the backward (benchmarks/RESULTS.md, session 15). torch has the fused kernel:
+`F.rms_norm` dispatches to `_fused_rms_norm` on CUDA (forward and backward one kernel each, fp32 inside, the
+input and an fp32 rstd kept), so no kernel of our own is needed.
 
 Numerics. The fused kernel rounds once, `round(x * rstd * w)`; transformers rounds the normalized input to
 the input dtype and then multiplies by the weight, `round(w * round(x * rstd))`. In bf16 the two differ by
@@ -64,12 +63,12 @@ def _start_up_check(device: torch.device) -> str | None:
     went wrong."""
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            return _compare_with_eager(device)
+            return _compare_with_float64(device)
     except Exception as e:  # noqa: BLE001 — any failure means: do not use it here
         return f"{type(e).__name__}: {e}"
 
 
-def _compare_with_eager(device: torch.device) -> str | None:
+def _compare_with_float64(device: torch.device) -> str | None:
     """The fused forward and backward on `device` next to the float64 formula on the same bf16 inputs."""
     g = torch.Generator().manual_seed(0)
     x64 = torch.randn(48, 320, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-2, 3, (48, 1), generator=g)
@@ -90,7 +89,7 @@ def _compare_with_eager(device: torch.device) -> str | None:
         return f"output {y.dtype} {tuple(y.shape)} for bf16 {tuple(x.shape)}"
     step = torch.finfo(torch.bfloat16).eps  # one bf16 step, relative
     if not ((y.double().cpu() - ref).abs() <= step * ref.abs() + 1e-30).all():
-        return "forward differs from the eager formula by more than one bf16 step"
+        return "forward differs from the formula by more than one bf16 step"
     for name, got, want in (("d input", dx, ref_dx), ("d weight", dw, ref_dw)):
         err = (got.double().cpu() - want).norm() / want.norm()
         if not err <= 4 * step:

@@ -138,8 +138,8 @@ def test_a_fused_kernel_that_fails_its_start_up_check_is_not_used(fused_on_cpu, 
         assert torch.equal(ours(x), theirs(x))
     assert len(calls) == 1  # checked once per device, then never called
     assert [r.getMessage() for r in caplog.records if "start-up check" in r.getMessage()] == [
-        "torch's fused RMSNorm failed its start-up check on cpu (forward differs from the eager formula by more than "
-        "one bf16 step); using transformers' eager RMSNorm there"]
+        "torch's fused RMSNorm failed its start-up check on cpu (forward differs from the formula by more than one "
+        "bf16 step); using transformers' eager RMSNorm there"]
 
 
 def test_the_start_up_check_passes_torchs_kernel():
