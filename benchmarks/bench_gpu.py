@@ -341,14 +341,17 @@ def section_experts(ctx: Ctx, args) -> list[dict]:
         return [{"skipped": str(e)}]
     from posttrain.fp8.experts import EXPERTS_IMPLEMENTATION, grouped_backend, register_fp8_experts
     from posttrain.fp8.linear import FP8Recipe, clear_weight_cache
+    from posttrain.routed_experts import EXPERTS_IMPLEMENTATION as FUSED_EXPERTS, register_fused_experts
 
     hidden, inter, top_k, tokens = (256, 128, 2, 64) if ctx.smoke else (7168, 2048, 8, args.tokens)
     expert_counts = (4,) if ctx.smoke else tuple(args.experts)
     variants = [("grouped_mm (bf16)", "grouped_mm", None),
+                ("posttrain_grouped (bf16)", FUSED_EXPERTS, None),  # the fused dispatch/combine (CUDA only)
                 ("posttrain_fp8 auto", EXPERTS_IMPLEMENTATION, FP8Recipe()),
                 ("posttrain_fp8 blockwise", EXPERTS_IMPLEMENTATION, FP8Recipe(grouped="blockwise"))]
     rows, out = [], []
     register_fp8_experts()
+    register_fused_experts()
     for n_exp in expert_counts:
         try:
             torch.manual_seed(0)

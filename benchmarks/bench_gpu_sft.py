@@ -93,7 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile-layers", action="store_true",
                     help="accelerate's regional compilation (torch.compile of each decoder block; an experiment: the "
                          "first steps compile, --warmup must cover them)")
-    ap.add_argument("--experts", default="grouped_mm", help="transformers experts implementation (non-FP8 variants)")
+    ap.add_argument("--experts", default="posttrain_grouped",
+                    help="experts implementation of the non-FP8 variants: posttrain_grouped (the toolkit's default: "
+                         "transformers' grouped_mm with fused dispatch/combine kernels on CUDA), grouped_mm "
+                         "(transformers' own), eager, ...")
     ap.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"],
                     help="activation checkpointing; auto: on for rows longer than 16384 tokens")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (flex compiles, dynamic-shape recompile)")

@@ -26,39 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-# ops that launch nothing on a GPU: views, metadata, allocations
-NOT_KERNELS = {"view", "_unsafe_view", "t", "transpose", "as_strided", "empty", "empty_strided", "detach", "alias",
-               "slice", "expand", "unsqueeze", "squeeze", "permute", "select", "_reshape_alias", "reshape",
-               "lift_fresh", "new_empty", "new_empty_strided"}
-
-
-class KernelCounter(TorchDispatchMode):
-    """Counts aten ops outside the stand-ins (whose own CPU arithmetic is not the GPU's), plus each stand-in
-    and Triton call as one kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-        self.inside = 0
-
-    def wrap(self, name: str, fn):
-        def call(*args, **kwargs):
-            self.inside += 1
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                self.inside -= 1
-            if out is not None:  # a Triton wrapper that declines a shape launches nothing
-                self.counts[name] += 1
-            return out
-        return call
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.inside and func.overloadpacket.__name__ not in NOT_KERNELS:
-            self.counts["aten " + func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from kernel_counter import KernelCounter  # noqa: E402
 
 
 def simulate_cuda_path(counter: KernelCounter) -> None:
@@ -81,7 +49,7 @@ def simulate_cuda_path(counter: KernelCounter) -> None:
 
 def count(counter: KernelCounter, step) -> collections.Counter:
     step()  # fills the weight cache: what one optimizer step's later micro-steps see
-    counter.counts.clear()
+    counter.clear()
     with counter:
         step()
     return collections.Counter(counter.counts)

@@ -221,6 +221,13 @@ HF_ASYNC_LOAD = ContactPoint(
     "transformers", TRANSFORMERS, "env:HF_DEACTIVATE_ASYNC_LOAD", "env", "posttrain.fp8.training",
     "transformers' loading runs ahead of its consumer; with dequantized FP8 tensors that would hold a second copy",
 )
+HF_GROUPED_MM_EXPERTS = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.integrations.moe:grouped_mm_experts_forward", "calls",
+    "posttrain.routed_experts.fused_grouped_experts_forward (and the `has_gate`/`_apply_gate` attributes the "
+    "experts decorator sets, read by posttrain.routed_experts.experts_forward)",
+    "where the fused MoE dispatch/combine kernels do not run (the CPU, torch.compile) the default experts are "
+    "transformers' function itself; the kernels reproduce its combine formula (tests/test_routed_experts.py)",
+)
 HF_RMS_NORM = ContactPoint(
     "transformers", TRANSFORMERS, "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3RMSNorm.forward",
     "override", "posttrain.rms_norm.DeepseekV3FusedRMSNorm (reads the module's `weight` and `variance_epsilon`)",
@@ -279,7 +286,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
     TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
     HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
-    HF_RMS_NORM,
+    HF_RMS_NORM, HF_GROUPED_MM_EXPERTS,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD, ACCELERATE_REGIONAL_COMPILATION,
     TORCH_SCALED_GROUPED_MM, TORCH_CHECKPOINT_SIDE_EFFECTS,

@@ -33,6 +33,8 @@ try:
 except ImportError:  # a CPU install without Triton uses the torch fold
     triton = None
     tl = None
+else:
+    from .triton_rounding import round_to_bf16
 
 IGNORE_INDEX = -100
 LM_LOSS_BACKENDS = ("auto", "fused", "recompute", "trl")
@@ -83,15 +85,12 @@ if triton is not None:
 
     @triton.jit
     def _scale_bf16_kernel(x_ptr, out_ptr, s_ptr, n, BLOCK: tl.constexpr):
-        """bf16 out = x * s with the product in fp32 and one rounding to nearest even, s read from the device.
-        The rounding is spelled out on the bits so that Triton's CPU interpreter, whose casts truncate, gives
-        the hardware's result."""
+        """bf16 out = x * s with the product in fp32 and one rounding to nearest even, s read from the device
+        (rounded on the bits: the interpreter's casts truncate, see posttrain.triton_rounding)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         y = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * tl.load(s_ptr)
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        tl.store(out_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        tl.store(out_ptr + offs, round_to_bf16(y).to(tl.bfloat16), mask=mask)
 
 
 def softmax_grad_(logits: torch.Tensor, target: torch.Tensor, write_grad: bool = True,

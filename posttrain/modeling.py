@@ -30,6 +30,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy
 from posttrain.rms_norm import use_fused_rms_norm
+from posttrain.routed_experts import use_fused_experts
 
 
 def autocast_attention_inputs(
@@ -176,6 +177,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
         for k in range(num_mtp_layers(config)):
             self.model.layers.append(DeepseekV3MTPLayer(config, n_main + k))
         use_fused_rms_norm(self)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
+        use_fused_experts(self)  # grouped_mm experts with fused dispatch/combine kernels on CUDA; transformers' elsewhere
         self.post_init()
 
     # ----------------------------------------------------------------------------------------

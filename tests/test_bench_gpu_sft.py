@@ -35,7 +35,7 @@ def test_cpu_smoke_rows_for_each_variant_and_row_length():
         assert r["max_over_median"] >= 1.0 and isinstance(r["stall_free"], bool)
         assert all(math.isfinite(x) for x in r["losses"]) and r["peak_mem_gib"] > 0
     assert rows[2]["fp8"] and rows[2]["fp8_modules"] > 0 and rows[2]["experts"] == "posttrain_fp8"
-    assert not rows[0]["fp8"] and rows[0]["experts"] == "grouped_mm"
+    assert not rows[0]["fp8"] and rows[0]["experts"] == "posttrain_grouped"
 
 
 def test_flop_count_matches_the_config_by_hand():

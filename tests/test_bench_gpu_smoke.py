@@ -33,7 +33,8 @@ def test_cpu_smoke_runs_every_section(tmp_path, capsys, one_torch_thread):
         assert len(rows) == len(bench.V3_SHAPES) and not [r for r in rows if "error" in r], rows
         assert all(0.01 < r.get("err_fp8", r.get("err_y")) < 0.06 for r in rows)  # really e4m3, and close
     experts = data["experts"]
-    assert {r["impl"] for r in experts} == {"grouped_mm (bf16)", "posttrain_fp8 auto", "posttrain_fp8 blockwise"}
+    assert {r["impl"] for r in experts} == {"grouped_mm (bf16)", "posttrain_grouped (bf16)", "posttrain_fp8 auto",
+                                           "posttrain_fp8 blockwise"}
     assert not [r for r in experts if "error" in r], experts
     quant = data["quant"]
     assert {r["backend"] for r in quant} >= {"eager"} and not [r for r in quant if "error" in r], quant

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
+from posttrain.routed_experts import EXPERTS_IMPLEMENTATION as FUSED_EXPERTS
 
 
 def _loss_and_grads(model: DeepseekV3ForCausalLMWithMTP, ids: torch.Tensor, positions: torch.Tensor):
@@ -19,14 +20,20 @@ def test_experts_run_transformers_grouped_mm_kernel_by_default_and_match_eager(t
     """transformers picks its experts kernel per class by grepping the class's source for
     `@use_experts_implementation` (5.x); our subclass declares support so that it runs grouped_mm,
     as transformers' own DeepseekV3ForCausalLM does, not the per-expert Python loop (11% slower
-    per SFT step on the small preset on CPU, far more on GPU). The two kernels agree on the loss,
-    the MTP loss and every gradient, on packed rows."""
+    per SFT step on the small preset on CPU, far more on GPU). The default `grouped_mm` becomes
+    `posttrain_grouped`, which on a CPU is transformers' grouped_mm function itself (bit for bit) and
+    on CUDA adds the fused dispatch/combine (tests/test_routed_experts.py). The kernels agree with the
+    per-expert loop on the loss, the MTP loss and every gradient, on packed rows."""
     model = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    assert model.config._experts_implementation == "grouped_mm"
+    assert model.config._experts_implementation == FUSED_EXPERTS
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 96), generator=g)
     positions = torch.cat([torch.arange(40), torch.arange(56)]).repeat(2, 1)  # two samples per row
     loss, grads = _loss_and_grads(model, ids, positions)
+    model.set_experts_implementation("grouped_mm")
+    assert model.config._experts_implementation == "grouped_mm"
+    hf_loss, hf_grads = _loss_and_grads(model, ids, positions)
+    assert torch.equal(loss, hf_loss) and all(torch.equal(grads[n], hf_grads[n]) for n in grads)
     model.set_experts_implementation("eager")
     assert model.config._experts_implementation == "eager"
     eager_loss, eager_grads = _loss_and_grads(model, ids, positions)

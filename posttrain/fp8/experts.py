@@ -6,7 +6,8 @@ reach them. transformers dispatches the experts forward through its public
 ``ExpertsInterface`` registry (``integrations/moe.py``, selected by
 ``config._experts_implementation``); this module registers ``"posttrain_fp8"`` there.
 Its forward is transformers' grouped flow (sort token-expert pairs by expert, up/gate
-projection, activation, down projection, weighted sum) with both projections done by
+projection, activation, down projection, weighted sum; the sort, dispatch, gating and weighted sum are
+:mod:`posttrain.routed_experts`', fused kernels on CUDA) with both projections done by
 :func:`fp8_grouped_linear`, in one of two ways (``FP8Recipe.grouped``):
 
 * ``blockwise``: the same §3.3 recipe as ``FP8Linear``, each expert's weight quantized in its
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..routed_experts import experts_forward, fused_routing_usable
 from .gemm import TILE, BlockQuantized, fp8_gemm_nt
 from .linear import (
     DEFAULT_RECIPE,
@@ -490,32 +492,21 @@ def _check_sum(counts, x: torch.Tensor) -> None:
 def fp8_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Experts forward for transformers' ``@use_experts_implementation`` classes (DeepseekV3Experts)."""
+    """Experts forward for transformers' ``@use_experts_implementation`` classes (DeepseekV3Experts): the
+    routed experts' dispatch, SwiGLU and combine of :mod:`posttrain.routed_experts`, both projections in FP8."""
     if getattr(self, "has_bias", False) or getattr(self, "is_transposed", False):
         raise NotImplementedError("posttrain_fp8 experts support the non-transposed, bias-free layout only")
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("posttrain_fp8 experts do not handle expert-parallel sentinels")
     recipe: FP8Recipe = getattr(self, "fp8_recipe", DEFAULT_RECIPE)
-    num_tokens, hidden = hidden_states.shape
-    top_k = top_k_index.shape[-1]
-    expert_ids = top_k_index.reshape(-1).long()
-    order = torch.argsort(expert_ids, stable=True)
-    # tokens per expert, kept on the device (bincount and .tolist() would make the CPU wait for the GPU);
-    # integer scatter_add_ is exact, and deterministic on CUDA under torch.use_deterministic_algorithms
-    counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids.device)
-    counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
-    if grouped_backend(hidden_states.device, recipe) == "blockwise":
-        counts = counts.tolist()  # the per-expert fallback loops on the host: one read for both projections
-    x = hidden_states[order // top_k]
-    up = self.gate_up_proj if getattr(self, "has_gate", True) else self.up_proj
-    h = fp8_grouped_linear(x, up, counts, recipe)
-    h = self._apply_gate(h) if getattr(self, "has_gate", True) else self.act_fn(h)
-    out = fp8_grouped_linear(h, self.down_proj, counts, recipe)
-    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    # reshape+sum rather than index_add_: deterministic, as in transformers' grouped_mm path
-    return out[inverse].view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, counts) -> torch.Tensor:
+        return fp8_grouped_linear(x, weight, counts, recipe)
+
+    # the per-expert (blockwise) fallback loops on the host: one read of the counts for both projections
+    blockwise = grouped_backend(hidden_states.device, recipe) == "blockwise"
+    return experts_forward(self, hidden_states, top_k_index, top_k_weights, linear,
+                           kernels=fused_routing_usable(hidden_states), host_counts=blockwise)
 
 
 def register_fp8_experts() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..rms_norm import use_fused_rms_norm
+from ..routed_experts import use_fused_experts
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
         cls._keys_to_ignore_on_load_unexpected, cls._keys_to_ignore_on_load_missing = saved
         hf_logging.set_verbosity(verbosity)
     use_fused_rms_norm(model)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
+    use_fused_experts(model)  # fused MoE dispatch/combine kernels on CUDA; transformers' grouped_mm elsewhere
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.architectures = [cls.__name__]
     for key in ("topk_method", "scoring_func"):  # keep what vLLM / the V3 layout read from config.json

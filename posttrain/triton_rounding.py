@@ -1,0 +1,24 @@
+"""Rounding float32 to bf16 inside Triton kernels, the same on a GPU and in Triton's CPU interpreter.
+
+A GPU's ``cvt`` rounds to nearest even; Triton's CPU interpreter truncates its casts. Rounding on the bits
+first makes the final cast exact on both, so the interpreter tests check the bits a GPU writes.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install may lack Triton; nothing here is then defined
+    triton = None
+    tl = None
+
+if triton is not None:
+
+    @triton.jit
+    def round_to_bf16(y):
+        """float32 ``y`` rounded to the nearest bf16 value, ties to even (still float32; casting it is exact).
+        NaN stays NaN, and values past bf16's largest round to infinity, as the hardware's conversion does."""
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
