@@ -228,6 +228,12 @@ HF_GROUPED_MM_EXPERTS = ContactPoint(
     "where the fused MoE dispatch/combine kernels do not run (the CPU, torch.compile) the default experts are "
     "transformers' function itself; the kernels reproduce its combine formula (tests/test_routed_experts.py)",
 )
+HF_DEFAULT_APPLY_GATE = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.integrations.moe:_default_apply_gate", "calls",
+    "posttrain.routed_experts.gates_with_default_swiglu (compared by identity, not called)",
+    "the fused SwiGLU kernel replaces the experts' gating only where it is transformers' default, silu(gate) * up "
+    "on the [gate | up] halves; a class with its own `_apply_gate` keeps it",
+)
 HF_RMS_NORM = ContactPoint(
     "transformers", TRANSFORMERS, "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3RMSNorm.forward",
     "override", "posttrain.rms_norm.DeepseekV3FusedRMSNorm (reads the module's `weight` and `variance_epsilon`)",
@@ -286,7 +292,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
     TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
     HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
-    HF_RMS_NORM, HF_GROUPED_MM_EXPERTS,
+    HF_RMS_NORM, HF_GROUPED_MM_EXPERTS, HF_DEFAULT_APPLY_GATE,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD, ACCELERATE_REGIONAL_COMPILATION,
     TORCH_SCALED_GROUPED_MM, TORCH_CHECKPOINT_SIDE_EFFECTS,

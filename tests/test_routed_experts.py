@@ -321,6 +321,21 @@ def test_a_failed_start_up_check_keeps_the_eager_ops_with_one_warning(monkeypatc
     assert torch.equal(R.fused_grouped_experts_forward(mod, h, idx, w), grouped_mm_experts_forward(mod, h, idx, w))
 
 
+def test_the_swiglu_kernel_replaces_only_transformers_default_gating():
+    mod = _experts_module("cpu", torch.float32)
+    assert R.gates_with_default_swiglu(mod)  # DeepseekV3Experts: silu(gate) * up on [gate | up]
+
+    class OwnGate(type(mod)):
+        def _apply_gate(self, h):
+            return h[:, : h.shape[1] // 2]
+
+    mod.__class__ = OwnGate
+    assert not R.gates_with_default_swiglu(mod)
+    mod.__class__ = OwnGate.__mro__[1]
+    mod.act_fn = torch.nn.GELU()
+    assert not R.gates_with_default_swiglu(mod)
+
+
 def test_the_model_default_becomes_posttrain_grouped_and_other_choices_stay(tmp_path):
     from transformers import DeepseekV3Config
 
