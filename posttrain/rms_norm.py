@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
+from .start_up_check import passed_on, run_start_up_check
+
 log = logging.getLogger(__name__)
 
 FUSED_RMS_NORM_ENV = "POSTTRAIN_FUSED_RMS_NORM"  # "0" keeps transformers' eager formula on every device
@@ -48,24 +50,15 @@ def fused_rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if (x.device.type not in FUSED_DEVICE_TYPES or x.dtype != weight.dtype or weight.device != x.device
             or os.environ.get(FUSED_RMS_NORM_ENV, "1") == "0" or torch.compiler.is_compiling()):
         return False
-    key = str(x.device)
-    if key not in _checked:
-        _checked[key] = _start_up_check(x.device)
-        if _checked[key] is not None:
-            log.warning("torch's fused RMSNorm failed its start-up check on %s (%s); using transformers' eager "
-                        "RMSNorm there", key, _checked[key])
-    return _checked[key] is None
+    return passed_on(x.device, _checked, _start_up_check, "torch's fused RMSNorm",
+                     "using transformers' eager RMSNorm there", log)
 
 
 def _start_up_check(device: torch.device) -> str | None:
     """The fused forward and backward against the formula in float64 on rows of very different scales, the input a
     strided view: the output within one bf16 step, the gradients to bf16 precision. None if they agree, else what
     went wrong."""
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            return _compare_with_float64(device)
-    except Exception as e:  # noqa: BLE001 — any failure means: do not use it here
-        return f"{type(e).__name__}: {e}"
+    return run_start_up_check(_compare_with_float64, device)
 
 
 def _compare_with_float64(device: torch.device) -> str | None:

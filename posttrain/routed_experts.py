@@ -39,7 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
+from .start_up_check import passed_on, run_start_up_check
 from .swiglu import silu_mul
 
 try:
@@ -114,13 +117,8 @@ def fused_routing_usable(x: torch.Tensor) -> bool:
     if (triton is None or x.device.type not in FUSED_DEVICE_TYPES or x.dtype not in _KERNEL_DTYPES
             or os.environ.get(FUSED_ROUTING_ENV, "1") == "0" or torch.compiler.is_compiling()):
         return False
-    key = str(x.device)
-    if key not in _checked:
-        _checked[key] = _start_up_check(x.device)
-        if _checked[key] is not None:
-            log.warning("the fused MoE dispatch/combine kernels failed their start-up check on %s (%s); using the "
-                        "eager ops there", key, _checked[key])
-    return _checked[key] is None
+    return passed_on(x.device, _checked, _start_up_check, "the fused MoE routing (dispatch, SwiGLU, combine)",
+                     "using the eager ops there", log)
 
 
 # -- the experts forward ---------------------------------------------------------------------------------
@@ -149,9 +147,6 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
 def gates_with_default_swiglu(module: nn.Module) -> bool:
     """True when ``module`` gates as transformers' default does with SiLU: ``silu(gate) * up`` on the halves
     [gate | up] of the fused up-projection, which :func:`posttrain.swiglu.silu_mul` computes."""
-    from transformers.activations import SiLUActivation
-    from transformers.integrations.moe import _default_apply_gate
-
     return (getattr(type(module), "_apply_gate", None) is _default_apply_gate
             and getattr(module, "is_concatenated", True)
             and type(getattr(module, "act_fn", None)) in (SiLUActivation, nn.SiLU))
@@ -166,8 +161,6 @@ def fused_grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, 
                                   top_k_weights: torch.Tensor) -> torch.Tensor:
     """``"posttrain_grouped"``: transformers' ``grouped_mm`` experts with the fused dispatch, SwiGLU and combine
     where :func:`fused_routing_usable`; transformers' ``grouped_mm_experts_forward`` itself everywhere else."""
-    from transformers.integrations.moe import grouped_mm_experts_forward
-
     if (not hasattr(F, "grouped_mm") or getattr(self, "has_bias", False) or getattr(self, "is_transposed", False)
             or getattr(self, "_is_expert_parallel", False) or not fused_routing_usable(hidden_states)):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -176,8 +169,6 @@ def fused_grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, 
 
 def register_fused_experts() -> None:
     """Registers ``"posttrain_grouped"`` in transformers' ``ExpertsInterface`` (idempotent)."""
-    from transformers.integrations.moe import ExpertsInterface
-
     ExpertsInterface.register(EXPERTS_IMPLEMENTATION, fused_grouped_experts_forward)
 
 
@@ -342,11 +333,7 @@ def swiglu_error_bounds(h: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -
 def _start_up_check(device: torch.device) -> str | None:
     """The kernels on ``device`` against float64 on rows of very different scales, 6 pairs per token and a
     hidden size that is not a power of two. None if they agree, else what went wrong."""
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            return _compare_with_float64(device)
-    except Exception as e:  # noqa: BLE001 — any failure means: do not use them here
-        return f"{type(e).__name__}: {e}"
+    return run_start_up_check(_compare_with_float64, device)
 
 
 def _compare_with_float64(device: torch.device) -> str | None:

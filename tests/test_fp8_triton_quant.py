@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 from subprocess_env import run_in_triton_interpreter  # noqa: E402
+from triton_ptx import h100_ptx  # noqa: E402
 
 
 
@@ -297,35 +298,8 @@ if __name__ == "__main__":
     print(json.dumps(run_cases("cpu")))
 
 
-# --- what the kernels become on an H100, compiled here ---------------------------------------------------
-# Triton's wheel carries its compiler and NVIDIA's ptxas, so the kernels compile for sm_90 without a GPU:
-# a kernel the interpreter runs but the compiler rejects, or one that compiles to approximate division or
-# to scalar loads, fails here rather than on a lent GPU.
-
-_H100 = ("cuda", 90, 32)
-_PTR_TYPES = {"bf16": "*bf16", "fp32": "*fp32", "fp8": "*fp8e4nv", "i64": "*i64"}
-
-
-def _ptx(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int = 4) -> str:
-    """PTX of ``kernel`` for an H100, its pointers 16-byte aligned and its specialized ints divisible by 16,
-    as a launch on V3 shapes specializes them (hidden sizes 7168, 2048, ...; a zero batch stride)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, attrs = {}, {}
-    for i, param in enumerate(kernel.params):
-        if param.is_constexpr or param.name in constexprs:  # an int equal to 1 is specialized as a constant
-            signature[param.name] = "constexpr"
-        elif param.name.endswith("_ptr"):
-            signature[param.name] = _PTR_TYPES[pointers.get(param.name, "fp32")]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[param.name] = "i32"
-            if not param.do_not_specialize:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget(*_H100), options={"num_warps": num_warps}).asm["ptx"]
+# --- what the kernels become on an H100, compiled here (tests/triton_ptx.py) ------------------------------
+_ptx = h100_ptx
 
 
 def _tiles(**kw) -> dict:

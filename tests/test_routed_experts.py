@@ -250,6 +250,37 @@ def test_fused_dispatch_and_combine_on_cuda(monkeypatch):
     _assert_cases(run_cases("cuda"))
 
 
+def test_the_kernels_compile_for_the_h100_with_vector_loads_and_stores():
+    """Each kernel compiles for sm_90 here (tests/triton_ptx.py) and moves bf16 rows in vectors: they are
+    memory-bound, and scalar accesses would waste most of the bandwidth they are for."""
+    import re
+
+    if R.triton is None:
+        pytest.skip("Triton is not installed")
+    from triton_ptx import h100_ptx
+
+    from posttrain import swiglu as S
+
+    rows = {"rows_ptr": "bf16", "slot_ptr": "i64", "w_ptr": "fp32", "out_ptr": "bf16"}
+    configs = {
+        "combine, K=8": (R._sum_rows_kernel, rows, dict(K=8, KP=8, HAS_W=True, OUT_BF16=True, BLOCK_H=1024)),
+        "combine, K=6 (padded to 8)": (R._sum_rows_kernel, rows, dict(K=6, KP=8, HAS_W=True, OUT_BF16=True,
+                                                                        BLOCK_H=1024)),
+        "dispatch backward": (R._sum_rows_kernel, rows, dict(K=8, KP=8, HAS_W=False, OUT_BF16=True, BLOCK_H=1024)),
+        "combine backward": (R._sum_rows_backward_kernel,
+                             {"dy_ptr": "bf16", "rows_ptr": "bf16", "slot_ptr": "i64", "w_ptr": "fp32",
+                              "d_rows_ptr": "bf16", "dw_ptr": "fp32"},
+                             dict(K=8, KP=8, NEED_DW=True, D_ROWS_BF16=True, DW_BF16=False, BLOCK_H=512)),
+        "swiglu": (S._silu_mul_kernel, {"h_ptr": "bf16", "out_ptr": "bf16"}, dict(OUT_BF16=True, BLOCK=1024)),
+        "swiglu backward": (S._silu_mul_backward_kernel, {"dy_ptr": "bf16", "h_ptr": "bf16", "dh_ptr": "bf16"},
+                            dict(OUT_BF16=True, BLOCK=1024)),
+    }
+    for name, (kernel, pointers, constexprs) in configs.items():
+        ptx = h100_ptx(kernel, pointers, constexprs)
+        assert re.search(r"ld\.global(\.\w+)*\.v[24]", ptx), name
+        assert re.search(r"st\.global(\.\w+)*\.v[24]", ptx), name
+
+
 # -- where the kernels run ---------------------------------------------------------------------------------
 def test_route_sorts_pairs_by_expert_stably_and_inverts_the_order():
     idx = torch.tensor([[2, 0], [1, 2], [0, 3], [2, 1]])

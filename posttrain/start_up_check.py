@@ -1,0 +1,36 @@
+"""A fused kernel is used on a device only after it passed a start-up check there, once per device.
+
+The RMSNorm and routed-experts kernels compare themselves on first use with a float64 reference; a failure (a
+wrong result or an exception) is logged once and the eager ops are used on that device from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+Check = Callable[[torch.device], "str | None"]  # None if the kernel agrees, else what went wrong
+
+
+def run_start_up_check(compare: Check, device: torch.device) -> str | None:
+    """``compare(device)`` with autograd on and autocast off (a check may run inside inference or autocast
+    code); an exception counts as a failure and is returned as its message."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            return compare(device)
+    except Exception as e:  # noqa: BLE001 — any failure means: do not use the kernel here
+        return f"{type(e).__name__}: {e}"
+
+
+def passed_on(device: torch.device, results: dict[str, str | None], check: Check, kernel: str, fallback: str,
+              log: logging.Logger) -> bool:
+    """True if ``check`` passed on ``device``; it runs the first time a device is seen, and ``results`` keeps
+    the outcome (None, or what went wrong, logged once as "<kernel> failed its start-up check on <device>")."""
+    key = str(device)
+    if key not in results:
+        results[key] = check(device)
+        if results[key] is not None:
+            log.warning("%s failed its start-up check on %s (%s); %s", kernel, key, results[key], fallback)
+    return results[key] is None
