@@ -341,7 +341,8 @@ def section_experts(ctx: Ctx, args) -> list[dict]:
         return [{"skipped": str(e)}]
     from posttrain.fp8.experts import EXPERTS_IMPLEMENTATION, grouped_backend, register_fp8_experts
     from posttrain.fp8.linear import FP8Recipe, clear_weight_cache
-    from posttrain.routed_experts import EXPERTS_IMPLEMENTATION as FUSED_EXPERTS, register_fused_experts
+    from posttrain.routed_experts import EXPERTS_IMPLEMENTATION as FUSED_EXPERTS
+    from posttrain.routed_experts import fused_routing_usable, register_fused_experts
 
     hidden, inter, top_k, tokens = (256, 128, 2, 64) if ctx.smoke else (7168, 2048, 8, args.tokens)
     expert_counts = (4,) if ctx.smoke else tuple(args.experts)
@@ -379,6 +380,8 @@ def section_experts(ctx: Ctx, args) -> list[dict]:
                 if recipe is not None:
                     mod.fp8_recipe = recipe
                     r["backend"] = grouped_backend(ctx.device, recipe)
+                elif impl == FUSED_EXPERTS:  # transformers' function where the kernels do not run (CPU, failed check)
+                    r["backend"] = "fused routing" if fused_routing_usable(x) else "transformers'"
                 clear_weight_cache()
                 ctx.free()
 
@@ -427,7 +430,7 @@ def section_experts(ctx: Ctx, args) -> list[dict]:
         del mod, x, idx, wts, gy, results
         ctx.free()
     table(f"Routed experts (top-{top_k}, hidden {hidden}, expert width {inter}, {tokens} tokens), forward+backward",
-          ["E", "T", "impl", "fp8 GEMMs", "fwd ms", "fwd+bwd ms (weights cached)", "fwd+bwd ms (weights re-quantized)",
+          ["E", "T", "impl", "fp8 GEMMs / routing", "fwd ms", "fwd+bwd ms (weights cached)", "fwd+bwd ms (weights re-quantized)",
            "fwd+bwd TF/s", "grouped_mm/this", "peak GiB", "diff y vs bf16", "diff dx vs bf16", "diff dW_down vs bf16",
            "error"], rows)
     return out
