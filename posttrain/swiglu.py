@@ -5,8 +5,9 @@ fused up-projection, [gate | up] per row, in eager ops: `act_fn(gate) * up` is a
 forward, and in the backward two products, silu's backward and a concatenation of the two halves' gradients: 36
 bytes per gated element in bf16 (benchmarks/count_experts_traffic.py). The kernels here read gate and up once and
 write the product (6 bytes), and in the backward read dy, gate and up once and write both halves of the gradient
-into one buffer (10 bytes), recomputing the sigmoid. Each rounds once from fp32; the eager ops round silu(gate)
-to bf16 before the product, so the two are within one bf16 step of each other.
+into one buffer (10 bytes), recomputing the sigmoid. Each rounds once from fp32 (within half a bf16 step of the
+exact value); the eager ops round silu(gate) to bf16 before the product (within one step), so the two are within
+1.5 bf16 steps of each other.
 
 :mod:`posttrain.routed_experts` decides where they run (its start-up check covers them too).
 """
