@@ -9,8 +9,10 @@ values (*combine*).
 transformers' `grouped_mm` experts combine in eager ops: the expert-sorted output times the fp32 gating
 values (an fp32 copy of every routed row), a gather back to token order, the sum over K and a cast; the
 backward materializes zeros for the gathers and multiplies again, and the dispatch's backward accumulates
-into bf16 through `index_put_`. About 97 bytes move per routed element where the arithmetic needs about 16
-(benchmarks/RESULTS.md, session 15). On CUDA two Triton kernels do the work:
+into bf16 through `index_put_`. With the SwiGLU gating that is 32 kernels and 109 bytes per routed element
+(token × top-k × hidden) outside the grouped GEMMs of a Moonlight-sized layer; with the kernels below, 16 kernels
+and 22 bytes (`benchmarks/count_experts_traffic.py`, RESULTS.md session 16). On CUDA two Triton kernels do the
+routing:
 
 * `_sum_rows_kernel`: out[t] = Σ_j w[t, j] · rows[slot[t, j]], in fp32 and rounded once. It is the
   combine's forward and, with unit weights, the dispatch's backward (a fixed-order sum: deterministic);
