@@ -124,17 +124,18 @@ def fused_routing_usable(x: torch.Tensor) -> bool:
 
 
 # -- the experts forward ---------------------------------------------------------------------------------
-GroupedLinear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | list[int]"], torch.Tensor]
+GroupedLinear = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
 def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, grouped_linear: GroupedLinear, *, kernels: bool,
-                    host_counts: bool = False) -> torch.Tensor:
+                    groups: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor:
     """The routed experts of a transformers experts module (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I],
-    not transposed, no bias): dispatch, ``grouped_linear(x, weight, counts)`` for each projection with the gating
-    in between, combine. ``host_counts`` hands ``grouped_linear`` the counts as a list (one host read per layer)."""
+    not transposed, no bias): dispatch, ``grouped_linear(x, weight, groups)`` for each projection with the gating
+    in between, combine. ``groups(counts)`` makes what ``grouped_linear`` takes for the expert groups from the
+    rows per expert (a device tensor), once for both projections; by default the counts themselves."""
     routing = route(top_k_index, module.num_experts)
-    counts = routing.counts.tolist() if host_counts else routing.counts
+    counts = groups(routing.counts) if groups is not None else routing.counts
     x = dispatch(hidden_states, routing, kernels)
     has_gate = getattr(module, "has_gate", True)
     h = grouped_linear(x, module.gate_up_proj if has_gate else module.up_proj, counts)
@@ -154,9 +155,13 @@ def gates_with_default_swiglu(module: nn.Module) -> bool:
             and type(getattr(module, "act_fn", None)) in (SiLUActivation, nn.SiLU))
 
 
-def _bf16_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _bf16_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     # as transformers' _grouped_linear (not transposed): the input in the weight's dtype, [S, in] @ [E, in, out]
-    return F.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=torch.cumsum(counts, 0, dtype=torch.int32))
+    return F.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
+
+
+def _group_offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0, dtype=torch.int32)  # F.grouped_mm's groups: each expert's end row
 
 
 def fused_grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -166,7 +171,8 @@ def fused_grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, 
     if (not hasattr(F, "grouped_mm") or getattr(self, "has_bias", False) or getattr(self, "is_transposed", False)
             or getattr(self, "_is_expert_parallel", False) or not fused_routing_usable(hidden_states)):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    return experts_forward(self, hidden_states, top_k_index, top_k_weights, _bf16_grouped_linear, kernels=True)
+    return experts_forward(self, hidden_states, top_k_index, top_k_weights, _bf16_grouped_linear, kernels=True,
+                           groups=_group_offsets)
 
 
 def register_fused_experts() -> None:

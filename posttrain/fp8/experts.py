@@ -506,7 +506,7 @@ def fp8_experts_forward(
     # the per-expert (blockwise) fallback loops on the host: one read of the counts for both projections
     blockwise = grouped_backend(hidden_states.device, recipe) == "blockwise"
     return experts_forward(self, hidden_states, top_k_index, top_k_weights, linear,
-                           kernels=fused_routing_usable(hidden_states), host_counts=blockwise)
+                           kernels=fused_routing_usable(hidden_states), groups=torch.Tensor.tolist if blockwise else None)
 
 
 def register_fp8_experts() -> None:
