@@ -10,7 +10,7 @@ transformers' `grouped_mm` experts combine in eager ops: the expert-sorted outpu
 values (an fp32 copy of every routed row), a gather back to token order, the sum over K and a cast; the
 backward materializes zeros for the gathers and multiplies again, and the dispatch's backward accumulates
 into bf16 through `index_put_`. With the SwiGLU gating that is 32 kernels and 109 bytes per routed element
-(token × top-k × hidden) outside the grouped GEMMs of a Moonlight-sized layer; with the kernels below, 16 kernels
+(token × top-k × hidden) outside the grouped GEMMs of a Moonlight-sized layer; with the kernels below, 15 kernels
 and 22 bytes (`benchmarks/count_experts_traffic.py`, RESULTS.md session 16). On CUDA two Triton kernels do the
 routing:
 
