@@ -66,7 +66,7 @@ V3_SHAPES = [
     ("dense gate|up", 18432, 7168),
     ("dense down", 7168, 18432),
 ]
-SECTIONS = ("env", "gemm", "linear", "experts", "quant", "lm_head", "norm", "sft_step")
+SECTIONS = ("env", "gemm", "linear", "experts", "quant", "lm_head", "norm", "mla", "sft_step")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -662,6 +662,73 @@ def section_norm(ctx: Ctx, args) -> list[dict]:
     return out
 
 
+def section_mla(ctx: Ctx, args) -> list[dict]:
+    """One MLA attention layer forward+backward, transformers' `DeepseekV3Attention` against ours (the query/key
+    assembly as one Triton kernel each way, posttrain/mla_attention.py): same weights, same packed row, same
+    attention function (SDPA, causal), at Moonlight-16B's heads and at V3's."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    from posttrain.mla_attention import DeepseekV3FusedAttention, fused_mla_usable
+
+    tokens = 128 if ctx.smoke else 8192
+    shapes = (("Moonlight-16B", 2048, 16, None), ("DeepSeek-V3", 7168, 128, 1536))
+    out, rows = [], []
+    for label, hidden, heads, q_lora in shapes:
+        hidden, heads = (ctx.shape(hidden), max(2, heads // 16)) if ctx.smoke else (hidden, heads)
+        cfg = DeepseekV3Config(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
+                               q_lora_rank=ctx.shape(q_lora) if q_lora else None, kv_lora_rank=512,
+                               qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, num_hidden_layers=1)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        layer = DeepseekV3Attention(cfg, layer_idx=0)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, p.shape[1] ** -0.5) if p.dim() == 2 else p.fill_(1.0)
+        layer = layer.to(ctx.device, ctx.dtype)
+        x = torch.randn(1, tokens, hidden, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+        positions = (torch.arange(tokens, device=ctx.device) % 2048).view(1, -1)  # packed samples of 2048 tokens
+        pos = DeepseekV3RotaryEmbedding(cfg).to(ctx.device)(x, positions)
+        gy = torch.randn(1, tokens, hidden, device=ctx.device, dtype=ctx.dtype)
+        ref = None
+        for name, cls in (("transformers eager", DeepseekV3Attention), ("posttrain", DeepseekV3FusedAttention)):
+            layer.__class__ = cls
+            r = {"model": label, "tokens": tokens, "heads": heads, "impl": name,
+                 "fused_kernels": cls is DeepseekV3FusedAttention and fused_mla_usable(layer, x, pos, None)}
+
+            def run():
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                layer(x, pos, None)[0].backward(gy)
+
+            try:
+                ctx.free()
+                y = layer(x, pos, None)[0].detach()
+                run()
+                if ref is None:
+                    ref = (y, x.grad.clone())
+                else:
+                    r["err_y_vs_eager"], r["err_dx_vs_eager"] = rel_err(y, ref[0]), rel_err(x.grad, ref[1])
+                r["ms"] = ctx.bench_ms(run)
+                r["peak_gib"] = ctx.peak_gib()
+            except Exception as e:  # noqa: BLE001 -- one broken row must not hide the others
+                traceback.print_exc()
+                r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            out.append(r)
+        eager, ours = out[-2], out[-1]
+        ours["eager_over_this"] = eager["ms"] / ours["ms"] if eager.get("ms") and ours.get("ms") else None
+        for r in (eager, ours):
+            rows.append([r["model"], tokens, heads, r["impl"], "yes" if r["fused_kernels"] else "no", fmt(r.get("ms")),
+                         fmt(r.get("eager_over_this"), ".2f"), fmt(r.get("peak_gib"), ".2f"),
+                         fmt(r.get("err_y_vs_eager"), ".2e"), fmt(r.get("err_dx_vs_eager"), ".2e"), r.get("error", "")])
+        del layer, x, gy, ref
+        ctx.free()
+    table(f"MLA attention layer forward+backward ({ctx.dtype}, SDPA causal; GEMMs and attention the same in both rows)",
+          ["model", "tokens", "heads", "impl", "fused kernels", "ms", "eager/this", "peak GiB", "err y vs eager",
+           "err dx vs eager", "error"], rows)
+    return out
+
+
 # === sft_step (issue #13 item 6) =========================================================================
 def section_sft_step(ctx: Ctx, args) -> list[dict]:
     """The SFT step on the Moonlight-16B-shaped slice (4 layers + MTP, hidden 2048, 64 experts top-6,
@@ -704,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(torch {torch.__version__}). Use --cpu-smoke to check the script on tiny CPU shapes.", file=sys.stderr)
         return 2
     funcs = {"env": section_env, "gemm": section_gemm, "linear": section_linear, "experts": section_experts,
-             "quant": section_quant, "lm_head": section_lm_head, "norm": section_norm,
+             "quant": section_quant, "lm_head": section_lm_head, "norm": section_norm, "mla": section_mla,
              "sft_step": section_sft_step}
     results: dict[str, object] = {"argv": sys.argv[1:] if argv is None else argv, "smoke": ctx.smoke}
     failed = []

@@ -240,6 +240,14 @@ HF_RMS_NORM = ContactPoint(
     "the eager formula is 8 kernels forward and 16 backward and keeps fp32 copies for the backward; on CUDA "
     "torch's fused kernel does each way in one (tests/test_rms_norm.py checks the eps and weight it is given)",
 )
+HF_MLA_ATTENTION = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3Attention.forward",
+    "override", "posttrain.mla_attention.DeepseekV3FusedAttention (calls the module's projections, norms, "
+    "`scaling` and attention interface; mla_query_key_value_reference restates the assembly with "
+    "`apply_rotary_pos_emb_interleave`)",
+    "the eager query/key assembly is about 30 kernels a layer; on CUDA one kernel each way builds the same "
+    "tensors (tests/test_mla_attention.py: transformers' layer bit for bit around the assembly)",
+)
 ACCELERATE_REGIONAL_COMPILATION = ContactPoint(
     "accelerate", ACCELERATE, "env:ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "env",
     "engines.compat.prefer_regional_compilation (the recipe configs' __post_init__)",
@@ -292,7 +300,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
     TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
     HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
-    HF_RMS_NORM, HF_GROUPED_MM_EXPERTS, HF_DEFAULT_APPLY_GATE,
+    HF_RMS_NORM, HF_GROUPED_MM_EXPERTS, HF_DEFAULT_APPLY_GATE, HF_MLA_ATTENTION,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD, ACCELERATE_REGIONAL_COMPILATION,
     TORCH_SCALED_GROUPED_MM, TORCH_CHECKPOINT_SIDE_EFFECTS,

@@ -29,6 +29,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy
+from posttrain.mla_attention import use_fused_mla
 from posttrain.rms_norm import use_fused_rms_norm
 from posttrain.routed_experts import use_fused_experts
 
@@ -178,6 +179,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
             self.model.layers.append(DeepseekV3MTPLayer(config, n_main + k))
         use_fused_rms_norm(self)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
         use_fused_experts(self)  # grouped_mm experts with fused dispatch/combine kernels on CUDA; transformers' elsewhere
+        use_fused_mla(self)  # MLA's query/key assembly as one kernel each way on CUDA; transformers' forward elsewhere
         self.post_init()
 
     # ----------------------------------------------------------------------------------------

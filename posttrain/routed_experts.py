@@ -44,7 +44,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
-from .start_up_check import passed_on, run_start_up_check
+from .start_up_check import combine_error_bound, passed_on, rounded_once_bound, run_start_up_check
 from .swiglu import silu_mul
 
 try:
@@ -308,20 +308,6 @@ class _Combine(torch.autograd.Function):
 
 
 # -- the start-up check ----------------------------------------------------------------------------------
-def rounded_once_bound(exact: torch.Tensor, before: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """How far a value computed in fp32 to within ``before`` of ``exact`` (float64), then rounded once to
-    ``dtype``, may be from ``exact``: the rounding adds half a step of ``dtype`` (2^-8 relative for bf16)."""
-    half_step = torch.finfo(dtype).eps / 2 if dtype != torch.float32 else 2.0**-24
-    return before + half_step * (exact.abs() + before) + 1e-30
-
-
-def combine_error_bound(terms_abs_sum: torch.Tensor, exact: torch.Tensor, n_terms: int, dtype: torch.dtype) -> torch.Tensor:
-    """How far an fp32 sum of ``n_terms`` fp32-rounded products, rounded once to ``dtype``, may be from the exact
-    sum: each product and each addition errs by at most 2^-24 of what it adds up, so at most n·2^-24·Σ|terms|
-    before the final rounding."""
-    return rounded_once_bound(exact, n_terms * 2.0**-24 * terms_abs_sum, dtype)
-
-
 def swiglu_error_bounds(h: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """(exact y, its bound, exact dh, its bound) for :func:`posttrain.swiglu.silu_mul` on ``h``, ``dy`` (float64).
     Before the final rounding each value is its fp32 formula: an exp, a division and a few products, each off by

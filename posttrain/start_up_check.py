@@ -34,3 +34,18 @@ def passed_on(device: torch.device, results: dict[str, str | None], check: Check
         if results[key] is not None:
             log.warning("%s failed its start-up check on %s (%s); %s", kernel, key, results[key], fallback)
     return results[key] is None
+
+
+# -- the bounds the checks and the kernels' tests compare with ----------------------------------------------
+def rounded_once_bound(exact: torch.Tensor, before: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """How far a value computed in fp32 to within ``before`` of ``exact`` (float64), then rounded once to
+    ``dtype``, may be from ``exact``: the rounding adds half a step of ``dtype`` (2^-8 relative for bf16)."""
+    half_step = torch.finfo(dtype).eps / 2 if dtype != torch.float32 else 2.0**-24
+    return before + half_step * (exact.abs() + before) + 1e-30
+
+
+def combine_error_bound(terms_abs_sum: torch.Tensor, exact: torch.Tensor, n_terms: int, dtype: torch.dtype) -> torch.Tensor:
+    """How far an fp32 sum of ``n_terms`` fp32-rounded products, rounded once to ``dtype``, may be from the exact
+    sum: each product and each addition errs by at most 2^-24 of what it adds up, so at most n·2^-24·Σ|terms|
+    before the final rounding."""
+    return rounded_once_bound(exact, n_terms * 2.0**-24 * terms_abs_sum, dtype)

@@ -46,10 +46,14 @@ def test_cpu_smoke_runs_every_section(tmp_path, capsys, one_torch_thread):
     assert [r["width"] for r in norm] == [2048, 2048, 7168, 7168, 512, 512] and not [r for r in norm if "error" in r]
     # on the CPU both rows are the eager formula (torch fuses RMSNorm on CUDA only): the same numbers
     assert not any(r["fused_kernel"] for r in norm) and all(r["max_steps_vs_eager"] == 0 for r in norm[1::2])
+    mla = data["mla"]
+    assert [r["impl"] for r in mla] == ["transformers eager", "posttrain"] * 2 and not [r for r in mla if "error" in r]
+    # on the CPU both rows are transformers' forward (the kernels run on CUDA only): the same numbers
+    assert not any(r["fused_kernels"] for r in mla) and all(r["err_y_vs_eager"] == 0 for r in mla[1::2])
     sft = data["sft_step"]
     assert {r["variant"] for r in sft} == {"fp32", "fp8"} and not [r for r in sft if "error" in r], sft
     for title in ("### GEMM", "### FP8Linear", "### Routed experts", "### FP8 quantizers", "### LM head", "### RMSNorm",
-                  "## SFT step"):
+                  "### MLA attention", "## SFT step"):
         assert title in printed
 
 

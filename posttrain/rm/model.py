@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..mla_attention import use_fused_mla
 from ..rms_norm import use_fused_rms_norm
 from ..routed_experts import use_fused_experts
 
@@ -74,6 +75,7 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
         hf_logging.set_verbosity(verbosity)
     use_fused_rms_norm(model)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
     use_fused_experts(model)  # fused MoE dispatch/combine kernels on CUDA; transformers' grouped_mm elsewhere
+    use_fused_mla(model)  # MLA's query/key assembly as one kernel each way on CUDA; transformers' forward elsewhere
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.architectures = [cls.__name__]
     for key in ("topk_method", "scoring_func"):  # keep what vLLM / the V3 layout read from config.json
