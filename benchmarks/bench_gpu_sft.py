@@ -67,6 +67,9 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H800 PCIe": 756.0, "H100 NVL": 835.0, "
                     "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 STALL_FACTOR = 2.0
 VARIANTS = ("bf16", "fp32", "fp32-autocast", "fp32-master", "fp8")
+UNFUSED = "-unfused"  # a variant with this suffix runs with the toolkit's fused glue kernels switched off
+FUSED_KERNEL_SWITCHES = ("POSTTRAIN_FUSED_RMS_NORM", "POSTTRAIN_FUSED_MOE_ROUTING", "POSTTRAIN_FUSED_MLA",
+                         "POSTTRAIN_FUSED_SWIGLU")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "bf16 / fp32: weights in that dtype; fp32-autocast: fp32 master weights + bf16 autocast; "
                     "fp32-master: fp32 master weights, bf16 compute through FSDP2's MixedPrecisionPolicy on one rank "
                     "(recipes/accelerate/fsdp2-1gpu.yaml); "
-                    "fp8: `fp8: true` layers (swap_linears_to_fp8) over bf16 weights (fp32 on CPU)")
+                    "fp8: `fp8: true` layers (swap_linears_to_fp8) over bf16 weights (fp32 on CPU). "
+                    f"Any of them with the suffix {UNFUSED} (e.g. bf16{UNFUSED}) runs with the fused RMSNorm, MoE routing, "
+                    "MLA assembly and SwiGLU kernels switched off (transformers' eager ops): their A/B in one process")
     ap.add_argument("--fp8-backward", default="fp8", choices=["fp8", "bf16"])
     ap.add_argument("--attn", default=None, help="attn_implementation (default: the SFT trainer's for the device)")
     ap.add_argument("--lm-loss", default="auto", choices=["auto", "fused", "recompute", "trl"],
@@ -253,6 +258,7 @@ def _peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None
 
 def _variant_setup(variant: str, device: torch.device) -> tuple[torch.dtype, bool, bool]:
     """(weight dtype, bf16 autocast, fp8 layers)."""
+    variant = variant.removesuffix(UNFUSED)
     if variant == "bf16":
         return torch.bfloat16, False, False
     if variant in ("fp32", "fp32-master"):
@@ -261,7 +267,7 @@ def _variant_setup(variant: str, device: torch.device) -> tuple[torch.dtype, boo
         return torch.float32, True, False
     if variant == "fp8":
         return (torch.bfloat16 if device.type == "cuda" else torch.float32), False, True
-    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}, each optionally with {UNFUSED}")
 
 
 @contextlib.contextmanager
@@ -299,11 +305,28 @@ def _fsdp2_mixed_precision(model) -> None:
     fully_shard(model, mp_policy=policy, reshard_after_forward=False)
 
 
+@contextlib.contextmanager
+def _fused_kernels(on: bool):
+    """The toolkit's fused glue kernels as they are (on), or all switched off for the block (restored after)."""
+    saved = {k: os.environ.get(k) for k in FUSED_KERNEL_SWITCHES}
+    try:
+        if not on:
+            os.environ.update({k: "0" for k in FUSED_KERNEL_SWITCHES})
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.device) -> dict[str, Any]:
-    if variant != "fp32-master":
-        return _run_variant(args, variant, seq, device)
-    with _one_rank_group(device):
-        return _run_variant(args, variant, seq, device)
+    with _fused_kernels(on=not variant.endswith(UNFUSED)):
+        if variant.removesuffix(UNFUSED) != "fp32-master":
+            return _run_variant(args, variant, seq, device)
+        with _one_rank_group(device):
+            return _run_variant(args, variant, seq, device)
 
 
 def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.device) -> dict[str, Any]:
@@ -348,7 +371,7 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
         model = compile_regions(model, dynamic=True)
     row["compile_layers"] = bool(args.compile_layers)
     dynamo_before = _dynamo_counts()
-    if variant == "fp32-master":
+    if variant.removesuffix(UNFUSED) == "fp32-master":
         _fsdp2_mixed_precision(model)
         row["compute"] = "bfloat16 (FSDP2 MixedPrecisionPolicy)"
     row["param_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})

@@ -41,9 +41,10 @@ def simulate_cuda_path(counter: KernelCounter) -> None:
         return tensor_bytes(dy, slots, weights, d_rows) + (tensor_bytes(rows, dw) if need_dw else 0)
 
     R.sum_rows_backward = counter.wrap("triton sum_rows_backward", backward, backward_bytes)
-    S.swiglu_forward = counter.wrap("triton swiglu_forward", S.swiglu_forward, lambda out, h: tensor_bytes(out, h))
+    S.swiglu_forward = counter.wrap("triton swiglu_forward", S.swiglu_forward,
+                                    lambda out, gate, up: tensor_bytes(out, gate, up))
     S.swiglu_backward = counter.wrap("triton swiglu_backward", S.swiglu_backward,
-                                     lambda out, dy, h: tensor_bytes(out, dy, h))
+                                     lambda out, dy, gate, up, *_: tensor_bytes(out, dy, gate, up))
 
 
 def experts_layer(args):

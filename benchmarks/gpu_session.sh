@@ -13,14 +13,15 @@
 #   env.txt                         the GPU and the versions
 #   bench_gpu.md, bench_gpu.*.json  `benchmarks/bench_gpu.py`, one section at a time, each with its own timeout
 #   profile/                        `bench_gpu_sft.py --profile`: the step's top operators and a Chrome trace
+#   unfused.json                    the bf16 step with the fused glue kernels on and off, in one process (A/B)
 #   compiled.json                   the bf16 step under accelerate's regional compilation (an experiment)
 #   pytest.log                      `pytest -m "not vllm"` on CUDA (-v: each result as it lands)
 # and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 560).
 # Session 11 (one H100): env 3 s, sft_step 94 s (4 rows; 6 now), quant 17 s, experts 26 s, gemm 19 s, linear 11 s,
 # each plus ~7 s of start-up; pytest -n 14 had not finished in 120 s (3 slow tests left).
 # Everything does not fit one call (bench ~300 s + pytest ~200 s + profile 90 s + compiled 150 s > BUDGET_S): with
-# two calls lent, run PARTS="bench pytest" first and PARTS="profile compiled" second.
-# PARTS (default "bench pytest profile compiled") picks the parts and their order; SECTIONS the benchmark sections
+# two calls lent, run PARTS="bench pytest" first and PARTS="unfused profile compiled" second.
+# PARTS (default "bench pytest unfused profile compiled") picks the parts and their order; SECTIONS the benchmark sections
 # (name:limit_s); PYTEST_S caps pytest (default 200 s); PYTEST_TARGETS / PYTEST_MARK / PYTEST_WORKERS / PYTEST_DIST shape it.
 set -uo pipefail
 
@@ -62,7 +63,7 @@ run() {
     pack
   }
   local part section limit
-  for part in ${PARTS:-bench pytest profile compiled}; do
+  for part in ${PARTS:-bench pytest unfused profile compiled}; do
     case $part in
     bench)
       # the sections in the order of the acceptance; each writes its own JSON
@@ -77,6 +78,9 @@ run() {
         tail -5 "$work/bench_gpu.$section.err"
         pack
       done ;;
+    unfused)
+      # the A/B of the toolkit's fused RMSNorm, MoE routing, MLA assembly and SwiGLU kernels on the bf16 8k step
+      sft_part unfused 90 40 --seqs 8192 --variants bf16,bf16-unfused --json "$work/unfused.json" ;;
     profile)
       # the profiler pass over the SFT step (bf16, 8k rows): top operators by GPU time, a Chrome trace
       sft_part profile 90 40 --seqs 8192 --variants bf16 --iters 3 --profile "$work/profile" \

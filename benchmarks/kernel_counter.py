@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops that launch nothing on a GPU: views, metadata, allocations
-NOT_KERNELS = {"view", "_unsafe_view", "t", "transpose", "as_strided", "empty", "empty_strided", "detach", "alias",
+NOT_KERNELS = {"view", "_unsafe_view", "t", "transpose", "as_strided", "empty", "empty_strided", "empty_like", "detach", "alias",
                "slice", "expand", "unsqueeze", "squeeze", "permute", "select", "_reshape_alias", "reshape",
                "lift_fresh", "new_empty", "new_empty_strided", "split", "split_with_sizes", "chunk",
                "unbind", "narrow"}

@@ -30,6 +30,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy
 from posttrain.mla_attention import use_fused_mla
+from posttrain.swiglu import use_fused_mlp
 from posttrain.rms_norm import use_fused_rms_norm
 from posttrain.routed_experts import use_fused_experts
 
@@ -180,6 +181,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
         use_fused_rms_norm(self)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
         use_fused_experts(self)  # grouped_mm experts with fused dispatch/combine kernels on CUDA; transformers' elsewhere
         use_fused_mla(self)  # MLA's query/key assembly as one kernel each way on CUDA; transformers' forward elsewhere
+        use_fused_mlp(self)  # dense and shared-expert SwiGLU as one kernel each way on CUDA; transformers' elsewhere
         self.post_init()
 
     # ----------------------------------------------------------------------------------------

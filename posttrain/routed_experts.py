@@ -9,9 +9,9 @@ values (*combine*).
 transformers' `grouped_mm` experts combine in eager ops: the expert-sorted output times the fp32 gating
 values (an fp32 copy of every routed row), a gather back to token order, the sum over K and a cast; the
 backward materializes zeros for the gathers and multiplies again, and the dispatch's backward accumulates
-into bf16 through `index_put_`. With the SwiGLU gating that is 32 kernels and 109 bytes per routed element
-(token × top-k × hidden) outside the grouped GEMMs of a Moonlight-sized layer; with the kernels below, 15 kernels
-and 22 bytes (`benchmarks/count_experts_traffic.py`, RESULTS.md session 16). On CUDA two Triton kernels do the
+into bf16 through `index_put_`. With the SwiGLU gating that is 31 kernels and 109 bytes per routed element
+(token × top-k × hidden) outside the grouped GEMMs of a Moonlight-sized layer; with the kernels below, 14 kernels
+and 22 bytes (`benchmarks/count_experts_traffic.py`, RESULTS.md sessions 16 and 17). On CUDA two Triton kernels do the
 routing:
 
 * `_sum_rows_kernel`: out[t] = Σ_j w[t, j] · rows[slot[t, j]], in fp32 and rounded once. It is the
@@ -45,6 +45,7 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
 from .start_up_check import combine_error_bound, passed_on, rounded_once_bound, run_start_up_check
+from .swiglu import compare_with_float64 as compare_swiglu_with_float64
 from .swiglu import silu_mul
 
 try:
@@ -308,22 +309,6 @@ class _Combine(torch.autograd.Function):
 
 
 # -- the start-up check ----------------------------------------------------------------------------------
-def swiglu_error_bounds(h: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(exact y, its bound, exact dh, its bound) for :func:`posttrain.swiglu.silu_mul` on ``h``, ``dy`` (float64).
-    Before the final rounding each value is its fp32 formula: an exp, a division and a few products, each off by
-    a few 2^-24 on a GPU (approximate exp and division); 64·2^-24 of the magnitude of the terms covers them."""
-    gate, up = h.chunk(2, dim=-1)
-    s = torch.sigmoid(gate)
-    y = gate * s * up
-    d_gate_terms = (dy * up * s).abs() * (1 + (gate * (1 - s)).abs())
-    d_gate = dy * up * s * (1 + gate * (1 - s))
-    d_up = dy * gate * s
-    fp32 = 64 * 2.0**-24
-    dh = torch.cat([d_gate, d_up], dim=-1)
-    return (y, rounded_once_bound(y, fp32 * y.abs(), dtype), dh,
-            rounded_once_bound(dh, fp32 * torch.cat([d_gate_terms, d_up.abs()], dim=-1), dtype))
-
-
 def _start_up_check(device: torch.device) -> str | None:
     """The kernels on ``device`` against float64 on rows of very different scales, 6 pairs per token and a
     hidden size that is not a power of two. None if they agree, else what went wrong."""
@@ -358,15 +343,4 @@ def _compare_with_float64(device: torch.device) -> str | None:
     exact_dw = prods.sum(-1)
     if not ((dw.double().cpu() - exact_dw).abs() <= combine_error_bound(prods.abs().sum(-1), exact_dw, hidden, torch.float32)).all():
         return "gating values' gradient beyond its fp32 error bound"
-    # the SwiGLU gating, on gate values from -20 to 20 and an intermediate size that is not a power of two
-    h64 = torch.randn(tokens * top_k, 2 * 150, generator=g, dtype=torch.float64) * 4
-    h = h64.clamp(-20, 20).to(device, torch.bfloat16).requires_grad_(True)
-    gy = torch.randn(h.shape[0], 150, generator=g, dtype=torch.float64).to(device, torch.bfloat16)
-    y = silu_mul(h)
-    (dh,) = torch.autograd.grad(y, h, gy)
-    y64, y_bound, dh64, dh_bound = swiglu_error_bounds(h.detach().double().cpu(), gy.double().cpu(), torch.bfloat16)
-    if not ((y.detach().double().cpu() - y64).abs() <= y_bound).all():
-        return "SwiGLU forward beyond its bound"
-    if not ((dh.double().cpu() - dh64).abs() <= dh_bound).all():
-        return "SwiGLU backward beyond its bound"
-    return None
+    return compare_swiglu_with_float64(device)  # the SwiGLU gating between the grouped GEMMs

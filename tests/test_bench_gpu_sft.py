@@ -4,6 +4,7 @@ batches and its FLOP count (the MFU formula), checked against the model config b
 from __future__ import annotations
 
 import json
+import os
 import math
 import sys
 from pathlib import Path
@@ -156,3 +157,26 @@ def test_the_mfu_peak_follows_the_card_not_its_name_prefix(monkeypatch):
         peaks[name] = bench._peak_tflops(args, torch.device("cuda"))
     assert peaks == {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
                      "NVIDIA H200": 989.0, "NVIDIA H800 PCIe": 756.0}
+
+
+def test_an_unfused_variant_switches_every_fused_kernel_off_for_its_rows_only(monkeypatch):
+    """`bf16-unfused` and the like: the A/B of the toolkit's glue kernels (RMSNorm, MoE routing, MLA assembly,
+    SwiGLU) in one process. The switches are "0" while its row runs, and as they were before and after."""
+    seen = {}
+
+    def fake_run(args, variant, seq, device):
+        seen[variant] = {k: os.environ.get(k) for k in bench.FUSED_KERNEL_SWITCHES}
+        return {"variant": variant, "seq": seq}
+
+    monkeypatch.setattr(bench, "_run_variant", fake_run)
+    monkeypatch.setenv("POSTTRAIN_FUSED_MLA", "1")
+    rows = bench.run_sft_step_bench(bench.parse_args(["--cpu-smoke", "--seqs", "64", "--variants", "fp32,fp32-unfused"]))
+    assert [r["variant"] for r in rows] == ["fp32", "fp32-unfused"]
+    assert seen["fp32-unfused"] == {k: "0" for k in bench.FUSED_KERNEL_SWITCHES}
+    assert seen["fp32"]["POSTTRAIN_FUSED_MLA"] == "1" and os.environ["POSTTRAIN_FUSED_MLA"] == "1"
+    assert all(os.environ.get(k) is None for k in bench.FUSED_KERNEL_SWITCHES if k != "POSTTRAIN_FUSED_MLA")
+    # every switch the toolkit reads is in the list
+    from posttrain import mla_attention, rms_norm, routed_experts, swiglu
+
+    assert set(bench.FUSED_KERNEL_SWITCHES) == {rms_norm.FUSED_RMS_NORM_ENV, routed_experts.FUSED_ROUTING_ENV,
+                                                mla_attention.FUSED_MLA_ENV, swiglu.FUSED_SWIGLU_ENV}

@@ -5,7 +5,8 @@ transformers' eager ops elsewhere.
   float64 rounded once; the nope parts, v and their gradients are exact copies; v is a view of kv_b_proj's
   output. Gradients may come in any strides; an output left out of the loss gets zeros.
 * The attention layer through the kernels is transformers' layer: in fp32 to fp32 rounding, in bf16 at least
-  as close to the float64 layer as transformers' own, in the output and every gradient.
+  as close to the float64 layer as transformers' own, in the output and every gradient. The tiny model through
+  every fused kernel of the toolkit (these, the SwiGLU MLPs, the MoE routing) is the eager model in fp32.
 * The kernels run only where they are meant to (CUDA, no KV cache, V3's interleaved rotary, not compiling, not
   switched off, start-up check passed); on the CPU the module is transformers' forward bit for bit, and
   every attention of the model (the MTP block's included) is the new class with its parameters.
@@ -161,6 +162,52 @@ def _layer_case(device: str, q_lora_rank: int | None) -> dict:
     return result
 
 
+def _model_case(device: str) -> dict:
+    """The tiny model (fp32; a dense and a MoE layer, and the MTP block) on one packed row of two samples, once with
+    transformers' ops and once with every fused kernel of the toolkit (MLA assembly, SwiGLU MLPs, MoE routing):
+    the largest relative difference of the loss and of any gradient, and the MLA kernel's launches."""
+    from posttrain import routed_experts, swiglu
+    from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
+    from posttrain.presets import preset_config
+    from posttrain.sft.attention import default_attn_implementation, register_segmented_sdpa
+
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    model = DeepseekV3ForCausalLMWithMTP(cfg).to(device)
+    attn = default_attn_implementation(torch.device(device).type)
+    if attn == "sdpa_segmented":
+        register_segmented_sdpa()
+    model.set_attn_implementation(attn)
+    ids = torch.randint(0, cfg.vocab_size, (1, 96)).to(device)
+    positions = torch.cat([torch.arange(40), torch.arange(56)]).view(1, -1).to(device)
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+        loss = out.loss + 0.3 * out.mtp_loss  # the SFT trainer's loss (report eq. 25, λ = 0.3)
+        loss.backward()
+        return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+    saved = {mod: mod.FUSED_DEVICE_TYPES for mod in (M, swiglu, routed_experts)}
+    for mod in saved:
+        mod.FUSED_DEVICE_TYPES = ()  # transformers' ops everywhere
+    try:
+        loss0, grads0 = run()
+    finally:
+        for mod, types in saved.items():
+            mod.FUSED_DEVICE_TYPES = types
+    swiglu.FUSED_DEVICE_TYPES = routed_experts.FUSED_DEVICE_TYPES = M.FUSED_DEVICE_TYPES
+    try:
+        with _Launches() as launches:
+            loss1, grads1 = run()
+    finally:
+        for mod, types in saved.items():
+            mod.FUSED_DEVICE_TYPES = types
+    return {"loss rel diff": float((loss1 - loss0).abs() / loss0.abs()),
+            "max grad rel diff": max(float((grads1[n] - g).norm() / g.norm()) for n, g in grads0.items() if g.norm() > 0),
+            "same gradients": sorted(grads0) == sorted(grads1), "launches": list(launches)}
+
+
 def run_cases(device: str) -> dict:
     M._checked.clear()
     M._checked[str(torch.device(device))] = M._start_up_check(torch.device(device))
@@ -174,12 +221,19 @@ def run_cases(device: str) -> dict:
         results[name] = _kernel_case(device, *args)
     results["layer, q_lora_rank 24"] = _layer_case(device, 24)
     results["layer, no q_lora (q_proj)"] = _layer_case(device, None)
+    results["model"] = _model_case(device)
     return results
 
 
 def _assert_cases(results: dict) -> None:
     results = dict(results)
     assert results.pop("start-up check") is None
+    model = results.pop("model")
+    # all three attention blocks (two layers, the MTP block) through the kernels, forward and backward
+    assert model["launches"] == ["forward"] * 3 + ["backward"] * 3, model
+    # fp32 through every fused kernel: the same model to fp32 rounding (the kernels order their fp32 operations
+    # differently; a wrong index, sign or weight is O(1) off)
+    assert model["same gradients"] and model["loss rel diff"] <= 1e-6 and model["max grad rel diff"] <= 1e-5, model
     for name in [n for n in results if n.startswith("layer")]:
         r = results.pop(name)
         assert r["launches"] == ["forward", "backward"], (name, r)
@@ -206,7 +260,8 @@ def test_the_kernels_are_within_their_fp32_bounds_and_the_layer_is_transformers_
     """Query, key and the three gradients within their bounds of float64 rounded once (V3's head dims, head counts
     that need several head blocks or a partial one, a partial block of rotary pairs, strided gradients, rows of
     very different scales); copies exact; v a view of kv; the layer through the kernels is transformers' layer
-    (fp32 to 1e-5; bf16 as close to float64 as transformers' own); the start-up check passes."""
+    (fp32 to 1e-5; bf16 as close to float64 as transformers' own); the tiny model in fp32 through every fused
+    kernel of the toolkit is the eager model to fp32 rounding; the start-up check passes."""
     _assert_cases(interpreted)
 
 

@@ -4,8 +4,7 @@
   dispatch's backward by the Triton kernels are within the fp32 error bound of the exact (float64) sums,
   rounded once; the rows' gradient is w·dy rounded once, the bits transformers' autograd gives; the gating
   values' gradient is within the fp32 bound of the exact dot products.
-* The SwiGLU gating between the grouped GEMMs (posttrain/swiglu.py), forward and backward, is within its fp32
-  bound of float64 rounded once, and within the eager ops' double rounding of them.
+* The SwiGLU gating between the grouped GEMMs is the kernel tests/test_swiglu.py checks.
 * The experts layer through the kernels is as close to the float64 layer as transformers' own grouped_mm
   layer, in value and in every gradient; the FP8 experts take the same kernels.
 * The kernels run only where they are meant to (CUDA, not compiling, not switched off, start-up check
@@ -98,29 +97,6 @@ class _Launches(list):
         R.sum_rows, R.silu_mul = self.saved
 
 
-def _swiglu_case(device: str, rows: int, inter: int, dtype: torch.dtype, scale: float, seed: int) -> dict:
-    """The SwiGLU kernels against float64 (largest error over its bound) and against transformers' eager gating
-    (largest difference in steps of the dtype)."""
-    from posttrain.swiglu import silu_mul, silu_mul_reference
-
-    g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(rows, 2 * inter, generator=g, dtype=torch.float64) * scale).to(device, dtype).requires_grad_(True)
-    dy = torch.randn(rows, inter, generator=g, dtype=torch.float64).to(device, dtype)
-    y = silu_mul(h)
-    (dh,) = torch.autograd.grad(y, h, dy)
-    ref = silu_mul_reference(h)
-    y64, y_bound, dh64, dh_bound = R.swiglu_error_bounds(h.detach().double().cpu(), dy.double().cpu(), dtype)
-    eps = torch.finfo(dtype).eps
-
-    def steps(a, b):  # |a - b| in steps of the dtype at the larger magnitude (plus a tiny floor)
-        a, b = a.detach().double().cpu(), b.detach().double().cpu()
-        return float(((a - b).abs() / (eps * torch.maximum(a.abs(), b.abs()) + 1e-30)).max())
-
-    return {"forward err/bound": float(((y.detach().double().cpu() - y64).abs() / y_bound).max()),
-            "backward err/bound": float(((dh.double().cpu() - dh64).abs() / dh_bound).max()),
-            "forward steps from eager": steps(y, ref), "dtype": str(y.dtype), "nonzero": bool(y.abs().sum() > 0)}
-
-
 def _layer_run(mod, forward, x, idx, wts, gy):
     x, wts = x.detach().clone().requires_grad_(True), wts.detach().clone().requires_grad_(True)
     mod.zero_grad()
@@ -191,12 +167,6 @@ def run_cases(device: str) -> dict:
         "unweighted, fp32, K=3": (4, 3, 1030, torch.float32, False, 4),
     }.items():
         results[name] = _sum_case(device, *args)
-    for name, args in {
-        "swiglu bf16, I=1500 (two column blocks, a partial one)": (7, 1500, torch.bfloat16, 3.0, 5),
-        "swiglu fp32, I=100, gates up to ±300 (exp overflows)": (9, 100, torch.float32, 100.0, 6),
-        "swiglu bf16, gates up to ±300": (9, 100, torch.bfloat16, 100.0, 7),
-    }.items():
-        results[name] = _swiglu_case(device, *args)
     results["layer"] = _layer_case(device)
     results["fp8 experts"] = _fp8_case(device)
     return results
@@ -216,12 +186,6 @@ def _assert_cases(results: dict) -> None:
     # the two runs quantize gated activations up to one bf16 step apart; each e4m3 value is then at most one
     # e4m3 step (2^-3 relative) apart, and the rest is the same code on the same inputs
     assert fp8["relative difference"]["y"] <= 2.0**-3 and fp8["relative difference"]["d hidden"] <= 2.0**-3, fp8
-    for name in [n for n in results if n.startswith("swiglu")]:
-        r = results.pop(name)
-        assert r["nonzero"] and r["forward err/bound"] <= 1.0 and r["backward err/bound"] <= 1.0, (name, r)
-        # the eager ops round silu(gate) before the product (two roundings: within one step of the exact value,
-        # ours within half a step); in fp32 both are also within 64·2^-24 of it (64 steps of 2^-23 apart)
-        assert r["forward steps from eager"] <= (1.5 if r["dtype"] == "torch.bfloat16" else 64), (name, r)
     for name, r in results.items():
         assert r["forward nonzero"], name
         assert r["forward err/bound"] <= 1.0, (name, r)
@@ -238,9 +202,8 @@ def interpreted() -> dict:
 def test_fused_dispatch_and_combine_are_within_the_fp32_bound_in_the_interpreter(interpreted):
     """Combine forward and the dispatch's backward within the fp32 error bound of the exact sums (K = 1, 3, 6, 8;
     bf16 and fp32; partial column blocks); the rows' gradient is transformers' autograd's bit for bit; the gating
-    values' gradient within the bound of the exact dot products; SwiGLU forward and backward within theirs (gates
-    up to ±300, where exp overflows); the experts layer and the FP8 experts through the kernels as accurate as
-    transformers' own; the start-up check passes."""
+    values' gradient within the bound of the exact dot products; the experts layer and the FP8 experts through
+    the kernels as accurate as transformers' own; the start-up check (SwiGLU's included) passes."""
     _assert_cases(interpreted)
 
 
@@ -258,7 +221,6 @@ def test_the_kernels_compile_for_the_h100_with_vector_loads_and_stores():
         pytest.skip("Triton is not installed")
     from triton_ptx import h100_ptx
 
-    from posttrain import swiglu as S
 
     rows = {"rows_ptr": "bf16", "slot_ptr": "i64", "w_ptr": "fp32", "out_ptr": "bf16"}
     configs = {
@@ -270,9 +232,6 @@ def test_the_kernels_compile_for_the_h100_with_vector_loads_and_stores():
                              {"dy_ptr": "bf16", "rows_ptr": "bf16", "slot_ptr": "i64", "w_ptr": "fp32",
                               "d_rows_ptr": "bf16", "dw_ptr": "fp32"},
                              dict(K=8, KP=8, NEED_DW=True, D_ROWS_BF16=True, DW_BF16=False, BLOCK_H=512)),
-        "swiglu": (S._silu_mul_kernel, {"h_ptr": "bf16", "out_ptr": "bf16"}, dict(OUT_BF16=True, BLOCK=1024)),
-        "swiglu backward": (S._silu_mul_backward_kernel, {"dy_ptr": "bf16", "h_ptr": "bf16", "dh_ptr": "bf16"},
-                            dict(OUT_BF16=True, BLOCK=1024)),
     }
     for name, (kernel, pointers, constexprs) in configs.items():
         ptx = h100_ptx(kernel, pointers, constexprs)

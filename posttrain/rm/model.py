@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..mla_attention import use_fused_mla
+from ..swiglu import use_fused_mlp
 from ..rms_norm import use_fused_rms_norm
 from ..routed_experts import use_fused_experts
 
@@ -76,6 +77,7 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
     use_fused_rms_norm(model)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
     use_fused_experts(model)  # fused MoE dispatch/combine kernels on CUDA; transformers' grouped_mm elsewhere
     use_fused_mla(model)  # MLA's query/key assembly as one kernel each way on CUDA; transformers' forward elsewhere
+    use_fused_mlp(model)  # dense and shared-expert SwiGLU as one kernel each way on CUDA; transformers' elsewhere
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.architectures = [cls.__name__]
     for key in ("topk_method", "scoring_func"):  # keep what vLLM / the V3 layout read from config.json
