@@ -4,8 +4,9 @@ machine (issue #13): transformers' `DeepseekV3Attention` against `DeepseekV3Fuse
 
 Both run on CPU tensors in bf16. The fused layer takes its CUDA path: its Triton kernels run in Triton's
 interpreter, each counted as one kernel moving its operands once (kernel_counter.py). What both layers share is
-counted as the GPU runs it: the attention call as one kernel each way, and the latent RMSNorms as torch's fused
-RMSNorm (posttrain/rms_norm.py), one kernel each way. The GEMMs are the same in both and are counted apart; the
+counted as the GPU runs it: the attention call as one kernel each way that writes its output in the query's
+layout, as flex_attention does, and the latent RMSNorms as torch's fused RMSNorm (posttrain/rms_norm.py), one
+kernel each way. The GEMMs are the same in both and are counted apart; the
 table's bytes are everything else: the query/key assembly, and the attention's and norms' operands. Times are not
 measured here.
 
@@ -54,14 +55,17 @@ def simulate_cuda_path(counter: KernelCounter) -> None:
     M.query_key_backward = counter.wrap("triton query_key_backward", M.query_key_backward,
                                         lambda out, *a, **k: tensor_bytes(out, a[:5]))
 
-    class _Attention(torch.autograd.Function):  # SDPA, counted as one kernel each way (flex's on a GPU)
+    class _Attention(torch.autograd.Function):  # SDPA, counted as one kernel each way, laid out as flex's
         @staticmethod
         def forward(ctx, q, k, v, scaling):
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
                 out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scaling)
             ctx.saved = leaves, out
-            return out.detach()
+            # flex_attention writes its output in the query's stride order (torch/_inductor/kernel/flex:
+            # infer_dense_strides from the query), inside its kernel
+            like_query = torch.empty_strided(out.shape, _dense_strides(out.shape, q), dtype=out.dtype)
+            return like_query.copy_(out.detach())
 
         @staticmethod
         def backward(ctx, gy):
@@ -76,7 +80,8 @@ def simulate_cuda_path(counter: KernelCounter) -> None:
     _Attention.backward = staticmethod(attention_backward)
 
     def counted_sdpa(module, query, key, value, attention_mask, scaling=None, **kwargs):
-        return _Attention.apply(query, key, value, scaling).transpose(1, 2), None
+        # what transformers' flex_attention_forward returns: [B, S, heads, dim], made contiguous
+        return _Attention.apply(query, key, value, scaling).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(COUNTED_ATTENTION, counted_sdpa)
 
@@ -100,6 +105,16 @@ def simulate_cuda_path(counter: KernelCounter) -> None:
     _Norm.forward = staticmethod(norm_forward)
     _Norm.backward = staticmethod(norm_backward)
     DeepseekV3RMSNorm.forward = lambda self, x: _Norm.apply(x, self.weight, self.variance_epsilon)
+
+
+def _dense_strides(shape: torch.Size, like: torch.Tensor) -> list[int]:
+    """Dense strides for ``shape`` in the stride order of ``like`` (largest stride outermost)."""
+    order = sorted(range(len(shape)), key=lambda d: (like.stride(d), d))
+    strides, step = [0] * len(shape), 1
+    for d in order:
+        strides[d] = step
+        step *= shape[d]
+    return strides
 
 
 def attention_layer(args):

@@ -11,10 +11,11 @@ concatenation of the query, a new key buffer with two copies; the backward runs 
 for the strided slices and concatenates [dk_nope | dv]. A layer's forward+backward then launches 55 kernels
 besides its GEMMs (the attention and the latent's RMSNorm counted as one kernel each way), and the kernels
 that are neither GEMMs, attention nor norm move 224 kB per token at Moonlight's 16 heads (1688 kB at V3's
-128). With the kernels below: 9 kernels, and 77 kB (538 kB) per token (`benchmarks/count_mla_traffic.py`,
+128). With the kernels below: 8 kernels, and 69 kB (472 kB) per token (`benchmarks/count_mla_traffic.py`,
 RESULTS.md session 17). One kernel reads q, the latent's k_nope and the
 shared k_rope once and writes the query and the key; v is handed over as a view of kv_b_proj's output, as
-transformers does. One backward kernel writes the projections' gradients [dq_nope | dq_rope] and
+transformers does. Query and key are written as [B, S, heads, dim] and handed over transposed: flex_attention
+writes its output in the query's order, so it reaches o_proj without a copy. One backward kernel writes the projections' gradients [dq_nope | dq_rope] and
 [dk_nope | dv] straight from the attention's gradients, and the shared key's gradient summed over the heads.
 
 Numerics. The nope parts, v and their gradients are copies (the same bits as eager). The rotary part is

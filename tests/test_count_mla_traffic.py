@@ -26,7 +26,8 @@ def test_the_fused_assembly_launches_two_kernels_and_moves_under_half_of_transfo
     assert hf["attention and norm bytes"] == ours["attention and norm bytes"]  # the same attention and norm calls
     kernels = ours["kernels by name"]
     assert kernels["triton query_key_forward"] == 1 and kernels["triton query_key_backward"] == 1
-    eager_only = {"aten mul", "aten sub", "aten neg", "aten slice_backward", "aten copy_", "aten zeros_like"}
+    # (no clone: with the query in [B, S, heads, dim] order, flex writes its output in o_proj's layout)
+    eager_only = {"aten mul", "aten sub", "aten neg", "aten slice_backward", "aten copy_", "aten zeros_like", "aten clone"}
     assert not eager_only & kernels.keys(), kernels
     assert eager_only <= hf["kernels by name"].keys()
     assert ours["kernels"] <= hf["kernels"] / 4

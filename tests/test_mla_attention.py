@@ -270,6 +270,24 @@ def test_the_kernels_on_cuda():
     _assert_cases(run_cases("cuda"))
 
 
+@pytest.mark.gpu
+def test_on_cuda_flex_attention_keeps_the_query_layout_so_no_copy_reaches_o_proj():
+    """The kernels write query and key as [B, S, heads, dim] (transposed views): flex_attention's compiled kernel
+    then writes its output, and the query's and key's gradients, in that order (torch's lowering infers them
+    from the query's and key's strides), so transformers' `.transpose(1, 2).contiguous()` copies nothing and
+    the backward kernel reads the gradients in place."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, s, heads, d = 1, 256, 4, 192
+    q, k = (torch.randn(b, s, heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+            for _ in range(2))
+    v = torch.randn(b, s, heads, 256, device="cuda", dtype=torch.bfloat16)[..., 128:].transpose(1, 2).requires_grad_(True)
+    out = torch.compile(flex_attention)(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()
+    dq, dk, _ = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert dq.transpose(1, 2).is_contiguous() and dk.transpose(1, 2).is_contiguous()
+
+
 def test_the_kernels_compile_for_the_h100_with_vector_loads_and_stores():
     """Both kernels compile for sm_90 (tests/triton_ptx.py) and move the head rows (the nope parts, v) in vectors."""
     import re
