@@ -120,14 +120,21 @@ def softmax_grad_(logits: torch.Tensor, target: torch.Tensor, write_grad: bool =
     return nll
 
 
-def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`acc += a @ b` into an fp32 `acc` without rounding the product to the inputs' dtype first:
-    summing bf16-rounded chunk products would bias the weight gradient. CUDA's cuBLAS does it in one
-    GEMM (torch ≥ 2.8 `out_dtype`); elsewhere the inputs are widened."""
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = True) -> None:
+    """`acc += a @ b` (or `acc = a @ b` when not ``accumulate``) into an fp32 `acc` without rounding the
+    product to the inputs' dtype first: summing bf16-rounded chunk products would bias the weight gradient.
+    CUDA's cuBLAS does it in one GEMM (torch ≥ 2.8 `out_dtype`); elsewhere the inputs are widened. The first
+    chunk writes the accumulator instead of adding to zeros: at Moonlight's head that is a 1.3 GB zero fill
+    and a 1.3 GB read of it per head and step saved."""
     if acc.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
+        if accumulate:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
+    elif accumulate:
         acc.addmm_(a.float(), b.float())
+    else:
+        torch.mm(a.float(), b.float(), out=acc)
 
 
 def _head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None):
@@ -150,7 +157,10 @@ class _FusedLinearCE(torch.autograd.Function):
         dtype, w, b = _head_operands(hidden, weight, bias)
         need_h, need_w, need_b = (with_grad and n for n in ctx.needs_input_grad[:3])
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, device=device, dtype=torch.float32) if need_w else None
+        # the first chunk writes grad_w (no zero fill); with no rows at all it is zero
+        grad_w = torch.empty(weight.shape, device=device, dtype=torch.float32) if need_w else None
+        if grad_w is not None and hidden.shape[0] == 0:
+            grad_w.zero_()
         grad_b = torch.zeros(bias.shape, device=device, dtype=torch.float32) if need_b else None
         total = torch.zeros((), device=device, dtype=torch.float32)
         with torch.autocast(device.type, enabled=False):
@@ -165,7 +175,7 @@ class _FusedLinearCE(torch.autograd.Function):
                     else:
                         grad_h[start:end] = logits @ w
                 if grad_w is not None:
-                    _addmm_fp32_(grad_w, logits.t(), h)
+                    _addmm_fp32_(grad_w, logits.t(), h, accumulate=start > 0)
                 if grad_b is not None:
                     grad_b += logits.sum(0, dtype=torch.float32)
         # Held until the backward in the parameters' own dtypes (what `.grad` will be anyway).
@@ -187,6 +197,8 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor, chunk_elems: int = 1 << 26, ke
     if x.dtype == torch.float32:
         return x * scale
     out = torch.empty_like(x)
+    if x.numel() == 0:  # a head that saw no valid target: an empty gradient (no launch, no row to index)
+        return out
     if kernel == "triton" or (kernel == "auto" and _use_triton(x.device) and x.dtype == torch.bfloat16
                               and x.is_contiguous()):
         block = 4096
