@@ -30,9 +30,18 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from posttrain.lm_loss import IGNORE_INDEX, lm_head_cross_entropy
 from posttrain.mla_attention import use_fused_mla
-from posttrain.swiglu import use_fused_mlp
 from posttrain.rms_norm import use_fused_rms_norm
 from posttrain.routed_experts import use_fused_experts
+from posttrain.swiglu import use_fused_mlp
+
+
+def use_fused_kernels(model: nn.Module) -> None:
+    """The toolkit's fused kernels for every module of ``model`` that has one, in place (same parameters and
+    state-dict keys). Each runs on CUDA after its start-up check and is transformers' own code elsewhere."""
+    use_fused_rms_norm(model)  # torch's fused RMSNorm kernel
+    use_fused_experts(model)  # grouped_mm experts with fused dispatch/combine kernels
+    use_fused_mla(model)  # MLA's query/key assembly as one kernel each way
+    use_fused_mlp(model)  # dense and shared-expert SwiGLU as one kernel each way
 
 
 def autocast_attention_inputs(
@@ -178,10 +187,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
         n_main = config.num_hidden_layers
         for k in range(num_mtp_layers(config)):
             self.model.layers.append(DeepseekV3MTPLayer(config, n_main + k))
-        use_fused_rms_norm(self)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
-        use_fused_experts(self)  # grouped_mm experts with fused dispatch/combine kernels on CUDA; transformers' elsewhere
-        use_fused_mla(self)  # MLA's query/key assembly as one kernel each way on CUDA; transformers' forward elsewhere
-        use_fused_mlp(self)  # dense and shared-expert SwiGLU as one kernel each way on CUDA; transformers' elsewhere
+        use_fused_kernels(self)
         self.post_init()
 
     # ----------------------------------------------------------------------------------------

@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..mla_attention import use_fused_mla
-from ..swiglu import use_fused_mlp
-from ..rms_norm import use_fused_rms_norm
-from ..routed_experts import use_fused_experts
+from ..modeling import use_fused_kernels
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +71,7 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
     finally:
         cls._keys_to_ignore_on_load_unexpected, cls._keys_to_ignore_on_load_missing = saved
         hf_logging.set_verbosity(verbosity)
-    use_fused_rms_norm(model)  # torch's fused RMSNorm kernel on CUDA; transformers' formula elsewhere
-    use_fused_experts(model)  # fused MoE dispatch/combine kernels on CUDA; transformers' grouped_mm elsewhere
-    use_fused_mla(model)  # MLA's query/key assembly as one kernel each way on CUDA; transformers' forward elsewhere
-    use_fused_mlp(model)  # dense and shared-expert SwiGLU as one kernel each way on CUDA; transformers' elsewhere
+    use_fused_kernels(model)  # the fused kernels on CUDA; transformers' own code elsewhere
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.architectures = [cls.__name__]
     for key in ("topk_method", "scoring_func"):  # keep what vLLM / the V3 layout read from config.json
