@@ -245,8 +245,9 @@ HF_MLA_ATTENTION = ContactPoint(
     "override", "posttrain.mla_attention.DeepseekV3FusedAttention (calls the module's projections, norms, "
     "`scaling` and attention interface; mla_query_key_value_reference restates the assembly with "
     "`apply_rotary_pos_emb_interleave`)",
-    "the eager query/key assembly is about 30 kernels a layer; on CUDA one kernel each way builds the same "
-    "tensors (tests/test_mla_attention.py: transformers' layer bit for bit around the assembly)",
+    "the eager query/key assembly launches 47 kernels a layer forward+backward that the fused one does not "
+    "(benchmarks/count_mla_traffic.py); on CUDA one kernel each way builds the same tensors (tests/test_mla_attention.py: transformers' layer bit for "
+    "bit around the assembly)",
 )
 ACCELERATE_REGIONAL_COMPILATION = ContactPoint(
     "accelerate", ACCELERATE, "env:ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "env",

@@ -44,7 +44,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     apply_rotary_pos_emb_interleave,
 )
 
-from .start_up_check import combine_error_bound, passed_on, rounded_once_bound, run_start_up_check
+from .start_up_check import combine_error_bound, passed_on, rounded_once_bound, run_start_up_check, swap_module_class
 
 try:
     import triton
@@ -109,12 +109,7 @@ def fused_mla_usable(module: DeepseekV3Attention, hidden_states: torch.Tensor,
 def use_fused_mla(model: nn.Module) -> int:
     """Makes every `DeepseekV3Attention` of ``model`` a `DeepseekV3FusedAttention` in place: the subclass adds no
     state, so parameters, hooks and state-dict keys stay (nothing is copied; meta stays meta). Returns how many."""
-    changed = 0
-    for module in model.modules():
-        if type(module) is DeepseekV3Attention:
-            module.__class__ = DeepseekV3FusedAttention
-            changed += 1
-    return changed
+    return swap_module_class(model, DeepseekV3Attention, DeepseekV3FusedAttention)
 
 
 # -- the assembly ------------------------------------------------------------------------------------------

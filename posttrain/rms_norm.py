@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
-from .start_up_check import passed_on, run_start_up_check
+from .start_up_check import passed_on, run_start_up_check, swap_module_class
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,4 @@ def use_fused_rms_norm(model: nn.Module) -> int:
     """Makes every `DeepseekV3RMSNorm` of `model` a `DeepseekV3FusedRMSNorm` in place: the subclass adds no
     state, so the module keeps its weight Parameter, hooks and state-dict keys (nothing is copied or allocated;
     meta tensors stay meta). Returns how many changed."""
-    changed = 0
-    for module in model.modules():
-        if type(module) is DeepseekV3RMSNorm:
-            module.__class__ = DeepseekV3FusedRMSNorm
-            changed += 1
-    return changed
+    return swap_module_class(model, DeepseekV3RMSNorm, DeepseekV3FusedRMSNorm)

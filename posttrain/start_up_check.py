@@ -1,7 +1,8 @@
-"""A fused kernel is used on a device only after it passed a start-up check there, once per device.
+"""How the toolkit's fused kernels are adopted: in place of transformers' modules, and on a device only after
+a start-up check there, once per device.
 
-The RMSNorm and routed-experts kernels compare themselves on first use with a float64 reference; a failure (a
-wrong result or an exception) is logged once and the eager ops are used on that device from then on.
+The RMSNorm, routed-experts, MLA and SwiGLU kernels compare themselves on first use with a float64 reference; a
+failure (a wrong result or an exception) is logged once and the eager ops are used on that device from then on.
 """
 
 from __future__ import annotations
@@ -10,8 +11,21 @@ import logging
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 Check = Callable[[torch.device], "str | None"]  # None if the kernel agrees, else what went wrong
+
+
+def swap_module_class(model: nn.Module, cls: type[nn.Module], fused_cls: type[nn.Module]) -> int:
+    """Makes every module of ``model`` whose type is exactly ``cls`` a ``fused_cls`` (a subclass that adds no
+    state) in place: parameters, hooks and state-dict keys stay, nothing is copied, meta stays meta. Returns how
+    many changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is cls:
+            module.__class__ = fused_cls
+            changed += 1
+    return changed
 
 
 def run_start_up_check(compare: Check, device: torch.device) -> str | None:

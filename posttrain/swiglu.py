@@ -27,7 +27,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
 
-from .start_up_check import passed_on, rounded_once_bound, run_start_up_check
+from .start_up_check import passed_on, rounded_once_bound, run_start_up_check, swap_module_class
 
 try:
     import triton
@@ -191,12 +191,7 @@ def fused_swiglu_usable(x: torch.Tensor) -> bool:
 def use_fused_mlp(model: nn.Module) -> int:
     """Makes every `DeepseekV3MLP` of ``model`` (dense layers, shared experts) a `DeepseekV3FusedMLP` in place:
     the subclass adds no state, so parameters, hooks and state-dict keys stay. Returns how many changed."""
-    changed = 0
-    for module in model.modules():
-        if type(module) is DeepseekV3MLP:
-            module.__class__ = DeepseekV3FusedMLP
-            changed += 1
-    return changed
+    return swap_module_class(model, DeepseekV3MLP, DeepseekV3FusedMLP)
 
 
 # -- exact values and the start-up check -----------------------------------------------------------------
