@@ -53,12 +53,15 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from posttrain import mla_attention, rms_norm, routed_experts, swiglu  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), by device-name substring.
 # dense bf16 peaks (NVIDIA datasheets), matched against the device name in this order: the PCIe and NVL
@@ -68,8 +71,8 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H800 PCIe": 756.0, "H100 NVL": 835.0, "
 STALL_FACTOR = 2.0
 VARIANTS = ("bf16", "fp32", "fp32-autocast", "fp32-master", "fp8")
 UNFUSED = "-unfused"  # a variant with this suffix runs with the toolkit's fused glue kernels switched off
-FUSED_KERNEL_SWITCHES = ("POSTTRAIN_FUSED_RMS_NORM", "POSTTRAIN_FUSED_MOE_ROUTING", "POSTTRAIN_FUSED_MLA",
-                         "POSTTRAIN_FUSED_SWIGLU")
+FUSED_KERNEL_SWITCHES = (rms_norm.FUSED_RMS_NORM_ENV, routed_experts.FUSED_ROUTING_ENV, mla_attention.FUSED_MLA_ENV,
+                         swiglu.FUSED_SWIGLU_ENV)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -305,24 +308,10 @@ def _fsdp2_mixed_precision(model) -> None:
     fully_shard(model, mp_policy=policy, reshard_after_forward=False)
 
 
-@contextlib.contextmanager
-def _fused_kernels(on: bool):
-    """The toolkit's fused glue kernels as they are (on), or all switched off for the block (restored after)."""
-    saved = {k: os.environ.get(k) for k in FUSED_KERNEL_SWITCHES}
-    try:
-        if not on:
-            os.environ.update({k: "0" for k in FUSED_KERNEL_SWITCHES})
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.device) -> dict[str, Any]:
-    with _fused_kernels(on=not variant.endswith(UNFUSED)):
+    # an -unfused variant: every fused-kernel switch "0" for its row, the environment restored after
+    switched_off = {k: "0" for k in FUSED_KERNEL_SWITCHES} if variant.endswith(UNFUSED) else {}
+    with mock.patch.dict(os.environ, switched_off):
         if variant.removesuffix(UNFUSED) != "fp32-master":
             return _run_variant(args, variant, seq, device)
         with _one_rank_group(device):
