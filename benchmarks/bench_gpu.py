@@ -54,18 +54,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-# (layer, out_features N, in_features K): DeepSeek-V3's FP8 Linears
-V3_SHAPES = [
-    ("q_a_proj", 1536, 7168),
-    ("q_b_proj", 24576, 1536),
-    ("kv_a_proj_with_mqa", 576, 7168),
-    ("kv_b_proj", 32768, 512),
-    ("o_proj", 7168, 16384),
-    ("expert gate|up", 2048, 7168),
-    ("expert down", 7168, 2048),
-    ("dense gate|up", 18432, 7168),
-    ("dense down", 7168, 18432),
-]
+from posttrain.fp8.layout import fp8_linear_shapes  # noqa: E402
+from posttrain.presets import preset_config  # noqa: E402
+
+V3_SHAPES = fp8_linear_shapes(preset_config("deepseek-v3"))  # (layer, N, K): DeepSeek-V3's nine FP8 Linears
 SECTIONS = ("env", "gemm", "linear", "experts", "quant", "lm_head", "norm", "mla", "sft_step")
 
 

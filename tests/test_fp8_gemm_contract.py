@@ -23,20 +23,32 @@ from posttrain.fp8 import gemm
 from posttrain.fp8.gemm import BlockQuantized
 from posttrain.fp8.linear import fp8_linear
 
-# (name, out_features N, in_features K) of DeepSeek-V3's FP8 Linears
+# (name, out_features N, in_features K) of DeepSeek-V3's FP8 Linears: issue #13's nine shapes
 V3_SHAPES = [
     ("q_a_proj", 1536, 7168),
     ("q_b_proj", 24576, 1536),
     ("kv_a_proj_with_mqa", 576, 7168),
     ("kv_b_proj", 32768, 512),
     ("o_proj", 7168, 16384),
-    ("expert_gate_up", 2048, 7168),
-    ("expert_down", 7168, 2048),
-    ("dense_gate_up", 18432, 7168),
-    ("dense_down", 7168, 18432),
+    ("expert gate|up", 2048, 7168),
+    ("expert down", 7168, 2048),
+    ("dense gate|up", 18432, 7168),
+    ("dense down", 7168, 18432),
 ]
+SHAPE_IDS = [name.replace(" ", "_").replace("|", "_") for name, _, _ in V3_SHAPES]
 SMALL_M = 16  # tokens: the contract does not depend on M beyond its padding to 16 (and to 128 in wgrad)
 U32 = 2.0**-24  # unit roundoff of float32
+
+
+def test_the_nine_shapes_are_those_of_the_deepseek_v3_config():
+    """bench_gpu.py takes its shapes from the config (fp8.layout.fp8_linear_shapes); they are the issue's nine,
+    and with no q LoRA (Moonlight) one q_proj stands for q_a and q_b."""
+    from posttrain.fp8.layout import fp8_linear_shapes
+    from posttrain.presets import preset_config
+
+    assert fp8_linear_shapes(preset_config("deepseek-v3")) == V3_SHAPES
+    moonlight = fp8_linear_shapes(preset_config("moonlight-16b"))
+    assert moonlight[0] == ("q_proj", 16 * 192, 2048) and [s[0] for s in moonlight[1:]] == [s[0] for s in V3_SHAPES[2:]]
 
 
 @pytest.fixture
@@ -47,7 +59,7 @@ def fake_scaled_mm(monkeypatch):
     return fake
 
 
-@pytest.mark.parametrize("name, n, k", V3_SHAPES, ids=[s[0] for s in V3_SHAPES])
+@pytest.mark.parametrize("name, n, k", V3_SHAPES, ids=SHAPE_IDS)
 def test_three_gemms_of_fp8_linear_meet_the_scaled_mm_contract_on_v3_shapes(fake_scaled_mm, name, n, k):
     """Forward, dgrad and wgrad of every V3 FP8 Linear are accepted by torch's checks (meta tensors:
     shapes and strides only, no memory). Fails on the code the H100 run measured (dgrad scale_b view)."""
@@ -104,8 +116,8 @@ def _assert_within_fp32_gemm_bound(got: torch.Tensor, ref: torch.Tensor, a_hat: 
 # MLP, 117-132M elements, 15-30 s each on 2 cores) add no layout case: every one of their dimensions is
 # a whole number of 128-blocks, as in q_a/q_b/expert shapes here, and the partial block is kv_a's. Their
 # contract (shapes, strides, dtypes of all three GEMMs) is checked by the meta-tensor test above.
-_NUMERIC_SHAPES = [pytest.param(*s, id=s[0], marks=[pytest.mark.slow] if s[1] * s[2] > 20e6 else [])
-                   for s in V3_SHAPES if s[1] * s[2] <= 40e6]
+_NUMERIC_SHAPES = [pytest.param(*s, id=i, marks=[pytest.mark.slow] if s[1] * s[2] > 20e6 else [])
+                   for s, i in zip(V3_SHAPES, SHAPE_IDS) if s[1] * s[2] <= 40e6]
 
 
 @pytest.mark.parametrize("name, n, k", _NUMERIC_SHAPES)

@@ -34,6 +34,26 @@ _FFN = r"mlp\.(?:shared_experts\.|experts\.\d+\.)?(?:gate_proj|up_proj|down_proj
 FP8_WEIGHT_PATTERN = re.compile(rf"(?:^|\.)(?:{_ATTN}|{_FFN})\.weight$")
 
 
+def fp8_linear_shapes(config) -> list[tuple[str, int, int]]:
+    """(layer, out_features N, in_features K) of each distinct FP8 Linear of a V3-architecture config, in
+    the order of a decoder block: MLA's projections (report §2.1.1), then a routed expert's and the dense
+    MLP's gate|up and down. For DeepSeek-V3 these are issue #13's nine benchmark shapes."""
+    heads, nope, rope, v = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                            config.v_head_dim)
+    hidden, q_lora, kv_lora = config.hidden_size, config.q_lora_rank, config.kv_lora_rank
+    q = [("q_a_proj", q_lora, hidden), ("q_b_proj", heads * (nope + rope), q_lora)] if q_lora else \
+        [("q_proj", heads * (nope + rope), hidden)]
+    return q + [
+        ("kv_a_proj_with_mqa", kv_lora + rope, hidden),
+        ("kv_b_proj", heads * (nope + v), kv_lora),
+        ("o_proj", hidden, heads * v),
+        ("expert gate|up", config.moe_intermediate_size, hidden),
+        ("expert down", hidden, config.moe_intermediate_size),
+        ("dense gate|up", config.intermediate_size, hidden),
+        ("dense down", hidden, config.intermediate_size),
+    ]
+
+
 def is_fp8_weight_name(name: str) -> bool:
     """True for the DeepSeek-layout tensors that are stored in FP8 (see module docstring)."""
     return FP8_WEIGHT_PATTERN.search(name) is not None
