@@ -46,14 +46,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from .start_up_check import combine_error_bound, passed_on, rounded_once_bound, run_start_up_check, swap_module_class
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # a CPU install may lack Triton: the eager ops run
-    triton = None
-    tl = None
-else:
-    from .triton_rounding import round_to_bf16
+from .triton_rounding import round_to_bf16, tl, triton  # None without Triton: the eager ops run
 
 log = logging.getLogger(__name__)
 

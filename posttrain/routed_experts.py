@@ -48,14 +48,7 @@ from .start_up_check import combine_error_bound, passed_on, rounded_once_bound, 
 from .swiglu import compare_with_float64 as compare_swiglu_with_float64
 from .swiglu import silu_mul
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # a CPU install may lack Triton: the eager ops run
-    triton = None
-    tl = None
-else:
-    from .triton_rounding import round_to_bf16
+from .triton_rounding import round_to_bf16, tl, triton  # None without Triton: the eager ops run
 
 log = logging.getLogger(__name__)
 

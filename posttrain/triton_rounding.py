@@ -2,6 +2,9 @@
 
 A GPU's ``cvt`` rounds to nearest even; Triton's CPU interpreter truncates its casts. Rounding on the bits
 first makes the final cast exact on both, so the interpreter tests check the bits a GPU writes.
+
+It is also the toolkit's one optional import of Triton: the kernel modules take ``triton`` and ``tl`` from
+here, None (and ``round_to_bf16`` None) on a CPU install without it, where their eager ops run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ try:
 except ImportError:  # the CPU install may lack Triton; nothing here is then defined
     triton = None
     tl = None
+    round_to_bf16 = None
 
 if triton is not None:
 
