@@ -6,7 +6,8 @@ Prints the tables the issue is judged by, as markdown, and writes them as JSON:
 * ``gemm``: the nine DeepSeek-V3 FP8 Linear shapes at M = 4096 and 16384 tokens: bf16 ``x @ w.T`` vs
   block-FP8 (1x128 activations, 128x128 weights; report §3.3.2) with operands already quantized, and
   including the activation quantization (the weight is quantized once per optimizer step, so it is
-  not counted); error vs an fp32 product of the same bf16 inputs.
+  not counted); error vs an fp32 product of the same bf16 inputs. Where it passes its probe, the Triton
+  kernel (``posttrain.fp8.triton_gemm``) is timed beside the default one (and in ``linear``).
 * ``linear``: ``FP8Linear`` forward+backward (FP8 backward) vs bf16 ``nn.Linear`` on the nine shapes,
   with the FP8 weight cached (a step that reuses it) and re-quantized every iteration (one optimizer
   step per forward+backward); gradient errors vs fp32.
@@ -46,6 +47,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +179,7 @@ def geomean(xs: list[float]) -> float:
 
 def section_env(ctx: Ctx, args) -> dict:
     from posttrain.fp8.experts import _grouped_wgrad_available, grouped_backend
-    from posttrain.fp8.gemm import active_backend
+    from posttrain.fp8.gemm import active_backend, triton_gemm_usable
     from posttrain.fp8.quant import quant_backend
 
     info = {
@@ -188,6 +190,7 @@ def section_env(ctx: Ctx, args) -> dict:
         "capability": list(torch.cuda.get_device_capability()) if ctx.cuda else None,
         "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if ctx.cuda else None,
         "fp8_gemm_backend": active_backend(ctx.device),
+        "fp8_gemm_triton_probe": "passed" if triton_gemm_usable(ctx.device) else "not run or failed",
         "fp8_quant_backend": quant_backend(ctx.device),
         "fp8_grouped_backend": grouped_backend(ctx.device),
         # the grouped path's wgrad: torch's 2d x 2d grouped FP8 GEMM where its start-up check passes
@@ -206,11 +209,13 @@ def section_env(ctx: Ctx, args) -> dict:
 
 
 def section_gemm(ctx: Ctx, args) -> list[dict]:
-    from posttrain.fp8.gemm import BlockQuantized, fast_path_active, fp8_gemm_nt, prepare_b
+    from posttrain.fp8 import triton_gemm
+    from posttrain.fp8.gemm import BlockQuantized, fast_path_active, fp8_gemm_nt, prepare_b, triton_gemm_usable
     from posttrain.fp8.linear import FP8Recipe, quantize_act
 
     rows, out = [], []
     recipe = FP8Recipe()
+    with_triton = triton_gemm_usable(ctx.device)  # the second kernel, timed beside cuBLAS's where it runs
     for m in [64] if ctx.smoke else args.m:
         for name, n, k in V3_SHAPES:
             n, k = ctx.shape(n), ctx.shape(k)
@@ -237,6 +242,11 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
                 r["fp8_tflops"] = flops / r["fp8_ms"] / 1e9
                 r["speedup"] = r["bf16_ms"] / r["fp8_ms"]
                 r["speedup_actq"] = r["bf16_ms"] / r["fp8_actq_ms"]
+                if with_triton:
+                    r["err_triton"] = rel_err(triton_gemm.gemm_nt(xq, wq, ctx.dtype), x.float() @ w.float().T)
+                    r["triton_ms"] = ctx.bench_ms(lambda: triton_gemm.gemm_nt(xq, wq, ctx.dtype))
+                    r["triton_tflops"] = flops / r["triton_ms"] / 1e9
+                    r["speedup_triton"] = r["bf16_ms"] / r["triton_ms"]
             except Exception as e:  # noqa: BLE001 -- report and go on with the next shape
                 traceback.print_exc()
                 r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -244,16 +254,25 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
             rows.append([r["M"], name, n, k, fmt(r.get("bf16_ms")), fmt(r.get("bf16_tflops"), ".0f"), fmt(r.get("fp8_ms")),
                          fmt(r.get("fp8_tflops"), ".0f"), fmt(r.get("fp8_actq_ms")), fmt(r.get("actq_ms")),
                          fmt(r.get("speedup"), ".2f"), fmt(r.get("speedup_actq"), ".2f"), fmt(r.get("err_bf16"), ".2e"),
-                         fmt(r.get("err_fp8"), ".2e"), r.get("error", "")])
+                         fmt(r.get("err_fp8"), ".2e"), fmt(r.get("triton_ms")), fmt(r.get("triton_tflops"), ".0f"),
+                         fmt(r.get("speedup_triton"), ".2f"), fmt(r.get("err_triton"), ".2e"), r.get("error", "")])
             ctx.free()
-    table("GEMM: bf16 vs block-FP8 (weight pre-quantized and laid out for scaled_mm: once per optimizer step)",
+    table("GEMM: bf16 vs block-FP8 (weight pre-quantized and laid out for scaled_mm: once per optimizer step); "
+          f"fp8 = the default kernel ({'scaled_mm' if fast_path_active(ctx.device) else 'reference'}), "
+          "triton = posttrain.fp8.triton_gemm",
           ["M", "layer", "N", "K", "bf16 ms", "bf16 TF/s", "fp8 ms", "fp8 TF/s", "fp8 + act-quant ms", "act-quant ms",
-           "fp8/bf16", "fp8+q/bf16", "err bf16", "err fp8", "error"], rows)
+           "fp8/bf16", "fp8+q/bf16", "err bf16", "err fp8", "triton ms", "triton TF/s", "triton/bf16", "err triton",
+           "error"], rows)
     for m in sorted({r["M"] for r in out}):
         sel = [r for r in out if r["M"] == m]
         print(f"geomean FP8/bf16 at M={m}: GEMM {geomean([r.get('speedup') for r in sel]):.2f}x, "
               f"with activation quantization {geomean([r.get('speedup_actq') for r in sel]):.2f}x "
               f"({sum('error' in r for r in sel)} errors)")
+        if with_triton:
+            best = [max(r.get("speedup") or 0, r.get("speedup_triton") or 0) or None for r in sel]
+            print(f"  Triton GEMM at M={m}: {geomean([r.get('speedup_triton') for r in sel]):.2f}x; the faster kernel "
+                  f"of the two per shape: {geomean(best):.2f}x (Triton faster on: "
+                  f"{', '.join(r['layer'] for r in sel if (r.get('speedup_triton') or 0) > (r.get('speedup') or 0)) or 'none'})")
     return out
 
 
@@ -261,10 +280,12 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
 
 
 def section_linear(ctx: Ctx, args) -> list[dict]:
+    from posttrain.fp8.gemm import GEMM_BACKEND_ENV, triton_gemm_usable
     from posttrain.fp8.linear import FP8Linear, FP8Recipe, clear_weight_cache
 
     m = 64 if ctx.smoke else args.m[0]
     rows, out = [], []
+    with_triton = triton_gemm_usable(ctx.device)
     for name, n, k in V3_SHAPES:
         n, k = ctx.shape(n), ctx.shape(k)
         r = {"M": m, "layer": name, "N": n, "K": k}
@@ -297,6 +318,10 @@ def section_linear(ctx: Ctx, args) -> list[dict]:
             r["bf16_ms"] = ctx.bench_ms(step(base))
             r["fp8_ms"] = ctx.bench_ms(step(fp8))
             r["fp8_requant_ms"] = ctx.bench_ms(step(fp8, requant=True))
+            if with_triton:  # the same layer with its three GEMMs through the Triton kernel
+                with mock.patch.dict(os.environ, {GEMM_BACKEND_ENV: "triton"}):
+                    r["fp8_triton_ms"] = ctx.bench_ms(step(fp8))
+                r["ratio_triton"] = r["bf16_ms"] / r["fp8_triton_ms"]
             r["bf16_host_us"], r["fp8_host_us"] = ctx.host_us(step(base)), ctx.host_us(step(fp8))
             if name == "kv_a_proj_with_mqa" and not ctx.smoke:  # the smallest shape: host time shows most
                 ctx.top_ops(step(fp8), f"FP8Linear forward+backward, {name}, M={m}")
@@ -310,14 +335,20 @@ def section_linear(ctx: Ctx, args) -> list[dict]:
         rows.append([name, m, n, k, fmt(r.get("bf16_ms")), fmt(r.get("fp8_ms")), fmt(r.get("fp8_requant_ms")),
                      fmt(r.get("ratio"), ".2f"), fmt(r.get("ratio_requant"), ".2f"),
                      fmt(r.get("bf16_host_us"), ".0f"), fmt(r.get("fp8_host_us"), ".0f"), fmt(r.get("err_y"), ".2e"),
-                     fmt(r.get("err_dx"), ".2e"), fmt(r.get("err_dw"), ".2e"), r.get("error", "")])
+                     fmt(r.get("err_dx"), ".2e"), fmt(r.get("err_dw"), ".2e"), fmt(r.get("fp8_triton_ms")),
+                     fmt(r.get("ratio_triton"), ".2f"), r.get("error", "")])
         ctx.free()
-    table("FP8Linear forward+backward (FP8 backward) vs bf16 nn.Linear",
+    table("FP8Linear forward+backward (FP8 backward) vs bf16 nn.Linear; triton = its GEMMs through "
+          "posttrain.fp8.triton_gemm (POSTTRAIN_FP8_GEMM=triton)",
           ["layer", "M", "N", "K", "bf16 ms", "fp8 ms (weight cached)", "fp8 ms (weight re-quantized)",
-           "bf16/fp8", "bf16/fp8 re-quantized", "bf16 host us", "fp8 host us", "err y", "err dx", "err dW", "error"],
-          rows)
+           "bf16/fp8", "bf16/fp8 re-quantized", "bf16 host us", "fp8 host us", "err y", "err dx", "err dW",
+           "fp8 ms (triton GEMMs)", "bf16/fp8 (triton)", "error"], rows)
     print(f"geomean bf16/FP8 forward+backward: {geomean([r.get('ratio') for r in out]):.2f}x (weight cached), "
           f"{geomean([r.get('ratio_requant') for r in out]):.2f}x (re-quantized every iteration)")
+    if with_triton:
+        best = [max(r.get("ratio") or 0, r.get("ratio_triton") or 0) or None for r in out]
+        print(f"  with the Triton GEMMs: {geomean([r.get('ratio_triton') for r in out]):.2f}x; the faster of the two "
+              f"per shape: {geomean(best):.2f}x")
     return out
 
 

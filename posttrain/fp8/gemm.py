@@ -17,7 +17,11 @@ scheme needs for all three GEMMs of a Linear (§3.3.2, Figure 7 (a)).
   Operands are zero-padded to multiples of 128 (zeros add nothing). The path is probed
   once per process against the reference on the forward, dgrad and wgrad orientations and
   disabled with a warning if any raises or disagrees.
-  ``POSTTRAIN_FP8_GEMM=reference|scaled_mm|auto`` overrides.
+* Triton (:mod:`posttrain.fp8.triton_gemm`, opt-in): a block-scaled kernel tiled for the thin shapes,
+  probed the same way. Not the default until a GPU has timed it against cuBLAS (``bench_gpu.py``).
+
+``POSTTRAIN_FP8_GEMM=auto|scaled_mm|triton|reference`` picks (``auto``: scaled_mm where it passes its probe, else
+the reference; ``triton`` falls back the same way if its probe fails).
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ def reference_gemm_nt(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dty
 # dgrad GEMM, an expert of a stack, a transposed activation for the wgrad GEMM).
 
 _fast_state: dict[str, bool] = {}
+GEMM_BACKEND_ENV = "POSTTRAIN_FP8_GEMM"
+GEMM_BACKENDS = ("auto", "scaled_mm", "triton", "reference")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -174,8 +180,15 @@ def scaled_mm_gemm_nt(
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
+def _gemm_mode() -> str:
+    mode = os.environ.get(GEMM_BACKEND_ENV, "auto")
+    if mode not in GEMM_BACKENDS:
+        raise ValueError(f"{GEMM_BACKEND_ENV} must be one of {', '.join(GEMM_BACKENDS)}, got {mode!r}")
+    return mode
+
+
 def _fast_path_available(device: torch.device) -> bool:
-    mode = os.environ.get("POSTTRAIN_FP8_GEMM", "auto")
+    mode = _gemm_mode()
     if mode == "reference" or device.type != "cuda":
         return False
     if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
@@ -208,37 +221,66 @@ def _probe_cases(device: torch.device):
         yield "wgrad", BlockQuantized.quantize(gy.t(), (1, TILE)), BlockQuantized.quantize(x.t(), (1, TILE))
 
 
-def _probe(device: torch.device) -> bool:
-    """Check the fast path once, on all three orientations, against the reference; False disables it."""
+def _probe(device: torch.device, name: str = "scaled_mm", gemm=None) -> bool:
+    """Check a fast kernel (``gemm``, default ``scaled_mm_gemm_nt``) once, on all three orientations (operands as
+    given and as prepared for the step), against the reference; False disables it."""
+    gemm = gemm or scaled_mm_gemm_nt
     try:
         for orientation, a, b in _probe_cases(device):
             ref = reference_gemm_nt(a, b)
-            got = scaled_mm_gemm_nt(a, b)
-            err = (got.float() - ref).norm() / ref.norm()
-            if not bool(err < 1e-3):
-                log.warning("scaled_mm block-FP8 path disagrees with the reference in the %s GEMM %s (rel err %.3g); "
-                            "using emulation", orientation, tuple(a.data.shape) + tuple(b.data.shape), float(err))
-                return False
+            for operand in (b, prepare_b(b)):
+                err = (gemm(a, operand).float() - ref).norm() / ref.norm()
+                if not bool(err < 1e-3):
+                    log.warning("the %s block-FP8 GEMM disagrees with the reference in the %s GEMM %s (rel err %.3g); "
+                                "not using it", name, orientation, tuple(a.data.shape) + tuple(b.data.shape), float(err))
+                    return False
         return True
     except Exception as e:  # noqa: BLE001 -- any failure means: do not use it
-        log.warning("scaled_mm block-FP8 path unavailable (%s: %s); using emulation", type(e).__name__, e)
+        log.warning("the %s block-FP8 GEMM is unavailable (%s: %s); not using it", name, type(e).__name__, e)
         return False
 
 
+def triton_gemm_usable(device: torch.device | str) -> bool:
+    """Whether the Triton kernel runs on ``device`` and passed its start-up probe there (probed once)."""
+    from . import triton_gemm
+
+    device = torch.device(device)
+    if not triton_gemm.available(device):
+        return False
+    key = f"triton {device}"
+    if key not in _fast_state:
+        _fast_state[key] = _probe(device, "Triton", triton_gemm.gemm_nt)
+    return _fast_state[key]
+
+
+def active_backend(device: torch.device | str) -> str:
+    """``"triton"``, ``"scaled_mm"`` or ``"reference"``: what :func:`fp8_gemm_nt` uses on ``device`` (each fast
+    kernel probed once per device; see the module docstring for ``POSTTRAIN_FP8_GEMM``)."""
+    device = torch.device(device)
+    mode = _gemm_mode()
+    if mode == "reference":
+        return "reference"
+    if mode == "triton" and triton_gemm_usable(device):
+        return "triton"
+    return "scaled_mm" if _fast_path_available(device) else "reference"
+
+
 def fast_path_active(device: torch.device | str) -> bool:
-    """Whether :func:`fp8_gemm_nt` takes ``F.scaled_mm`` on ``device`` (probed once per device)."""
-    return _fast_path_available(torch.device(device))
+    """Whether :func:`fp8_gemm_nt` takes a fast kernel on ``device``; a weight's operands are then laid out
+    once per step (:func:`prepare_b`), which both fast kernels read."""
+    return active_backend(device) != "reference"
 
 
 def fp8_gemm_nt(
     a: BlockQuantized, b: BlockQuantized | ScaledMMOperandB, out_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``A @ B^T`` for block-quantized operands; picks ``scaled_mm`` on Hopper, the fp32 reference elsewhere."""
-    if a.group == (1, TILE) and _fast_path_available(a.data.device):
+    """``A @ B^T`` for block-quantized operands: the kernel :func:`active_backend` names, the fp32 reference
+    for groups the fast kernels do not take."""
+    backend = active_backend(a.data.device) if a.group == (1, TILE) else "reference"
+    if backend == "triton":
+        from .triton_gemm import gemm_nt
+
+        return gemm_nt(a, b, out_dtype)
+    if backend == "scaled_mm":
         return scaled_mm_gemm_nt(a, b, out_dtype)
     return reference_gemm_nt(a, b.source if isinstance(b, ScaledMMOperandB) else b, out_dtype)
-
-
-def active_backend(device: torch.device | str) -> str:
-    """``"scaled_mm"`` or ``"reference"`` -- what :func:`fp8_gemm_nt` uses on ``device``."""
-    return "scaled_mm" if _fast_path_available(torch.device(device)) else "reference"
