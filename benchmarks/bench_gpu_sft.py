@@ -294,18 +294,21 @@ def _one_rank_group(device: torch.device):
             dist.destroy_process_group()
 
 
-def _fsdp2_mixed_precision(model) -> None:
+def _fsdp2_mixed_precision(model, device: torch.device) -> None:
     """FSDP2 on one rank with bf16 compute over the fp32 master weights, as accelerate builds it from
     recipes/accelerate/fsdp2-1gpu.yaml: each decoder layer and the MTP module a unit, then the root; the
     bf16 copies of a unit's weights are made once per step and kept from forward to backward (one rank has
-    no memory to win by resharding); gradients reduced into the fp32 master weights."""
+    no memory to win by resharding); gradients reduced into the fp32 master weights. The mesh is on ``device``:
+    FSDP2's default mesh takes the build's accelerator, which would move a --cpu-smoke run onto a visible GPU."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device.type, (1,))
     blocks = {id(b): b for b in [*model.model.layers, *model.mtp_layers]}  # the MTP module may be a layers entry
     for block in blocks.values():
-        fully_shard(block, mp_policy=policy, reshard_after_forward=False)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
 def run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch.device) -> dict[str, Any]:
@@ -361,7 +364,7 @@ def _run_variant(args: argparse.Namespace, variant: str, seq: int, device: torch
     row["compile_layers"] = bool(args.compile_layers)
     dynamo_before = _dynamo_counts()
     if variant.removesuffix(UNFUSED) == "fp32-master":
-        _fsdp2_mixed_precision(model)
+        _fsdp2_mixed_precision(model, device)
         row["compute"] = "bfloat16 (FSDP2 MixedPrecisionPolicy)"
     row["param_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=device.type == "cuda")

@@ -38,13 +38,24 @@ def run_start_up_check(compare: Check, device: torch.device) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+def device_key(device: torch.device | str) -> str:
+    """The name a device's check results are kept under: ``cuda`` without an index is the current CUDA device,
+    so that ``torch.device("cuda")`` and a tensor's ``cuda:0`` share one check (not run twice, not run again
+    inside a caller's count of kernel launches)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 def passed_on(device: torch.device, results: dict[str, str | None], check: Check, kernel: str, fallback: str,
               log: logging.Logger) -> bool:
     """True if ``check`` passed on ``device``; it runs the first time a device is seen, and ``results`` keeps
-    the outcome (None, or what went wrong, logged once as "<kernel> failed its start-up check on <device>")."""
-    key = str(device)
+    the outcome under :func:`device_key` (None, or what went wrong, logged once as "<kernel> failed its start-up
+    check on <device>")."""
+    key = device_key(device)
     if key not in results:
-        results[key] = check(device)
+        results[key] = check(torch.device(key))
         if results[key] is not None:
             log.warning("%s failed its start-up check on %s (%s); %s", kernel, key, results[key], fallback)
     return results[key] is None

@@ -191,17 +191,19 @@ def use_fused_mlp(model: nn.Module) -> int:
 def swiglu_error_bounds(h: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """(exact y, its bound, exact dh, its bound) for :func:`silu_mul` on ``h`` = [gate | up], ``dy`` (float64).
     Before the final rounding each value is its fp32 formula: an exp, a division and a few products, each off by
-    a few 2^-24 on a GPU (approximate exp and division); 64·2^-24 of the magnitude of the terms covers them."""
+    a few 2^-24 on a GPU (approximate exp and division): 64·2^-24 of the magnitude of the terms covers them. A GPU's
+    exp is 2^(x·log2 e) (``ex2.approx``), and rounding x·log2 e moves the result by up to |x|·2^-24 relative
+    (log2 e · ln 2 = 1), which grows with the gate: hence (64 + |gate|)·2^-24."""
     gate, up = h.chunk(2, dim=-1)
     s = torch.sigmoid(gate)
     y = gate * s * up
     d_gate_terms = (dy * up * s).abs() * (1 + (gate * (1 - s)).abs())
     d_gate = dy * up * s * (1 + gate * (1 - s))
     d_up = dy * gate * s
-    fp32 = 64 * 2.0**-24
+    fp32 = (64 + gate.abs()) * 2.0**-24
     dh = torch.cat([d_gate, d_up], dim=-1)
     return (y, rounded_once_bound(y, fp32 * y.abs(), dtype), dh,
-            rounded_once_bound(dh, fp32 * torch.cat([d_gate_terms, d_up.abs()], dim=-1), dtype))
+            rounded_once_bound(dh, torch.cat([fp32, fp32], dim=-1) * torch.cat([d_gate_terms, d_up.abs()], dim=-1), dtype))
 
 
 def compare_with_float64(device: torch.device) -> str | None:

@@ -29,6 +29,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
 from posttrain import mla_attention as M
+from posttrain.start_up_check import device_key
 
 
 def _config(q_lora_rank: int | None = 24, heads: int = 4, nope: int = 16, rope: int = 8, v_dim: int = 12):
@@ -210,8 +211,9 @@ def _model_case(device: str) -> dict:
 
 def run_cases(device: str) -> dict:
     M._checked.clear()
-    M._checked[str(torch.device(device))] = M._start_up_check(torch.device(device))
-    results = {"start-up check": M._checked[str(torch.device(device))]}
+    key = device_key(device)  # cuda:0 on CUDA, as the layer's tensors name it
+    M._checked[key] = M._start_up_check(torch.device(key))
+    results = {"start-up check": M._checked[key]}
     for name, args in {
         "bf16, V3 head dims, 5 heads, 2 rows": (2, 7, 5, 128, 64, 128, torch.bfloat16, 0),
         "fp32, small head dims, 3 heads": (1, 9, 3, 16, 8, 12, torch.float32, 1),

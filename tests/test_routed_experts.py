@@ -26,6 +26,7 @@ import torch
 from subprocess_env import run_in_triton_interpreter  # noqa: E402
 
 from posttrain import routed_experts as R
+from posttrain.start_up_check import device_key
 
 
 # -- the cases, run in the interpreter (CPU) or compiled (CUDA) ---------------------------------------------
@@ -157,8 +158,9 @@ def _fp8_case(device: str) -> dict:
 
 def run_cases(device: str) -> dict:
     R._checked.clear()
-    R._checked[str(torch.device(device))] = R._start_up_check(torch.device(device))  # its launches are not counted
-    results = {"start-up check": R._checked[str(torch.device(device))]}
+    key = device_key(device)  # cuda:0 on CUDA, as the layer's tensors name it
+    R._checked[key] = R._start_up_check(torch.device(key))  # its launches are not counted
+    results = {"start-up check": R._checked[key]}
     for name, args in {
         "bf16, K=6, H=200 (a partial column block)": (13, 6, 200, torch.bfloat16, True, 0),
         "fp32, K=8, H=1100 (two column blocks, a partial one)": (5, 8, 1100, torch.float32, True, 1),

@@ -27,6 +27,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
 
 from posttrain import swiglu as S
+from posttrain.start_up_check import device_key
 
 
 def _mlp(device: str, dtype: torch.dtype, hidden: int = 64, inter: int = 200) -> DeepseekV3MLP:
@@ -111,7 +112,7 @@ def run_cases(device: str) -> dict:
         "pair, fp32, gates up to ±300": (9, 100, torch.float32, 100.0, True, 9),
     }.items():
         results[name] = _case(device, *args)
-    S._checked[str(torch.device(device))] = None
+    S._checked[device_key(device)] = None  # cuda:0 on CUDA, as the MLP's tensors name it
     results["mlp"] = _mlp_case(device)
     return results
 

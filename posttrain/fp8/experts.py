@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routed_experts import experts_forward, fused_routing_usable
+from ..start_up_check import device_key
 from .gemm import TILE, BlockQuantized, fp8_gemm_nt
 from .linear import (
     DEFAULT_RECIPE,
@@ -160,7 +161,7 @@ def _grouped_fast_path_available(device: torch.device) -> bool:
         return False
     if torch.cuda.get_device_capability(device) < (9, 0):
         return False
-    key = str(device)
+    key = device_key(device)
     if key not in _grouped_state:
         _grouped_state[key] = True if mode == "rowwise" else _probe_grouped(device)
     return _grouped_state[key]
@@ -396,7 +397,7 @@ def _grouped_wgrad_available(device: torch.device | str) -> bool:
         return True
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return False
-    key = str(device)
+    key = device_key(device)
     if key not in _wgrad_state:
         _wgrad_state[key] = _probe_grouped_wgrad(device)
     return _wgrad_state[key]

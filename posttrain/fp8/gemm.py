@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..start_up_check import device_key
 from .quant import FP8_DTYPE, dequantize_groups, quantize_groups
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def _fast_path_available(device: torch.device) -> bool:
         return False
     if torch.cuda.get_device_capability(device) != (9, 0):
         return False
-    key = str(device)
+    key = device_key(device)
     if key not in _fast_state:
         _fast_state[key] = True if mode == "scaled_mm" else _probe(device)
     return _fast_state[key]
@@ -247,7 +248,7 @@ def triton_gemm_usable(device: torch.device | str) -> bool:
     device = torch.device(device)
     if not triton_gemm.available(device):
         return False
-    key = f"triton {device}"
+    key = f"triton {device_key(device)}"
     if key not in _fast_state:
         _fast_state[key] = _probe(device, "Triton", triton_gemm.gemm_nt)
     return _fast_state[key]

@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..start_up_check import device_key
+
 log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -375,7 +377,7 @@ def _triton_usable(device: torch.device, probe: bool) -> bool:
     if not triton_quant.available() or _triton_state.get("broken"):
         return False
     if probe and device.type == "cuda":
-        key = ("probed", str(device))
+        key = ("probed", device_key(device))
         if key not in _triton_state:
             _triton_state[key] = True  # set first: the check itself calls the kernels directly
             problem = _triton_check(device)
@@ -454,7 +456,7 @@ def _one_read(x: torch.Tensor, tile: int, scale_fmt: str | None, requantize: boo
     from posttrain.fp8 import triton_quant
 
     try:
-        key = ("one read probed", str(x.device))
+        key = ("one read probed", device_key(x.device))
         # checked where quant_backend() checks the other kernels: on CUDA, when the backend is "auto"
         auto = os.environ.get(QUANT_BACKEND_ENV, "auto") == "auto"
         if auto and x.device.type == "cuda" and key not in _triton_state:
