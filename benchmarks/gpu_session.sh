@@ -67,7 +67,7 @@ run() {
     case $part in
     bench)
       # the sections in the order of the acceptance; each writes its own JSON
-      for section in ${SECTIONS:-env:30 sft_step:240 lm_head:40 quant:55 experts:60 gemm:60 linear:60 norm:25 mla:30}; do
+      for section in ${SECTIONS:-env:30 sft_step:240 lm_head:40 quant:55 experts:60 gemm:75 linear:60 norm:25 mla:30}; do
         limit=${section#*:}; section=${section%%:*}
         (( $(left) > 30 )) || { echo "== $section skipped: budget spent" | tee -a "$work/bench_gpu.md"; continue; }
         (( limit > $(left) )) && limit=$(left)

@@ -98,10 +98,10 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def gemm_nt(a, b, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gemm_nt(a, b, out_dtype: torch.dtype = torch.float32, config: dict | None = None) -> torch.Tensor:
     """``dequant(a) @ dequant(b)^T`` with ``a`` in 1x128 tiles and ``b`` a ``BlockQuantized`` (128x128 blocks or
     1x128 tiles, any view) or a prepared ``ScaledMMOperandB``; the result in ``out_dtype`` (bf16 and fp32 are
-    written by the kernel, others cast after)."""
+    written by the kernel, others cast after). ``config`` overrides :func:`tile_config` (the benchmark's sweep)."""
     from .gemm import BlockQuantized, ScaledMMOperandB
 
     if a.group != (1, TILE):
@@ -128,7 +128,7 @@ def gemm_nt(a, b, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     out = torch.empty(m, n, dtype=kernel_out, device=a.data.device)
     if m == 0 or n == 0:
         return out.to(out_dtype)
-    cfg = tile_config(m, n, k)
+    cfg = config or tile_config(m, n, k)
     sa = a.scale_inv
     grid = (-(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"]),)
     _block_scaled_gemm_kernel[grid](
