@@ -47,8 +47,8 @@ import statistics
 import sys
 import time
 import traceback
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
