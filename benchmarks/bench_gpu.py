@@ -26,6 +26,10 @@ Prints the tables the issue is judged by, as markdown, and writes them as JSON:
   GB/s (input, output and their gradients once each), activation memory kept for the backward, and the
   difference from the eager formula in bf16 steps.
 * ``sft_step``: the SFT step on the Moonlight-shaped slice (benchmarks/bench_gpu_sft.py).
+* ``gemm_sweep``: the Triton FP8 GEMM's tile configurations on the nine shapes at the first M (its tile rule's data).
+
+A section stopped by SIGTERM or Ctrl-C (``gpu_session.sh`` runs each under ``timeout``) keeps the rows it had
+measured: they are printed as JSON lines and written to the JSON with ``"interrupted": true``; the exit status is 124.
 
 Usage (one GPU):
 
@@ -60,10 +64,10 @@ from posttrain.fp8.layout import fp8_linear_shapes  # noqa: E402
 from posttrain.presets import preset_config  # noqa: E402
 
 V3_SHAPES = fp8_linear_shapes(preset_config("deepseek-v3"))  # (layer, N, K): DeepSeek-V3's nine FP8 Linears
-# Tile configurations of the Triton FP8 GEMM timed at the first M of the GEMM table: the data its tile_config()
-# rule is to be set from (one GPU call gives every shape's best). (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# Tile configurations of the Triton FP8 GEMM timed by the gemm_sweep section at the first M of the GEMM table: the
+# data its tile_config() rule is to be set from. (BLOCK_M, BLOCK_N, num_warps, num_stages)
 TRITON_SWEEP = [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4)]
-SECTIONS = ("env", "gemm", "linear", "experts", "quant", "lm_head", "norm", "mla", "sft_step")
+SECTIONS = ("env", "gemm", "linear", "experts", "quant", "lm_head", "norm", "mla", "sft_step", "gemm_sweep")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -75,6 +79,11 @@ class Ctx:
         self.smoke = smoke
         self.cuda = device == "cuda"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32  # CPUs here have no bf16 units
+        self.partial: dict[str, list] = {}  # each section's rows as they are measured (kept if it is stopped)
+
+    def section_rows(self, name: str) -> list:
+        """The list a section appends its rows to: main() writes what is in it if the section is stopped."""
+        return self.partial.setdefault(name, [])
 
     def shape(self, v: int) -> int:
         """Smoke mode shrinks the large dims (keeping 576 and 512, which are not multiples of 1024)."""
@@ -220,7 +229,7 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
     from posttrain.fp8.gemm import BlockQuantized, fast_path_active, fp8_gemm_nt, prepare_b, triton_gemm_usable
     from posttrain.fp8.linear import FP8Recipe, quantize_act
 
-    rows, out = [], []
+    rows, out = [], ctx.section_rows("gemm")
     recipe = FP8Recipe()
     with_triton = triton_gemm_usable(ctx.device)  # the second kernel, timed beside cuBLAS's where it runs
     for m in [64] if ctx.smoke else args.m:
@@ -240,6 +249,8 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
                     wq = prepare_b(wq)
                 y8 = fp8_gemm_nt(xq, wq, ctx.dtype)
                 r["err_fp8"] = rel_err(y8, ref)
+                if with_triton:
+                    r["err_triton"] = rel_err(triton_gemm.gemm_nt(xq, wq, ctx.dtype), ref)
                 del ref, y8
                 r["bf16_ms"] = ctx.bench_ms(lambda: x @ w.T)
                 r["fp8_ms"] = ctx.bench_ms(lambda: fp8_gemm_nt(xq, wq, ctx.dtype))
@@ -250,22 +261,10 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
                 r["speedup"] = r["bf16_ms"] / r["fp8_ms"]
                 r["speedup_actq"] = r["bf16_ms"] / r["fp8_actq_ms"]
                 if with_triton:
-                    r["err_triton"] = rel_err(triton_gemm.gemm_nt(xq, wq, ctx.dtype), x.float() @ w.float().T)
                     r["triton_ms"] = ctx.bench_ms(lambda: triton_gemm.gemm_nt(xq, wq, ctx.dtype))
                     r["triton_config"] = _config_name(triton_gemm.tile_config(m, n, k))
-                    if m == (64 if ctx.smoke else args.m[0]):  # the sweep, at the acceptance's M
-                        r["triton_sweep_ms"] = {}
-                        for bm, bn, warps, stages in TRITON_SWEEP[:2] if ctx.smoke else TRITON_SWEEP:
-                            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=warps, num_stages=stages)
-                            try:
-                                r["triton_sweep_ms"][_config_name(cfg)] = ctx.bench_ms(
-                                    lambda: triton_gemm.gemm_nt(xq, wq, ctx.dtype, cfg))
-                            except Exception as e:  # noqa: BLE001 -- e.g. out of shared memory: not a candidate
-                                print(f"  triton {_config_name(cfg)} on {name}: {type(e).__name__}: {str(e)[:120]}")
-                        if r["triton_sweep_ms"]:
-                            r["triton_best"], r["triton_best_ms"] = min(r["triton_sweep_ms"].items(), key=lambda kv: kv[1])
                     r["triton_tflops"] = flops / r["triton_ms"] / 1e9
-                    r["speedup_triton"] = r["bf16_ms"] / min(r["triton_ms"], r.get("triton_best_ms", math.inf))
+                    r["speedup_triton"] = r["bf16_ms"] / r["triton_ms"]
             except Exception as e:  # noqa: BLE001 -- report and go on with the next shape
                 traceback.print_exc()
                 r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -274,15 +273,15 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
                          fmt(r.get("fp8_tflops"), ".0f"), fmt(r.get("fp8_actq_ms")), fmt(r.get("actq_ms")),
                          fmt(r.get("speedup"), ".2f"), fmt(r.get("speedup_actq"), ".2f"), fmt(r.get("err_bf16"), ".2e"),
                          fmt(r.get("err_fp8"), ".2e"), fmt(r.get("triton_ms")), fmt(r.get("triton_tflops"), ".0f"),
-                         fmt(r.get("triton_best_ms")), r.get("triton_best", ""), fmt(r.get("speedup_triton"), ".2f"),
-                         fmt(r.get("err_triton"), ".2e"), r.get("error", "")])
+                         r.get("triton_config", ""), fmt(r.get("speedup_triton"), ".2f"), fmt(r.get("err_triton"), ".2e"),
+                         r.get("error", "")])
             ctx.free()
     table("GEMM: bf16 vs block-FP8 (weight pre-quantized and laid out for scaled_mm: once per optimizer step); "
           f"fp8 = the default kernel ({'scaled_mm' if fast_path_active(ctx.device) else 'reference'}), "
           "triton = posttrain.fp8.triton_gemm",
           ["M", "layer", "N", "K", "bf16 ms", "bf16 TF/s", "fp8 ms", "fp8 TF/s", "fp8 + act-quant ms", "act-quant ms",
-           "fp8/bf16", "fp8+q/bf16", "err bf16", "err fp8", "triton ms", "triton TF/s", "triton best ms (sweep)",
-           "best tiles", "triton (best)/bf16", "err triton", "error"], rows)
+           "fp8/bf16", "fp8+q/bf16", "err bf16", "err fp8", "triton ms", "triton TF/s", "triton tiles", "triton/bf16",
+           "err triton", "error"], rows)
     for m in sorted({r["M"] for r in out}):
         sel = [r for r in out if r["M"] == m]
         print(f"geomean FP8/bf16 at M={m}: GEMM {geomean([r.get('speedup') for r in sel]):.2f}x, "
@@ -290,10 +289,57 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
               f"({sum('error' in r for r in sel)} errors)")
         if with_triton:
             best = [max(r.get("speedup") or 0, r.get("speedup_triton") or 0) or None for r in sel]
-            print(f"  Triton GEMM at M={m} (its default tiles or, where swept, the best): "
-                  f"{geomean([r.get('speedup_triton') for r in sel]):.2f}x; the faster kernel "
+            print(f"  Triton GEMM at M={m}: {geomean([r.get('speedup_triton') for r in sel]):.2f}x; the faster kernel "
                   f"of the two per shape: {geomean(best):.2f}x (Triton faster on: "
                   f"{', '.join(r['layer'] for r in sel if (r.get('speedup_triton') or 0) > (r.get('speedup') or 0)) or 'none'})")
+    return out
+
+
+def section_gemm_sweep(ctx: Ctx, args) -> list[dict]:
+    """The Triton FP8 GEMM's tile configurations (TRITON_SWEEP) on the nine shapes at the first M, each against
+    bf16: the data its tile_config() rule is to be set from. Its own section, so that a slow sweep cannot cost
+    the acceptance table of `gemm`."""
+    from posttrain.fp8 import triton_gemm
+    from posttrain.fp8.gemm import BlockQuantized, fast_path_active, prepare_b, triton_gemm_usable
+
+    out = ctx.section_rows("gemm_sweep")
+    if not triton_gemm_usable(ctx.device):
+        print("\ngemm_sweep: skipped, the Triton FP8 GEMM does not run here (CUDA, or TRITON_INTERPRET=1 on a CPU)")
+        return out
+    m = 64 if ctx.smoke else args.m[0]
+    configs = TRITON_SWEEP[:2] if ctx.smoke else TRITON_SWEEP
+    names = [_config_name(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)) for bm, bn, w, st in configs]
+    rows = []
+    for name, n, k in V3_SHAPES:
+        n, k = ctx.shape(n), ctx.shape(k)
+        r = {"M": m, "layer": name, "N": n, "K": k, "ms": {}}
+        try:
+            torch.manual_seed(0)
+            x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype)
+            w = (torch.randn(n, k, device=ctx.device) * k**-0.5).to(ctx.dtype)
+            xq, wq = BlockQuantized.quantize(x, (1, 128)), BlockQuantized.quantize(w, (128, 128))
+            wq = prepare_b(wq) if fast_path_active(ctx.device) else wq
+            r["bf16_ms"] = ctx.bench_ms(lambda: x @ w.T)
+            r["default"] = _config_name(triton_gemm.tile_config(m, n, k))
+            for cfg_name, (bm, bn, warps, stages) in zip(names, configs):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=warps, num_stages=stages)
+                try:
+                    r["ms"][cfg_name] = ctx.bench_ms(lambda: triton_gemm.gemm_nt(xq, wq, ctx.dtype, cfg))
+                except Exception as e:  # noqa: BLE001 -- e.g. out of shared memory: not a candidate
+                    print(f"  triton {cfg_name} on {name}: {type(e).__name__}: {str(e)[:120]}")
+            if r["ms"]:
+                r["best"], r["best_ms"] = min(r["ms"].items(), key=lambda kv: kv[1])
+                r["bf16_over_best"] = r["bf16_ms"] / r["best_ms"]
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out.append(r)
+        rows.append([name, n, k, fmt(r.get("bf16_ms"))] + [fmt(r["ms"].get(c)) for c in names] +
+                    [r.get("default", ""), r.get("best", ""), fmt(r.get("bf16_over_best"), ".2f"), r.get("error", "")])
+        ctx.free()
+    table(f"Triton FP8 GEMM tiles at M={m} (ms; BLOCK_M x BLOCK_N, warps, pipeline stages)",
+          ["layer", "N", "K", "bf16 ms"] + names + ["default tiles", "best tiles", "bf16/best", "error"], rows)
+    print(f"geomean bf16/Triton with each shape's best tiles: {geomean([r.get('bf16_over_best') for r in out]):.2f}x")
     return out
 
 
@@ -305,7 +351,7 @@ def section_linear(ctx: Ctx, args) -> list[dict]:
     from posttrain.fp8.linear import FP8Linear, FP8Recipe, clear_weight_cache
 
     m = 64 if ctx.smoke else args.m[0]
-    rows, out = [], []
+    rows, out = [], ctx.section_rows("linear")
     with_triton = triton_gemm_usable(ctx.device)
     for name, n, k in V3_SHAPES:
         n, k = ctx.shape(n), ctx.shape(k)
@@ -394,7 +440,7 @@ def section_experts(ctx: Ctx, args) -> list[dict]:
                 ("posttrain_grouped (bf16)", FUSED_EXPERTS, None),  # the fused dispatch/combine (CUDA only)
                 ("posttrain_fp8 auto", EXPERTS_IMPLEMENTATION, FP8Recipe()),
                 ("posttrain_fp8 blockwise", EXPERTS_IMPLEMENTATION, FP8Recipe(grouped="blockwise"))]
-    rows, out = [], []
+    rows, out = [], ctx.section_rows("experts")
     register_fp8_experts()
     register_fused_experts()
     for n_exp in expert_counts:
@@ -537,11 +583,17 @@ def section_quant(ctx: Ctx, args) -> list[dict]:
     if not ctx.smoke or os.environ.get("TRITON_INTERPRET") == "1":
         backends.append("triton")
     old = os.environ.get(Q.QUANT_BACKEND_ENV)
-    rows, out = [], []
+    rows, out = [], ctx.section_rows("quant")
     try:
         for name, fn, nbytes in kernels:
             os.environ[Q.QUANT_BACKEND_ENV] = "eager"
-            ref = fn()
+            try:
+                ref = fn()
+            except Exception as ex:  # noqa: BLE001 -- e.g. out of memory: this kernel's rows only
+                traceback.print_exc()
+                out.append({"kernel": name, "backend": "eager", "error": f"{type(ex).__name__}: {str(ex)[:200]}"})
+                rows.append([name, "eager", "", "", "", "", "", out[-1]["error"]])
+                continue
             for be in backends:
                 if be == "compiled" and name in no_compiled:
                     continue
@@ -584,7 +636,7 @@ def section_lm_head(ctx: Ctx, args) -> list[dict]:
     token_counts = [256] if ctx.smoke else [8192, 32768]
     if args.lm_shape:
         *token_counts, hidden, vocab = args.lm_shape
-    out, rows = [], []
+    out, rows = ctx.section_rows("lm_head"), []
     for n in token_counts:
         torch.manual_seed(0)
         head = nn.Linear(hidden, vocab, bias=False, device=ctx.device, dtype=ctx.dtype)
@@ -657,7 +709,7 @@ def section_norm(ctx: Ctx, args) -> list[dict]:
     from posttrain.rms_norm import DeepseekV3FusedRMSNorm, fused_rms_norm_usable
 
     tokens = 256 if ctx.smoke else 8192
-    out, rows = [], []
+    out, rows = ctx.section_rows("norm"), []
     for width in (2048, 7168, 512):
         torch.manual_seed(0)
         x = torch.randn(tokens, width, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
@@ -715,9 +767,14 @@ def section_mla(ctx: Ctx, args) -> list[dict]:
 
     from posttrain.mla_attention import DeepseekV3FusedAttention, fused_mla_usable
 
+    from engines.compat import avoid_cudnn_sdpa_replanning
+
     tokens = 128 if ctx.smoke else 8192
     shapes = (("Moonlight-16B", 2048, 16, None), ("DeepSeek-V3", 7168, 128, 1536))
-    out, rows = [], []
+    out, rows = ctx.section_rows("mla"), []
+    # as GRPO and the reward model do on CUDA: cuDNN's SDPA plans each new shape and stride (3-5 s) and the two
+    # rows hand it q/k in different layouts; without it both rows take the same kernel
+    cudnn_switched_off = avoid_cudnn_sdpa_replanning()
     for label, hidden, heads, q_lora in shapes:
         hidden, heads = (ctx.shape(hidden), max(2, heads // 16)) if ctx.smoke else (hidden, heads)
         cfg = DeepseekV3Config(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
@@ -749,12 +806,12 @@ def section_mla(ctx: Ctx, args) -> list[dict]:
                 ctx.free()
                 y = layer(x, pos, None)[0].detach()
                 run()
+                r["peak_gib"] = ctx.peak_gib()  # before the timing, whose L2-flush buffer would count
                 if ref is None:
                     ref = (y, x.grad.clone())
                 else:
                     r["err_y_vs_eager"], r["err_dx_vs_eager"] = rel_err(y, ref[0]), rel_err(x.grad, ref[1])
                 r["ms"] = ctx.bench_ms(run)
-                r["peak_gib"] = ctx.peak_gib()
             except Exception as e:  # noqa: BLE001 -- one broken row must not hide the others
                 traceback.print_exc()
                 r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -767,7 +824,10 @@ def section_mla(ctx: Ctx, args) -> list[dict]:
                          fmt(r.get("err_y_vs_eager"), ".2e"), fmt(r.get("err_dx_vs_eager"), ".2e"), r.get("error", "")])
         del layer, x, gy, ref
         ctx.free()
-    table(f"MLA attention layer forward+backward ({ctx.dtype}, SDPA causal; GEMMs and attention the same in both rows)",
+    if cudnn_switched_off:  # the other sections keep torch's default
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    table(f"MLA attention layer forward+backward ({ctx.dtype}, SDPA causal without cuDNN; GEMMs and attention the same "
+          "in both rows)",
           ["model", "tokens", "heads", "impl", "fused kernels", "ms", "eager/this", "peak GiB", "err y vs eager",
            "err dx vs eager", "error"], rows)
     return out
@@ -783,12 +843,15 @@ def section_sft_step(ctx: Ctx, args) -> list[dict]:
     from bench_gpu_sft import format_table, parse_args, run_sft_step_bench
 
     sft_args = parse_args(["--cpu-smoke"] if ctx.smoke else [])
-    rows = run_sft_step_bench(sft_args)
+    rows = run_sft_step_bench(sft_args, ctx.section_rows("sft_step"))
     print("\n## SFT step\n" + format_table(rows))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_gpu_sft import raise_on_sigterm
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated, from {','.join(SECTIONS)}")
@@ -816,13 +879,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     funcs = {"env": section_env, "gemm": section_gemm, "linear": section_linear, "experts": section_experts,
              "quant": section_quant, "lm_head": section_lm_head, "norm": section_norm, "mla": section_mla,
-             "sft_step": section_sft_step}
+             "sft_step": section_sft_step, "gemm_sweep": section_gemm_sweep}
     results: dict[str, object] = {"argv": sys.argv[1:] if argv is None else argv, "smoke": ctx.smoke}
-    failed = []
+    failed, interrupted = [], False
+    raise_on_sigterm()
     for name in sections:
         t = time.perf_counter()
         try:
             results[name] = funcs[name](ctx, args)
+        except KeyboardInterrupt:  # `timeout` or Ctrl-C: keep what was measured, write it, stop
+            kept = ctx.partial.get(name, [])
+            results[name] = {"interrupted": True, "rows": kept}
+            print(f"\n({name}: stopped after {time.perf_counter() - t:.1f} s; {len(kept)} rows measured, as JSON lines:)")
+            for r in kept:
+                print(json.dumps(r, default=str))
+            interrupted = True
+            break
         except Exception as e:  # noqa: BLE001 -- one broken section must not hide the others
             traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -833,6 +905,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(results, indent=1, default=str))
         print(f"rows written to {path}")
+    if interrupted:
+        return 124
     if failed:
         print(f"sections that raised: {failed}", file=sys.stderr)
         return 1

@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=None, help="default: the preset's (163840 for moonlight-16b)")
     ap.add_argument("--seqs", default="8192,32768", help="packed row lengths, comma-separated")
     ap.add_argument("--variants", default=None,
-                    help=f"comma-separated of {', '.join(VARIANTS)} (default: bf16,fp32-master,fp8 on CUDA; fp32,fp8 on CPU). "
+                    help=f"comma-separated of {', '.join(VARIANTS)} (default: bf16,fp8,fp32-master on CUDA; fp32,fp8 on CPU). "
                     "bf16 / fp32: weights in that dtype; fp32-autocast: fp32 master weights + bf16 autocast; "
                     "fp32-master: fp32 master weights, bf16 compute through FSDP2's MixedPrecisionPolicy on one rank "
                     "(recipes/accelerate/fsdp2-1gpu.yaml); "
@@ -512,12 +512,24 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def run_sft_step_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+def raise_on_sigterm() -> None:
+    """SIGTERM (``timeout``, as gpu_session.sh stops a part) raises KeyboardInterrupt, so that the rows measured
+    so far are still printed and written instead of lost with the process."""
+    import signal
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def run_sft_step_bench(args: argparse.Namespace, rows: list | None = None) -> list[dict[str, Any]]:
     """One row per (variant, row length): see the module docstring. Failures (out of memory, a
-    kernel error) become rows with an `error` and the others still run."""
+    kernel error) become rows with an `error` and the others still run. Each row is appended to ``rows`` (a
+    caller's list, which keeps them if the run is stopped) and printed as a table line as soon as it is measured."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    variants = (args.variants or ("bf16,fp32-master,fp8" if device.type == "cuda" else "fp32,fp8")).split(",")
-    rows = []
+    variants = (args.variants or ("bf16,fp8,fp32-master" if device.type == "cuda" else "fp32,fp8")).split(",")
+    rows = [] if rows is None else rows
     for variant in variants:
         for seq in (int(s) for s in str(args.seqs).split(",")):
             try:
@@ -527,8 +539,18 @@ def run_sft_step_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     raise
                 traceback.print_exc()
                 rows.append({"variant": variant, "seq": seq, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            _print_row(rows[-1])
             _free(device)
     return rows
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    """A measured row's table line, at once (a run stopped later keeps it in the log); JSON if it lacks a field."""
+    try:
+        line = format_table([row]).splitlines()[-1]
+    except (KeyError, TypeError):  # printing must not cost the run its next rows
+        line = json.dumps(row, default=str)
+    print("row: " + line, flush=True)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -565,14 +587,24 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = environment(device)
     print(json.dumps(env))
-    rows = run_sft_step_bench(args)
+    raise_on_sigterm()
+    rows: list[dict[str, Any]] = []
+    interrupted = False
+    try:
+        run_sft_step_bench(args, rows)
+    except KeyboardInterrupt:  # `timeout` or Ctrl-C: the rows measured so far are still printed and written
+        interrupted = True
+        print(f"stopped: {len(rows)} rows measured")
     print(format_table(rows))
     print("MFU = (6·N_act·T + 3·Σ_layers Σ_samples h·n²·(d_qk+d_v)) / t / peak; body: N_act without the LM heads")
     path = args.json or (os.path.join(os.environ["OUT"], "bench_gpu_sft.json") if os.environ.get("OUT") else None)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=1))
+        Path(path).write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows,
+                                          "interrupted": interrupted}, indent=1))
         print(f"rows written to {path}")
+    if interrupted:
+        return 124
     return 0 if all("error" not in r and r["stall_free"] for r in rows) else 1
 
 

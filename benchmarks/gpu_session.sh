@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# One lent GPU, one call: issue #13's figures and the suite on CUDA.
+# A lent GPU: issue #13's figures and the suite on CUDA.
 #
 # The device machine has torch and Triton but not the rest of the stack, and it reaches no registry. So:
 #
 #   bash benchmarks/gpu_session.sh prepare      # here: wheels for Python 3.12 into .whl/ (about 15 MiB)
-#   # then one device call, from the repository root, carrying .whl:
-#   #   run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=590)
-#   Plan for that one call: the machine goes back after 30 s idle, and in session 11 a second call was refused
-#   ("no new device machine is lent at present").
+#   # then device calls from the repository root, carrying .whl.
+#   A task's device time is 15 minutes in all (the machine's start included) and one call at most 10: plan two calls,
+#     1. run(command="PARTS=bench bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=590)
+#        the acceptance tables first (env gemm linear quant experts sft_step), then lm_head norm mla gemm_sweep;
+#     2. run(command="PARTS='pytest unfused profile' BUDGET_S=<what is left> bash benchmarks/gpu_session.sh run", ...)
+#   and give the machine back after the last one. In session 11 a second call was refused.
 #
 # `run` installs the wheels into /tmp/site, then writes to $OUT (or ./gpu-out) gpu-out.tgz, which holds:
 #   env.txt                         the GPU and the versions
 #   bench_gpu.md, bench_gpu.*.json  `benchmarks/bench_gpu.py`, one section at a time, each with its own timeout
 #   profile/                        `bench_gpu_sft.py --profile`: the step's top operators and a Chrome trace
 #   unfused.json                    the bf16 step with the fused glue kernels on and off, in one process (A/B)
-#   compiled.json                   the bf16 step under accelerate's regional compilation (an experiment)
+#   compiled.json                   the bf16 step under accelerate's regional compilation (an experiment; not in
+#                                   the default PARTS)
 #   pytest.log                      `pytest -m "not vllm"` on CUDA (-v: each result as it lands)
-# and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 560).
+# and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 560). A section or part
+# stopped at its limit keeps the rows it had measured (bench_gpu.py and bench_gpu_sft.py write them on SIGTERM);
+# a part skipped for want of time says so in bench_gpu.md.
 # Session 11 (one H100): env 3 s, sft_step 94 s (4 rows; 6 now), quant 17 s, experts 26 s, gemm 19 s, linear 11 s,
 # each plus ~7 s of start-up; pytest -n 14 had not finished in 120 s (3 slow tests left).
-# Everything does not fit one call (bench ~300 s + pytest ~200 s + profile 90 s + compiled 150 s > BUDGET_S): with
-# two calls lent, run PARTS="bench pytest" first and PARTS="unfused profile compiled" second.
-# PARTS (default "bench pytest unfused profile compiled") picks the parts and their order; SECTIONS the benchmark sections
+# PARTS (default "bench pytest unfused profile") picks the parts and their order; SECTIONS the benchmark sections
 # (name:limit_s); PYTEST_S caps pytest (default 200 s); PYTEST_TARGETS / PYTEST_MARK / PYTEST_WORKERS / PYTEST_DIST shape it.
 set -uo pipefail
 
@@ -57,22 +60,22 @@ run() {
   sft_part() {
     local name=$1 cap=$2 min=$3 limit; shift 3
     limit=$(( $(left) < cap ? $(left) : cap ))
-    (( limit > min )) || return 0
+    (( limit > min )) || { echo "== $name skipped: ${limit}s left, it needs more than ${min}s" | tee -a "$work/bench_gpu.md"; return 0; }
     echo "== $name (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
-    timeout "$limit" python3 benchmarks/bench_gpu_sft.py "$@" 2>"$work/$name.err" | tee -a "$work/bench_gpu.md"
+    timeout -k 15 "$limit" python3 benchmarks/bench_gpu_sft.py "$@" 2>"$work/$name.err" | tee -a "$work/bench_gpu.md"
     pack
   }
   local part section limit
-  for part in ${PARTS:-bench pytest unfused profile compiled}; do
+  for part in ${PARTS:-bench pytest unfused profile}; do
     case $part in
     bench)
-      # the sections in the order of the issue's acceptance; each writes its own JSON
-      for section in ${SECTIONS:-env:30 sft_step:240 lm_head:40 quant:55 experts:60 gemm:75 linear:60 norm:25 mla:30}; do
+      # the acceptance tables first, the diagnostics after; each section writes its own JSON
+      for section in ${SECTIONS:-env:20 gemm:60 linear:50 quant:45 experts:55 sft_step:200 lm_head:50 norm:20 mla:50 gemm_sweep:45}; do
         limit=${section#*:}; section=${section%%:*}
         (( $(left) > 30 )) || { echo "== $section skipped: budget spent" | tee -a "$work/bench_gpu.md"; continue; }
         (( limit > $(left) )) && limit=$(left)
         echo "== $section (limit ${limit}s, t=$(( $(date +%s) - t0 ))s)" | tee -a "$work/bench_gpu.md"
-        timeout "$limit" python3 benchmarks/bench_gpu.py --sections "$section" --json "$work/bench_gpu.$section.json" \
+        timeout -k 15 "$limit" python3 benchmarks/bench_gpu.py --sections "$section" --json "$work/bench_gpu.$section.json" \
           2>"$work/bench_gpu.$section.err" | tee -a "$work/bench_gpu.md"
         echo "(rc=${PIPESTATUS[0]})" | tee -a "$work/bench_gpu.md"
         tail -5 "$work/bench_gpu.$section.err"
@@ -80,7 +83,7 @@ run() {
       done ;;
     unfused)
       # the A/B of the toolkit's fused RMSNorm, MoE routing, MLA assembly and SwiGLU kernels on the bf16 8k step
-      sft_part unfused 90 40 --seqs 8192 --variants bf16,bf16-unfused --json "$work/unfused.json" ;;
+      sft_part unfused 120 40 --seqs 8192 --variants bf16,bf16-unfused --json "$work/unfused.json" ;;
     profile)
       # the profiler pass over the SFT step (bf16, 8k rows): top operators by GPU time, a Chrome trace
       sft_part profile 90 40 --seqs 8192 --variants bf16 --iters 3 --profile "$work/profile" \
@@ -96,7 +99,7 @@ run() {
       if (( limit > 60 )); then
         echo "== pytest -m 'not vllm' (limit ${limit}s, t=$(( $(date +%s) - t0 ))s)"
         # -v: xdist prints each result as it lands, so a run cut off by the limit still names its failures
-        timeout "$limit" python3 -m pytest -v -m "${PYTEST_MARK:-not vllm}" -p no:cacheprovider \
+        timeout -k 15 "$limit" python3 -m pytest -v -m "${PYTEST_MARK:-not vllm}" -p no:cacheprovider \
           -n "${PYTEST_WORKERS:-12}" --dist "${PYTEST_DIST:-loadfile}" --no-loadscope-reorder --timeout 300 --tb=short \
           ${PYTEST_TARGETS:-tests} > "$work/pytest.log" 2>&1
         echo "(rc=$?)" >> "$work/pytest.log"

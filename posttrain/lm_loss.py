@@ -304,14 +304,15 @@ def lm_head_cross_entropy(
         bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
     if backend == "auto":
         backend = "fused" if h.device.type in ("cuda", "xpu") else "recompute"
+    # both chunked heads add each chunk's dW product into one fp32 accumulator: few, long chunks on a GPU
+    per_chunk = _CHUNK_ELEMS_GPU if h.device.type in ("cuda", "xpu") else _CHUNK_ELEMS_CPU
+    chunk_rows = chunk or max(1, per_chunk // weight.shape[0])
     if backend == "fused":
-        per_chunk = _CHUNK_ELEMS_GPU if h.device.type in ("cuda", "xpu") else _CHUNK_ELEMS_CPU
-        chunk_rows = chunk or max(1, per_chunk // weight.shape[0])
         with_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (h, weight, bias))
         total = _FusedLinearCE.apply(h, weight, bias, t, chunk_rows, with_grad)
     elif backend == "recompute":
-        log_probs = _RecomputeLinearCE.apply(h, weight, bias, t, chunk or max(1, _CHUNK_ELEMS_CPU // weight.shape[0]))
+        log_probs = _RecomputeLinearCE.apply(h, weight, bias, t, chunk_rows)
         total = -log_probs.sum()
     elif backend == "trl":
         from trl.kernels import ChunkedLogProbFunction

@@ -62,3 +62,29 @@ def test_without_cuda_it_exits_non_zero_with_a_message(capsys):
     bench = _load()
     assert bench.main(["--sections", "gemm"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_stopped_section_keeps_the_rows_it_measured(tmp_path, capsys, monkeypatch):
+    """gpu_session.sh stops a section at its time limit: the rows it had measured are printed and written (with
+    "interrupted"), the sections after it are not run, and the exit status is 124."""
+    import signal
+
+    bench = _load()
+
+    def stopped_after_one_row(ctx, args):
+        ctx.section_rows("norm").append({"width": 2048, "ms": 1.5})
+        raise KeyboardInterrupt  # what SIGTERM raises once raise_on_sigterm() is in place
+
+    monkeypatch.setattr(bench, "section_norm", stopped_after_one_row)
+    monkeypatch.setattr(bench, "section_mla", lambda ctx, args: pytest.fail("ran after the stop"))
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        out = tmp_path / "bench.json"
+        assert bench.main(["--cpu-smoke", "--sections", "env,norm,mla", "--json", str(out)]) == 124
+        with pytest.raises(KeyboardInterrupt):  # main() made SIGTERM raise
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    data = json.loads(out.read_text())
+    assert data["norm"] == {"interrupted": True, "rows": [{"width": 2048, "ms": 1.5}]} and "mla" not in data
+    assert '{"width": 2048, "ms": 1.5}' in capsys.readouterr().out
