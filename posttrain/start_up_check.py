@@ -44,7 +44,7 @@ def device_key(device: torch.device | str) -> str:
     inside a caller's count of kernel launches)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return str(device)
 
 
