@@ -9,7 +9,8 @@
 #     1. run(command="PARTS=bench bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=590)
 #        the acceptance tables first (env gemm linear quant experts sft_step), then lm_head norm mla gemm_sweep;
 #     2. run(command="PARTS='pytest unfused profile' BUDGET_S=<what is left> bash benchmarks/gpu_session.sh run", ...)
-#   and give the machine back after the last one. In session 11 a second call was refused.
+#   the second at once (the machine goes back after 30 s idle, and a fresh start costs minutes of the 15), and give
+#   the machine back after the last one. In session 11 a second call was refused.
 #
 # `run` installs the wheels into /tmp/site, then writes to $OUT (or ./gpu-out) gpu-out.tgz, which holds:
 #   env.txt                         the GPU and the versions
