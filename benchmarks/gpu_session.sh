@@ -7,7 +7,7 @@
 #   # then device calls from the repository root, carrying .whl.
 #   A task's device time is 15 minutes in all (the machine's start included) and one call at most 10: plan two calls,
 #     1. run(command="PARTS=bench bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=590)
-#        the acceptance tables first (env gemm linear quant experts sft_step), then lm_head norm mla gemm_sweep;
+#        the acceptance tables first (env gemm linear quant experts sft_step), then lm_head,norm,mla and gemm_sweep;
 #     2. run(command="PARTS='pytest unfused profile' BUDGET_S=<what is left> bash benchmarks/gpu_session.sh run", ...)
 #   the second at once (the machine goes back after 30 s idle, and a fresh start costs minutes of the 15), and give
 #   the machine back after the last one. In session 11 a second call was refused.
@@ -70,8 +70,9 @@ run() {
   for part in ${PARTS:-bench pytest unfused profile}; do
     case $part in
     bench)
-      # the acceptance tables first, the diagnostics after; each section writes its own JSON
-      for section in ${SECTIONS:-env:20 gemm:60 linear:50 quant:45 experts:55 sft_step:200 lm_head:50 norm:20 mla:50 gemm_sweep:45}; do
+      # the acceptance tables first, the diagnostics after; each entry (a section, or sections joined by commas that
+      # share one process and its ~8 s of start-up) writes its own JSON
+      for section in ${SECTIONS:-env:20 gemm:60 linear:50 quant:45 experts:55 sft_step:200 lm_head,norm,mla:100 gemm_sweep:45}; do
         limit=${section#*:}; section=${section%%:*}
         (( $(left) > 30 )) || { echo "== $section skipped: budget spent" | tee -a "$work/bench_gpu.md"; continue; }
         (( limit > $(left) )) && limit=$(left)
