@@ -24,6 +24,7 @@ import sys
 
 import pytest
 import torch
+from kernel_calls import assert_start_up_check_failed_once, break_kernel, recorded_calls  # noqa: E402
 from subprocess_env import run_in_triton_interpreter  # noqa: E402
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
@@ -110,26 +111,9 @@ def _kernel_case(device: str, b: int, s: int, heads: int, nope: int, rope: int, 
     return result
 
 
-class _Launches(list):
+def _launches():
     """Records the kernels' launches while active: "forward", "backward"."""
-
-    def __enter__(self):
-        self.saved = M.query_key_forward, M.query_key_backward
-        forward, backward = self.saved
-
-        def fwd(*a, **k):
-            self.append("forward")
-            return forward(*a, **k)
-
-        def bwd(*a, **k):
-            self.append("backward")
-            return backward(*a, **k)
-
-        M.query_key_forward, M.query_key_backward = fwd, bwd
-        return self
-
-    def __exit__(self, *exc):
-        M.query_key_forward, M.query_key_backward = self.saved
+    return recorded_calls(M, {"query_key_forward": "forward", "query_key_backward": "backward"})
 
 
 def _layer_case(device: str, q_lora_rank: int | None) -> dict:
@@ -142,7 +126,7 @@ def _layer_case(device: str, q_lora_rank: int | None) -> dict:
     mod = _attention(cfg, device, torch.float32)
     M.use_fused_mla(mod)
     x, pos, gy = _inputs(cfg, device, torch.float32)
-    with _Launches() as launches:
+    with _launches() as launches:
         ours = _layer_run(mod, ours_forward, x, pos, gy)
     hf = _layer_run(mod, hf_forward, x, pos, gy)
     result["fp32 max rel diff"] = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, hf))
@@ -199,7 +183,7 @@ def _model_case(device: str) -> dict:
             mod.FUSED_DEVICE_TYPES = types
     swiglu.FUSED_DEVICE_TYPES = routed_experts.FUSED_DEVICE_TYPES = M.FUSED_DEVICE_TYPES
     try:
-        with _Launches() as launches:
+        with _launches() as launches:
             loss1, grads1 = run()
     finally:
         for mod, types in saved.items():
@@ -377,17 +361,7 @@ def test_kernels_run_only_on_cuda_without_a_cache_not_compiling_and_not_switched
 
 
 def test_a_failed_start_up_check_keeps_transformers_forward_with_one_warning(monkeypatch, caplog):
-    if M.triton is None:
-        pytest.skip("Triton is not installed")
-    monkeypatch.setattr(M, "_checked", {})
-    monkeypatch.setattr(M, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
-    calls = []
-
-    def broken(*a, **k):
-        calls.append(1)
-        raise RuntimeError("no kernel here")
-
-    monkeypatch.setattr(M, "query_key_forward", broken)
+    calls = break_kernel(monkeypatch, M, "query_key_forward")
     cfg = _config()
     mod = _attention(cfg, "cpu", torch.float32)
     x, pos, gy = _inputs(cfg, "cpu", torch.float32)
@@ -396,8 +370,7 @@ def test_a_failed_start_up_check_keeps_transformers_forward_with_one_warning(mon
     with caplog.at_level(logging.WARNING, logger=M.__name__):
         ours = _layer_run(mod, M.DeepseekV3FusedAttention.forward, x, pos, gy)
         assert not M.fused_mla_usable(mod, x, pos, None)
-    assert len(calls) == 1 and "RuntimeError: no kernel here" in M._checked["cpu"]
-    assert len([r for r in caplog.records if "start-up check" in r.getMessage()]) == 1
+    assert_start_up_check_failed_once(M, calls, caplog.records)
     assert all(torch.equal(a, b) for a, b in zip(ours, hf))
 
 

@@ -23,6 +23,7 @@ import sys
 
 import pytest
 import torch
+from kernel_calls import assert_start_up_check_failed_once, break_kernel, recorded_calls  # noqa: E402
 from subprocess_env import run_in_triton_interpreter  # noqa: E402
 
 from posttrain import routed_experts as R
@@ -76,26 +77,10 @@ def _experts_module(device: str, dtype: torch.dtype, experts: int = 8, hidden: i
     return mod.to(device, dtype)
 
 
-class _Launches(list):
+def _launches():
     """Records the fused kernels' launches by name while active: "combine", "dispatch backward", "swiglu"."""
-
-    def __enter__(self):
-        self.saved = R.sum_rows, R.silu_mul
-        real_sum, real_swiglu = self.saved
-
-        def sum_rows(*a, **k):
-            self.append("combine" if a[2] is not None else "dispatch backward")
-            return real_sum(*a, **k)
-
-        def swiglu(*a, **k):
-            self.append("swiglu")
-            return real_swiglu(*a, **k)
-
-        R.sum_rows, R.silu_mul = sum_rows, swiglu
-        return self
-
-    def __exit__(self, *exc):
-        R.sum_rows, R.silu_mul = self.saved
+    return recorded_calls(R, {"sum_rows": lambda *a, **k: "combine" if a[2] is not None else "dispatch backward",
+                              "silu_mul": "swiglu"})
 
 
 def _layer_run(mod, forward, x, idx, wts, gy):
@@ -119,7 +104,7 @@ def _layer_case(device: str) -> dict:
     idx[:5] = torch.arange(6)  # expert 7 gets fewer tokens; one with none is covered by the random draw or not
     wts = torch.rand(tokens, 6, generator=g).to(device)
     gy = torch.randn(tokens, mod.hidden_dim, generator=g).to(device)
-    with _Launches() as launches:
+    with _launches() as launches:
         ours = _layer_run(mod, R.fused_grouped_experts_forward, x, idx, wts, gy)
     hf = _layer_run(mod, grouped_mm_experts_forward, x, idx, wts, gy)
     mod64 = _experts_module("cpu", torch.float64)
@@ -145,7 +130,7 @@ def _fp8_case(device: str) -> dict:
     idx = torch.rand(24, mod.num_experts, generator=g).topk(6, dim=-1).indices.to(device)
     wts = torch.rand(24, 6, generator=g).to(device)
     gy = torch.randn(24, 256, generator=g).to(device, torch.bfloat16)
-    with _Launches() as launches:
+    with _launches() as launches:
         fused = _layer_run(mod, fp8_experts_forward, x, idx, wts, gy)
         os.environ[R.FUSED_ROUTING_ENV] = "0"
         try:
@@ -287,22 +272,11 @@ def test_kernels_run_only_on_cuda_not_compiling_and_not_switched_off(monkeypatch
 
 
 def test_a_failed_start_up_check_keeps_the_eager_ops_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(R, "_checked", {})
-    monkeypatch.setattr(R, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
-    if R.triton is None:
-        pytest.skip("Triton is not installed")
-    calls = []
-
-    def broken(*a, **k):
-        calls.append(1)
-        raise RuntimeError("no kernel here")
-
-    monkeypatch.setattr(R, "sum_rows", broken)
+    calls = break_kernel(monkeypatch, R, "sum_rows")
     x = torch.zeros(4, 8, dtype=torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger=R.__name__):
         assert not R.fused_routing_usable(x) and not R.fused_routing_usable(x)
-    assert len(calls) == 1 and "RuntimeError: no kernel here" in R._checked["cpu"]
-    assert len([r for r in caplog.records if "start-up check" in r.getMessage()]) == 1
+    assert_start_up_check_failed_once(R, calls, caplog.records)
     # the experts then run transformers' function
     mod = _experts_module("cpu", torch.float32)
     idx = torch.rand(6, 8).topk(6, dim=-1).indices

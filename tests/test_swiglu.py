@@ -22,6 +22,7 @@ import sys
 
 import pytest
 import torch
+from kernel_calls import assert_start_up_check_failed_once, break_kernel, recorded_calls  # noqa: E402
 from subprocess_env import run_in_triton_interpreter  # noqa: E402
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
@@ -83,14 +84,8 @@ def _mlp_case(device: str) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 9, 64, generator=g).to(device, torch.bfloat16)
     gy = torch.randn(2, 9, 64, generator=g).to(device, torch.bfloat16)
-    launches = []
-    forward, backward = S.swiglu_forward, S.swiglu_backward
-    S.swiglu_forward = lambda *a: launches.append("forward") or forward(*a)
-    S.swiglu_backward = lambda *a: launches.append("backward") or backward(*a)
-    try:
+    with recorded_calls(S, {"swiglu_forward": "forward", "swiglu_backward": "backward"}) as launches:
         ours = [t.double().cpu() for t in _run(mod, S.DeepseekV3FusedMLP.forward, x, gy)]
-    finally:
-        S.swiglu_forward, S.swiglu_backward = forward, backward
     hf = [t.double().cpu() for t in _run(mod, DeepseekV3MLP.forward, x, gy)]
     mod64 = _mlp("cpu", torch.float64)
     mod64.load_state_dict({k: v.double().cpu() for k, v in mod.state_dict().items()})
@@ -221,17 +216,7 @@ def test_mlp_kernels_run_only_on_cuda_not_compiling_and_not_switched_off(monkeyp
 
 
 def test_a_failed_start_up_check_keeps_transformers_mlp_with_one_warning(monkeypatch, caplog):
-    if S.triton is None:
-        pytest.skip("Triton is not installed")
-    monkeypatch.setattr(S, "_checked", {})
-    monkeypatch.setattr(S, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
-    calls = []
-
-    def broken(*a, **k):
-        calls.append(1)
-        raise RuntimeError("no kernel here")
-
-    monkeypatch.setattr(S, "swiglu_forward", broken)
+    calls = break_kernel(monkeypatch, S, "swiglu_forward")
     mod = _mlp("cpu", torch.float32)
     x, gy = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     hf = _run(mod, DeepseekV3MLP.forward, x, gy)
@@ -239,8 +224,7 @@ def test_a_failed_start_up_check_keeps_transformers_mlp_with_one_warning(monkeyp
     with caplog.at_level(logging.WARNING, logger=S.__name__):
         ours = _run(mod, type(mod).forward, x, gy)
         assert not S.fused_swiglu_usable(x)
-    assert len(calls) == 1 and "RuntimeError: no kernel here" in S._checked["cpu"]
-    assert len([r for r in caplog.records if "start-up check" in r.getMessage()]) == 1
+    assert_start_up_check_failed_once(S, calls, caplog.records)
     assert all(torch.equal(a, b) for a, b in zip(ours, hf))
 
 
