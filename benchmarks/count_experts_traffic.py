@@ -13,7 +13,6 @@ profile's memory traffic would show, without a GPU; times are not measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 import torch  # noqa: E402
-from kernel_counter import KernelCounter, tensor_bytes  # noqa: E402
+from kernel_counter import KernelCounter, report_kernels_by_name, tensor_bytes  # noqa: E402
 
 from posttrain import routed_experts as R  # noqa: E402
 from posttrain import swiglu as S  # noqa: E402
@@ -106,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['impl']} | {r['kernels']} | {r['gemm kernels']} | {r['glue bytes'] / 1e9:.2f} GB | "
               f"{r['glue bytes per routed element']:.1f} B |")
     print("\n" + "; ".join(f"{k} {v:.1e}" for k, v in rows[1].items() if k.startswith("rel diff")))
-    for r in rows:
-        print(f"\n{r['impl']}: " + ", ".join(f"{k} {v}" for k, v in sorted(r["kernels by name"].items())))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    report_kernels_by_name(rows, args.json)
     return 0
 
 

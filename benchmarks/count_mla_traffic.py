@@ -17,7 +17,6 @@ measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path[:0] = [str(ROOT)]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from kernel_counter import KernelCounter, tensor_bytes  # noqa: E402
+from kernel_counter import KernelCounter, report_kernels_by_name, tensor_bytes  # noqa: E402
 from transformers import AttentionInterface, DeepseekV3Config  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
@@ -177,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['impl']} | {r['kernels']} | {r['gemm kernels']} | {r['glue bytes'] / 1e6:.1f} MB | "
               f"{r['attention and norm bytes'] / 1e6:.1f} MB | {r['assembly bytes per token'] / 1e3:.1f} kB |")
     print(f"\nlargest relative difference (output and every gradient): {rows[1]['max rel diff']:.1e}")
-    for r in rows:
-        print(f"\n{r['impl']}: " + ", ".join(f"{k} {v}" for k, v in sorted(r["kernels by name"].items())))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    report_kernels_by_name(rows, args.json)
     return 0
 
 

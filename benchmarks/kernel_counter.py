@@ -10,7 +10,9 @@ reads each input once and writes each output once moves (an in-place op's tensor
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -23,6 +25,15 @@ NOT_KERNELS = {"view", "_unsafe_view", "t", "transpose", "as_strided", "empty", 
                "unbind", "narrow"}
 # matrix products: counted as kernels, their bytes kept apart (a GEMM's traffic is not glue)
 GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "grouped_mm", "_scaled_mm", "_scaled_grouped_mm", "matmul"}
+
+
+def report_kernels_by_name(rows: list[dict], json_path: str | None) -> None:
+    """Prints each implementation's kernels by name (``rows``: dicts with "impl" and "kernels by name") and writes
+    the rows as JSON to ``json_path`` when one is given: the end of every count script's report."""
+    for r in rows:
+        print(f"\n{r['impl']}: " + ", ".join(f"{k} {v}" for k, v in sorted(r["kernels by name"].items())))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
 
 
 def tensor_bytes(*values) -> int:
