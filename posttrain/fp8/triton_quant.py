@@ -30,12 +30,8 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU install may lack Triton; quant_backend() then never picks this backend
-    triton = None
-    tl = None
+# None without Triton: quant_backend() then never picks this backend
+from ..triton_rounding import tl, triton
 
 __all__ = ["available", "in_place", "quantize", "quantize_both", "quantize_token_runs"]
 
