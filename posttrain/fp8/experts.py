@@ -159,12 +159,12 @@ def _grouped_fast_path_available(device: torch.device) -> bool:
     mode = os.environ.get(GROUPED_ENV, "auto")
     if mode == "blockwise" or device.type != "cuda" or not _rowwise_operands_ok():
         return False
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        return False
-    key = device_key(device)
-    if key not in _grouped_state:
-        _grouped_state[key] = True if mode == "rowwise" else _probe_grouped(device)
-    return _grouped_state[key]
+    key = device_key(device)  # decided once per device: at each MoE layer only a dict lookup
+    usable = _grouped_state.get(key)
+    if usable is None:
+        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
+        usable = _grouped_state[key] = hopper and (mode == "rowwise" or _probe_grouped(device))
+    return usable
 
 
 def grouped_backend(device: torch.device | str, recipe: FP8Recipe = DEFAULT_RECIPE) -> str:
@@ -395,12 +395,13 @@ def _grouped_wgrad_available(device: torch.device | str) -> bool:
         return False
     if mode == "fp8":
         return True
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+    if device.type != "cuda":
         return False
     key = device_key(device)
-    if key not in _wgrad_state:
-        _wgrad_state[key] = _probe_grouped_wgrad(device)
-    return _wgrad_state[key]
+    usable = _wgrad_state.get(key)
+    if usable is None:
+        usable = _wgrad_state[key] = torch.cuda.get_device_capability(device) >= (9, 0) and _probe_grouped_wgrad(device)
+    return usable
 
 
 def _probe_grouped_wgrad(device: torch.device) -> bool:

@@ -106,7 +106,10 @@ def _pad2d(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.T
 
 
 def _outer_dim_major(s: torch.Tensor) -> torch.Tensor:
-    """``[rows, kb]`` with strides ``(1, rows)`` (a column-major copy), torch's BlockWise1x128 layout."""
+    """``[rows, kb]`` with strides ``(1, rows)`` (a column-major copy), torch's BlockWise1x128 layout; ``s`` itself
+    when it has them (the Triton quantizers write activation scales so)."""
+    if s.stride(0) == 1 and s.stride(1) == s.shape[0]:
+        return s
     return s.t().contiguous().t()
 
 
@@ -189,17 +192,17 @@ def _gemm_mode() -> str:
 
 
 def _fast_path_available(device: torch.device) -> bool:
-    mode = _gemm_mode()
-    if mode == "reference" or device.type != "cuda":
-        return False
-    if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
-        return False
-    if torch.cuda.get_device_capability(device) != (9, 0):
+    """Whether ``F.scaled_mm``'s block-scaled kernel runs on ``device`` and passed its probe there: decided once per
+    device (at every GEMM only a dict lookup: the layers are launch-bound where the GEMMs are short)."""
+    if device.type != "cuda":
         return False
     key = device_key(device)
-    if key not in _fast_state:
-        _fast_state[key] = True if mode == "scaled_mm" else _probe(device)
-    return _fast_state[key]
+    usable = _fast_state.get(key)
+    if usable is None:
+        hopper = (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
+                  and torch.cuda.get_device_capability(device) == (9, 0))
+        usable = _fast_state[key] = hopper and (_gemm_mode() == "scaled_mm" or _probe(device))
+    return usable
 
 
 # The probe covers the three GEMMs of a Linear (§3.3.2, Figure 7 (a)) as linear.py issues them, on shapes

@@ -346,7 +346,14 @@ def _compiled_kernel(kind: str, a: int, b: int, scale_fmt: str | None):
     return compiled
 
 
-def quant_backend(device: torch.device | str) -> str:
+def _quant_mode() -> str:
+    mode = os.environ.get(QUANT_BACKEND_ENV, "auto")
+    if mode not in QUANT_BACKENDS:
+        raise ValueError(f"{QUANT_BACKEND_ENV} must be one of {', '.join(QUANT_BACKENDS)}, got {mode!r}")
+    return mode
+
+
+def quant_backend(device: torch.device | str, mode: str | None = None) -> str:
     """``"triton"``, ``"compiled"`` or ``"eager"``: which quantizer :func:`quantize_groups` & co. use on ``device``.
 
     ``POSTTRAIN_FP8_QUANT=auto`` (default) picks on CUDA the Triton kernels of
@@ -355,16 +362,16 @@ def quant_backend(device: torch.device | str) -> str:
     each kernel costs tens of seconds there, and the CPU path is an emulation anyway). ``compiled`` and
     ``triton`` force that backend (on a CPU, ``triton`` needs ``TRITON_INTERPRET=1``); ``eager`` never
     compiles. A failure switches to the next backend for the rest of the process, logged once; group
-    shapes the Triton kernels do not cover use the compiled kernel.
+    shapes the Triton kernels do not cover use the compiled kernel. ``mode``: the variable's value, if the
+    caller has read it.
     """
-    mode = os.environ.get(QUANT_BACKEND_ENV, "auto")
-    if mode not in QUANT_BACKENDS:
-        raise ValueError(f"{QUANT_BACKEND_ENV} must be one of {', '.join(QUANT_BACKENDS)}, got {mode!r}")
+    mode = _quant_mode() if mode is None else mode
     if mode == "eager":
         return "eager"
-    if mode == "auto" and torch.device(device).type != "cuda":
+    device = torch.device(device)
+    if mode == "auto" and device.type != "cuda":
         return "eager"
-    if mode in ("auto", "triton") and _triton_usable(torch.device(device), probe=mode == "auto"):
+    if mode in ("auto", "triton") and _triton_usable(device, probe=mode == "auto"):
         return "triton"
     if _compile_state.get("broken") or not hasattr(torch, "compile"):
         return "eager"
@@ -451,19 +458,22 @@ def _one_read(x: torch.Tensor, tile: int, scale_fmt: str | None, requantize: boo
     """:func:`quantize_tiles_and_t` as one Triton kernel, or None: not the Triton backend, a shape the kernel does
     not cover, or the kernel failed its start-up check or a launch. A failure turns off this kernel only (logged
     once); the two separate Triton kernels still run."""
-    if x.dim() != 2 or _is_compiling() or quant_backend(x.device) != "triton" or _triton_state.get("one read off"):
+    if x.dim() != 2 or _triton_state.get("one read off") or _is_compiling():
+        return None
+    mode = _quant_mode()
+    if quant_backend(x.device, mode) != "triton":
         return None
     from posttrain.fp8 import triton_quant
 
     try:
-        key = ("one read probed", device_key(x.device))
         # checked where quant_backend() checks the other kernels: on CUDA, when the backend is "auto"
-        auto = os.environ.get(QUANT_BACKEND_ENV, "auto") == "auto"
-        if auto and x.device.type == "cuda" and key not in _triton_state:
-            _triton_state[key] = True
-            problem = _one_read_check(x.device)
-            if problem:
-                raise RuntimeError(f"start-up check: {problem}")
+        if mode == "auto" and x.device.type == "cuda":
+            key = ("one read probed", device_key(x.device))
+            if key not in _triton_state:
+                _triton_state[key] = True
+                problem = _one_read_check(x.device)
+                if problem:
+                    raise RuntimeError(f"start-up check: {problem}")
         return triton_quant.quantize_both(x, tile, scale_fmt, requantize)
     except Exception as e:  # noqa: BLE001 -- the separate kernels are correct without it
         log.warning("the one-read Triton FP8 quantizer is off (%s: %s); quantizing the two tilings separately",
