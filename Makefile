@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 EXTRA   ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast test-gpu-stack bench clean
 
 venv: $(STAMP)
 
@@ -41,9 +41,26 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
+# The GPU machine's software stack on this CPU: Python 3.12, torch 2.11.0+cu130 with its Triton 3.6.0, NumPy 2.5.2
+# and the image's other packages, with the wheels benchmarks/gpu_session.sh carries there; the project on
+# PYTHONPATH, as there. `pytest -m "not vllm"` as a lent GPU will run it, short of CUDA: it found Triton 3.6's
+# interpreter failing every interpreter test under NumPy >= 2.4 (engines.compat.TRITON_INTERPRETER_INDEX).
+# About 5 GB of wheels; not part of `make test`.
+GPU_STACK_PY ?= python3.12
+GPU_STACK    := .venv-gpu-stack
+test-gpu-stack:
+	@command -v $(GPU_STACK_PY) >/dev/null || { echo "test-gpu-stack needs $(GPU_STACK_PY) (the GPU image's Python)"; exit 1; }
+	test -x $(GPU_STACK)/bin/python || $(GPU_STACK_PY) -m venv $(GPU_STACK)
+	$(GPU_STACK)/bin/pip install --quiet "torch==2.11.0" "numpy==2.5.2" "accelerate==1.15.0" "tokenizers==0.23.2" \
+	  "safetensors==0.8.0" "huggingface_hub==1.33.0" "pyarrow==25.0.1" "transformers==5.19.0" "trl==1.16.0" \
+	  "peft==0.21.2" "datasets==5.2.0" "math-verify==0.9.0" pyyaml tqdm matplotlib psutil aiohttp \
+	  pytest pytest-timeout "pytest-xdist==3.8.0"
+	$(GPU_STACK)/bin/python -c "import sys, torch, triton, numpy; print('gpu stack: python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+	PYTHONPATH=$(CURDIR) $(GPU_STACK)/bin/python -m pytest -q -p no:cacheprovider -m "not vllm" $(XDIST) $(PYTEST_ARGS)
+
 bench: venv
 	# the GPU benchmarks (bench_gpu*.py) run on CUDA; on a CPU machine they check themselves on tiny shapes
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; case $$b in *bench_gpu*) $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" && extra= || extra=--cpu-smoke;; *) extra=;; esac; $(BIN)/python $$b $$extra || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(GPU_STACK) runs .pytest_cache

