@@ -46,10 +46,11 @@ test-fast: venv
 # PYTHONPATH, as there. `pytest -m "not vllm"` as a lent GPU will run it, short of CUDA: it found Triton 3.6's
 # interpreter failing every interpreter test under NumPy >= 2.4 (engines.compat.TRITON_INTERPRETER_INDEX).
 # About 5 GB of wheels; not part of `make test`.
-GPU_STACK_PY ?= python3.12
+# (a python3.12 that runs: on PATH, else one of pyenv's)
+GPU_STACK_PY ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do $$p -c "" 2>/dev/null && { echo $$p; break; }; done)
 GPU_STACK    := .venv-gpu-stack
 test-gpu-stack:
-	@command -v $(GPU_STACK_PY) >/dev/null || { echo "test-gpu-stack needs $(GPU_STACK_PY) (the GPU image's Python)"; exit 1; }
+	@test -n "$(GPU_STACK_PY)" || { echo "test-gpu-stack needs Python 3.12 (the GPU image's): set GPU_STACK_PY"; exit 1; }
 	test -x $(GPU_STACK)/bin/python || $(GPU_STACK_PY) -m venv $(GPU_STACK)
 	$(GPU_STACK)/bin/pip install --quiet "torch==2.11.0" "numpy==2.5.2" "accelerate==1.15.0" "tokenizers==0.23.2" \
 	  "safetensors==0.8.0" "huggingface_hub==1.33.0" "pyarrow==25.0.1" "transformers==5.19.0" "trl==1.16.0" \
