@@ -190,6 +190,11 @@ def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
+def geomean_of_best(rows: list[dict], *keys: str) -> float:
+    """The geomean over ``rows`` of each row's largest speed-up among ``keys``: each shape on its faster kernel."""
+    return geomean([max((r.get(k) or 0) for k in keys) or None for r in rows])
+
+
 # --- env -----------------------------------------------------------------------------------------------
 
 
@@ -288,9 +293,8 @@ def section_gemm(ctx: Ctx, args) -> list[dict]:
               f"with activation quantization {geomean([r.get('speedup_actq') for r in sel]):.2f}x "
               f"({sum('error' in r for r in sel)} errors)")
         if with_triton:
-            best = [max(r.get("speedup") or 0, r.get("speedup_triton") or 0) or None for r in sel]
             print(f"  Triton GEMM at M={m}: {geomean([r.get('speedup_triton') for r in sel]):.2f}x; the faster kernel "
-                  f"of the two per shape: {geomean(best):.2f}x (Triton faster on: "
+                  f"of the two per shape: {geomean_of_best(sel, 'speedup', 'speedup_triton'):.2f}x (Triton faster on: "
                   f"{', '.join(r['layer'] for r in sel if (r.get('speedup_triton') or 0) > (r.get('speedup') or 0)) or 'none'})")
     return out
 
@@ -413,9 +417,8 @@ def section_linear(ctx: Ctx, args) -> list[dict]:
     print(f"geomean bf16/FP8 forward+backward: {geomean([r.get('ratio') for r in out]):.2f}x (weight cached), "
           f"{geomean([r.get('ratio_requant') for r in out]):.2f}x (re-quantized every iteration)")
     if with_triton:
-        best = [max(r.get("ratio") or 0, r.get("ratio_triton") or 0) or None for r in out]
         print(f"  with the Triton GEMMs: {geomean([r.get('ratio_triton') for r in out]):.2f}x; the faster of the two "
-              f"per shape: {geomean(best):.2f}x")
+              f"per shape: {geomean_of_best(out, 'ratio', 'ratio_triton'):.2f}x")
     return out
 
 

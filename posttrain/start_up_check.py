@@ -48,6 +48,17 @@ def device_key(device: torch.device | str) -> str:
     return str(device)
 
 
+def decided_once(results: dict[str, bool], device: torch.device | str, decide: Callable[[], bool],
+                 prefix: str = "") -> bool:
+    """``decide()`` the first time ``device`` is seen (under ``prefix`` + :func:`device_key`), the kept answer after:
+    a fast path's availability costs one dict lookup per call, not a capability query or a probe."""
+    key = prefix + device_key(device)
+    usable = results.get(key)
+    if usable is None:
+        usable = results[key] = bool(decide())
+    return usable
+
+
 def passed_on(device: torch.device, results: dict[str, str | None], check: Check, kernel: str, fallback: str,
               log: logging.Logger) -> bool:
     """True if ``check`` passed on ``device``; it runs the first time a device is seen, and ``results`` keeps

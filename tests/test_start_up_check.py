@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from posttrain.start_up_check import device_key, passed_on
+from posttrain.start_up_check import decided_once, device_key, passed_on
 
 
 def test_cuda_without_an_index_is_the_current_device(monkeypatch):
@@ -34,3 +34,20 @@ def test_a_check_runs_once_per_device_and_a_failure_is_logged_once(monkeypatch, 
     assert runs == ["cuda:0", "cuda:1"]
     assert [r.getMessage() for r in caplog.records] == [
         "kernel failed its start-up check on cuda:1 (wrong numbers); eager ops run"]
+
+
+def test_a_fast_path_is_decided_once_per_device_and_kept(monkeypatch):
+    """The FP8 GEMMs' and grouped experts' availability: the decision (a capability query, a probe) runs the first
+    time a device is seen, under the same key for "cuda" and cuda:0; a prefix keeps two kernels apart."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    asked, results = [], {}
+
+    def decide(answer):
+        return lambda: asked.append(answer) or answer
+
+    assert decided_once(results, "cuda", decide(True)) is True
+    assert decided_once(results, torch.device("cuda", 0), decide(False)) is True  # kept, not decided again
+    assert decided_once(results, "cuda:0", decide(False), prefix="triton ") is False
+    assert decided_once(results, "cuda:0", decide(True), prefix="triton ") is False
+    assert asked == [True, False]
+    assert results == {"cuda:0": True, "triton cuda:0": False}

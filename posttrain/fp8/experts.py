@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..routed_experts import experts_forward, fused_routing_usable
-from ..start_up_check import device_key
+from ..start_up_check import decided_once
 from .gemm import TILE, BlockQuantized, fp8_gemm_nt
 from .linear import (
     DEFAULT_RECIPE,
@@ -159,12 +159,8 @@ def _grouped_fast_path_available(device: torch.device) -> bool:
     mode = os.environ.get(GROUPED_ENV, "auto")
     if mode == "blockwise" or device.type != "cuda" or not _rowwise_operands_ok():
         return False
-    key = device_key(device)  # decided once per device: at each MoE layer only a dict lookup
-    usable = _grouped_state.get(key)
-    if usable is None:
-        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
-        usable = _grouped_state[key] = hopper and (mode == "rowwise" or _probe_grouped(device))
-    return usable
+    return decided_once(_grouped_state, device, lambda: torch.cuda.get_device_capability(device) >= (9, 0)
+                        and (mode == "rowwise" or _probe_grouped(device)))
 
 
 def grouped_backend(device: torch.device | str, recipe: FP8Recipe = DEFAULT_RECIPE) -> str:
@@ -397,11 +393,8 @@ def _grouped_wgrad_available(device: torch.device | str) -> bool:
         return True
     if device.type != "cuda":
         return False
-    key = device_key(device)
-    usable = _wgrad_state.get(key)
-    if usable is None:
-        usable = _wgrad_state[key] = torch.cuda.get_device_capability(device) >= (9, 0) and _probe_grouped_wgrad(device)
-    return usable
+    return decided_once(_wgrad_state, device, lambda: torch.cuda.get_device_capability(device) >= (9, 0)
+                        and _probe_grouped_wgrad(device))
 
 
 def _probe_grouped_wgrad(device: torch.device) -> bool:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..start_up_check import device_key
+from ..start_up_check import decided_once
 from .quant import FP8_DTYPE, dequantize_groups, quantize_groups
 
 log = logging.getLogger(__name__)
@@ -196,13 +196,13 @@ def _fast_path_available(device: torch.device) -> bool:
     device (at every GEMM only a dict lookup: the layers are launch-bound where the GEMMs are short)."""
     if device.type != "cuda":
         return False
-    key = device_key(device)
-    usable = _fast_state.get(key)
-    if usable is None:
+
+    def decide() -> bool:
         hopper = (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
                   and torch.cuda.get_device_capability(device) == (9, 0))
-        usable = _fast_state[key] = hopper and (_gemm_mode() == "scaled_mm" or _probe(device))
-    return usable
+        return hopper and (_gemm_mode() == "scaled_mm" or _probe(device))
+
+    return decided_once(_fast_state, device, decide)
 
 
 # The probe covers the three GEMMs of a Linear (§3.3.2, Figure 7 (a)) as linear.py issues them, on shapes
@@ -249,12 +249,8 @@ def triton_gemm_usable(device: torch.device | str) -> bool:
     from . import triton_gemm
 
     device = torch.device(device)
-    if not triton_gemm.available(device):
-        return False
-    key = f"triton {device_key(device)}"
-    if key not in _fast_state:
-        _fast_state[key] = _probe(device, "Triton", triton_gemm.gemm_nt)
-    return _fast_state[key]
+    return decided_once(_fast_state, device, lambda: triton_gemm.available(device)
+                        and _probe(device, "Triton", triton_gemm.gemm_nt), prefix="triton ")
 
 
 def active_backend(device: torch.device | str) -> str:
