@@ -101,9 +101,10 @@ def device():
 # demo recipe, the suite's critical path) starts at once, and the last modules handed out are the short ones, so
 # neither worker is left with a long module while the other idles. A replay of xdist's scheduling with the
 # measured times: 846 s with this order, 870 s with the seven longest first and the rest alphabetical.
+# (test_bench_gpu_smoke.py took 34 s of it, 3 s since session 20: see benchmarks/bench_gpu.py's Ctx.free.)
 MODULE_SECONDS = {
     "test_demo.py": 584, "test_fsdp.py": 166, "test_resume.py": 120, "test_reward_model.py": 109, "test_chain.py": 64,
-    "test_fp8_training.py": 64, "test_scaleout.py": 63, "test_sft.py": 54, "test_bench_gpu_smoke.py": 34,
+    "test_fp8_training.py": 64, "test_scaleout.py": 63, "test_sft.py": 54,
     "test_fp8_triton_gemm.py": 30, "test_spec_rollouts.py": 28, "test_mla_attention.py": 26, "test_serve.py": 24,
     "test_fp8_vllm.py": 23, "test_fp8_convert.py": 22, "test_chunked_loss.py": 17, "test_fp8_gemm_contract.py": 17,
     "test_grpo.py": 16, "test_distill_kill.py": 15, "test_rewards.py": 14, "test_balancing.py": 14,
