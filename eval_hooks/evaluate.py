@@ -14,6 +14,7 @@ from .mtp_acceptance import drafter_hits
 
 def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, engine=None) -> dict[str, dict[str, Any]]:
     """{name: checkpoint dir} -> {name: {"accuracy", "n", ...}}; each result also written as JSON."""
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from engines.vllm_engine import VLLMColocateEngine
@@ -29,6 +30,13 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
         engine = VLLMColocateEngine(checkpoints[names[0]], max_model_len=cfg.max_model_len)
     results: dict[str, dict[str, Any]] = {}
     measure_drafter = cfg.mtp_acceptance
+    # one tick per part of each checkpoint's evaluation (each a few seconds to minutes); shown on a terminal only
+    parts = 1 + (cfg.k > 1) + (cfg.sampled_pass1_k > 0) + bool(measure_drafter)
+    bar = tqdm(total=len(names) * parts, desc="eval", unit="part", disable=None, dynamic_ncols=True)
+
+    def doing(name: str, what: str) -> None:
+        bar.set_postfix_str(f"{name}: {what}")
+
     try:
         for i, name in enumerate(names):
             path = checkpoints[name]
@@ -37,14 +45,19 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             if i > 0 or not own_engine:
                 model = DeepseekV3ForCausalLMWithMTP.from_pretrained(path)
                 engine.sync_weights(weights_for_engine(model, engine))
+            doing(name, f"greedy pass@1 on {len(prompts)} problems")
             res = evaluate_accuracy(engine, tokenizer, prompts, answers, k=1, temperature=0.0,
                                     max_tokens=cfg.max_tokens, keep_token_ids=measure_drafter and cfg.sampled_pass1_k == 0)
             drafted_on, answers_ids = "greedy answers", res.pop("token_ids", None)
+            bar.update(1)
             if cfg.k > 1:
+                doing(name, f"pass@{cfg.k} / maj@{cfg.k}")
                 sampled = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.k, temperature=1.0,
                                             max_tokens=cfg.max_tokens)
                 res[f"pass@{cfg.k}"], res[f"maj@{cfg.k}"] = sampled[f"pass@{cfg.k}"], sampled[f"maj@{cfg.k}"]
+                bar.update(1)
             if cfg.sampled_pass1_k > 0:  # DeepSeek-R1 §3.1: pass@1 = mean correctness of k samples
+                doing(name, f"sampled pass@1 ({cfg.sampled_pass1_k} per problem)")
                 r1 = evaluate_accuracy(engine, tokenizer, prompts, answers, k=cfg.sampled_pass1_k,
                                        temperature=cfg.sampled_temperature, top_p=cfg.sampled_top_p,
                                        max_tokens=cfg.max_tokens, keep_token_ids=measure_drafter)
@@ -55,13 +68,16 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
                 res["sampled_pass1"] = {"pass@1": r1["mean_correct"], "k": cfg.sampled_pass1_k,
                                         "temperature": cfg.sampled_temperature, "top_p": cfg.sampled_top_p,
                                         "fraction_correct": r1["fraction_correct"]}
+                bar.update(1)
             if measure_drafter:
+                doing(name, "MTP drafter on the answers")
                 model = model or DeepseekV3ForCausalLMWithMTP.from_pretrained(path)
                 if model.mtp_layers:
                     counts = drafter_hits(model.eval(), answers_ids["prompts"], answers_ids["completions"])
                     hits, drafts = sum(h for h, _ in counts), sum(n for _, n in counts)
                     res["mtp_acceptance"] = {"rate": hits / max(drafts, 1), "drafts": drafts, "on": drafted_on,
                                              "per_problem": [h / n if n else None for h, n in counts]}
+                bar.update(1)
             res.update({"checkpoint": path, "dataset": f"{cfg.dataset_name}:{cfg.dataset_split}"})
             if groups is not None:
                 res["groups"] = groups  # what each problem asks: the report's intervals are over these
@@ -71,9 +87,10 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             if "mtp_acceptance" in res:
                 measured = res["mtp_acceptance"]
                 sampled_note += f", MTP drafts accepted {measured['rate']:.3f} of {measured['drafts']}"
-            print(f"[eval] {name}: accuracy {res['accuracy']:.3f}{sampled_note} on {res['n']} problems")
+            tqdm.write(f"[eval] {name}: accuracy {res['accuracy']:.3f}{sampled_note} on {res['n']} problems")
             results[name] = res
     finally:
+        bar.close()
         if own_engine:
             engine.close()
     return results

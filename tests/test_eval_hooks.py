@@ -95,6 +95,54 @@ def test_eval_stage_writes_sampled_pass1_per_problem(tiny_model_dir, tmp_path):
     assert res["sft"]["accuracy"] == pytest.approx(0.5)  # greedy: the first answer of each problem
 
 
+def test_eval_bar_ticks_once_per_part_of_each_checkpoint_and_names_it(tiny_model_dir, tmp_path, monkeypatch):
+    """The eval stage runs for minutes (the demo's: about 2, silent before): on a terminal a bar advances once per
+    part of each checkpoint (greedy, sampled pass@1, the MTP drafter) and says which one runs; off a terminal
+    (`disable=None`) tqdm hides it."""
+    import io
+
+    import tqdm.auto
+
+    from eval_hooks.chain import EvalStage
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    bars, postfixes, disable_args = [], [], []
+
+    class Recorded(tqdm.auto.tqdm):  # the eval's bar; transformers' loading bars pass through
+        def __init__(self, *args, **kwargs):
+            self.ours = kwargs.get("desc") == "eval"
+            if self.ours:
+                disable_args.append(kwargs.get("disable"))
+                kwargs = {**kwargs, "disable": False, "file": io.StringIO()}
+                bars.append(self)
+            super().__init__(*args, **kwargs)
+
+        def set_postfix_str(self, s="", refresh=True):
+            if self.ours:
+                postfixes.append(s)
+            super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    class Engine(ScriptedEngine):
+        def sync_weights(self, weights):
+            for _ in weights:
+                pass
+
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps({"problem": f"p{i}", "answer": "5"}) + "\n" for i in range(2)))
+    cfg = EvalStage(dataset_name=str(f), dataset_split="train", num_problems=2, max_tokens=8, sampled_pass1_k=2,
+                    mtp_acceptance=True)
+    answers = [["\\boxed{5}", "\\boxed{7}"], ["\\boxed{7}", "\\boxed{5}"]]
+    evaluate_checkpoints({"a": str(tiny_model_dir), "b": str(tiny_model_dir)}, cfg, tmp_path / "eval",
+                         engine=Engine(tok, answers))
+    assert disable_args == [None] and len(bars) == 1
+    assert bars[0].total == bars[0].n == 6  # 2 checkpoints x 3 parts
+    assert postfixes == [f"{name}: {part}" for name in "ab" for part in
+                         ("greedy pass@1 on 2 problems", "sampled pass@1 (2 per problem)", "MTP drafter on the answers")]
+
+
 def test_every_recipe_validates():
     chains = [p for p in (ROOT / "recipes").glob("*.yaml") if "stages" in p.read_text()]
     assert chains, "no chain recipe found"
