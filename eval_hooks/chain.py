@@ -7,7 +7,7 @@ with the evaluation and the report. Each stage writes under the run directory
 (`runs/<recipe name>/` unless `--output_dir` says otherwise) and is recorded in `manifest.json`
 (status, a hash of its inputs, output path, metrics). Rerunning skips finished stages whose inputs
 did not change; a stage that was killed resumes from its own checkpoint (distill from its ledger,
-SFT and GRPO from their last Trainer checkpoint); a stage whose inputs changed starts afresh, and the
+SFT and GRPO from their last Trainer checkpoint, eval after the checkpoints it had finished); a stage whose inputs changed starts afresh, and the
 output an earlier run left in its directory is kept as `<dir>.replaced-N`. A top-level `seed: S`
 seeds every stage (the initial weights, the teacher's samples, SFT's data order, GRPO's rollouts)
 unless a stage sets its own `seed`: one line to change to repeat a run with another seed.
@@ -295,7 +295,7 @@ def _run_eval(cfg: EvalStage, recipe: ChainRecipe, out: Path, resuming: bool) ->
         checkpoints["sft"] = str(out / "sft")
     if "grpo" in recipe.stages:
         checkpoints["grpo"] = str(out / "grpo")
-    results = evaluate_checkpoints(checkpoints, cfg, out / "eval")
+    results = evaluate_checkpoints(checkpoints, cfg, out / "eval", reuse_finished=resuming)
     metrics = {}
     for name, r in results.items():
         metrics[name] = {"accuracy": r["accuracy"], "n": r["n"]}

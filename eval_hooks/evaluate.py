@@ -1,5 +1,6 @@
 """Evaluate checkpoints with one vLLM engine: it loads the first and takes each next one through
-weight sync, which costs a fraction of a second instead of an engine start."""
+weight sync, which costs a fraction of a second instead of an engine start. Each checkpoint's results are
+written whole as soon as it is done, so a killed evaluation resumed by the chain redoes only the rest."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ from .benchmarks import load_benchmark_with_groups
 from .mtp_acceptance import drafter_hits
 
 
-def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, engine=None) -> dict[str, dict[str, Any]]:
-    """{name: checkpoint dir} -> {name: {"accuracy", "n", ...}}; each result also written as JSON."""
+def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, engine=None,
+                         reuse_finished: bool = False) -> dict[str, dict[str, Any]]:
+    """{name: checkpoint dir} -> {name: {"accuracy", "n", ...}}; each result also written as JSON
+    (`<out_dir>/<name>.json`). `reuse_finished`: a checkpoint whose JSON is already there, for the same
+    checkpoint directory, is not evaluated again (the chain's resume of a killed eval stage with unchanged
+    inputs; anything else evaluates every checkpoint)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    from data_pipelines.shards import atomic_write_bytes
     from engines.vllm_engine import VLLMColocateEngine
     from posttrain.layout import weights_for_engine
     from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
@@ -25,20 +31,27 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     prompts, answers, groups = load_benchmark_with_groups(cfg.dataset_name, cfg.dataset_split, cfg.num_problems)
     names = list(checkpoints)
-    own_engine = engine is None
-    if own_engine:
-        engine = VLLMColocateEngine(checkpoints[names[0]], max_model_len=cfg.max_model_len)
     results: dict[str, dict[str, Any]] = {}
+    if reuse_finished:
+        for name in names:
+            done = _finished(out / f"{name}.json", checkpoints[name])
+            if done is not None:
+                results[name] = done
+                print(f"[eval] {name}: done already ({out / f'{name}.json'})")
+    todo = [name for name in names if name not in results]
+    own_engine = engine is None
+    if own_engine and todo:
+        engine = VLLMColocateEngine(checkpoints[todo[0]], max_model_len=cfg.max_model_len)
     measure_drafter = cfg.mtp_acceptance
     # one tick per part of each checkpoint's evaluation (each a few seconds to minutes); shown on a terminal only
     parts = 1 + (cfg.k > 1) + (cfg.sampled_pass1_k > 0) + bool(measure_drafter)
-    bar = tqdm(total=len(names) * parts, desc="eval", unit="part", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=len(todo) * parts, desc="eval", unit="part", disable=None, dynamic_ncols=True)
 
     def doing(name: str, what: str) -> None:
         bar.set_postfix_str(f"{name}: {what}")
 
     try:
-        for i, name in enumerate(names):
+        for i, name in enumerate(todo):
             path = checkpoints[name]
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = None
@@ -81,7 +94,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             res.update({"checkpoint": path, "dataset": f"{cfg.dataset_name}:{cfg.dataset_split}"})
             if groups is not None:
                 res["groups"] = groups  # what each problem asks: the report's intervals are over these
-            (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+            atomic_write_bytes(out / f"{name}.json", (json.dumps(res, indent=2) + "\n").encode())  # whole or absent
             sampled_note = (f", sampled pass@1 {res['sampled_pass1']['pass@1']:.3f} (k={cfg.sampled_pass1_k}, "
                             f"T={cfg.sampled_temperature})" if "sampled_pass1" in res else "")
             if "mtp_acceptance" in res:
@@ -91,6 +104,15 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             results[name] = res
     finally:
         bar.close()
-        if own_engine:
+        if own_engine and todo:
             engine.close()
-    return results
+    return {name: results[name] for name in names}
+
+
+def _finished(path: Path, checkpoint: str) -> dict[str, Any] | None:
+    """The results an earlier run wrote for `checkpoint`, or None."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return res if isinstance(res, dict) and res.get("checkpoint") == checkpoint and "accuracy" in res else None

@@ -77,7 +77,29 @@ def test_killed_sft_resumes_and_the_report_is_written(tmp_path):
         assert evals and evals[-1]["step"] == last and evals[-1]["eval/n"] == 8, evals
     assert (out / "accuracy_during_training.png").exists()
 
-    # a third run finds everything done and only rewrites the report
+    # The state a kill during the eval stage leaves once its first checkpoint is done (the manifest says
+    # "running", the other checkpoints' results are not written; a real kill would race the eval's seconds):
+    # a restart in a fresh process evaluates only the others, and gets what the whole run got.
+    eval_dir = out / "eval"
+    whole = {name: json.loads((eval_dir / f"{name}.json").read_text()) for name in ("sft", "grpo")}
+    init_written = (eval_dir / "init.json").stat().st_mtime_ns
+    for name in whole:
+        (eval_dir / f"{name}.json").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["stages"]["eval"]["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = _run(recipe, out)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-4000:]
+    assert "[eval] resuming" in log and "[eval] init: done already" in log and "[eval] sft: accuracy" in log
+    assert (eval_dir / "init.json").stat().st_mtime_ns == init_written
+    for name, before in whole.items():
+        again = json.loads((eval_dir / f"{name}.json").read_text())
+        for key in ("correct", "sampled_pass1", "mtp_acceptance"):
+            assert again[key] == before[key], (name, key)
+    assert json.loads((out / "results.json").read_text()) == results
+
+    # the next run finds everything done and only rewrites the report
     proc = _run(recipe, out)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and log.count("done already") == 5, log[-2000:]

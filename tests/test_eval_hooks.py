@@ -143,6 +143,46 @@ def test_eval_bar_ticks_once_per_part_of_each_checkpoint_and_names_it(tiny_model
                          ("greedy pass@1 on 2 problems", "sampled pass@1 (2 per problem)", "MTP drafter on the answers")]
 
 
+def test_a_resumed_eval_reuses_each_finished_checkpoint_and_only_its_own(tiny_model_dir, tmp_path):
+    """`reuse_finished` (the chain resuming a killed eval stage): a checkpoint whose results file is whole and
+    names the same checkpoint directory is not evaluated again; a file cut short, or one written for another
+    directory, is redone."""
+    from eval_hooks.chain import EvalStage
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    class Counting(ScriptedEngine):
+        calls = 0
+
+        def generate(self, prompt_ids, n, sampling):
+            Counting.calls += 1
+            return super().generate(prompt_ids, n, sampling)
+
+        def sync_weights(self, weights):
+            for _ in weights:
+                pass
+
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps({"problem": f"p{i}", "answer": "5"}) + "\n" for i in range(2)))
+    cfg = EvalStage(dataset_name=str(f), dataset_split="train", num_problems=2, max_tokens=8)
+    engine = Counting(tok, [["\\boxed{5}"], ["\\boxed{7}"]])
+    ckpts = {"a": str(tiny_model_dir), "b": str(tiny_model_dir), "c": str(tiny_model_dir)}
+    out = tmp_path / "eval"
+    first = evaluate_checkpoints(ckpts, cfg, out, engine=engine)
+    assert Counting.calls == 3 and sorted(p.name for p in out.iterdir()) == ["a.json", "b.json", "c.json"]
+    (out / "b.json").write_text((out / "b.json").read_text()[:40])  # cut short
+    other = json.loads((out / "c.json").read_text())
+    (out / "c.json").write_text(json.dumps({**other, "checkpoint": str(tmp_path / "elsewhere")}))
+    Counting.calls = 0
+    again = evaluate_checkpoints(ckpts, cfg, out, engine=engine, reuse_finished=True)
+    assert Counting.calls == 2  # b and c
+    assert list(again) == ["a", "b", "c"] and again == first
+    Counting.calls = 0
+    evaluate_checkpoints(ckpts, cfg, out, engine=engine)  # not resuming: everything again
+    assert Counting.calls == 3
+
+
 def test_every_recipe_validates():
     chains = [p for p in (ROOT / "recipes").glob("*.yaml") if "stages" in p.read_text()]
     assert chains, "no chain recipe found"
