@@ -30,6 +30,17 @@ class ScriptedEngine:
         return [[Completion(self.tok(t, add_special_tokens=False)["input_ids"], None) for t in group[:n]]
                 for group in self.texts]
 
+    def sync_weights(self, weights):  # the eval hands each next checkpoint over this way
+        for _ in weights:
+            pass
+
+
+def two_problems(tmp_path: Path) -> Path:
+    """An evaluation set of two problems, both answered 5."""
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps({"problem": f"p{i}", "answer": "5"}) + "\n" for i in range(2)))
+    return f
+
 
 def test_schema_adapters():
     assert adapt_row({"question": "2+2?", "answer": "Because... #### 4"}, 0, "gsm8k") == (
@@ -79,12 +90,7 @@ def test_eval_stage_writes_sampled_pass1_per_problem(tiny_model_dir, tmp_path):
             self.calls.append((n, sampling.temperature, sampling.top_p))
             return super().generate(prompt_ids, n, sampling)
 
-        def sync_weights(self, weights):
-            for _ in weights:
-                pass
-
-    f = tmp_path / "two.jsonl"
-    f.write_text("".join(json.dumps({"problem": f"p{i}", "answer": "5"}) + "\n" for i in range(2)))
+    f = two_problems(tmp_path)
     cfg = EvalStage(dataset_name=str(f), dataset_split="train", num_problems=2, max_tokens=8, sampled_pass1_k=4)
     engine = Recording()
     res = evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval", engine=engine)
@@ -125,18 +131,12 @@ def test_eval_bar_ticks_once_per_part_of_each_checkpoint_and_names_it(tiny_model
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
 
-    class Engine(ScriptedEngine):
-        def sync_weights(self, weights):
-            for _ in weights:
-                pass
-
-    f = tmp_path / "two.jsonl"
-    f.write_text("".join(json.dumps({"problem": f"p{i}", "answer": "5"}) + "\n" for i in range(2)))
+    f = two_problems(tmp_path)
     cfg = EvalStage(dataset_name=str(f), dataset_split="train", num_problems=2, max_tokens=8, sampled_pass1_k=2,
                     mtp_acceptance=True)
     answers = [["\\boxed{5}", "\\boxed{7}"], ["\\boxed{7}", "\\boxed{5}"]]
     evaluate_checkpoints({"a": str(tiny_model_dir), "b": str(tiny_model_dir)}, cfg, tmp_path / "eval",
-                         engine=Engine(tok, answers))
+                         engine=ScriptedEngine(tok, answers))
     assert disable_args == [None] and len(bars) == 1
     assert bars[0].total == bars[0].n == 6  # 2 checkpoints x 3 parts
     assert postfixes == [f"{name}: {part}" for name in "ab" for part in
@@ -159,12 +159,7 @@ def test_a_resumed_eval_reuses_each_finished_checkpoint_and_only_its_own(tiny_mo
             Counting.calls += 1
             return super().generate(prompt_ids, n, sampling)
 
-        def sync_weights(self, weights):
-            for _ in weights:
-                pass
-
-    f = tmp_path / "two.jsonl"
-    f.write_text("".join(json.dumps({"problem": f"p{i}", "answer": "5"}) + "\n" for i in range(2)))
+    f = two_problems(tmp_path)
     cfg = EvalStage(dataset_name=str(f), dataset_split="train", num_problems=2, max_tokens=8)
     engine = Counting(tok, [["\\boxed{5}"], ["\\boxed{7}"]])
     ckpts = {"a": str(tiny_model_dir), "b": str(tiny_model_dir), "c": str(tiny_model_dir)}

@@ -68,7 +68,7 @@ def test_batching_and_padding_change_nothing(model):
 
 
 def test_the_eval_stage_writes_each_problem_s_acceptance(tiny_model_dir, tmp_path):
-    from tests.test_eval_hooks import ScriptedEngine
+    from tests.test_eval_hooks import ScriptedEngine, two_problems
     from transformers import AutoTokenizer
 
     from eval_hooks.chain import EvalStage
@@ -76,28 +76,22 @@ def test_the_eval_stage_writes_each_problem_s_acceptance(tiny_model_dir, tmp_pat
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
 
-    class Engine(ScriptedEngine):
-        def sync_weights(self, weights):
-            for _ in weights:
-                pass
-
-    f = tmp_path / "two.jsonl"
-    f.write_text("".join(json.dumps({"problem": f"p{i}", "answer": "5"}) + "\n" for i in range(2)))
+    f = two_problems(tmp_path)
     texts = [["\\boxed{5}", "so \\boxed{7}", "5"], ["\\boxed{5} then", "7", "x"]]
     cfg = EvalStage(dataset_name=str(f), dataset_split="train", num_problems=2, max_tokens=8, sampled_pass1_k=3,
                     mtp_acceptance=True)
-    evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval", Engine(tok, texts))
+    evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval", ScriptedEngine(tok, texts))
     measured = json.loads((tmp_path / "eval" / "sft.json").read_text())["mtp_acceptance"]
     ids = [[tok(t, add_special_tokens=False)["input_ids"] for t in group] for group in texts]
     assert measured["drafts"] == sum(max(len(a) - 1, 0) for group in ids for a in group)
     assert len(measured["per_problem"]) == 2 and measured["on"].startswith("sampled pass@1 answers (3 per problem")
     assert 0 <= measured["rate"] <= 1
     cfg.sampled_pass1_k = 0  # then on the greedy answers: each problem's first
-    evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval1", Engine(tok, texts))
+    evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval1", ScriptedEngine(tok, texts))
     greedy = json.loads((tmp_path / "eval1" / "sft.json").read_text())["mtp_acceptance"]
     assert greedy["on"] == "greedy answers" and greedy["drafts"] == sum(len(group[0]) - 1 for group in ids)
     cfg.mtp_acceptance = False
-    evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval2", Engine(tok, texts))
+    evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval2", ScriptedEngine(tok, texts))
     assert "mtp_acceptance" not in json.loads((tmp_path / "eval2" / "sft.json").read_text())
 
 
