@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 Check = Callable[[torch.device], "str | None"]  # None if the kernel agrees, else what went wrong
+T = TypeVar("T")
 
 
 def swap_module_class(model: nn.Module, cls: type[nn.Module], fused_cls: type[nn.Module]) -> int:
@@ -48,15 +50,14 @@ def device_key(device: torch.device | str) -> str:
     return str(device)
 
 
-def decided_once(results: dict[str, bool], device: torch.device | str, decide: Callable[[], bool],
-                 prefix: str = "") -> bool:
+def decided_once(results: dict[str, T], device: torch.device | str, decide: Callable[[], T], prefix: str = "") -> T:
     """``decide()`` the first time ``device`` is seen (under ``prefix`` + :func:`device_key`), the kept answer after:
-    a fast path's availability costs one dict lookup per call, not a capability query or a probe."""
+    a fast path's availability or a kernel's start-up check costs one dict lookup per call, not a capability query
+    or a probe."""
     key = prefix + device_key(device)
-    usable = results.get(key)
-    if usable is None:
-        usable = results[key] = bool(decide())
-    return usable
+    if key not in results:
+        results[key] = decide()
+    return results[key]
 
 
 def passed_on(device: torch.device, results: dict[str, str | None], check: Check, kernel: str, fallback: str,
@@ -64,12 +65,14 @@ def passed_on(device: torch.device, results: dict[str, str | None], check: Check
     """True if ``check`` passed on ``device``; it runs the first time a device is seen, and ``results`` keeps
     the outcome under :func:`device_key` (None, or what went wrong, logged once as "<kernel> failed its start-up
     check on <device>")."""
-    key = device_key(device)
-    if key not in results:
-        results[key] = check(torch.device(key))
-        if results[key] is not None:
-            log.warning("%s failed its start-up check on %s (%s); %s", kernel, key, results[key], fallback)
-    return results[key] is None
+    def check_and_log() -> str | None:
+        key = device_key(device)
+        problem = check(torch.device(key))
+        if problem is not None:
+            log.warning("%s failed its start-up check on %s (%s); %s", kernel, key, problem, fallback)
+        return problem
+
+    return decided_once(results, device, check_and_log) is None
 
 
 # -- the bounds the checks and the kernels' tests compare with ----------------------------------------------
