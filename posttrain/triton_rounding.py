@@ -26,7 +26,13 @@ if triton is not None:
     @triton.jit
     def round_to_bf16(y):
         """float32 ``y`` rounded to the nearest bf16 value, ties to even (still float32; casting it is exact).
-        NaN stays NaN, and values past bf16's largest round to infinity, as the hardware's conversion does."""
+        NaN stays NaN (whatever its bits: a GPU writes 0x7FFFFFFF), and values past bf16's largest round to
+        infinity, as the hardware's conversion does."""
         bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # a NaN's add carries into the exponent and sign: the GPU's canonical NaN 0x7FFFFFFF became -0.0 (and
+        # 0xFFFFFFFF +0.0). Keep it NaN -- sign kept, quiet bit set so that no payload truncates to infinity --
+        # with bf16's bits; tested on the bits, as no fast-math flag can fold away an integer compare.
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        bits = tl.where(nan, (bits | 0x400000) & 0xFFFF0000, rounded)
         return bits.to(tl.float32, bitcast=True)

@@ -118,6 +118,122 @@ def _cases(device: str) -> dict[str, tuple]:
     }
 
 
+def _with_bits(x: torch.Tensor, bits: dict[tuple[int, ...], int]) -> torch.Tensor:
+    """A copy of ``x`` (float32 or bf16) with the elements at the given indices set to raw bit patterns."""
+    x = x.clone()
+    width = 8 * x.element_size()
+    view = x.view(torch.int32 if width == 32 else torch.int16)
+    for idx, b in bits.items():
+        view[idx] = b - (1 << width) if b >= 1 << (width - 1) else b
+    return x
+
+
+# float32 NaNs: the GPU's canonical one (every NaN an NVIDIA GPU computes) and its negation, NumPy's and torch's,
+# the x86 default (negative), a signalling one; infinities. In 1x128 tiles each has a group of its own, but for
+# row 5's NaN and infinity. The interpreter's max-abs and clamp skip NaN (np.nanmax, np.fmax) as sm_90's do.
+_NAN32, _NEG_NAN32 = 0x7FFFFFFF, 0xFFFFFFFF
+_NONFINITE32 = {(0, 5): _NAN32, (1, 130): _NEG_NAN32, (2, 258): 0x7FC00000, (3, 7): 0xFFC00000,
+                (4, 200): 0x7F800001, (5, 3): 0x7F800000, (5, 4): _NAN32, (6, 10): 0x7F800000,
+                (7, 129): 0xFF800000, (150, 100): _NAN32, (299, 259): _NEG_NAN32}
+_NONFINITE16 = {(0, 5): 0x7FFF, (1, 130): 0xFFFF, (2, 258): 0x7FC0, (6, 10): 0x7F80, (7, 129): 0xFF80,
+                (150, 100): 0x7FFF}
+
+
+def _interpreter_decodes_fp8_nan() -> None:
+    """Triton's interpreter (3.9 here) decodes e4m3's NaN, S.1111.111, as ±480: its float conversion has no NaN case.
+    The hardware's cvt decodes it as NaN, torch as NaN with its sign. Patched so, in the interpreter's process,
+    for the kernels that read fp8 (the re-tile, X^T from X's fp8 tiles, token runs from the fp8 cache)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        out = real(self, src, dst_type, rounding_mode)
+        if src.dtype.scalar != tl.float8e4nv or dst_type.scalar != tl.float32:
+            return out
+        nan = np.copysign(np.float32("nan"), np.where(src.data >= 0x80, -1.0, 1.0)).astype(np.float32)
+        return interpreter.TensorHandle(np.where(src.data & 0x7F == 0x7F, nan, out.data), out.dtype)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
+
+
+def _nonfinite_cases(device: str) -> dict[str, tuple]:
+    """NaN and infinity through every kernel: the NaN stays fp8 NaN and its group's scale is the reference's
+    (1: ``amax > 0`` is false for a NaN max-abs; with UE8M0, 1 for an infinite one too)."""
+    from posttrain.fp8 import experts as E
+    from posttrain.fp8 import quant as Q
+
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(300, 260, generator=g) * 10.0 ** torch.randint(-3, 4, (300, 1), generator=g)
+    x = _with_bits(x0, _NONFINITE32).to(device)
+    xb = _with_bits(x0.to(torch.bfloat16), _NONFINITE16).to(device)
+    w = _with_bits(torch.randn(600, 260, generator=g), _NONFINITE32).reshape(3, 200, 260).to(device)
+    xr = _with_bits(torch.randn(37, 1300, generator=g), {(0, 1): _NAN32, (3, 1299): _NEG_NAN32, (10, 1025): 0xFFC00000,
+                                                         (20, 500): 0x7F800000}).to(device)
+    ref = Q.quantize_groups_reference
+    runs = torch.tensor([65, 0, 200, 7, 28], device=device)
+    qp, sp = ref(x, (1, 128), check_finite=False)
+    xq_rows, xs_rows = ref(xb, (1, 260), check_finite=False)
+    xs_rows = xs_rows.squeeze(-1)
+
+    def rows_ref(t: torch.Tensor, fmt: str | None = None):
+        q, s = ref(t.contiguous(), (1, t.shape[-1]), fmt, check_finite=False)
+        return q, s.squeeze(-1)
+
+    cases = {}
+    for fmt in (None, "ue8m0"):
+        tag = fmt or "fp32"
+        cases |= {
+            f"tiles 1x128 fp32, {tag}": (lambda f=fmt: Q.quantize_groups(x, (1, 128), f, check_finite=False),
+                                         lambda f=fmt: ref(x, (1, 128), f, check_finite=False)),
+            f"blocks 128x128 [E, N, K], {tag}": (lambda f=fmt: Q.quantize_groups(w, (128, 128), f, check_finite=False),
+                                                 lambda f=fmt: ref(w, (128, 128), f, check_finite=False)),
+            f"rows, {tag}": (lambda f=fmt: Q.quantize_rows(xr, f), lambda f=fmt: rows_ref(xr, f)),
+            f"rows of W^T read from W, {tag}": (lambda f=fmt: Q.quantize_rows(w.transpose(-2, -1), f),
+                                                lambda f=fmt: rows_ref(w.transpose(-2, -1), f)),
+            f"transposed tiles, {tag}": (lambda f=fmt: Q.quantize_groups_t(x, (1, 128), f),
+                                         lambda f=fmt: ref(x.t(), (1, 128), f, check_finite=False)),
+            f"dY and dY^T, one read, {tag}": (
+                lambda f=fmt: _flat(Q.quantize_tiles_and_t(x, scale_fmt=f)),
+                lambda f=fmt: ref(x, (1, 128), f, check_finite=False) + ref(x.t(), (1, 128), f, check_finite=False)),
+            f"token runs fp32, {tag}": (lambda f=fmt: E.quantize_token_runs(x, runs, f),
+                                        lambda f=fmt: E.quantize_token_runs_reference(x, runs, f)),
+        }
+    return cases | {
+        "tiles 1x128 bf16": (lambda: Q.quantize_groups(xb, (1, 128), check_finite=False),
+                             lambda: ref(xb, (1, 128), check_finite=False)),
+        "transposed tiles bf16": (lambda: Q.quantize_groups_t(xb, (1, 128)),
+                                  lambda: ref(xb.t(), (1, 128), check_finite=False)),
+        "token runs bf16": (lambda: E.quantize_token_runs(xb, runs), lambda: E.quantize_token_runs_reference(xb, runs)),
+        "re-tile 1x128 -> 128x1": (
+            lambda: Q.requantize_tiles_t(qp, sp),
+            lambda: ref(Q.dequantize_groups(qp, sp, (1, 128)).t(), (1, 128), check_finite=False)),
+        "X and X^T re-tiled, one read": (
+            lambda: _flat(Q.quantize_tiles_and_t(xb, requantize=True)),
+            lambda: (lambda t: t + ref(Q.dequantize_groups(*t, (1, 128)).t(), (1, 128), check_finite=False))(
+                ref(xb, (1, 128), check_finite=False))),
+        "token runs from fp8 with row scales": (
+            lambda: E.quantize_token_runs(xq_rows, runs, row_scale=xs_rows),
+            lambda: E.quantize_token_runs_reference(xq_rows, runs, row_scale=xs_rows)),
+    }
+
+
+def _compare(got: tuple, want: tuple, launches: int) -> dict:
+    from posttrain.fp8 import quant as Q
+
+    fp8 = [t for t in want if t.dtype == torch.float8_e4m3fn]
+    return {
+        "bits_equal": _bits_equal(got, want),
+        "scales_equal": all(torch.equal(g, w) for g, w in zip(got, want) if w.dtype != torch.float8_e4m3fn),
+        "max_e4m3_steps": int(Q.e4m3_step_distance(got[0], want[0]).max()) if got[0].shape == want[0].shape else -1,
+        # fp8 NaN bytes the reference wrote (0x7F, 0xFF): the cases must hold some
+        "nan_bytes": sum(int((t.view(torch.uint8) & 0x7F == 0x7F).sum()) for t in fp8),
+        "triton_launches": launches,
+    }
+
+
 def run_cases(device: str) -> dict:
     """Every case through POSTTRAIN_FP8_QUANT=triton, with the number of Triton launches it took."""
     from posttrain.fp8 import quant as Q
@@ -149,6 +265,12 @@ def run_cases(device: str) -> dict:
                 "max_e4m3_steps": int(Q.e4m3_step_distance(got[0], want[0]).max()) if got[0].shape == want[0].shape else -1,
                 "triton_launches": len(calls),
             }
+        nonfinite = {}
+        for name, (got_fn, ref_fn) in _nonfinite_cases(device).items():
+            calls.clear()
+            got = got_fn()
+            nonfinite[name] = _compare(got, ref_fn(), len(calls))
+        results["non-finite"] = nonfinite
         # above the chunk size: a stack the kernels read in place goes in one launch (no chunks, no copies of
         # their outputs), W^T's rows (the grouped dgrad's operand) read from W included; a strided view the
         # row-wise kernel must copy first still goes in chunks, which bound that high-precision copy
@@ -245,8 +367,18 @@ def interpreted() -> dict:
     return run_in_triton_interpreter(__file__)
 
 
+def _assert_nonfinite(results: dict) -> None:
+    assert len(results) == 20
+    for name, r in results.items():
+        assert r["triton_launches"] >= 1, f"{name}: the Triton kernel did not run"
+        assert r["nan_bytes"] > 0, f"{name}: the reference wrote no NaN"
+        assert r["scales_equal"], f"{name}: scales differ"
+        assert r["bits_equal"], f"{name}: fp8 differs by up to {r['max_e4m3_steps']} e4m3 steps"
+
+
 def _assert_bit_exact(results: dict) -> None:
     assert not results.pop("triton_broken"), "the Triton kernel failed and the fallback ran instead"
+    results.pop("non-finite")  # _assert_nonfinite, a test of its own
     assert results.pop("start-up check") is None
     assert results.pop("one-read start-up check") is None
     assert results.pop("one-read failure") == {"bits_equal": True, "launches": ["quantize", "quantize"], "off": True}
@@ -278,6 +410,16 @@ def test_triton_quantizers_equal_the_reference_bit_for_bit_in_the_interpreter(in
     _assert_bit_exact(dict(interpreted))
 
 
+def test_nan_and_infinity_come_out_as_the_reference_writes_them_in_the_interpreter(interpreted):
+    """Every kernel (tiles, blocks, rows, rows of W^T, transposed tiles, both tilings from one read, the re-tile,
+    token runs) on NaNs of every bit pattern -- the GPU's canonical 0x7FFFFFFF included -- and infinities: a NaN
+    stays fp8 NaN (0x7F, 0xFF with the sign the quotient has), its group's scale is the reference's 1 and the
+    group's other values are quantized with it; an infinity gives its group the reference's scale (infinite, or
+    1 with UE8M0). Before, the max-abs and the clamp skipped the NaN (sm_90's max.f32 / min.f32 return the other
+    operand, as the interpreter's np.nanmax / np.fmax do): it came out as -448 times a finite scale."""
+    _assert_nonfinite(dict(interpreted["non-finite"]))
+
+
 @pytest.mark.gpu
 def test_triton_quantizers_equal_the_reference_bit_for_bit_on_cuda(monkeypatch):
     from posttrain.fp8 import quant as Q
@@ -285,7 +427,9 @@ def test_triton_quantizers_equal_the_reference_bit_for_bit_on_cuda(monkeypatch):
     monkeypatch.setattr(Q, "_compile_state", {})
     monkeypatch.setattr(Q, "_triton_state", {})
     monkeypatch.setenv(Q.QUANT_BACKEND_ENV, "triton")  # run_cases sets it; monkeypatch restores it
-    _assert_bit_exact(run_cases("cuda"))
+    results = run_cases("cuda")
+    _assert_nonfinite(results["non-finite"])
+    _assert_bit_exact(results)
     # and the V3 activation shape of the acceptance figure
     x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
     got = Q.quantize_groups(x, (1, 128), check_finite=False)
@@ -295,6 +439,7 @@ def test_triton_quantizers_equal_the_reference_bit_for_bit_on_cuda(monkeypatch):
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1 (the tests in this file do)")
+    _interpreter_decodes_fp8_nan()
     print(json.dumps(run_cases("cpu")))
 
 

@@ -13,12 +13,13 @@ group max-abs, and writes the fp8 values and their float32 scale. The results eq
 there, the element divisions are IEEE round-to-nearest (``div_rn``, like torch's tensor division on CPU and
 CUDA), and the rounding to e4m3 is done explicitly in float32 (:func:`_round_to_e4m3`), so the final
 cast only converts values that e4m3 holds exactly -- hardware ``cvt`` or Triton's CPU interpreter give the
-same bits. Row-wise scales (one per row of 7168 or 2048 channels, what torch's grouped FP8 GEMM takes),
-the grouped wgrad's per-expert token runs, and the two operands an FP8 linear makes of one activation-side
-tensor (:func:`quantize_both`: X and X^T in the forward, dY and dY^T in the backward, from one read) have a
-kernel each. Group shapes none of them covers (a group
-width that is not a power of two and not a whole row) return None: the caller falls back to the compiled
-or eager quantizer.
+same bits. NaN and infinity too: the max-abs and the clamp are integer ops on the bits (a float max or min
+skips a NaN on sm_90), so a group holding a NaN gets the reference's scale 1 and the NaN stays fp8 NaN.
+Row-wise scales (one per row of 7168 or 2048 channels, what torch's grouped FP8 GEMM takes), the grouped
+wgrad's per-expert token runs, and the two operands an FP8 linear makes of one activation-side tensor
+(:func:`quantize_both`: X and X^T in the forward, dY and dY^T in the backward, from one read) have a kernel
+each. Group shapes none of them covers (a group width that is not a power of two and not a whole row) return
+None: the caller falls back to the compiled or eager quantizer.
 
 On a CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` before this module is imported),
 which is how the tests check them against the reference without a GPU.
@@ -49,32 +50,51 @@ if triton is not None:
 
     @triton.jit
     def _round_to_e4m3(y):
-        """Round float32 ``y`` (|y| <= 448) to the nearest e4m3fn value, ties to even, sign kept (also of -0)."""
+        """Clamp float32 ``y`` to ±448 and round it to the nearest e4m3fn value, ties to even, sign kept (also of -0
+        and of NaN). A NaN stays NaN, as a float32 NaN the final cast writes as fp8 NaN."""
         bits = y.to(tl.int32, bitcast=True)
         sign = bits & -2147483648  # 0x80000000
-        mag_bits = bits & 0x7FFFFFFF
+        abs_bits = bits & 0x7FFFFFFF
+        # the clamp, on the magnitude's bits (ordered as the magnitudes): a float min / max would return the operand
+        # that is not NaN (sm_90's min.f32 / max.f32, the interpreter's np.fmax), turning a NaN into -448
+        mag_bits = tl.minimum(abs_bits, 0x43E00000)  # 448.0
         a = mag_bits.to(tl.float32, bitcast=True)
         # normals (>= 2^-6): keep 3 of float32's 23 mantissa bits, round half to even on bit 20
         normal = ((mag_bits + 0x7FFFF + ((mag_bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
         # subnormals (< 2^-6) are multiples of 2^-9: adding 2^14 (float32 ulp 2^-9 there) rounds to one, ties to even
         sub = (a + 16384.0) - 16384.0
-        r = tl.where(a >= 0.015625, normal, sub)
-        return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        r = tl.where(a >= 0.015625, normal, sub).to(tl.int32, bitcast=True)
+        # NaN (a magnitude above infinity's bits): 0x7FF00000, which the hardware's cvt (any NaN -> 0x7F, as
+        # cuda_fp8.h's emulation of it) and the interpreter's cast (mantissa 111, no round bit -> 0x7F | sign)
+        # both write as fp8 NaN. On a GPU the quotient's NaN is the canonical one (positive): 0x7F, as torch's
+        # division and cast on CUDA give; in the interpreter NumPy keeps the sign, as torch on a CPU does.
+        r = tl.where(abs_bits > 0x7F800000, 0x7FF00000, r)
+        return (r | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _to_e4m3(x, s):
         """fp8 of ``x / s``: IEEE division (as torch's), clamped to ±448, rounded to e4m3 ties to even, cast."""
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
-        return _round_to_e4m3(y).to(tl.float8e4nv)
+        return _round_to_e4m3(tl.math.div_rn(x, s)).to(tl.float8e4nv)
 
     @triton.jit
-    def _scale_of(amax, UE8M0: tl.constexpr):
-        """compute_scale_inv: amax * float32(1/448), clamped to the smallest normal, 1 for an all-zero group,
-        rounded up to a power of two for UE8M0."""
+    def _abs_bits(x):
+        """float32 ``|x|`` as int32 bits. Their order is the magnitudes' and every NaN's lies above infinity's, so
+        an integer max of them is the reference's max-abs, NaN where the group holds a NaN: a float max would
+        skip it (tl.max, sm_90's max.f32, the interpreter's np.nanmax), leaving the group a finite scale."""
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+    @triton.jit
+    def _scale_of(amax_bits, UE8M0: tl.constexpr):
+        """compute_scale_inv of a max-abs given as :func:`_abs_bits`: amax * float32(1/448), clamped to the
+        smallest normal, 1 for an all-zero group or a NaN max-abs (``amax > 0`` is false for both, as in the
+        reference), rounded up to a power of two for UE8M0."""
+        amax = amax_bits.to(tl.float32, bitcast=True)
         s = tl.maximum(amax * 0.0022321428571428570, 1.1754943508222875e-38)
         s = tl.where(amax > 0, s, 1.0)
         if UE8M0:
-            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+            s_bits = (s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
+            # an infinite max-abs: the reference's frexp(inf) has exponent 0, so its power of two is 1
+            s = tl.where(s_bits == 0x7F800000, 1.0, s_bits.to(tl.float32, bitcast=True))
         return s
 
     # Triton compiles a kernel per "specialization" of its int arguments: whether each is 1 and whether it
@@ -128,7 +148,7 @@ if triton is not None:
                 si = tl.load(in_s_ptr + b * sis_b + (rows[:, None] // IN_TILE_R) * sis_r
                              + (cols[None, :] // IN_TILE_C) * sis_c, mask=mask, other=0.0)
                 x = x * si
-        a = tl.abs(x)
+        a = _abs_bits(x)
         n_scale_cols = tl.cdiv(n_cols, GROUP_C)
         s_base = s_ptr + b * tl.cdiv(n_rows, GROUP_R) * n_scale_cols
         if GROUP_R == 1:  # one group per row of the tile; scales at (ss_r, ss_c) strides
@@ -163,7 +183,7 @@ if triton is not None:
         col_ok = cols < n_cols
         mask = row_ok[:, None] if EVEN_COLS else row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * sx_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = _scale_of(tl.max(tl.abs(x), axis=1), UE8M0)
+        s = _scale_of(tl.max(_abs_bits(x), axis=1), UE8M0)
         q = _to_e4m3(x, s[:, None])
         tl.store(s_ptr + pid_c * n_rows + rows, s, mask=row_ok)
         tl.store(q_ptr + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
@@ -171,7 +191,7 @@ if triton is not None:
             v = q.to(tl.float32) * s[:, None]
         else:
             v = x
-        st = _scale_of(tl.max(tl.abs(v), axis=0), UE8M0)
+        st = _scale_of(tl.max(_abs_bits(v), axis=0), UE8M0)
         tl.store(st_ptr + pid_r * n_cols + cols, st, mask=col_ok)
         tl.store(qt_ptr + cols[None, :] * n_rows + rows[:, None], _to_e4m3(v, st[None, :]), mask=mask)
 
@@ -187,11 +207,11 @@ if triton is not None:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
         x_base = x_ptr + b * sx_b + rows[:, None] * sx_r
-        amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+        amax = tl.zeros([BLOCK_R], dtype=tl.int32)  # _abs_bits
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             x = tl.load(x_base + cols[None, :], mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+            amax = tl.maximum(amax, tl.max(_abs_bits(x.to(tl.float32)), axis=1))
         s = _scale_of(amax, UE8M0)
         tl.store(s_ptr + b * n_rows + rows, s, mask=row_ok)
         q_base = q_ptr + b * n_rows * n_cols + rows[:, None] * n_cols
@@ -216,12 +236,12 @@ if triton is not None:
         cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < n_cols
         x_base = x_ptr + b * sx_b + cols[None, :]
-        amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        amax = tl.zeros([BLOCK_C], dtype=tl.int32)  # _abs_bits
         for r0 in range(0, n_rows, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             m = (rows < n_rows)[:, None] & col_ok[None, :]
             x = tl.load(x_base + rows[:, None] * n_cols, mask=m, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+            amax = tl.maximum(amax, tl.max(_abs_bits(x.to(tl.float32)), axis=0))
         s = _scale_of(amax, UE8M0)
         tl.store(s_ptr + b * n_cols + cols, s, mask=col_ok)
         q_base = q_ptr + b * n_rows * n_cols + cols[None, :] * n_rows
@@ -254,14 +274,14 @@ if triton is not None:
         count = tl.load(counts_ptr + e)
         pstart = tl.multiple_of(tl.load(pstarts_ptr + e), RUN_ALIGN)  # runs start RUN_ALIGN-aligned
         plen = tl.multiple_of(tl.load(plens_ptr + e), RUN_ALIGN)  # and span whole multiples of it
-        amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        amax = tl.zeros([BLOCK_C], dtype=tl.int32)  # _abs_bits
         for r0 in range(0, count, BLOCK_T):
             rows = r0 + tl.arange(0, BLOCK_T)
             m = (rows < count)[:, None] & col_ok[None, :]
             x = tl.load(t_ptr + (start + rows)[:, None] * stride_t + cols[None, :], mask=m, other=0.0).to(tl.float32)
             if HAS_IN_SCALE:
                 x = x * tl.load(in_s_ptr + start + rows, mask=rows < count, other=0.0)[:, None]
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+            amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=0))
         s = _scale_of(amax, UE8M0)
         tl.store(s_ptr + e * n_cols + cols, s, mask=col_ok)
         for r0 in range(0, plen, BLOCK_T):  # the run and its zero padding
