@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,7 +48,7 @@ class DistillConfig:
         "a local .jsonl/.json/.parquet file or directory of shards, or a Hugging Face Hub id.")})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read prompts from."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N rows of the split."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N rows of the split (>= 1)."})
     prompt_column: str = field(default="prompt", metadata={
         "help": "Column with the prompt: a string or chat messages [{'role', 'content'}, ...]."})
     answer_column: str = field(default="answer", metadata={
@@ -131,6 +132,8 @@ class DistillConfig:
             (self.keep_policy in KEEP_POLICIES, f"unknown keep_policy {self.keep_policy!r}; choose one of {', '.join(KEEP_POLICIES)}"),
             (self.on_bad_row in ("error", "skip"), f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}"),
             (self.output_format in ("jsonl", "parquet"), f"output_format must be 'jsonl' or 'parquet', got {self.output_format!r}"),
+            (self.max_prompts is None or self.max_prompts >= 1, f"max_prompts must be >= 1 (or unset: all rows), "
+             f"got {self.max_prompts}"),
             (self.num_generations >= 1, "num_generations must be >= 1"),
             (self.shard_size >= 1, "shard_size must be >= 1"),
             (self.keep_k >= 1, "keep_k must be >= 1"),
@@ -145,7 +148,11 @@ class DistillConfig:
             self.decontaminate_against = [self.decontaminate_against]
 
     def run_fingerprint(self) -> dict[str, Any]:
-        """Settings that determine the output rows; a resumed run must match them."""
+        """Settings that determine the output rows; a resumed run must match them.
+
+        Local inputs (``dataset_name``, ``decontaminate_against``) count by their contents
+        too, as ``"contents of NAME": "sha256:..."`` (see :func:`input_contents`): the
+        same path with other rows in it is another run."""
         keys = ["dataset_name", "dataset_config", "dataset_split", "max_prompts", "prompt_column",
                 "answer_column", "reference_column", "tests_column", "on_bad_row", "decontaminate_against",
                 "ngram", "backend", "model_name_or_path", "num_generations", "temperature", "top_p",
@@ -156,7 +163,82 @@ class DistillConfig:
             keys.append("wrong_fraction")
         if self.backend == "hf":  # its samples are seeded per micro-batch
             keys.append("generation_batch_size")
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys}, **input_contents(self)}
+
+
+# --- local inputs -------------------------------------------------------------------
+
+CONTENTS_KEY = "contents of "  # run_config.json key prefix: "contents of prompts.jsonl"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return h.hexdigest()
+
+
+def input_contents(cfg: DistillConfig) -> dict[str, str]:
+    """``{"contents of NAME": "sha256:HEX"}`` for each local file or directory the run reads
+    (``dataset_name`` and ``decontaminate_against``), streamed, never held in memory.  A
+    directory's digest covers every data file in it (any split) with its relative path.
+    The built-in task and Hub ids are skipped: their name and options pin them."""
+    from .loading import local_data_files
+
+    names = [cfg.dataset_name]
+    for name in cfg.decontaminate_against:  # "NAME@split", as decontaminate.load_eval_texts reads it
+        names.append(name.rsplit("@", 1)[0] if "@" in name else name)
+    out: dict[str, str] = {}
+    for name in names:
+        key = CONTENTS_KEY + name
+        if key in out:
+            continue
+        files = local_data_files(name)
+        if files is None:
+            continue
+        root = Path(name).expanduser()
+        if root.is_dir():
+            h = hashlib.sha256()
+            for f in files:
+                rel = Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix()
+                h.update(f"{rel}\0{_sha256_file(f)}\n".encode())
+            digest = h.hexdigest()
+        else:
+            digest = _sha256_file(root)
+        out[key] = f"sha256:{digest}"
+    return out
+
+
+def _compare_with_older_run(out_dir: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What ShardStore.open compares output_dir's run_config.json with: ``fingerprint``,
+    unless that file predates recorded input contents (no "contents of" keys).  Then, with
+    the same settings, the run resumes, with a warning that its inputs cannot be checked, and
+    their contents are recorded from now on; with other settings ShardStore.open refuses it,
+    naming only the settings (the contents were never recorded, so not known to differ)."""
+    from .shards import RUN_CONFIG, atomic_write_bytes
+
+    contents = [k for k in fingerprint if k.startswith(CONTENTS_KEY)]
+    path = Path(out_dir) / RUN_CONFIG
+    if not contents or not path.exists():
+        return fingerprint
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return fingerprint  # ShardStore.open treats it as torn
+    if not isinstance(old, dict) or any(k.startswith(CONTENTS_KEY) for k in old):
+        return fingerprint
+    settings = {k: v for k, v in fingerprint.items() if k not in contents}
+    if old != settings:
+        return settings
+    log.warning("%s was written before distill recorded its inputs' contents: resuming without checking "
+                "that %s did not change since; from now on a change is refused",
+                out_dir, ", ".join(k[len(CONTENTS_KEY):] for k in contents))
+    atomic_write_bytes(path, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
+    return fingerprint
 
 
 # --- prompts ------------------------------------------------------------------------
@@ -375,9 +457,14 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     from .tokens import TokenCounter
 
     started = time.time()
+    # Before the prompts are read: an input edited while they are read is refused on resume
+    # rather than recorded as what produced the shards.
+    fingerprint = cfg.run_fingerprint()
     items, prompt_stats = prepare_prompts(cfg)
     store = ShardStore(cfg.output_dir, cfg.output_format, _schemas() if cfg.output_format == "parquet" else None)
-    done = store.open(cfg.run_fingerprint(), overwrite=cfg.overwrite)
+    if not cfg.overwrite:
+        fingerprint = _compare_with_older_run(cfg.output_dir, fingerprint)
+    done = store.open(fingerprint, overwrite=cfg.overwrite)
     done_ids = {sid for ids in done.values() for sid in ids}
     todo = [p for p in items if p.source_id not in done_ids]
     next_shard = max(done) + 1 if done else 0

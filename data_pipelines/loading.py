@@ -81,9 +81,17 @@ def _load_builtin(name: str, split: str, options: dict[str, Any] | None) -> "dat
     return datasets.Dataset.from_list(rows)
 
 
+def _utf8_problem(line: bytes, start: int, reason: str) -> str:
+    """``not valid UTF-8 (byte 0xe9 at column 7: invalid continuation byte)``: the bad byte at
+    ``start`` of one line's bytes, its column counted in characters as JSON errors count them."""
+    column = len(line[:start].decode("utf-8", errors="replace")) + 1
+    return f"not valid UTF-8 (byte 0x{line[start]:02x} at column {column}: {reason})"
+
+
 def _read_jsonl(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[int]]:
-    """Rows and their line numbers.  A malformed line raises, or with a ``bad`` list is
-    recorded there and skipped."""
+    """Rows and their line numbers.  A malformed line (invalid JSON, not an object, not UTF-8)
+    raises, or with a ``bad`` list is recorded there and skipped.  Lines are read as bytes and
+    decoded one by one, so an undecodable byte is reported on its own line."""
     rows, lines = [], []
 
     def fail(msg: str) -> None:
@@ -91,19 +99,16 @@ def _read_jsonl(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[li
             raise DataError(msg)
         bad.append({"location": msg.split(": ", 1)[0], "reason": msg.split(": ", 1)[1]})
     try:
-        fh = path.open("r", encoding="utf-8")
+        fh = path.open("rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
     with fh:
-        lineno = 0
-        while True:
+        for lineno, raw in enumerate(fh, 1):
             try:
-                line = fh.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path} line {lineno + 1}: not valid UTF-8 ({e.reason})") from None
-            if not line:
-                break
-            lineno += 1
+                fail(f"{path} line {lineno}: {_utf8_problem(raw, e.start, e.reason)}")
+                continue
             if not line.strip():
                 continue
             try:
@@ -121,7 +126,23 @@ def _read_jsonl(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[li
 
 def _read_json(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[int] | None]:
     """A ``.json`` file: a JSON array of objects, ``{"data": [...]}``, or JSON lines."""
-    text = path.read_text(encoding="utf-8", errors="strict")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # One JSON document with a bad byte is named by its line; JSON lines are read line by
+        # line, where a bad line is skipped like any other malformed one when collecting bad rows.
+        try:
+            json.loads(data.decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError:
+            return _read_jsonl(path, bad)
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, line_start) + 1
+        problem = _utf8_problem(data[line_start:e.end], e.start - line_start, e.reason)
+        raise DataError(f"{path} line {lineno}: {problem}") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
@@ -201,7 +222,8 @@ def _read_parquet(path: Path) -> "datasets.Dataset":
     return datasets.Dataset(datasets.table.InMemoryTable(table))
 
 
-def _dir_files(path: Path, split: str) -> list[Path]:
+def _split_files(path: Path) -> dict[str, list[Path]]:
+    """A directory's data files by split, found with ``datasets``' naming rules."""
     from datasets.data_files import DataFilesDict, get_data_patterns
     try:
         patterns = get_data_patterns(str(path))
@@ -211,6 +233,11 @@ def _dir_files(path: Path, split: str) -> list[Path]:
     files = {str(k): [Path(f) for f in v if Path(f).suffix in LOCAL_SUFFIXES] for k, v in files.items()}
     if not any(files.values()):
         raise DataError(f"{path}: no {'/'.join(LOCAL_SUFFIXES)} files in this directory")
+    return files
+
+
+def _dir_files(path: Path, split: str) -> list[Path]:
+    files = _split_files(path)
     if split not in files or not files[split]:
         raise DataError(f"{path}: no files for split {split!r}; splits found: {sorted(k for k, v in files.items() if v)}")
     suffixes = {f.suffix for f in files[split]}
@@ -258,6 +285,22 @@ def _looks_local(name: str) -> bool:
     # typo gives "no such file" instead of a slow failed Hub lookup.
     return (os.path.exists(name) or name.endswith(LOCAL_SUFFIXES) or name.startswith((".", "/", "~"))
             or name.strip("/").count("/") > 1)
+
+
+def local_data_files(dataset_name: str) -> list[Path] | None:
+    """The files a local ``dataset_name`` reads from, whatever the split: the file itself, or
+    every data file :func:`load_rows` finds in the directory.  None for the built-in task and
+    Hub ids, which their name and options pin."""
+    if not isinstance(dataset_name, str) or not dataset_name or dataset_name.startswith(BUILTIN_PREFIX):
+        return None
+    if not _looks_local(dataset_name):
+        return None
+    path = Path(dataset_name).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        return [path]
+    return sorted({f for files in _split_files(path).values() for f in files})
 
 
 def load_rows(dataset_name: str, split: str = "train", *, dataset_config: str | None = None,

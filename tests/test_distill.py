@@ -285,6 +285,9 @@ def test_bad_input_errors_name_file_line_column(tmp_path, good_rows):
         run_distill(_cfg(out, dataset_name=p))
     with pytest.raises(DataError, match="unknown backend 'gpt5'"):
         run_distill(_cfg(out, backend="gpt5"))
+    for n in (0, -1):  # was an empty run that "succeeded": kept 0 of 0 samples
+        with pytest.raises(DataError, match=f"max_prompts must be >= 1 .*got {n}"):
+            run_distill(_cfg(out, max_prompts=n))
     with pytest.raises(DataError, match="needs model_name_or_path"):
         run_distill(_cfg(out, backend="vllm"))
     assert not (out / "data").exists() or not any((out / "data").iterdir())
@@ -356,3 +359,85 @@ def test_max_prompts_keeps_line_numbers(tmp_path):
     assert run_distill(_cfg(tmp_path / "a", dataset_name=str(p), max_prompts=3))["prompts"]["used"] == 3
     with pytest.raises(DataError, match=r"d\.jsonl line 4: prompt is empty"):
         run_distill(_cfg(tmp_path / "b", dataset_name=str(p), max_prompts=5))
+
+
+def _ids(out):
+    return [sid for line in (Path(out) / "ledger.jsonl").read_text().splitlines() for sid in json.loads(line)["ids"]]
+
+
+def test_resume_refused_when_a_local_input_changed(tmp_path):
+    """run_config.json records a local input's contents: the same path with other rows in it
+    is another run, refused like any changed setting (naming the file, output untouched)."""
+    rows = [{"prompt": r["problem"], "answer": r["answer"]} for r in A.generate_split("train", 60)]
+    prompts = tmp_path / "prompts.jsonl"
+    evalset = tmp_path / "eval.jsonl"
+    _jsonl(prompts, rows[:40])
+    _jsonl(evalset, [{"question": "what is the colour of the sky over the sea at noon on a clear day"}])
+    out = tmp_path / "o"
+    kw = dict(dataset_name=str(prompts), shard_size=10, num_generations=2, decontaminate_against=[str(evalset)])
+    stats = run_distill(_cfg(out, **kw))
+    assert stats["prompts"]["used"] == 40 and len(_ids(out)) == 40
+    before = _tree_digest(out)
+    again = run_distill(_cfg(out, **kw))  # unchanged input: resumes, nothing regenerated
+    assert again["samples"] == stats["samples"] and len(_ids(out)) == 40
+    assert {k: v for k, v in _tree_digest(out).items() if k != "stats.json"} == \
+           {k: v for k, v in before.items() if k != "stats.json"}
+    before = _tree_digest(out)
+
+    _jsonl(prompts, rows[:20] + rows[40:60])  # the last 20 prompts replaced
+    with pytest.raises(DataError, match=rf"different settings \(contents of {re.escape(str(prompts))}\)"):
+        run_distill(_cfg(out, **kw))
+    assert _tree_digest(out) == before
+    res = subprocess.run([sys.executable, str(ROOT / "cli.py"), "distill", "--dataset_name", str(prompts),
+                          "--shard_size", "10", "--num_generations", "2", "--decontaminate_against", str(evalset),
+                          "--output_dir", str(out), "--disable_tqdm", "true"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and f"contents of {prompts}" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert _tree_digest(out) == before and len(_ids(out)) == 40
+
+    _jsonl(prompts, rows[:40])  # restored: resumes again; an edited evaluation set is refused too
+    run_distill(_cfg(out, **kw))
+    _jsonl(evalset, [{"question": "how many legs does a spider have when it is fully grown"}])
+    with pytest.raises(DataError, match=rf"different settings \(contents of {re.escape(str(evalset))}\)"):
+        run_distill(_cfg(out, **kw))
+
+
+def test_resume_refused_when_a_file_in_a_local_dataset_directory_changed(tmp_path):
+    rows = [{"prompt": r["problem"], "answer": r["answer"]} for r in A.generate_split("train", 30)]
+    d = tmp_path / "d"
+    d.mkdir()
+    _jsonl(d / "train-00000.jsonl", rows[:10])
+    _jsonl(d / "train-00001.jsonl", rows[10:20])
+    out = tmp_path / "o"
+    kw = dict(dataset_name=str(d), shard_size=10, num_generations=2)
+    run_distill(_cfg(out, **kw))
+    run_distill(_cfg(out, **kw))
+    _jsonl(d / "train-00001.jsonl", rows[20:30])
+    with pytest.raises(DataError, match=rf"different settings \(contents of {re.escape(str(d))}\)"):
+        run_distill(_cfg(out, **kw))
+    assert len(_ids(out)) == 20
+
+
+def test_run_config_without_input_contents_resumes_and_records_them(tmp_path):
+    """A run_config.json written before contents were recorded: the same settings resume
+    (nothing to compare the input with) and record the contents; other settings are refused."""
+    rows = [{"prompt": r["problem"], "answer": r["answer"]} for r in A.generate_split("train", 30)]
+    prompts = tmp_path / "prompts.jsonl"
+    _jsonl(prompts, rows[:20])
+    out = tmp_path / "o"
+    kw = dict(dataset_name=str(prompts), shard_size=10, num_generations=2)
+    run_distill(_cfg(out, **kw))
+    cfg_path = out / "run_config.json"
+    key = f"contents of {prompts}"
+    recorded = json.loads(cfg_path.read_text())
+    assert recorded[key] == "sha256:" + hashlib.sha256(prompts.read_bytes()).hexdigest()
+    older = {k: v for k, v in recorded.items() if not k.startswith("contents of ")}
+    cfg_path.write_text(json.dumps(older))
+    with pytest.raises(DataError, match=r"different settings \(seed\)"):
+        run_distill(_cfg(out, seed=1, **kw))
+    assert json.loads(cfg_path.read_text()) == older
+    run_distill(_cfg(out, **kw))
+    assert json.loads(cfg_path.read_text()) == recorded and len(_ids(out)) == 20
+    _jsonl(prompts, rows[10:30])
+    with pytest.raises(DataError, match=re.escape(key)):
+        run_distill(_cfg(out, **kw))

@@ -114,3 +114,39 @@ def test_column_and_prompt_validation(tmp_path):
     assert "no non-empty user message" in prompt_problem([{"role": "system", "content": "s"}])
     assert "unknown role" in prompt_problem([{"role": "bot", "content": "s"}])
     assert to_messages("hi") == [{"role": "user", "content": "hi"}]
+
+
+def test_bytes_that_are_not_utf8_are_named_by_their_exact_line(tmp_path):
+    """Lines are decoded one by one: a bad byte on line 41 of a 41 KB file was reported as line 33
+    (text decoded in 8 KB chunks), on line 2 of a small file as line 1; a .json file was a
+    UnicodeDecodeError traceback."""
+    lines = [json.dumps({"prompt": "q" * 1000 + str(i), "answer": "1"}).encode() for i in range(41)]
+    lines[40] = lines[40].replace(b'"answer": "1"', b'"answer": "caf\xe9"')
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"\n".join(lines) + b"\n")
+    assert big.stat().st_size > 41_000
+    column = lines[40].index(b"\xe9") + 1  # all ASCII before it
+    with pytest.raises(DataError, match=rf"big\.jsonl line 41: not valid UTF-8 \(byte 0xe9 at column {column}: "):
+        load_rows(str(big))
+    bad: list = []
+    assert load_rows(str(big), bad_rows=bad).num_rows == 40  # skipped like any other malformed line
+    assert [b["location"] for b in bad] == [f"{big} line 41"] and bad[0]["reason"].startswith("not valid UTF-8")
+
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(b'{"prompt": "\xc3\xa9"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"small\.jsonl line 2: not valid UTF-8 \(byte 0xe9 at column 16"):
+        load_rows(str(small))
+
+    array = tmp_path / "latin1.json"  # one JSON document: named by its line too
+    array.write_bytes(b'[\n  {"prompt": "\xc3\xa9t\xc3\xa9", "answer": "1"},\n  {"prompt": "caf\xe9", "answer": "2"}\n]\n')
+    for rows in (None, []):
+        with pytest.raises(DataError, match=r"latin1\.json line 3: not valid UTF-8 \(byte 0xe9 at column 18"):
+            load_rows(str(array), bad_rows=rows)
+    as_lines = tmp_path / "lines.json"  # JSON lines under a .json name
+    as_lines.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"lines\.json line 2: not valid UTF-8"):
+        load_rows(str(as_lines))
+    bad = []
+    assert load_rows(str(as_lines), bad_rows=bad)["prompt"] == ["a"] and bad[0]["location"].endswith("line 2")
+    (tmp_path / "ok.json").write_text(json.dumps([{"prompt": "été"}], ensure_ascii=False), encoding="utf-8")
+    assert load_rows(str(tmp_path / "ok.json"))["prompt"] == ["été"]
