@@ -57,6 +57,7 @@ def cmd_init_model(argv: list[str]) -> int:
     p.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size of the tokenizer (default: 1024)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype (default: float32)")
     args = p.parse_args(argv)
+    require_output_dir(args.output, "output")
     from posttrain.model_init import count_parameters, init_model
 
     out = init_model(args.preset, args.output, seed=args.seed, vocab_size=args.vocab_size, dtype=args.dtype)
@@ -75,6 +76,7 @@ def cmd_smoke(argv: list[str]) -> int:
     p.add_argument("--output_dir", default="runs/smoke", help="where the tiny checkpoint goes")
     p.add_argument("--no_vllm", action="store_true", help="skip the vLLM generation")
     args = p.parse_args(argv)
+    require_output_dir(args.output_dir)
     from posttrain.smoke import run_smoke
 
     run_smoke(args.output_dir, use_vllm=not args.no_vllm)
@@ -138,6 +140,7 @@ class RecipeCommand:
         cfg = _recipe_config(name, config_cls, argv, self.description)
         if cfg is None:
             return 0
+        require_output_dir(getattr(cfg, "output_dir", None))
         summary = run(cfg)
         print(f"{name}: {self.done(cfg, summary)}")
         return 0
@@ -174,15 +177,20 @@ def cmd_run(argv: list[str]) -> int:
         "write report.md, plots and results.json in the run directory. Finished stages are skipped on a rerun; a "
         "killed stage resumes from its last checkpoint.",
     )
+    from eval_hooks.chain import STAGES, load_chain_recipe, run_chain, validate_chain_recipe
+
     p.add_argument("recipe", help="chain recipe YAML (e.g. recipes/tiny-arith.yaml)")
     p.add_argument("--output_dir", default=None, help="run directory (default: runs/<recipe name>)")
-    p.add_argument("--only", nargs="+", default=None, help="run only these stages")
+    p.add_argument("--only", nargs="+", default=None, choices=STAGES, metavar="STAGE",
+                   help=f"run only these stages ({', '.join(STAGES)}); the others are not run, and later stages use "
+                   "what an earlier run left in their directories")
     p.add_argument("--validate", action="store_true", help="check every stage's config and exit")
     args = p.parse_args(argv)
-    from eval_hooks.chain import load_chain_recipe, run_chain, validate_chain_recipe
 
+    recipe = load_chain_recipe(args.recipe, args.output_dir)
+    require_output_dir(recipe.output_dir)
     if args.validate:
-        configs = validate_chain_recipe(load_chain_recipe(args.recipe, args.output_dir))
+        configs = validate_chain_recipe(recipe)
         print(f"{args.recipe}: valid ({', '.join(configs)})")
         return 0
     run_chain(args.recipe, args.output_dir, args.only)
@@ -218,11 +226,48 @@ def cmd_eval(argv: list[str]) -> int:
     cfg = load_config(EvalStage, None, rest)
     for path in args.model_name_or_path:
         require_model_dir(path)
+    names = checkpoint_names(args.model_name_or_path)
+    require_output_dir(args.output_dir)
     from eval_hooks.evaluate import evaluate_checkpoints
 
-    names = {Path(m).name or m: m for m in args.model_name_or_path}
     evaluate_checkpoints(names, cfg, args.output_dir)
     return 0
+
+
+def checkpoint_names(paths: Sequence[str]) -> dict[str, str]:
+    """{name: path} for `eval`, whose results go to `<output_dir>/<name>.json`: each checkpoint's
+    directory name, with as many parent directories (joined by "--") as it takes to tell apart
+    checkpoints whose names are the same: runs/a/final, runs/b/final, runs/sft -> a--final,
+    b--final, sft. The same directory given twice is a `ConfigError`."""
+    from collections import Counter
+
+    from posttrain.errors import ConfigError
+
+    seen: dict[Path, str] = {}
+    for m in paths:
+        real = Path(m).expanduser().resolve()
+        if real in seen:
+            same = "" if seen[real] == m else f" (as {seen[real]})"
+            raise ConfigError(f"model_name_or_path: {m} is given twice{same}")
+        seen[real] = m
+    # absolute, without following symlinks (runs/latest keeps its own name); no root
+    parts = [Path(os.path.abspath(os.path.expanduser(m))).parts[1:] or ("model",) for m in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["--".join(p[-d:]) for p, d in zip(parts, depth)]
+        counts = Counter(names)
+        longer = [i for i, n in enumerate(names) if counts[n] > 1 and depth[i] < len(parts[i])]
+        if not longer:
+            break
+        for i in longer:
+            depth[i] += 1
+    out: dict[str, str] = {}
+    for m, name in zip(paths, names):
+        unique, k = name, 2
+        while unique in out:  # joined names that still collide (/c, /x/c and /x--c): a number
+            unique, k = f"{name}-{k}", k + 1
+        out[unique] = m
+    return out
 
 
 def cmd_serve(argv: list[str]) -> int:
@@ -247,7 +292,7 @@ def cmd_serve(argv: list[str]) -> int:
     )
     p.add_argument("model", metavar="MODEL", help="checkpoint directory (or a Hugging Face Hub id)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default: 8000)")
     p.add_argument("--dtype", default=None, help="weight dtype (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--max_model_len", "--max-model-len", type=int, default=None,
                    help="context length (default on CPU: the model's, at most 4096)")
@@ -263,6 +308,17 @@ def cmd_serve(argv: list[str]) -> int:
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
           seed=args.seed, served_model_name=args.served_model_name, trl=args.trl, extra=extra)
     return 0
+
+
+def _port(text: str) -> int:
+    """argparse type of `serve --port`: an integer in 1-65535 (socket.bind raises OverflowError beyond)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not an integer") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port}: must be 1-65535")
+    return port
 
 
 def _require_free_port(host: str, port: int) -> None:
@@ -297,6 +353,13 @@ def _recipe_config(name: str, cls: type, argv: list[str], description: str, sect
         return None
     recipe, rest = split_recipe_arg(argv)
     return load_config(cls, recipe, rest, section=section or name)
+
+
+def require_output_dir(path: str | os.PathLike | None, field: str = "output_dir") -> None:
+    """`posttrain.recipe.require_output_path` for an output directory."""
+    from posttrain.recipe import require_output_path
+
+    require_output_path(path, field, directory=True)
 
 
 # The one dispatch table: command -> handler (a recipe command's handler is its RecipeCommand).
@@ -365,7 +428,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dsv3-posttrain {name}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FileNotFoundError as e:
+        logging.getLogger("dsv3-posttrain").debug("%s failed", name, exc_info=True)
         print(f"dsv3-posttrain {name}: error: file not found: {e.filename or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        if not e.filename:  # no path to name: not one the user gave, so not theirs to fix
+            raise
+        # A path the user gave (an output that is a file, a folder they cannot write): one line with
+        # the path; the traceback, should it be a bug after all, with DSV3_LOG_LEVEL=DEBUG.
+        logging.getLogger("dsv3-posttrain").debug("%s failed", name, exc_info=True)
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else f"{e.filename}"
+        reason = (e.strerror or type(e).__name__).lower()
+        print(f"dsv3-posttrain {name}: error: {reason}: {where}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"dsv3-posttrain {name}: interrupted", file=sys.stderr)

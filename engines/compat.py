@@ -204,6 +204,23 @@ HF_LOAD_FROM_CHECKPOINT = ContactPoint(
     "Trainer reloads with load_state_dict(strict=False), which silently skips the per-expert tensors of a "
     "DeepSeek-layout checkpoint",
 )
+HF_SAVE_CHECKPOINT = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.trainer:Trainer._save_checkpoint", "override",
+    "posttrain.checkpoints.DeepSeekLayoutCheckpoints",
+    "it deletes checkpoints beyond save_total_limit before the on_save callbacks run; the trainers' own state "
+    "is written first so that a kill in between still leaves a complete checkpoint",
+)
+HF_OUTPUT_DIR = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.trainer:Trainer._get_output_dir", "calls",
+    "posttrain.checkpoints.DeepSeekLayoutCheckpoints._save_checkpoint",
+    "the directory _save_checkpoint writes checkpoint-N into (output_dir, or a trial's)",
+)
+HF_HUB_KERNEL_NAME = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.integrations.hub_kernels:is_kernel", "calls",
+    "posttrain.sft.config._check_attn_implementation",
+    "an attn_implementation may name a Hub kernel repository; transformers' own test tells one from a typo, "
+    "which is then refused with the recipe instead of when the model loads",
+)
 HF_SIGNATURE_COLUMNS = ContactPoint(
     "transformers", TRANSFORMERS, "transformers.trainer:Trainer._set_signature_columns_if_needed", "override",
     "posttrain.sft.trainer", "keeps the packed samples' seq_lengths column, which is not a forward argument",
@@ -312,7 +329,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS,
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
     TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
-    HF_LOAD_FROM_CHECKPOINT, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
+    HF_LOAD_FROM_CHECKPOINT, HF_SAVE_CHECKPOINT, HF_OUTPUT_DIR, HF_HUB_KERNEL_NAME, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
     HF_RMS_NORM, HF_GROUPED_MM_EXPERTS, HF_DEFAULT_APPLY_GATE, HF_MLA_ATTENTION,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD, ACCELERATE_REGIONAL_COMPILATION,

@@ -19,8 +19,20 @@ def _messages(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def adapt_row(row: dict[str, Any], index: int, source: str) -> tuple[list[dict[str, str]], str]:
-    """One row -> (prompt messages, gold answer), by the columns it has."""
+def adapt_row(row: dict[str, Any], index: int, source: str, where: str | None = None
+              ) -> tuple[list[dict[str, str]], str]:
+    """One row -> (prompt messages, gold answer), by the columns it has. `where` names the row in
+    errors (e.g. "set.jsonl line 3"; default "<source> row <index>")."""
+    from data_pipelines.loading import answer_problem
+
+    where = where or f"{source} row {index}"
+    question = next((c for c in ("prompt", "question", "problem") if c in row), None)
+    if question is not None and "answer" in row:
+        # str(None) would be graded as the literal "None" (a missing key in a JSONL row reads as null)
+        col, problem = ((question, f"{question} is null") if row[question] is None
+                        else ("answer", answer_problem(row["answer"])))
+        if problem:
+            raise UserError(f"{where}: {problem} (column {col!r})")
     if "prompt" in row and "answer" in row:
         prompt = row["prompt"]
         return (prompt if isinstance(prompt, list) else _messages(str(prompt))), str(row["answer"])
@@ -31,7 +43,7 @@ def adapt_row(row: dict[str, Any], index: int, source: str) -> tuple[list[dict[s
     if "problem" in row and "answer" in row:  # MATH-500, AIME
         return _messages(str(row["problem"])), str(row["answer"])
     raise UserError(
-        f"{source} row {index}: no known schema (need prompt+answer, problem+answer or question+answer); "
+        f"{where}: no known schema (need prompt+answer, problem+answer or question+answer); "
         f"columns are {sorted(row)}"
     )
 
@@ -47,7 +59,7 @@ def load_benchmark_with_groups(dataset_name: str, split: str = "test",
                                limit: int | None = None) -> tuple[list, list[str], list[str] | None]:
     """(prompt messages, gold answers, groups) of the first `limit` problems; groups is None when the
     set names none (every problem then stands alone)."""
-    from data_pipelines.loading import load_rows
+    from data_pipelines.loading import load_rows, row_location
 
     ds = load_rows(dataset_name, split)
     n = len(ds) if limit is None else min(limit, len(ds))
@@ -55,7 +67,7 @@ def load_benchmark_with_groups(dataset_name: str, split: str = "test",
         raise UserError(f"{dataset_name} ({split}): the evaluation set is empty")
     prompts, answers = [], []
     for i in range(n):
-        p, a = adapt_row(ds[i], i, dataset_name)
+        p, a = adapt_row(ds[i], i, dataset_name, where=row_location(ds, i, dataset_name))
         prompts.append(p)
         answers.append(a)
     column = next((c for c in GROUP_COLUMNS if c in ds.column_names), None)

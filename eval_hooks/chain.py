@@ -44,6 +44,12 @@ class InitStage:
         default=None, metadata={"help": "Start from this checkpoint instead of initialising one."}
     )
 
+    def __post_init__(self):
+        from posttrain.presets import PRESETS
+
+        if self.preset not in PRESETS:  # before any stage runs, not when init's turn comes
+            raise ValueError(f"preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+
 
 @dataclass
 class EvalStage:
@@ -80,6 +86,20 @@ class EvalStage:
                                "of the evaluation set)."}
     )
 
+    def __post_init__(self):
+        # checked with the recipe (`run --validate` included), not when the benchmark or vLLM meets them;
+        # build_config turns the ValueError into a ConfigError naming the recipe
+        for name in ("num_problems", "max_tokens", "k", "max_model_len", "during_training_problems"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sampled_pass1_k", "every_n_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
+        if not self.sampled_temperature >= 0:
+            raise ValueError(f"sampled_temperature must be >= 0, got {self.sampled_temperature}")
+        if not 0 < self.sampled_top_p <= 1:
+            raise ValueError(f"sampled_top_p must be in (0, 1], got {self.sampled_top_p}")
+
 
 @dataclass
 class ChainRecipe:
@@ -105,6 +125,11 @@ def load_chain_recipe(path: str | Path, output_dir: str | None = None) -> ChainR
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ConfigError(f"{path}: unknown stage(s) {bad}; stages are {list(STAGES)} (run in that order)")
+    if not stages:
+        raise ConfigError(f"{path}: no stages; give at least one of {list(STAGES)} under 'stages'")
+    for stage, settings in stages.items():
+        if settings is not None and not isinstance(settings, dict):
+            raise ConfigError(f"{path}: stages.{stage} must be a mapping of settings, got {settings!r}")
     name = str(data.get("name") or Path(path).stem)
     out = Path(output_dir or data.get("output_dir") or Path("runs") / name)
     return ChainRecipe(name, out, {k: dict(v or {}) for k, v in stages.items()}, str(path), seed)
@@ -167,7 +192,14 @@ def _inputs_hash(stage: str, config: Any, upstream: dict[str, Any]) -> str:
 class Manifest:
     def __init__(self, path: Path):
         self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        try:
+            self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        except (ValueError, UnicodeDecodeError) as e:  # written atomically by us: only an outside edit breaks it
+            raise UserError(f"{path}: not a readable run manifest ({e}); repair it, or remove it to rerun "
+                            "every stage") from None
+        if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
+            raise UserError(f"{path}: not a run manifest (no 'stages' mapping); repair it, or remove it to rerun "
+                            "every stage")
 
     def get(self, stage: str) -> dict[str, Any]:
         return self.data["stages"].get(stage, {})
@@ -190,14 +222,18 @@ def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list
     upstream: dict[str, Any] = {}
     t_start = time.time()
     for stage in STAGES:
-        if stage not in configs or (only and stage not in only):
+        if stage not in configs:
             continue
         cfg = configs[stage]
         digest = _inputs_hash(stage, cfg, upstream)
         prev = manifest.get(stage)
+        upstream[stage] = digest  # what later stages' hashes build on, whether this one runs now or not
         if prev.get("status") == "done" and prev.get("inputs_hash") == digest:
             print(f"[{stage}] done already ({prev.get('output')}), skipping")
-            upstream[stage] = digest
+            continue
+        if only and stage not in only:
+            state = {"done": "done with other inputs", "running": "unfinished"}.get(prev.get("status"), "not run yet")
+            print(f"[{stage}] not run (--only); its output is {state}")
             continue
         resuming = prev.get("status") == "running" and prev.get("inputs_hash") == digest
         if not resuming:
@@ -207,7 +243,6 @@ def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list
         t0 = time.time()
         output, metrics = STAGE_RUNNERS[stage](cfg, recipe, out, resuming)
         manifest.update(stage, status="done", output=str(output), seconds=round(time.time() - t0, 1), metrics=metrics)
-        upstream[stage] = digest
         print(f"[{stage}] done in {time.time() - t0:.0f}s -> {output}")
     manifest.update("_run", seconds=round(time.time() - t_start, 1))
     from .report import write_report
@@ -267,11 +302,18 @@ def _attach_eval_callback(trainer, recipe: ChainRecipe, out: Path) -> None:
     EvalCallback(prompts, answers, cfg.every_n_steps, max_tokens=cfg.max_tokens, k=cfg.k).attach(trainer)
 
 
+def _can_resume(trainer) -> bool:
+    """Whether the stage's output_dir holds a checkpoint complete by the trainer's own rule (a kill during
+    the first save leaves one that is not: the stage then starts afresh)."""
+    return last_complete_checkpoint(trainer.args.output_dir, trainer.checkpoint_state_files()) is not None
+
+
 def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from posttrain.sft.run import build_trainer, run_sft
 
-    cfg.resume_from_checkpoint = "last" if resuming and last_complete_checkpoint(cfg.output_dir) else None
     trainer = build_trainer(cfg)
+    cfg.resume_from_checkpoint = "last" if resuming and _can_resume(trainer) else None
+    cfg.overwrite_output_dir = True  # a fresh start replaces what is left: a partial first checkpoint at most
     _attach_eval_callback(trainer, recipe, out)
     summary = run_sft(cfg, trainer)
     return Path(cfg.output_dir), {"train_loss": summary.get("train_loss"), "global_step": summary.get("global_step")}
@@ -280,8 +322,9 @@ def _run_sft(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path,
 def _run_grpo(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from posttrain.grpo.run import build_trainer, run_grpo
 
-    cfg.resume_from_checkpoint = "last" if resuming and last_complete_checkpoint(cfg.output_dir) else None
     trainer = build_trainer(cfg)
+    cfg.resume_from_checkpoint = "last" if resuming and _can_resume(trainer) else None
+    cfg.overwrite_output_dir = True  # a fresh start replaces what is left: a partial first checkpoint at most
     _attach_eval_callback(trainer, recipe, out)
     summary = run_grpo(cfg, trainer)
     return Path(cfg.output_dir), {"steps": summary.get("steps")}

@@ -379,7 +379,9 @@ def _seq_balance_term(
 class BalancingCallback(TrainerCallback):
     """Drives an `ExpertLoadBalancer` from a transformers `Trainer`: `step()` after every optimizer
     step (`on_step_end` runs after `optimizer.step()` and before logging and saving, so a checkpoint
-    holds the updated biases), its state saved next to each checkpoint, the heatmap at the end."""
+    holds the updated biases) and the heatmap at the end. The balancer's state (`save`/`load`) is the
+    trainer's to write into each checkpoint (`DeepSeekLayoutCheckpoints.save_checkpoint_state`): written
+    by a callback's `on_save`, it would land after Trainer has already rotated older checkpoints away."""
 
     def __init__(self, balancer: ExpertLoadBalancer, plot_path: str | Path | None = None):
         self.balancer = balancer
@@ -390,13 +392,6 @@ class BalancingCallback(TrainerCallback):
         metrics = self.balancer.step()
         if self.on_metrics is not None and metrics:
             self.on_metrics(metrics)
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                self.balancer.save(ckpt)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

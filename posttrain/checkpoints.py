@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,31 @@ def last_complete_checkpoint(output_dir: str | Path, required_files: Sequence[st
     return None
 
 
+RUN_CONFIG_FILE = "run_config.json"
+# Settings a resumed run may change without changing what it trains: bookkeeping and where it stops.
+_RESUME_FREE = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "run_name", "report_to",
+                "disable_tqdm", "overwrite_output_dir", "dataloader_num_workers", "push_to_hub", "project"}
+_RESUME_FREE_PREFIXES = ("logging_", "log_", "save_", "eval_", "hub_", "trackio_")
+
+
+def resumable_settings(config: Any) -> dict[str, Any]:
+    """The config as a resumed run compares it with the one that wrote the checkpoint (no secrets: no
+    `*token*` fields)."""
+    from .recipe import config_to_dict
+
+    return {k: v for k, v in config_to_dict(config).items()
+            if "token" not in k and k not in _RESUME_FREE and not k.startswith(_RESUME_FREE_PREFIXES)}
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`name: old -> new` for each setting that differs (a setting only one side has counts)."""
+    def shown(settings: dict[str, Any], key: str) -> str:
+        return repr(settings[key]) if key in settings else "(unset)"
+
+    return [f"{k}: {shown(before, k)} -> {shown(now, k)}" for k in sorted(set(before) | set(now))
+            if k not in before or k not in now or before[k] != now[k]]
+
+
 class DeepSeekLayoutCheckpoints:
     """Trainer mixin (put it before the Trainer class): checkpoints and the final model are
     DeepSeek-layout directories whatever the process layout, and resume through the one strict,
@@ -77,6 +103,78 @@ class DeepSeekLayoutCheckpoints:
     and rank 0 writes it with the model's `save_pretrained` (per-expert names, the MTP layer at
     `model.layers.{N}`, the routers' biases)."""
 
+    # -- the trainer's own state beside each checkpoint ------------------------------------------
+    def checkpoint_state_files(self) -> list[str]:
+        """Files this trainer writes into every `checkpoint-N` besides Trainer's (the balancer's state,
+        GRPO's λ controller). A checkpoint without all of them is incomplete and never resumed from."""
+        return []
+
+    def save_checkpoint_state(self, checkpoint_dir: Path) -> None:
+        """Writes `checkpoint_state_files()` into `checkpoint_dir`, each atomically (rank 0 only)."""
+
+    def load_checkpoint_state(self, checkpoint_dir: Path) -> None:
+        """Restores what `save_checkpoint_state` wrote, before training resumes."""
+
+    def resolve_resume(self, value: str | bool | Path | None) -> str | None:
+        """`resume_from_checkpoint` as SFT, GRPO and the chain read it, with this trainer's own
+        completeness rule (`checkpoint_state_files`). A fresh start in an output_dir that holds an
+        earlier run is refused unless `overwrite_output_dir` (Trainer would write over its checkpoints
+        and final model, and a later resume could pick up one of the earlier run's checkpoints)."""
+        found = resolve_resume(value, self.args.output_dir, self.checkpoint_state_files())
+        if found is None:
+            self._clear_earlier_run()
+        return found
+
+    def _clear_earlier_run(self) -> None:
+        from .errors import ConfigError
+
+        out = Path(self.args.output_dir)
+        checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit())
+        if not checkpoints and not (out / "trainer_state.json").is_file():
+            return
+        if not getattr(self.args, "overwrite_output_dir", False):
+            earlier = [p.name for p in checkpoints[:3]] or ["trainer_state.json"]
+            raise ConfigError(f"output_dir {out} holds an earlier run ({', '.join(earlier)}{' …' if len(checkpoints) > 3 else ''}): "
+                              "resume it with --resume_from_checkpoint true, choose another output_dir, or start "
+                              "over with --overwrite_output_dir true")
+        if self.args.should_save:
+            import shutil
+
+            for ckpt in checkpoints:
+                shutil.rmtree(ckpt)
+            log.warning("overwrite_output_dir: removed %d checkpoint(s) of the earlier run in %s", len(checkpoints), out)
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Trainer (5.19) writes trainer_state.json, then deletes checkpoints beyond save_total_limit, then
+        # runs the on_save callbacks: state saved there is missing from the new checkpoint while the old
+        # ones are already gone, so a kill in between leaves nothing to resume from. Written first, the
+        # state is in place before trainer_state.json marks the checkpoint written and before any rotation.
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            checkpoint_dir = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self.save_checkpoint_state(checkpoint_dir)
+            path = checkpoint_dir / RUN_CONFIG_FILE
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(resumable_settings(self.args), indent=1, sort_keys=True, default=str) + "\n")
+            tmp.replace(path)
+        super()._save_checkpoint(model, trial)
+
+    def _warn_changed_settings(self, checkpoint_dir: Path) -> None:
+        """A resume with other settings than the run that wrote the checkpoint is allowed (as in Trainer) but
+        said: the new values apply, except that the optimizer and LR scheduler continue from their saved state."""
+        try:
+            before = json.loads((checkpoint_dir / RUN_CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return  # written before run_config.json existed
+        changed = changed_settings(before, resumable_settings(self.args))
+        if changed:
+            log.warning("resuming %s with settings that differ from the run that wrote it (the optimizer and the "
+                        "learning-rate schedule continue from their saved state): %s", checkpoint_dir,
+                        "; ".join(changed))
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """A restart from a checkpoint that already reached `max_steps` trains nothing (transformers
         5.19 would run one more step): the checkpoint's weights and state are loaded, so what the
@@ -85,7 +183,10 @@ class DeepSeekLayoutCheckpoints:
 
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = last_complete_checkpoint(self.args.output_dir)
+            checkpoint = self.resolve_resume(True)
+        if isinstance(checkpoint, (str, Path)):
+            self.load_checkpoint_state(Path(checkpoint))
+            self._warn_changed_settings(Path(checkpoint))
         if isinstance(checkpoint, (str, Path)) and self.args.max_steps and self.args.max_steps > 0:
             from transformers import TrainerState
 
@@ -96,7 +197,7 @@ class DeepSeekLayoutCheckpoints:
                 self._load_from_checkpoint(str(checkpoint))
                 self.state = state
                 return TrainOutput(state.global_step, None, {"train_runtime": 0.0})
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         from .distributed import gather_full_state_dict, model_is_sharded

@@ -14,18 +14,31 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
 from .modeling import DeepseekV3ForCausalLMWithMTP
 from .presets import PRESETS, preset_config
-from .tokenizer import train_tokenizer
+from .tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_CORPUS_SIZE = 20000
+# The byte-level BPE starts from its 256-symbol byte alphabet plus the special tokens: the smallest
+# vocabulary it can have (no merges). Asked for less, the trainer silently returns this many.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """A `ConfigError` for a vocabulary smaller than the tokenizer's alphabet + special tokens."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"vocab_size: {vocab_size!r} is too small; the byte-level tokenizer needs at least "
+                          f"{MIN_VOCAB_SIZE} (256 byte symbols + {len(SPECIAL_TOKENS)} special tokens)")
 
 
 def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
     """The embedded tokenizer, trained on the built-in task's text (deterministic for a seed)."""
     from data_pipelines.arith_task import task_corpus
+
+    check_vocab_size(vocab_size)
 
     return train_tokenizer(task_corpus(TOKENIZER_CORPUS_SIZE, seed=seed), vocab_size=vocab_size)
 
@@ -63,7 +76,11 @@ def init_model(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset != "deepseek-v3":  # the only preset without the embedded tokenizer
+        check_vocab_size(vocab_size)
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     if preset == "deepseek-v3":
         model = build_meta_model(preset)

@@ -66,17 +66,39 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def split_recipe_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`--recipe FILE` (or `--recipe=FILE`) out of a command line; the rest are overrides."""
+    """`--recipe FILE` (or `--recipe=FILE`) out of a command line; the rest are overrides. A `--recipe`
+    without a file is a `ConfigError` (it would otherwise read as an override of an unknown key 'recipe')."""
     recipe, rest, i = None, [], 0
     while i < len(argv):
-        if argv[i] == "--recipe" and i + 1 < len(argv):
-            recipe, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--recipe="):
-            recipe, i = argv[i].split("=", 1)[1], i + 1
+        if argv[i] == "--recipe" or argv[i].startswith("--recipe="):
+            if argv[i] == "--recipe":
+                recipe, i = (argv[i + 1] if i + 1 < len(argv) else ""), i + 2
+            else:
+                recipe, i = argv[i].split("=", 1)[1], i + 1
+            if not recipe.strip() or recipe.startswith("--"):
+                raise ConfigError("--recipe needs a file: --recipe FILE")
         else:
             rest.append(argv[i])
             i += 1
     return recipe, rest
+
+
+def require_output_path(path: str | os.PathLike | None, field: str = "output_dir", directory: bool = True) -> None:
+    """An output the command will write (a directory, or a file with `directory=False`) must be creatable
+    where it is asked for: not an existing file where a directory goes (or the reverse), and not below a
+    file. Otherwise a `ConfigError` naming it, before any work is done (instead of FileExistsError /
+    NotADirectoryError from deep inside a run). None or "" is left to the command's own check."""
+    if path is None or not os.fspath(path).strip():
+        return
+    out = Path(os.fspath(path)).expanduser()
+    if out.exists() and out.is_dir() != directory:
+        what = "is a directory; give a file path" if out.is_dir() else "exists and is not a directory"
+        raise ConfigError(f"{field}: {os.fspath(path)} {what}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{field}: {os.fspath(path)}: {parent} exists and is not a directory")
+            break
 
 
 def field_names(cls: type) -> list[str]:
@@ -132,7 +154,9 @@ def build_config(cls: type[T], values: Mapping[str, Any], source: str = "config"
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ArithmeticError) as e:
+        # ArithmeticError: library __post_init__s divide by the values they are given (TRL's GRPOConfig
+        # takes `generation_batch_size % num_generations`), so a zero there is the user's, not a bug
         raise ConfigError(f"{source}: invalid {cls.__name__}: {e}") from None
 
 
@@ -142,10 +166,18 @@ def _read_report_to(value: Any) -> Any:
     return normalize_report_to(value)
 
 
+def _read_resume(value: Any) -> str | None:
+    from .trainer_args import normalize_resume
+
+    return normalize_resume(value)
+
+
 # Fields read as TRL/transformers read them rather than by their declared type (SFT, GRPO, RM):
 # `--report_to none` means no integration there, while coercing to `str | None` would make it None,
 # which transformers turns into `[None]` and rejects when the trainer is built.
-_FIELD_READERS: dict[str, Any] = {"report_to": _read_report_to}
+# `resume_from_checkpoint` is `str | None` in transformers, but a YAML `true` or a bare
+# `--resume_from_checkpoint` flag (a bool) means "the newest checkpoint" to posttrain.checkpoints.
+_FIELD_READERS: dict[str, Any] = {"report_to": _read_report_to, "resume_from_checkpoint": _read_resume}
 
 # org/name, as the Hub spells a repository id
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -161,12 +193,28 @@ def require_model_dir(
     """The one check of a model path before anything is loaded (sft, grpo, rm, eval): a missing or
     mistyped directory is a `ConfigError` naming it, not transformers' "Repo id must use
     alphanumeric chars" traceback. With `allow_hub`, an `org/name` id whose first part is not a
-    local directory is left for transformers to fetch from the Hub."""
+    local directory is left for transformers to fetch from the Hub. A local directory must hold a
+    `config.json` that is a JSON object (an empty or half-written directory otherwise fails deep in
+    transformers or vLLM)."""
     if path is None or not os.fspath(path).strip():
         raise ConfigError(f"{field} is required" + (f" ({required_hint})" if required_hint else ""))
     text = os.fspath(path)
     local = Path(text).expanduser()
     if local.is_dir():
+        config = local / "config.json"
+        if not config.is_file():
+            raise ConfigError(f"{field}: {text} is not a checkpoint directory (no config.json in it)")
+        try:
+            data = json.loads(config.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{field}: cannot read {config}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{field}: {config}: not valid UTF-8 ({e.reason})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{field}: {config}: invalid JSON ({e.msg} at line {e.lineno}, "
+                              f"column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{field}: {config}: expected a JSON object, got {type(data).__name__}")
         return
     if local.exists():
         raise ConfigError(f"{field}: {text} is a file, not a checkpoint directory")
@@ -196,6 +244,12 @@ _FALSE = {"false", "no", "0", "off"}
 
 def coerce(value: Any, tp: Any, key: str, source: str = "config") -> Any:
     """Converts `value` to `tp` or raises a `ConfigError` naming `key` and the expected type."""
+    if (key.endswith("_kwargs") and isinstance(value, str) and _has_mapping(tp)
+            and value.strip().lower() not in ("none", "null") and not value.strip().startswith("{")):
+        # transformers/TRL type their `*_kwargs` fields `dict | str` only so that a command line can give
+        # JSON; any other text would be kept as a string and fail as `**kwargs` deep in the run
+        raise ConfigError(f"{source}: '{key}' expects a mapping of keyword arguments, written as JSON or YAML "
+                          f"(e.g. --{key} '{{\"name\": 1.0}}'), got {value!r}")
     try:
         return _coerce(value, tp)
     except (ValueError, TypeError):
@@ -213,6 +267,9 @@ def _coerce(value: Any, tp: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
+        if isinstance(value, str) and value.strip().startswith("{") and _has_mapping(tp):
+            # a mapping written as text is read as one or rejected, never kept as a `str` alternative
+            return _coerce(value, next(a for a in args if _is_mapping(a)))
         for arg in [a for a in args if a is not type(None)]:
             try:
                 return _coerce(value, arg)
@@ -280,13 +337,27 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+def _is_mapping(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) in (dict, Mapping, typing.Mapping)
+
+
+def _has_mapping(tp: Any) -> bool:
+    """`tp` is a mapping type, or a union with one."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_mapping(a) for a in typing.get_args(tp))
+    return _is_mapping(tp)
+
+
 def _parse_str_collection(text: str, kind: type) -> Any:
     text = text.strip()
     if text[:1] in "[{":
         try:
             return json.loads(text)
         except json.JSONDecodeError:
-            return yaml.safe_load(text)
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ValueError(f"neither JSON nor YAML: {text!r}") from None
     if kind is list:
         return [t.strip() for t in text.split(",") if t.strip()]
     raise TypeError

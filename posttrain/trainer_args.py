@@ -62,6 +62,47 @@ def normalize_report_to(value: Any) -> str | list[str]:
     return names
 
 
+# `resume_from_checkpoint`'s help in every recipe config (transformers' own says "Not directly used by
+# Trainer", which is not so here: posttrain.checkpoints.resolve_resume reads it).
+RESUME_HELP = ("Resume training: false / none (default) starts fresh; true / last resumes from the newest complete "
+               "checkpoint-N in output_dir (an error if there is none); a path resumes from that checkpoint "
+               "directory. A bare --resume_from_checkpoint means true.")
+
+
+def normalize_resume(value: Any) -> str | None:
+    """`resume_from_checkpoint` as posttrain.checkpoints.resolve_resume reads it: None (start fresh),
+    "last" or a checkpoint path. A YAML bool or a bare `--resume_from_checkpoint` flag is accepted;
+    transformers types the field `str | None` and the recipe parser would reject `true`."""
+    from .checkpoints import RESUME_LAST, RESUME_NO
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "last"
+    if not isinstance(value, str):
+        raise ConfigError(f"'resume_from_checkpoint' expects true, false, last or a checkpoint directory, "
+                          f"got {value!r}")
+    text = value.strip()
+    if text.lower() in RESUME_NO or text.lower() == "null":
+        return None
+    if text.lower() in RESUME_LAST:
+        return "last"
+    return text
+
+
+def check_training_sizes(args: Any) -> None:
+    """The transformers numbers that would fail only once training runs (a ZeroDivisionError in the
+    step count, a batch sampler of size 0, an optimizer refusing a negative rate), checked for SFT
+    and GRPO before anything is loaded."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    lr = args.learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:  # `not >=` also catches NaN
+        raise ConfigError(f"learning_rate must be a number >= 0, got {lr!r}")
+
+
 def _known_integrations() -> list[str]:
     try:
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
@@ -87,6 +128,20 @@ def apply_process_defaults(args: Any, mtp_module_unused: bool) -> None:
         # tensors) and DDP's unused-parameter search is wasted work; it would also trip over the
         # output head, which the main and MTP heads share. With λ = 0 the MTP module is unused.
         args.ddp_find_unused_parameters = mtp_module_unused
+
+
+@dataclass
+class RunDirFields:
+    """How a run treats its output_dir, declared once for SFT, GRPO and the reward model (mixed into each
+    recipe config before the TRL config it extends)."""
+
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": RESUME_HELP})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output_dir that holds an earlier run (its checkpoint-N directories are "
+                  "deleted first, so that a later resume cannot pick one up). Without it such a start is refused: "
+                  "resume with --resume_from_checkpoint true, or choose another output_dir."},
+    )
 
 
 @dataclass

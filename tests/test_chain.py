@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,3 +138,19 @@ def test_a_stage_whose_inputs_changed_starts_afresh_and_keeps_the_earlier_output
     assert [h["step"] for h in losses] == [1, 2, 3, 4]  # trained from step 1, not resumed at step 4
     assert losses[-1]["learning_rate"] != [h for h in first["log_history"] if "loss" in h][-1]["learning_rate"]
     assert "[distill] done already" in printed  # the unchanged stage before it is not redone
+
+    run_chain(path, str(out), only=["sft"])  # the stages before it count as they are, run or not
+    printed = capsys.readouterr().out
+    assert "[sft] done already" in printed and not (out / "sft.replaced-2").exists()
+
+    # killed while writing SFT's first checkpoint: trainer_state.json written, the balancer's state not yet
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["stages"]["sft"]["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "sft")
+    shutil.copytree(kept / "checkpoint-2", out / "sft" / "checkpoint-2")
+    (out / "sft" / "checkpoint-2" / "moe_balancer.pt").unlink()
+    run_chain(path, str(out))  # before: "no complete checkpoint-N to resume from", at every rerun
+    assert "[sft] resuming" in capsys.readouterr().out
+    state = json.loads((out / "sft" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]  # nothing to resume: afresh

@@ -94,7 +94,11 @@ def test_missing_model_directory_is_named(argv, tmp_path, capsys):
 
 
 def test_require_model_dir(tmp_path, monkeypatch):
-    require_model_dir(tmp_path)  # a directory
+    (tmp_path / "config.json").write_text("{}")
+    require_model_dir(tmp_path)  # a directory with a config.json
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty is not a checkpoint directory \\(no config.json in it\\)"):
+        require_model_dir(tmp_path / "empty", allow_hub=True)  # was accepted: the tokenizer or vLLM failed later
     with pytest.raises(ConfigError, match="model_name_or_path is required \\(e.g. x\\)"):
         require_model_dir(None, required_hint="e.g. x")
     (tmp_path / "weights.bin").write_text("")
@@ -220,3 +224,182 @@ def test_eval_help_documents_its_fields(capsys):
         assert documented == (f.name not in cli.EVAL_CHAIN_ONLY_FIELDS), f.name
         if documented:
             assert f.metadata["help"] in text
+
+
+# --- values that used to pass the config and fail (or quietly do nothing) in the run -------------
+@pytest.mark.parametrize("argv, message", [
+    (["grpo", "--reward_funcs", "math_accuracy,format", "--reward_weights", "1.0"],
+     "reward_weights has 1 weight(s) [1.0] for 2 reward_funcs"),
+    (["grpo", "--max_prompts", "0"], "max_prompts must be >= 1"),
+    (["grpo", "--num_generations", "0"], "num_generations must be >= 2"),
+    (["sft", "--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be an integer >= 1"),
+    (["sft", "--lr_scheduler_kwargs", "min_lr=1"], "'lr_scheduler_kwargs' expects a mapping"),
+    (["eval", "--model_name_or_path", "{tmp}", "--num_problems", "-1"], "num_problems must be >= 1, got -1"),
+])
+def test_bad_values_stop_at_the_config_with_one_line(argv, message, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if argv[0] != "eval":
+        argv += ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "no-model")]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    assert message in _one_error_line(capsys.readouterr().err, argv[0])
+
+
+# --- review of the command line's bad inputs ------------------------------------------------------
+def _checkpoint(path: Path) -> Path:
+    """A directory require_model_dir accepts (config.json a JSON object); nothing is loaded from it."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text('{"model_type": "deepseek_v3"}\n')
+    return path
+
+
+def test_eval_keeps_checkpoints_that_share_a_directory_name(tmp_path, monkeypatch, capsys):
+    """`eval A/tiny B/tiny` evaluated only one of them: both were named "tiny" (and `<name>.json`)."""
+    import eval_hooks.evaluate
+
+    a, b, c = _checkpoint(tmp_path / "a" / "tiny"), _checkpoint(tmp_path / "b" / "tiny"), _checkpoint(tmp_path / "sft")
+    seen = {}
+    monkeypatch.setattr(eval_hooks.evaluate, "evaluate_checkpoints", lambda names, cfg, out: seen.update(names))
+    argv = ["eval", "--model_name_or_path", str(a), str(b), str(c), "--output_dir", str(tmp_path / "e")]
+    assert cli.main(argv) == 0
+    assert seen == {"a--tiny": str(a), "b--tiny": str(b), "sft": str(c)}
+    monkeypatch.chdir(tmp_path)
+    assert cli.checkpoint_names(["a/tiny", "b/tiny/", "./sft"]) == {"a--tiny": "a/tiny", "b--tiny": "b/tiny/",
+                                                                   "sft": "./sft"}
+    assert cli.checkpoint_names(["a/tiny", "sft"]) == {"tiny": "a/tiny", "sft": "sft"}  # unique: the name alone
+    assert cli.main(["eval", "--model_name_or_path", "a/tiny", str(a)]) == cli.EXIT_USER_ERROR
+    assert _one_error_line(capsys.readouterr().err, "eval").endswith(f"{a} is given twice (as a/tiny)")
+
+
+@pytest.mark.parametrize("argv", [
+    ["init-model", "--output", "{out}"],
+    ["smoke", "--output_dir", "{out}", "--no_vllm"],
+    ["distill", "--max_prompts", "2", "--output_dir", "{out}"],
+    ["sft", "--model_name_or_path", "{model}", "--dataset_name", "builtin:arith", "--output_dir", "{out}"],
+    ["grpo", "--model_name_or_path", "{model}", "--output_dir", "{out}"],
+    ["rm", "train", "--model_name_or_path", "{model}", "--output_dir", "{out}"],
+    ["eval", "--model_name_or_path", "{model}", "--output_dir", "{out}"],
+    ["run", str(ROOT / "recipes" / "tiny-arith.yaml"), "--validate", "--output_dir", "{out}"],
+])
+@pytest.mark.parametrize("below", [False, True])
+def test_output_dir_that_is_a_file_is_one_line(argv, below, tmp_path, capsys):
+    """An output directory that is an existing file (or below one) was a FileExistsError /
+    NotADirectoryError traceback from deep inside the run; now one line before any work, the file intact."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    out = afile / "sub" if below else afile
+    argv = [a.format(out=out, model=_checkpoint(tmp_path / "model")) for a in argv]
+    command = " ".join(argv[:2]) if argv[0] == "rm" else argv[0]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    line = _one_error_line(capsys.readouterr().err, argv[0])
+    field = "output" if argv[0] == "init-model" else "output_dir"
+    want = f"{field}: {out}: {afile} exists and is not a directory" if below else \
+        f"{field}: {out} exists and is not a directory"
+    assert line.endswith(want), (command, line)
+    assert afile.read_text() == "keep me\n"
+
+
+def test_require_output_dir(tmp_path):
+    cli.require_output_dir(None)
+    cli.require_output_dir(tmp_path)  # an existing directory
+    cli.require_output_dir(tmp_path / "new" / "deeper")  # to be created
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match=r"^run_dir: .*/f exists and is not a directory$"):
+        cli.require_output_dir(tmp_path / "f", "run_dir")
+    with pytest.raises(ConfigError, match=r"^output_dir: .*/f/a/b: .*/f exists and is not a directory$"):
+        cli.require_output_dir(tmp_path / "f" / "a" / "b")
+
+
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(13, "Permission denied", "/root/out"), "permission denied: /root/out"),
+    (NotADirectoryError(20, "Not a directory", "afile/data"), "not a directory: afile/data"),
+    (FileExistsError(17, "File exists", "afile"), "file exists: afile"),
+    (IsADirectoryError(21, "Is a directory", "out.jsonl"), "is a directory: out.jsonl"),
+])
+def test_os_errors_about_a_path_are_one_line(error, line, monkeypatch, capsys):
+    """Any other path the user gave that cannot be written: one line naming it, exit 2."""
+    def fail(argv):
+        raise error
+
+    monkeypatch.setitem(cli.HANDLERS, "rewards", fail)
+    assert cli.main(["rewards", "list"]) == cli.EXIT_USER_ERROR
+    assert _one_error_line(capsys.readouterr().err, "rewards") == f"dsv3-posttrain rewards: error: {line}"
+
+
+def test_os_errors_without_a_path_are_not_hidden(monkeypatch):
+    def fail(argv):
+        raise PermissionError("not about a file the user named")
+
+    monkeypatch.setitem(cli.HANDLERS, "rewards", fail)
+    with pytest.raises(PermissionError, match="not about a file"):
+        cli.main(["rewards", "list"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "{d} is not a checkpoint directory (no config.json in it)"),
+    ("{bad", "{d}/config.json: invalid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+    ("[1, 2]", "{d}/config.json: expected a JSON object, got list"),
+    (b'{"a": "caf\xe9"}', "{d}/config.json: not valid UTF-8 (invalid continuation byte)"),
+], ids=["empty", "invalid-json", "not-an-object", "not-utf8"])
+@pytest.mark.parametrize("command", ["sft", "eval", "grpo", "rm train", "serve", "rm score"])
+def test_broken_model_directory_is_one_line(command, content, message, tmp_path, capsys):
+    """An empty model directory, or one whose config.json is not a JSON object: one line naming the
+    file (was: transformers' OSError / tokenizer ValueError / vLLM's pydantic error tracebacks)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    if isinstance(content, bytes):
+        (d / "config.json").write_bytes(content)
+    elif content is not None:
+        (d / "config.json").write_text(content)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "q", "completion": "a"}\n')
+    argv = {
+        "sft": ["sft", "--model_name_or_path", str(d), "--dataset_name", "builtin:arith", "--output_dir", str(tmp_path / "o")],
+        "eval": ["eval", "--model_name_or_path", str(d), "--output_dir", str(tmp_path / "o")],
+        "grpo": ["grpo", "--model_name_or_path", str(d), "--output_dir", str(tmp_path / "o")],
+        "rm train": ["rm", "train", "--model_name_or_path", str(d), "--output_dir", str(tmp_path / "o")],
+        "serve": ["serve", str(d)],
+        "rm score": ["rm", "score", "--model", str(d), "--input", str(rows), "--output", str(tmp_path / "o.jsonl")],
+    }[command]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    line = _one_error_line(capsys.readouterr().err, argv[0])
+    field = {"serve": "MODEL", "rm score": "model"}.get(command, "model_name_or_path")
+    assert line.endswith(f"{field}: " + message.format(d=d)), line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])
+def test_serve_port_out_of_range_is_a_usage_error(port, tmp_path, capsys):
+    """--port 70000 was an OverflowError traceback from socket.bind."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", str(_checkpoint(tmp_path / "model")), "--port", port])
+    assert exc.value.code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "dsv3-posttrain serve: error: argument --port: invalid port" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["sft", "--recipe"],
+    ["grpo", "--max_steps", "3", "--recipe"],
+    ["distill", "--recipe", "--max_prompts", "3"],
+    ["distill", "--recipe="],
+    ["rm", "train", "--recipe"],
+])
+def test_recipe_without_a_file_says_so(argv, capsys):
+    """`--recipe` with no file was "unknown key 'recipe'"."""
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    assert _one_error_line(capsys.readouterr().err, argv[0]).endswith("error: --recipe needs a file: --recipe FILE")
+
+
+@pytest.mark.parametrize("vocab_size", ["0", "10", "262"])
+def test_init_model_rejects_a_vocabulary_the_tokenizer_cannot_have(vocab_size, tmp_path, capsys):
+    """The byte-level BPE has 256 byte symbols + 7 special tokens; a smaller vocab_size silently gave 263."""
+    from posttrain.model_init import MIN_VOCAB_SIZE, check_vocab_size
+
+    out = tmp_path / "m"
+    assert cli.main(["init-model", "--output", str(out), "--vocab_size", vocab_size]) == cli.EXIT_USER_ERROR
+    assert _one_error_line(capsys.readouterr().err, "init-model").endswith(
+        f"vocab_size: {vocab_size} is too small; the byte-level tokenizer needs at least 263 "
+        "(256 byte symbols + 7 special tokens)")
+    assert not out.exists()
+    assert MIN_VOCAB_SIZE == 263
+    check_vocab_size(263)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,41 @@ def test_schema_adapters():
     assert adapt_row({"prompt": prompt, "answer": "2"}, 0, "builtin") == (prompt, "2")
     with pytest.raises(UserError, match="row 3: no known schema"):
         adapt_row({"text": "x"}, 3, "weird.jsonl")
+
+
+
+def test_null_or_missing_gold_answers_name_the_row(tmp_path):
+    """str(None) used to make the gold answer the literal "None"."""
+    for row in ({"prompt": "1+1", "answer": None}, {"problem": "Find x.", "answer": None},
+                {"question": "2+2?", "answer": None}):
+        with pytest.raises(UserError, match=r"set row 4: answer is null \(column 'answer'\)"):
+            adapt_row(row, 4, "set")
+    with pytest.raises(UserError, match=r"set row 0: problem is null \(column 'problem'\)"):
+        adapt_row({"problem": None, "answer": "3"}, 0, "set")
+    f = tmp_path / "aime.jsonl"  # a row without its answer key reads as null
+    f.write_text(json.dumps({"problem": "p0", "answer": "1"}) + "\n" + json.dumps({"problem": "p1"}) + "\n")
+    with pytest.raises(UserError, match=r"aime\.jsonl line 2: answer is null"):
+        load_benchmark(str(f), "train")
+    assert load_benchmark(str(f), "train", limit=1)[1] == ["1"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_problems", "-1", "num_problems must be >= 1, got -1"),  # was "nothing to evaluate", a traceback
+    ("max_tokens", "0", "max_tokens must be >= 1, got 0"),  # was vLLM's validation error
+    ("k", "0", "k must be >= 1, got 0"),
+    ("sampled_pass1_k", "-2", "sampled_pass1_k must be >= 0"),
+    ("sampled_top_p", "0", "sampled_top_p must be in (0, 1]"),
+])
+def test_eval_config_bounds_are_checked_with_the_recipe(key, value, message, tmp_path):
+    from eval_hooks.chain import EvalStage
+    from posttrain.recipe import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(EvalStage, None, [f"--{key}", value])
+    recipe = tmp_path / "chain.yaml"  # `run --validate` builds the same config
+    recipe.write_text(f"name: x\nstages:\n  eval: {{{key}: {value}}}\n")
+    with pytest.raises(ConfigError, match=r"stages\.eval.*" + re.escape(message)):
+        validate_chain_recipe(load_chain_recipe(recipe))
 
 
 def test_load_benchmark_from_local_file(tmp_path):
@@ -194,6 +230,25 @@ def test_chain_recipe_unknown_keys_fail_clearly(tmp_path):
     bad.write_text("name: x\nstages:\n  finetune: {}\n")
     with pytest.raises(ConfigError, match="unknown stage"):
         load_chain_recipe(bad)
+    for stages, message in (("{}", "no stages"), ("{sft: 5}", "stages.sft must be a mapping of settings, got 5"),
+                            ("{sft: [a, b]}", "stages.sft must be a mapping")):
+        bad.write_text(f"name: x\nstages: {stages}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_chain_recipe(bad)
+    bad.write_text("name: x\nstages:\n  init: {preset: tinyy}\n")  # caught before any stage runs
+    with pytest.raises(ConfigError, match=r"stages.init.*unknown preset 'tinyy'"):
+        validate_chain_recipe(load_chain_recipe(bad))
+
+
+def test_a_broken_run_manifest_is_named_not_a_traceback(tmp_path):
+    from eval_hooks.chain import Manifest
+    from posttrain.errors import UserError
+
+    path = tmp_path / "manifest.json"
+    for text in ("{not json", "[]", '{"stages": 3}'):
+        path.write_text(text)
+        with pytest.raises(UserError, match=f"{path}: not a"):
+            Manifest(path)
 
 
 def test_chain_seed_seeds_every_stage_unless_the_stage_sets_one(tmp_path):

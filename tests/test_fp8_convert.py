@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from posttrain.errors import UserError
 from posttrain.fp8.convert import convert_bf16_to_fp8, convert_fp8_to_bf16, main, vllm_block_shape_problems
 from posttrain.fp8.layout import INDEX_FILE, fp8_quantization_config, is_fp8_weight_name
 from posttrain.fp8.quant import FP8_DTYPE, dequantize_blockwise, e4m3_error_bound, expand_scale
@@ -96,8 +97,50 @@ def test_fp8_to_bf16_and_back(tmp_path):
     _check_index(fp8)
     cfg = json.loads((fp8 / "config.json").read_text())
     assert cfg["quantization_config"] == fp8_quantization_config(scale_fmt="ue8m0")
-    with pytest.raises(ValueError, match="already has a quantization_config"):
+    with pytest.raises(UserError, match="already has a quantization_config"):
         convert_bf16_to_fp8(fp8, tmp_path / "twice", progress=False)
+    assert not (tmp_path / "twice").exists()
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    import cli
+
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def test_convert_input_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    """Each was a ValueError traceback, or (a missing source) left an empty destination directory."""
+    bf = write_synthetic_checkpoint(tmp_path / "bf16", fp8=False, shard_bytes=300_000)
+    fp8 = write_synthetic_checkpoint(tmp_path / "fp8", fp8=True, shard_bytes=300_000)
+    dst = tmp_path / "dst"
+    prefix = "dsv3-posttrain convert: error: "
+    assert _cli_error(["convert", "bf16-to-fp8", str(bf), str(bf)], capsys) == (
+        f"{prefix}convert into a different directory: source and destination are both {bf}")
+    assert _cli_error(["convert", "bf16-to-fp8", str(fp8), str(dst)], capsys).startswith(
+        f"{prefix}{fp8} already has a quantization_config")
+    assert _cli_error(["convert", "fp8-to-bf16", str(tmp_path / "missing"), str(dst)], capsys) == (
+        f"{prefix}src: no checkpoint directory at {tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    assert "no model.safetensors.index.json or model.safetensors in" in _cli_error(
+        ["convert", "bf16-to-fp8", str(tmp_path / "empty"), str(dst)], capsys)
+    (tmp_path / "afile").write_text("keep me\n")
+    assert _cli_error(["convert", "bf16-to-fp8", str(bf), str(tmp_path / "afile")], capsys) == (
+        f"{prefix}dst: {tmp_path / 'afile'} exists and is not a directory")
+    assert (tmp_path / "afile").read_text() == "keep me\n"
+    # fp8 weights without a quantization_config: found in the headers before anything is written
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"\.weight is already fp8 \(convert fp8-to-bf16 first\)"):
+        convert_bf16_to_fp8(fp8, dst, progress=False)
+    (bf / "config.json").write_text("{bad")
+    with pytest.raises(UserError, match=r"config\.json: not a valid JSON file"):
+        convert_bf16_to_fp8(bf, dst, progress=False)
+    assert not dst.exists()
 
 
 def test_vllm_block_shape_warnings():

@@ -7,12 +7,13 @@ first step, which is exactly the weight sync under test.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from posttrain.errors import UserError
+from posttrain.errors import ConfigError, UserError
 from posttrain.grpo.config import GRPORecipeConfig
 from posttrain.grpo.run import build_trainer, load_prompts
 from posttrain.layout import weights_for_engine
@@ -220,7 +221,14 @@ def test_bad_input(tmp_path, tiny_model_dir, engine):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, engine):
-    common = dict(save_strategy="steps", save_steps=2, lr_scheduler_type="constant", learning_rate=5e-4)
+    """Losses, the balancer's history and the closed-loop λ controller (`mtp_loss_weight: auto`) all carry
+    over; each checkpoint holds the trainer's own state files. With num_iterations=2 each batch of rollouts
+    trains two steps, and TRL checkpoints neither the batch nor its step counter: checkpoints fall between
+    generations (save_steps a multiple of 2), and one that does not is refused."""
+    common = dict(save_strategy="steps", save_steps=2, lr_scheduler_type="constant", learning_rate=5e-4,
+                  mtp_loss_weight="auto", num_iterations=2)
+    with pytest.raises(ConfigError, match="save_steps=3: rollouts are generated every 2 optimizer steps"):
+        build_trainer(_cfg(tmp_path / "odd", tiny_model_dir, max_steps=4, **{**common, "save_steps": 3}), engine=engine)
     full = build_trainer(_cfg(tmp_path / "a", tiny_model_dir, max_steps=4, **common), engine=engine)
     full.train()
     losses = {h["step"]: h["loss"] for h in full.state.log_history if "loss" in h and "step" in h}
@@ -233,3 +241,15 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, engine):
     for step in (3, 4):
         assert again[step] == pytest.approx(losses[step], rel=1e-4, abs=1e-6), (step, again, losses)
     assert (tmp_path / "b" / "grpo" / "checkpoint-4" / "model.safetensors").exists()
+    assert resumed.checkpoint_state_files() == ["moe_balancer.pt", "mtp_control.json"]
+    a, b = tmp_path / "a" / "grpo" / "checkpoint-4", tmp_path / "b" / "grpo" / "checkpoint-4"
+    assert json.loads((b / "mtp_control.json").read_text()) == json.loads((a / "mtp_control.json").read_text())
+    history = [torch.load(d / "moe_balancer.pt", weights_only=True)["history_steps"] for d in (a, b)]
+    assert history == [[1, 2, 3, 4]] * 2  # the resumed run's history goes back to step 1
+
+    between = tmp_path / "b" / "grpo" / "checkpoint-3"  # as a save_steps=1 run of num_iterations=1 would leave
+    shutil.copytree(tmp_path / "b" / "grpo" / "checkpoint-2", between)
+    state = json.loads((between / "trainer_state.json").read_text())
+    (between / "trainer_state.json").write_text(json.dumps({**state, "global_step": 3}))
+    with pytest.raises(ConfigError, match="checkpoint-3 is at step 3, between two generations of rollouts"):
+        resumed.train(resume_from_checkpoint=str(between))

@@ -110,3 +110,73 @@ def test_v3_fields_are_declared_once_and_mtp_weight_is_checked_the_same_way():
             load_config(cls, None, ["--output_dir", "/tmp/x", "--mtp_loss_weight", "-1"], section=section)
     assert load_config(GRPORecipeConfig, None, ["--output_dir", "/tmp/x", "--mtp_loss_weight", "auto"],
                        section="grpo").mtp_loss_weight == "auto"
+
+
+@dataclass
+class KwargsConfig:
+    lr_scheduler_kwargs: dict | str | None = field(default=None, metadata={"help": "scheduler kwargs"})
+    fsdp_config: dict | str | None = field(default=None, metadata={"help": "a mapping or a JSON file"})
+
+
+def test_kwargs_fields_take_a_mapping_not_any_string(tmp_path):
+    """`dict | str` fields: a `*_kwargs` string that is no mapping used to be kept as a str and fail as
+    `**kwargs` in the run; a malformed `{...}` was kept as a str too (transformers then json.loads it)."""
+    with pytest.raises(ConfigError, match=r"'lr_scheduler_kwargs' expects a mapping.*got 'min_lr=1'"):
+        load_config(KwargsConfig, None, ["--lr_scheduler_kwargs", "min_lr=1"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr_scheduler_kwargs: min_lr=1\n")
+    with pytest.raises(ConfigError, match=r"'lr_scheduler_kwargs' expects a mapping"):
+        load_config(KwargsConfig, recipe)
+    with pytest.raises(ConfigError, match=r"'lr_scheduler_kwargs' expects dict"):
+        load_config(KwargsConfig, None, ["--lr_scheduler_kwargs", "{min_lr: "])
+    assert load_config(KwargsConfig, None, ["--lr_scheduler_kwargs", '{"min_lr": 1e-6}']).lr_scheduler_kwargs == {
+        "min_lr": 1e-6}
+    assert load_config(KwargsConfig, None, ["--lr_scheduler_kwargs", "{min_lr: 1.0e-6}"]).lr_scheduler_kwargs == {
+        "min_lr": 1e-6}
+    assert load_config(KwargsConfig, None, ["--lr_scheduler_kwargs", "none"]).lr_scheduler_kwargs is None
+    # a config field whose string form is a file path keeps it
+    assert load_config(KwargsConfig, None, ["--fsdp_config", "fsdp.json"]).fsdp_config == "fsdp.json"
+    with pytest.raises(ConfigError, match=r"'fsdp_config' expects dict"):
+        load_config(KwargsConfig, None, ["--fsdp_config", "{bad: [1"])
+
+
+@dataclass
+class DividingConfig:
+    batch: int = field(default=8, metadata={"help": "batch"})
+    groups: int = field(default=4, metadata={"help": "divides batch"})
+
+    def __post_init__(self):
+        self.steps = self.batch % self.groups  # as TRL's GRPOConfig does with num_generations
+
+
+def test_arithmetic_errors_of_a_config_are_config_errors():
+    with pytest.raises(ConfigError, match=r"command line: invalid DividingConfig: .*modulo by zero"):
+        load_config(DividingConfig, None, ["--groups", "0"])
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo", "rm"])
+def test_resume_from_checkpoint_takes_true_last_false_or_a_path(command, tmp_path):
+    """A YAML `true` or a bare `--resume_from_checkpoint` flag used to be rejected ("expects str or
+    null, got True"), though posttrain.checkpoints.resolve_resume reads true as the newest checkpoint."""
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.recipe import describe_fields
+    from posttrain.rm.config import RMRecipeConfig
+    from posttrain.sft.config import SFTRecipeConfig
+
+    cls = {"sft": SFTRecipeConfig, "grpo": GRPORecipeConfig, "rm": RMRecipeConfig}[command]
+    out = ["--output_dir", str(tmp_path / "out")]
+    recipe = tmp_path / "r.yaml"
+    for yaml_value, expected in (("true", "last"), ("false", None), ("null", None), ("last", "last"),
+                                 ("runs/x/checkpoint-5", "runs/x/checkpoint-5")):
+        recipe.write_text(f"resume_from_checkpoint: {yaml_value}\n")
+        assert load_config(cls, recipe, out).resume_from_checkpoint == expected, yaml_value
+    assert load_config(cls, None, [*out, "--resume_from_checkpoint"]).resume_from_checkpoint == "last"
+    assert load_config(cls, None, ["--resume_from_checkpoint", *out]).resume_from_checkpoint == "last"
+    assert load_config(cls, None, [*out, "--resume_from_checkpoint", "false"]).resume_from_checkpoint is None
+    recipe.write_text("resume_from_checkpoint: 3\n")
+    with pytest.raises(ConfigError, match="'resume_from_checkpoint' expects true, false, last or a checkpoint"):
+        load_config(cls, recipe, out)
+    if command != "rm":  # posttrain/rm/config.py keeps transformers' help
+        entry = describe_fields(cls).split("--resume_from_checkpoint ")[1].split("\n  --")[0]
+        assert "true / last resumes from the newest complete checkpoint-N in output_dir" in entry
+        assert "Not directly used by Trainer" not in entry

@@ -305,6 +305,34 @@ def test_rm_score_cli_bad_input(untrained_rm, tmp_path, content, message):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_rm_score_input_that_is_not_utf8_names_its_line(tmp_path, capsys):
+    """Was a UnicodeDecodeError traceback; checked before the model is loaded."""
+    import cli
+    from posttrain.rm.cli import read_score_rows
+
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes(b'{"prompt": "q", "completion": "a"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(RewardError, match=r"latin1\.jsonl line 2: not valid UTF-8 \(byte 0xe9 at column 16: "):
+        read_score_rows(src)
+    out = tmp_path / "o.jsonl"
+    argv = ["rm", "score", "--model", str(tmp_path), "--input", str(src), "--output", str(out)]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().startswith(f"dsv3-posttrain rm: error: {src} line 2: not valid UTF-8")
+    assert not out.exists()
+
+
+def test_rm_score_output_that_cannot_be_written_is_named_before_scoring(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "q", "completion": "a"}\n')
+    (tmp_path / "afile").write_text("keep me\n")
+    for output, message in ((tmp_path, "is a directory; give a file path"),
+                            (tmp_path / "afile" / "o.jsonl", "afile exists and is not a directory")):
+        with pytest.raises(ConfigError, match=f"^output: {output}.*{message}$"):
+            main_rm(["score", "--model", str(tmp_path / "no-model"), "--input", str(src), "--output", str(output)])
+    assert (tmp_path / "afile").read_text() == "keep me\n"
+
+
 def test_rm_cli_help_and_usage_errors(capsys, tmp_path):
     assert main_rm(["--help"]) == 0 and "rm train" in capsys.readouterr().out
     assert main_rm(["train", "--help"]) == 0

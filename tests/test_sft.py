@@ -595,14 +595,16 @@ def test_checkpoint_reloads_exactly(trained, tiny_model_dir):
     assert json.loads((out / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
 
 
-def test_resume_matches_uninterrupted_run(trained, tiny_model_dir, distill_dir, tmp_path):
+def test_resume_matches_uninterrupted_run(trained, tiny_model_dir, distill_dir, tmp_path, caplog):
     src = trained["out"]
     resumed = tmp_path / "resumed"
     shutil.copytree(src / "checkpoint-10", resumed / "checkpoint-10")  # "killed" after step 10 …
     partial = resumed / "checkpoint-15"  # … while writing the next checkpoint: model only, no state
     partial.mkdir()
     shutil.copy(src / "checkpoint-20" / "model.safetensors", partial / "model.safetensors")
-    run_sft(_cfg(tiny_model_dir, distill_dir, resumed, resume_from_checkpoint="last"))
+    with caplog.at_level("WARNING", logger="posttrain.checkpoints"):
+        run_sft(_cfg(tiny_model_dir, distill_dir, resumed, resume_from_checkpoint="last"))
+    assert "settings that differ" not in caplog.text  # output_dir differs: bookkeeping, not a setting
     full, again = _train_logs(src), _train_logs(resumed)
     assert [h["step"] for h in again] == list(range(1, 21))
     # CPU: bit-exact. CUDA: within the fp32 drift of nondeterministic reductions (tests/resume_tolerance.py).
@@ -629,6 +631,61 @@ def test_resume_matches_uninterrupted_run(trained, tiny_model_dir, distill_dir, 
         torch.testing.assert_close(hist["history"], ref["history"], rtol=0, atol=2e-3)
     else:
         assert torch.equal(hist["history"], ref["history"])
+
+
+def test_a_checkpoint_is_complete_before_trainer_deletes_the_older_ones(tiny_model_dir, distill_dir, tmp_path,
+                                                                        monkeypatch):
+    """With save_total_limit=1 Trainer deletes the previous checkpoint right after the new one's
+    trainer_state.json. The balancer's state used to follow in an on_save callback, after the deletion:
+    a kill in between left no checkpoint to resume from. At each deletion the new one is complete."""
+    import transformers.trainer
+
+    from posttrain.checkpoints import last_complete_checkpoint
+    from posttrain.sft.run import build_trainer
+
+    out = tmp_path / "out"
+    trainer = build_trainer(_cfg(tiny_model_dir, distill_dir, out, max_steps=4, save_steps=2, save_total_limit=1))
+    assert trainer.checkpoint_state_files() == ["moe_balancer.pt"]
+    seen, rotate = [], transformers.trainer.rotate_checkpoints
+
+    def rotate_and_record(*args, **kwargs):
+        seen.append((trainer.state.global_step, last_complete_checkpoint(out, trainer.checkpoint_state_files())))
+        return rotate(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", rotate_and_record)
+    trainer.train()
+    assert seen == [(2, str(out / "checkpoint-2")), (4, str(out / "checkpoint-4"))]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+
+
+def test_a_resume_with_other_settings_says_which(trained, tiny_model_dir, distill_dir, tmp_path, caplog):
+    """Trainer lets a restart change its settings, and the optimizer and LR schedule then continue from their
+    saved state: a changed learning_rate would do nothing, silently. The resume names each change."""
+    from posttrain.sft.run import build_trainer
+
+    out = tmp_path / "out"
+    shutil.copytree(trained["out"] / "checkpoint-20", out / "checkpoint-20")
+    trainer = build_trainer(_cfg(tiny_model_dir, distill_dir, out, learning_rate=1e-5, max_length=200))
+    with caplog.at_level("WARNING", logger="posttrain.checkpoints"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-20"))  # at max_steps: loads, trains nothing
+    assert "settings that differ from the run that wrote it" in caplog.text
+    assert "learning_rate: 0.003 -> 1e-05" in caplog.text and "max_length: 256 -> 200" in caplog.text
+    assert "hub_token" not in (out / "checkpoint-20" / "run_config.json").read_text()
+
+
+def test_a_fresh_start_over_an_earlier_run_is_refused_unless_overwritten(tiny_model_dir, distill_dir, tmp_path):
+    """Trainer would write over the earlier run's checkpoints and final model, and a later resume could pick
+    up one of its checkpoints (here step 7, past this run's max_steps)."""
+    from posttrain.errors import ConfigError
+
+    out = tmp_path / "out"
+    (out / "checkpoint-7").mkdir(parents=True)
+    (out / "checkpoint-7" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(checkpoint-7\).*--resume_from_checkpoint true"):
+        run_sft(_cfg(tiny_model_dir, distill_dir, out, max_steps=2))
+    assert (out / "checkpoint-7").is_dir() and not (out / "model.safetensors").exists()  # nothing touched
+    run_sft(_cfg(tiny_model_dir, distill_dir, out, max_steps=2, overwrite_output_dir=True))
+    assert not (out / "checkpoint-7").exists() and (out / "model.safetensors").exists()
 
 
 def test_gradient_accumulation_is_token_weighted(tiny_model_dir, distill_dir, tmp_path):
@@ -728,3 +785,35 @@ def test_recipes_parse_with_report_defaults():
         build_config(SFTRecipeConfig, {"output_dir": "x", "truncation": "cut"})
     with pytest.raises(ConfigError, match="mtp_los_weight.*did you mean mtp_loss_weight"):
         build_config(SFTRecipeConfig, {"output_dir": "x", "mtp_los_weight": 0.1})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be an integer >= 1, got 0"),
+    (["--learning_rate", "-1"], "learning_rate must be a number >= 0, got -1.0"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be an integer >= 1, got 0"),
+    (["--use_lora", "true", "--lora_r", "0"], "lora_r must be >= 1 with use_lora, got 0"),
+    (["--attn_implementation", "flashy"], "attn_implementation 'flashy' is not a known attention kernel"),
+    (["--attn_implementation", "flash_attention2"], "did you mean flash_attention_2"),
+    (["--lr_scheduler_kwargs", "min_lr=1"], "'lr_scheduler_kwargs' expects a mapping"),
+    (["--max_length", "none"], "'max_length' expects int, got 'none'"),
+])
+def test_config_rejects_what_would_fail_only_in_the_run(argv, message, tmp_path):
+    """Each used to be accepted and to fail after the model was loaded (ZeroDivisionError, peft's rank
+    check, transformers' kernel check, `**` of a str) or, for max_length, the help promised None."""
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(SFTRecipeConfig, None, ["--output_dir", str(tmp_path), *argv])
+
+
+def test_config_accepts_every_kernel_transformers_and_this_package_offer(tmp_path):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for attn in ("eager", "sdpa_segmented", "kernels-community/flash-attn3", *ALL_ATTENTION_FUNCTIONS.valid_keys()):
+        assert build_config(SFTRecipeConfig, {"output_dir": str(tmp_path), "attn_implementation": attn}
+                            ).attn_implementation == attn
+    assert build_config(SFTRecipeConfig, {"output_dir": str(tmp_path), "learning_rate": 0.0}).learning_rate == 0.0
+    from posttrain.recipe import describe_fields
+
+    entry = describe_fields(SFTRecipeConfig).split("--max_length ")[1].split("\n  --")[0]
+    assert "no truncation" not in entry and "not None" in entry  # the help says what the check enforces

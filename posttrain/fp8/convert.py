@@ -28,11 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .layout import (
+    CONFIG_FILE,
+    INDEX_FILE,
     ShardedLayout,
     block_size_from_config,
     copy_side_files,
@@ -87,6 +90,18 @@ def limit_malloc_retention(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def _stored_dtypes(src: Path, layout: ShardedLayout) -> dict[str, str]:
+    """Each tensor's safetensors dtype ("BF16", "F8_E4M3", ...), from the shard headers (no data read)."""
+    dtypes: dict[str, str] = {}
+    for shard, keys in layout.by_shard().items():
+        try:
+            with safe_open(str(src / shard), framework="pt") as f:
+                dtypes.update((k, f.get_slice(k).get_dtype()) for k in keys)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{src / shard}: not a readable safetensors file ({e})") from None
+    return dtypes
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -193,6 +208,36 @@ class _ScaleLookup:
         self._handles.clear()
 
 
+def _open_source(src: Path, dst: Path) -> tuple[dict, ShardedLayout]:
+    """The source's config and layout, checked before anything is written: a problem with the
+    input is a `UserError` and leaves no (empty or partial) destination directory behind."""
+    if not src.is_dir():
+        raise UserError(f"src: no checkpoint directory at {src}")
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"dst: {dst} exists and is not a directory")
+    if src.resolve() == dst.resolve():
+        raise UserError(f"convert into a different directory: source and destination are both {src}")
+    try:
+        config = read_config(src)
+    except OSError as e:
+        raise UserError(f"{src / CONFIG_FILE}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{src / CONFIG_FILE}: not a valid JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{src / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
+    try:
+        layout = read_layout(src)
+    except FileNotFoundError as e:
+        raise UserError(f"src: {e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{src / INDEX_FILE}: not a valid index ({type(e).__name__}: {e})") from None
+    missing = [s for s in layout.shards() if not (src / s).is_file()]
+    if missing:
+        raise UserError(f"{src / INDEX_FILE} names shard files that are not there: {', '.join(missing[:3])}"
+                        + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return config, layout
+
+
 def _finish(src: Path, dst: Path, layout: ShardedLayout, weight_map: dict[str, str], total_size: int, config: dict) -> None:
     if layout.indexed:
         write_index(dst, weight_map, total_size, layout.metadata)
@@ -216,15 +261,20 @@ def convert_fp8_to_bf16(
     :func:`limit_malloc_retention`.
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    if src.resolve() == dst.resolve():
-        raise ValueError("convert into a different directory")
+    config, layout = _open_source(src, dst)
+    try:
+        block = block_size_from_config(config)
+    except ValueError as e:
+        raise UserError(f"{src / CONFIG_FILE}: {e}") from None
+    all_keys = set(layout.weight_map)
+    missing = sorted(k for k, dt in _stored_dtypes(src, layout).items()
+                     if dt == "F8_E4M3" and scale_name_for(k) not in all_keys)
+    if missing:
+        raise UserError(f"{src}: fp8 tensor {missing[0]} has no {scale_name_for(missing[0])}"
+                        + (f" ({len(missing)} fp8 tensors without a scale)" if len(missing) > 1 else ""))
     dst.mkdir(parents=True, exist_ok=True)
     if tune_malloc:
         limit_malloc_retention()
-    config = read_config(src)
-    block = block_size_from_config(config)
-    layout = read_layout(src)
-    all_keys = set(layout.weight_map)
 
     def convert_shard(f, keys, lookup, stats) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -233,9 +283,7 @@ def convert_fp8_to_bf16(
             if is_scale_name(name) and name[: -len("_scale_inv")] in all_keys:
                 continue
             if f.get_slice(name).get_dtype() == "F8_E4M3":
-                scale_name = scale_name_for(name)
-                if scale_name not in all_keys:
-                    raise ValueError(f"fp8 tensor {name} has no {scale_name}")
+                scale_name = scale_name_for(name)  # there (checked above)
                 t = _dequantize_streamed(f, name, lookup.get(scale_name, f, keyset), block, dtype)
                 stats.fp8_tensors += 1
             else:
@@ -270,23 +318,24 @@ def convert_bf16_to_fp8(
     :func:`limit_malloc_retention`.
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    if src.resolve() == dst.resolve():
-        raise ValueError("convert into a different directory")
+    config, layout = _open_source(src, dst)
+    if "quantization_config" in config:
+        raise UserError(f"{src} already has a quantization_config (an FP8 checkpoint?): "
+                        f"{config['quantization_config']}")
+    fp8 = next((k for k, dt in _stored_dtypes(src, layout).items() if dt.startswith("F8")), None)
+    if fp8 is not None:
+        raise UserError(f"{src}: {fp8} is already fp8 (convert fp8-to-bf16 first)")
     dst.mkdir(parents=True, exist_ok=True)
     if tune_malloc:
         limit_malloc_retention()
-    config = read_config(src)
-    if "quantization_config" in config:
-        raise ValueError(f"{src} already has a quantization_config: {config['quantization_config']}")
-    layout = read_layout(src)
 
     def convert_shard(f, keys, lookup, stats) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name in keys:
             sl = f.get_slice(name)
             st_dtype, ndim = sl.get_dtype(), len(sl.get_shape())
-            if st_dtype.startswith("F8"):
-                raise ValueError(f"{name} is already fp8")
+            if st_dtype.startswith("F8"):  # checked before anything was written
+                raise UserError(f"{name} is already fp8")
             if weight_filter(name) and ndim == 2 and st_dtype in ("BF16", "F16", "F32", "F64"):
                 out[name], out[scale_name_for(name)] = _quantize_streamed(f, name, block, scale_fmt)
                 stats.fp8_tensors += 1

@@ -7,15 +7,34 @@ where the DeepSeek papers or this CPU say so; each such default is commented.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from ..trainer_args import V3TrainingFields, check_mtp_loss_weight
+from ..errors import ConfigError
+from ..trainer_args import RunDirFields, V3TrainingFields, check_mtp_loss_weight, check_training_sizes
+
+
+# The loss types TRL's GRPOTrainer implements (TRL 1.16, the range pinned in engines.compat.TRL): TRL keeps
+# no list of them in code and checks the name only inside the first loss computation, after the model and
+# engine are up. tests/test_grpo_config.py checks the list against the `loss_type` help TRL documents.
+TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+
+
+def check_reward_weights(reward_funcs: Sequence[str], reward_weights: Sequence[float] | None) -> None:
+    """One weight per reward function, or none at all (1.0 each). Zipped, a short list would drop the
+    last rewards silently; TRL rejects a long one only after the model is loaded."""
+    if reward_weights is not None and len(reward_weights) != len(reward_funcs):
+        raise ConfigError(
+            f"reward_weights has {len(reward_weights)} weight(s) {list(reward_weights)} for {len(reward_funcs)} "
+            f"reward_funcs {list(reward_funcs)}: give one weight per reward function, in the same order, or leave "
+            "reward_weights unset (1.0 each)"
+        )
 
 
 @dataclass
-class GRPORecipeConfig(V3TrainingFields, GRPOConfig):
+class GRPORecipeConfig(RunDirFields, V3TrainingFields, GRPOConfig):
     # -- model and data -------------------------------------------------------------------------
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Policy checkpoint (a Hugging Face directory in the DeepSeek layout)."}
@@ -29,7 +48,9 @@ class GRPORecipeConfig(V3TrainingFields, GRPOConfig):
     answer_column: str = field(
         default="answer", metadata={"help": "Column with the gold answer, passed to rewards as `answer`."}
     )
-    max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts (None: all)."})
+    max_prompts: int | None = field(
+        default=None, metadata={"help": "Use at most this many prompts (>= 1; None: all)."}
+    )
     # -- rewards -------------------------------------------------------------------------------
     reward_funcs: list[str] = field(
         default_factory=lambda: ["math_accuracy"],
@@ -97,7 +118,10 @@ class GRPORecipeConfig(V3TrainingFields, GRPOConfig):
     )
     # -- defaults that differ from TRL's ---------------------------------------------------------
     # DeepSeekMath's GRPO: per-sequence normalised loss with a k3 KL penalty (TRL's default is dapo, β=0).
-    loss_type: str = field(default="grpo", metadata={"help": "grpo | dapo | dr_grpo | bnpo | … (TRL's loss types)."})
+    loss_type: str = field(
+        default="grpo",
+        metadata={"help": f"TRL's loss formulation: {' | '.join(TRL_LOSS_TYPES)}.", "choices": list(TRL_LOSS_TYPES)},
+    )
     beta: float = field(default=0.001, metadata={"help": "KL coefficient β (k3 estimator); 0 loads no reference model."})
     use_vllm: bool = field(
         default=True, metadata={"help": "Sample with vLLM (colocated, or a server with vllm_mode=server); "
@@ -116,7 +140,9 @@ class GRPORecipeConfig(V3TrainingFields, GRPOConfig):
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     learning_rate: float = field(default=2e-6, metadata={"help": "Peak learning rate (R1 used 3e-6)."})
-    num_generations: int | None = field(default=8, metadata={"help": "Group size G (R1: 16, DeepSeekMath: 64)."})
+    num_generations: int | None = field(
+        default=8, metadata={"help": "Group size G, >= 2 (R1: 16, DeepSeekMath: 64)."}
+    )
     save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint: steps | epoch | no."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     report_to: str | list[str] | None = field(default="none", metadata={"help": "Loggers: none, wandb, tensorboard, …"})
@@ -126,6 +152,16 @@ class GRPORecipeConfig(V3TrainingFields, GRPOConfig):
             raise ValueError(f"reward_failure_policy must be 'error' or 'skip', got {self.reward_failure_policy!r}")
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is empty: name at least one reward function")
+        check_reward_weights(self.reward_funcs, self.reward_weights)
+        if self.max_prompts is not None and self.max_prompts < 1:  # 0 would train 0 steps and save the input model
+            raise ValueError(f"max_prompts must be >= 1 (or unset: all prompts), got {self.max_prompts}")
+        if self.loss_type not in TRL_LOSS_TYPES:  # TRL checks it only inside the first loss computation
+            raise ValueError(f"loss_type must be one of {', '.join(TRL_LOSS_TYPES)}, got {self.loss_type!r}")
+        # TRL needs >= 2 for the group advantages, but divides by it before it says so (ZeroDivisionError on 0)
+        if self.num_generations is None or self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (GRPO compares each prompt's completions), "
+                             f"got {self.num_generations}")
+        check_training_sizes(self)
         self.mtp_loss_weight = check_mtp_loss_weight(self.mtp_loss_weight, allow_auto=True)
         if not 0 <= self.mtp_loss_weight_min <= self.mtp_loss_weight_max:
             raise ValueError("mtp_loss_weight_min and mtp_loss_weight_max must satisfy 0 <= min <= max")

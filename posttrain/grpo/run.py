@@ -13,31 +13,39 @@ import torch
 from engines import RolloutEngine
 from engines.hf import HFGenerateEngine
 
-from ..balancing import BALANCER_STATE_FILE
-from ..checkpoints import resolve_resume
 from ..errors import UserError
 from ..fp8.training import apply_fp8_training, finalize_fp8_export, is_fp8_checkpoint, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
-from .config import GRPORecipeConfig
+from .config import GRPORecipeConfig, check_reward_weights
 
 log = logging.getLogger(__name__)
 
 
 def load_prompts(cfg: GRPORecipeConfig):
-    """The prompt dataset with a `prompt` column and, when present, `answer`; clear errors otherwise."""
-    from data_pipelines.loading import load_rows, prompt_problem, require_columns
+    """The prompt dataset with a `prompt` column and, when present, `answer`; clear errors otherwise
+    (naming the file line, as SFT and distill do, for rows read from a local file)."""
+    from data_pipelines.loading import answer_problem, load_rows, prompt_problem, require_columns, row_location
 
     ds = load_rows(cfg.dataset_name, cfg.dataset_split)
     if len(ds) == 0:
         raise UserError(f"{cfg.dataset_name} ({cfg.dataset_split}): the dataset is empty")
     require_columns(ds, [cfg.prompt_column], cfg.dataset_name)
-    needs_answer = any(name.split("?")[0] in ("math_accuracy",) for name in cfg.reward_funcs)
-    if needs_answer:
+    answer_rewards = [name for name in cfg.reward_funcs if name.split("?")[0] in ("math_accuracy",)]
+    if answer_rewards:
         require_columns(ds, [cfg.answer_column], cfg.dataset_name)
-    for i in range(min(len(ds), 10_000)):
+    n_used = len(ds) if cfg.max_prompts is None else min(cfg.max_prompts, len(ds))  # rows past it are not used
+    for i in range(min(n_used, 10_000)):
         problem = prompt_problem(ds[i][cfg.prompt_column])
         if problem:
-            raise UserError(f"{cfg.dataset_name} row {i}, column '{cfg.prompt_column}': {problem}")
+            raise UserError(f"{row_location(ds, i, cfg.dataset_name)}: {problem} (column {cfg.prompt_column!r})")
+    if answer_rewards:
+        # a null or missing gold answer would be scored None by the reward: TRL only warns, and the
+        # prompt trains on the other rewards alone. One column read, so every used row is checked.
+        for i, answer in enumerate(ds.select_columns([cfg.answer_column]).select(range(n_used))[cfg.answer_column]):
+            problem = answer_problem(answer)
+            if problem:
+                raise UserError(f"{row_location(ds, i, cfg.dataset_name)}: {problem} (column {cfg.answer_column!r}); "
+                                f"{answer_rewards[0]} needs a gold answer for every prompt")
     if cfg.prompt_column != "prompt":
         ds = ds.rename_column(cfg.prompt_column, "prompt")
     if cfg.answer_column in ds.column_names and cfg.answer_column != "answer":
@@ -118,13 +126,15 @@ def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, mo
     if engine is None:
         check_server_mode(cfg)
         check_speculative_rollouts(cfg)
+    if train_dataset is None:
+        train_dataset = load_prompts(cfg)  # before the model: a bad row is reported in seconds, whatever the model size
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     if model is None:
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         model = load_pretrained(DeepseekV3ForCausalLMWithMTP, cfg.model_name_or_path, dtype=dtype)  # FP8 too
-    if train_dataset is None:
-        train_dataset = load_prompts(cfg)
-    suite = RewardSuite(list(zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))),
+    check_reward_weights(cfg.reward_funcs, cfg.reward_weights)  # again: a caller may have changed either list
+    weights = cfg.reward_weights if cfg.reward_weights is not None else [1.0] * len(cfg.reward_funcs)
+    suite = RewardSuite(list(zip(cfg.reward_funcs, weights, strict=True)),
                         policy=cfg.reward_failure_policy, timeout_s=cfg.reward_timeout_s)
     if cfg.reward_weights is None:
         cfg.reward_weights = list(suite.weights)
@@ -149,7 +159,7 @@ def run_grpo(cfg: GRPORecipeConfig, trainer=None) -> dict[str, Any]:
     (e.g. with callbacks attached)."""
     if trainer is None:
         trainer = build_trainer(cfg)
-    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, [BALANCER_STATE_FILE])
+    resume = trainer.resolve_resume(cfg.resume_from_checkpoint)
     try:
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(cfg.output_dir)  # every rank takes part (FSDP gathers); rank 0 writes

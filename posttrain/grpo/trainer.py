@@ -31,6 +31,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,10 @@ from trl import GRPOTrainer
 from engines import RolloutEngine, SamplingSettings
 from engines.compat import apply_training_patches, avoid_cudnn_sdpa_replanning, silence_trl_rollout_func_warning
 
-from ..balancing import BalancingCallback, ExpertLoadBalancer
+from ..balancing import BALANCER_STATE_FILE, BalancingCallback, ExpertLoadBalancer
 from ..checkpoints import DeepSeekLayoutCheckpoints
 from ..distributed import check_launch
+from ..errors import ConfigError
 from ..layout import weights_for_engine
 from ..modeling import IGNORE_INDEX, DeepseekV3ForCausalLMWithMTP
 from .config import GRPORecipeConfig
@@ -73,20 +75,13 @@ MTP_CONTROL_FILE = "mtp_control.json"
 
 class _MTPWeightCallback(TrainerCallback):
     """Updates the closed-loop λ after each optimizer step (`on_step_end`: after `optimizer.step()`,
-    before logging and saving) and saves its state next to each checkpoint."""
+    before logging and saving; the trainer's `save_checkpoint_state` writes the controller's state)."""
 
     def __init__(self, trainer: "V3GRPOTrainer"):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._update_mtp_weight()
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        controller = self.trainer.mtp_controller
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if controller is not None and state.is_world_process_zero and ckpt.is_dir():
-            (ckpt / MTP_CONTROL_FILE).write_text(json.dumps(controller.state_dict()) + "\n")
         return control
 
 
@@ -143,6 +138,7 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         self._accept_counts = [0, 0]  # MTP hits / targets of the current optimizer step
         self._spec_rates: list[float] = []  # the engine's rollout/spec_accept_rate values of the current step
         self.add_callback(_MTPWeightCallback(self))
+        self._check_resumable_saves()
 
     @property
     def mtp_weight(self) -> float:
@@ -427,11 +423,51 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         rate = sum(spec) / len(spec) if spec else (hits / total if total else None)
         self.mtp_controller.update(rate)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / MTP_CONTROL_FILE
-        if self.mtp_controller is not None and path.exists():
-            self.mtp_controller.load_state_dict(json.loads(path.read_text()))
+    # -- resume ----------------------------------------------------------------------------------
+    def checkpoint_state_files(self) -> list[str]:
+        return [BALANCER_STATE_FILE] + ([MTP_CONTROL_FILE] if self.mtp_controller is not None else [])
+
+    def save_checkpoint_state(self, checkpoint_dir: Path) -> None:
+        self.balancer.save(checkpoint_dir)
+        if self.mtp_controller is not None:
+            path = checkpoint_dir / MTP_CONTROL_FILE
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(self.mtp_controller.state_dict()) + "\n")
+            tmp.replace(path)  # atomic: a killed save leaves no half-written state
+
+    def _generation_cycle_steps(self) -> Fraction:
+        """Optimizer steps per generation of rollouts: TRL generates every `steps_per_generation *
+        num_iterations` micro-batches and reuses the buffered rollouts in between."""
+        return Fraction(self.args.steps_per_generation * self.num_iterations, self.args.gradient_accumulation_steps)
+
+    def _check_resumable_saves(self) -> None:
+        # TRL keeps neither its micro-step counter nor its buffered rollouts in a checkpoint: a resume is exact
+        # only from a step where a new generation starts, where the buffer is empty anyway.
+        cycle = self._generation_cycle_steps()
+        save = self.args.save_steps
+        if cycle != 1 and self.args.save_strategy == "steps" and float(save).is_integer() and save >= 1 \
+                and (int(save) / cycle).denominator != 1:
+            raise ConfigError(
+                f"save_steps={int(save)}: rollouts are generated every {cycle} optimizer steps (steps_per_generation "
+                f"{self.args.steps_per_generation} x num_iterations {self.num_iterations} / gradient_accumulation_steps "
+                f"{self.args.gradient_accumulation_steps}), and a checkpoint between generations cannot be resumed "
+                f"exactly; use a multiple of {cycle}")
+
+    def load_checkpoint_state(self, checkpoint_dir: Path) -> None:
+        step = json.loads((checkpoint_dir / "trainer_state.json").read_text())["global_step"]
+        if (step / self._generation_cycle_steps()).denominator != 1:
+            raise ConfigError(
+                f"{checkpoint_dir} is at step {step}, between two generations of rollouts (one every "
+                f"{self._generation_cycle_steps()} optimizer steps): TRL does not checkpoint the rollouts it reuses, "
+                "so a resume from it would not continue the run; resume from an earlier checkpoint")
+        if not self.balancer.load(checkpoint_dir):
+            log.warning("%s has no balancer state; expert-load history restarts", checkpoint_dir)
+        path = checkpoint_dir / MTP_CONTROL_FILE
+        if self.mtp_controller is not None:
+            if path.exists():
+                self.mtp_controller.load_state_dict(json.loads(path.read_text()))
+            else:
+                log.warning("%s has no %s; the MTP loss weight controller restarts", checkpoint_dir, MTP_CONTROL_FILE)
 
     def _log_balancing(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():

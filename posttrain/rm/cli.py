@@ -43,7 +43,7 @@ def main_rm(argv: list[str]) -> int:
 
 # --- train -------------------------------------------------------------------------------------
 def _train(argv: list[str]) -> int:
-    from ..recipe import describe_fields, load_config, split_recipe_arg
+    from ..recipe import describe_fields, load_config, require_output_path, split_recipe_arg
     from .config import RMRecipeConfig
 
     if any(a in ("-h", "--help") for a in argv):
@@ -56,6 +56,7 @@ def _train(argv: list[str]) -> int:
         return 0
     recipe, rest = split_recipe_arg(argv)
     cfg = load_config(RMRecipeConfig, recipe, rest, section="rm")
+    require_output_path(cfg.output_dir, "output_dir", directory=True)
     from .run import run_rm_training
 
     summary = run_rm_training(cfg)
@@ -73,8 +74,18 @@ def read_score_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RewardError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    try:
+        f = path.open("rb")  # bytes, decoded line by line: an undecodable byte is named on its own line
+    except OSError as e:
+        raise RewardError(f"{path}: cannot open ({e.strerror or e})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+                raise RewardError(f"{path} line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}: "
+                                  f"{e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -120,7 +131,11 @@ def _score(argv: list[str]) -> int:
         return int(e.code or 0)
     from rewards.reward_model import RewardModelScorer
 
+    from ..recipe import require_model_dir, require_output_path
+
     rows = read_score_rows(Path(args.input))
+    require_output_path(args.output, "output", directory=False)
+    require_model_dir(args.model, "model")
     scorer = RewardModelScorer(args.model, batch_size=args.batch_size, device=args.device,
                                max_length=args.max_length, sigmoid=args.sigmoid, show_progress=True)
     scores = scorer([r["prompt"] for r in rows], [r["completion"] for r in rows])

@@ -17,11 +17,12 @@ from typing import Any
 from trl import RewardConfig
 
 from ..errors import ConfigError
+from ..trainer_args import RunDirFields
 from .data import BUILTIN_NAME, without_inline_split
 
 
 @dataclass
-class RMRecipeConfig(RewardConfig):
+class RMRecipeConfig(RunDirFields, RewardConfig):
     """Configuration of `dsv3-posttrain rm train` (the V3-based reward model, report §5.2.1).
 
     Everything in TRL's `RewardConfig` / transformers' `TrainingArguments` applies (`max_length`

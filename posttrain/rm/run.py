@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import resolve_resume
 from ..errors import ConfigError, UserError
 from .config import RMRecipeConfig
 from .data import load_preference_rows, to_preference_examples
@@ -99,7 +98,7 @@ def _run(cfg: RMRecipeConfig) -> dict[str, Any]:
     if kept < len(train):
         log.warning("%d of %d pairs are longer than max_length=%s tokens and were dropped",
                     len(train) - kept, len(train), cfg.max_length)
-    result = trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir))
+    result = trainer.train(resume_from_checkpoint=trainer.resolve_resume(cfg.resume_from_checkpoint))
 
     summary: dict[str, Any] = {
         "output_dir": str(cfg.output_dir),

@@ -19,7 +19,7 @@ from trl import SFTConfig
 
 from ..errors import ConfigError
 from ..lm_loss import LM_LOSS_BACKENDS
-from ..trainer_args import V3TrainingFields, check_mtp_loss_weight
+from ..trainer_args import RunDirFields, V3TrainingFields, check_mtp_loss_weight, check_training_sizes
 
 # LoRA targets (item 7): MLA projections and the dense / shared-expert MLPs. The routed experts are
 # fused 3-D parameters (`mlp.experts.gate_up_proj`), which peft's Linear LoRA does not wrap, and the
@@ -37,7 +37,7 @@ DEFAULT_LORA_TARGETS = [
 
 
 @dataclass
-class SFTRecipeConfig(V3TrainingFields, SFTConfig):
+class SFTRecipeConfig(RunDirFields, V3TrainingFields, SFTConfig):
     """Configuration of `dsv3-posttrain sft` (sample-masked SFT of the whole V3 model).
 
     Everything in TRL's `SFTConfig` / transformers' `TrainingArguments` applies; the fields below
@@ -74,6 +74,11 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N rows of the split (quick runs)."}
+    )
+    max_length: int = field(
+        default=1024,
+        metadata={"help": "Packed row length in tokens (an integer >= 2; unlike TRL, not None: it is also the "
+                  "longest sample). Longer samples are dropped or cut, as `truncation` says."},
     )
     truncation: str = field(
         default="drop",
@@ -150,6 +155,7 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
                   "tokenizer to output_dir at the end."},
     )
 
+
     accelerate_config: str | None = field(
         default=None,
         metadata={"help": "accelerate config file for multi-GPU runs (e.g. recipes/accelerate/fsdp2-*.yaml): the "
@@ -222,6 +228,16 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
             raise ConfigError("bias_update_speed and seq_balance_alpha must be >= 0")
         if self.max_length is None or self.max_length < 2:
             raise ConfigError("max_length must be an integer >= 2 (it is also the packed row length)")
+        check_training_sizes(self)
+        if self.use_lora:
+            if self.lora_r < 1:
+                raise ConfigError(f"lora_r must be >= 1 with use_lora, got {self.lora_r}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            if not self.lora_target_modules:
+                raise ConfigError("lora_target_modules is empty: use_lora needs at least one module name")
+        if self.attn_implementation:
+            _check_attn_implementation(self.attn_implementation)
         if self.gradient_checkpointing:
             # Reentrant checkpointing runs the first forward without grad: the router logits the
             # sequence-wise balance loss is built from would carry no gradient.
@@ -295,6 +311,24 @@ class SFTRecipeConfig(V3TrainingFields, SFTConfig):
             extra["dtype"] = getattr(torch, extra["dtype"])
         kwargs.update(extra)
         return kwargs
+
+
+def _check_attn_implementation(name: str) -> None:
+    """transformers checks the kernel name only when the model loads; here it is checked with the recipe."""
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .attention import SEGMENTED_SDPA
+
+    known = ["eager", SEGMENTED_SDPA, *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name in known or is_kernel(name):  # is_kernel: a Hub kernel repo such as kernels-community/flash-attn3
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"attn_implementation {name!r} is not a known attention kernel{hint} (choose one of "
+                      f"{', '.join(known)}, a Hub kernel repo id, or leave it unset for the device's default)")
 
 
 def _cuda() -> bool:

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..balancing import BALANCER_STATE_FILE
-from ..checkpoints import resolve_resume
 from ..errors import ConfigError
 from ..fp8.training import apply_fp8_training, load_pretrained
 from ..modeling import DeepseekV3ForCausalLMWithMTP
@@ -130,8 +128,7 @@ def run_sft(cfg: SFTRecipeConfig, trainer: DeepseekV3SFTTrainer | None = None) -
         trainer = build_trainer(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    required = [BALANCER_STATE_FILE] if trainer.balancer is not None else []
-    result = trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, required))
+    result = trainer.train(resume_from_checkpoint=trainer.resolve_resume(cfg.resume_from_checkpoint))
     trainer.save_state()  # trainer_state.json (log_history) in output_dir
 
     model_dir = None

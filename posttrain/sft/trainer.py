@@ -24,7 +24,7 @@ import torch
 from transformers import Trainer
 
 from ..balancing import BALANCER_STATE_FILE, BalancingCallback, ExpertLoadBalancer
-from ..checkpoints import DeepSeekLayoutCheckpoints, last_complete_checkpoint
+from ..checkpoints import DeepSeekLayoutCheckpoints
 from ..compat import apply_training_patches
 from ..distributed import check_launch
 from ..modeling import sample_ids_from_positions, unwrap_model
@@ -160,16 +160,18 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
         super().log(logs, start_time)
 
     # -- resume ----------------------------------------------------------------------------------
+    def checkpoint_state_files(self) -> list[str]:
+        return [BALANCER_STATE_FILE] if self.balancer is not None else []
+
+    def save_checkpoint_state(self, checkpoint_dir: Path) -> None:
+        if self.balancer is not None:
+            self.balancer.save(checkpoint_dir)
+
+    def load_checkpoint_state(self, checkpoint_dir: Path) -> None:
+        if self.balancer is not None and not self.balancer.load(checkpoint_dir):
+            log.warning("%s has no balancer state; expert-load history restarts", checkpoint_dir)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(
-                self.args.output_dir, [BALANCER_STATE_FILE] if self.balancer is not None else []
-            )
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
-        if resume_from_checkpoint and self.balancer is not None:
-            if not self.balancer.load(resume_from_checkpoint):
-                log.warning("%s has no balancer state; expert-load history restarts", resume_from_checkpoint)
         self._last_log_time = None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

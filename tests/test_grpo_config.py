@@ -1,0 +1,87 @@
+"""GRPO recipe checks that need no model or engine: bad values are a ConfigError naming the field,
+raised when the recipe is read, and bad prompt rows name their file line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+from trl import GRPOConfig
+
+from posttrain.errors import ConfigError, UserError
+from posttrain.grpo.config import TRL_LOSS_TYPES, GRPORecipeConfig
+from posttrain.recipe import load_config
+
+
+def _load(tmp_path, *argv):
+    return load_config(GRPORecipeConfig, None, ["--output_dir", str(tmp_path / "grpo"), *argv], section="grpo")
+
+
+@pytest.mark.parametrize("argv, message", [
+    # zipped with the functions, a short list silently dropped `format`; a long one failed in TRL after loading
+    (["--reward_funcs", "math_accuracy,format", "--reward_weights", "1.0"],
+     "reward_weights has 1 weight(s) [1.0] for 2 reward_funcs ['math_accuracy', 'format']"),
+    (["--reward_funcs", "math_accuracy", "--reward_weights", "1.0,0.5"],
+     "reward_weights has 2 weight(s) [1.0, 0.5] for 1 reward_funcs ['math_accuracy']"),
+    (["--max_prompts", "0"], "max_prompts must be >= 1 (or unset: all prompts), got 0"),  # trained 0 steps, exit 0
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be an integer >= 1, got 0"),
+    (["--learning_rate", "-1"], "learning_rate must be a number >= 0, got -1.0"),
+    (["--loss_type", "grpoo"], "loss_type must be one of grpo, "),  # failed inside the first loss computation
+    (["--num_generations", "0"], "num_generations must be >= 2"),  # ZeroDivisionError inside TRL's __post_init__
+    (["--num_generations", "1"], "num_generations must be >= 2"),
+    (["--lr_scheduler_kwargs", "min_lr=1"], "'lr_scheduler_kwargs' expects a mapping"),
+])
+def test_bad_values_are_config_errors_naming_the_field(argv, message, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _load(tmp_path, *argv)
+
+
+def test_good_values_still_pass(tmp_path):
+    cfg = _load(tmp_path, "--reward_funcs", "math_accuracy,format", "--reward_weights", "1.0,0.2",
+                "--max_prompts", "1", "--loss_type", "dr_grpo", "--num_generations", "2",
+                "--per_device_train_batch_size", "2")
+    assert cfg.reward_weights == [1.0, 0.2] and cfg.max_prompts == 1 and cfg.loss_type == "dr_grpo"
+    assert _load(tmp_path).reward_weights is None  # unset: 1.0 each, filled in by build_trainer
+
+
+def test_loss_types_are_the_ones_trl_documents():
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type")
+    documented = re.search(r"Supported values are (.*?)\.\s", help_text).group(1)
+    assert sorted(re.findall(r"'([a-z_]+)'", documented)) == sorted(TRL_LOSS_TYPES)  # a TRL upgrade shows up here
+    assert GRPOConfig.loss_type in TRL_LOSS_TYPES and GRPORecipeConfig.loss_type in TRL_LOSS_TYPES
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _prompts_cfg(tmp_path, data, **kw):
+    return GRPORecipeConfig(output_dir=str(tmp_path / "grpo"), dataset_name=data, **kw)
+
+
+def test_null_or_missing_answers_name_the_file_line(tmp_path):
+    """With math_accuracy a null (or, in JSONL, missing) answer used to train with reward None."""
+    from posttrain.grpo.run import load_prompts
+
+    ok = {"prompt": [{"role": "user", "content": "1 + 1?"}], "answer": "2"}
+    data = _write(tmp_path / "p.jsonl", [ok, ok, {**ok, "answer": None}])
+    with pytest.raises(UserError, match=r"p\.jsonl line 3: answer is null \(column 'answer'\); math_accuracy needs"):
+        load_prompts(_prompts_cfg(tmp_path, data))
+    data = _write(tmp_path / "q.jsonl", [ok, {"prompt": ok["prompt"]}])
+    with pytest.raises(UserError, match=r"q\.jsonl line 2: answer is null"):
+        load_prompts(_prompts_cfg(tmp_path, data))
+    # rows past max_prompts are not trained on, and a reward that needs no answer does not ask for one
+    assert len(load_prompts(_prompts_cfg(tmp_path, data, max_prompts=1))) == 1
+    assert len(load_prompts(_prompts_cfg(tmp_path, data, reward_funcs=["format"]))) == 2
+
+
+def test_prompt_errors_name_the_file_line_as_sft_does(tmp_path):
+    from posttrain.grpo.run import load_prompts
+
+    ok = {"prompt": [{"role": "user", "content": "1 + 1?"}], "answer": "2"}
+    data = _write(tmp_path / "p.jsonl", [ok, ok, {**ok, "prompt": None}])  # used to say "row 2"
+    with pytest.raises(UserError, match=r"p\.jsonl line 3: prompt is null \(column 'prompt'\)"):
+        load_prompts(_prompts_cfg(tmp_path, data))
