@@ -124,6 +124,12 @@ def _read_jsonl(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[li
     return rows, lines
 
 
+def read_jsonl_objects(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The JSON objects of a .jsonl file and their 1-based line numbers (blank lines skipped), as they
+    are (no schema applied, unlike `load_rows`); a `DataError` names the line of anything malformed."""
+    return _read_jsonl(Path(path))
+
+
 def _read_json(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[int] | None]:
     """A ``.json`` file: a JSON array of objects, ``{"data": [...]}``, or JSON lines."""
     try:

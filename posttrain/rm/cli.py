@@ -69,44 +69,31 @@ def _train(argv: list[str]) -> int:
 # --- score -------------------------------------------------------------------------------------
 def read_score_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a jsonl file, each with `prompt` (text or messages) and `completion` (text or messages)."""
+    from data_pipelines.errors import DataError
+    from data_pipelines.loading import read_jsonl_objects
     from rewards import RewardError
 
     if not path.is_file():
         raise RewardError(f"{path}: no such file")
-    rows = []
     try:
-        f = path.open("rb")  # bytes, decoded line by line: an undecodable byte is named on its own line
-    except OSError as e:
-        raise RewardError(f"{path}: cannot open ({e.strerror or e})") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
-                raise RewardError(f"{path} line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}: "
-                                  f"{e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RewardError(f"{path} line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise RewardError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            missing = [c for c in ("prompt", "completion") if c not in row or row[c] is None]
-            if missing:
-                raise RewardError(f"{path} line {n}: missing {' and '.join(repr(c) for c in missing)} "
-                                  f"(columns: {sorted(row)})")
-            for col in ("prompt", "completion"):
-                v = row[col]
-                ok = isinstance(v, str) or (isinstance(v, list) and v and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in v))
-                if not ok:
-                    raise RewardError(f"{path} line {n}: '{col}' must be text or a list of "
-                                      f"{{'role', 'content'}} messages, got {json.dumps(v)[:80]}")
-            rows.append(row)
+        records, line_numbers = read_jsonl_objects(path)
+    except DataError as e:
+        raise RewardError(str(e)) from None
+    rows = []
+    for row, n in zip(records, line_numbers):
+        missing = [c for c in ("prompt", "completion") if c not in row or row[c] is None]
+        if missing:
+            raise RewardError(f"{path} line {n}: missing {' and '.join(repr(c) for c in missing)} "
+                              f"(columns: {sorted(row)})")
+        for col in ("prompt", "completion"):
+            v = row[col]
+            ok = isinstance(v, str) or (isinstance(v, list) and v and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in v))
+            if not ok:
+                raise RewardError(f"{path} line {n}: '{col}' must be text or a list of "
+                                  f"{{'role', 'content'}} messages, got {json.dumps(v)[:80]}")
+        rows.append(row)
     if not rows:
         raise RewardError(f"{path}: no rows")
     return rows
