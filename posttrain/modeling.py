@@ -209,13 +209,16 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
         detach_mtp_input: bool = False,
         return_logits: bool = True,
         lm_loss_backend: str = "auto",
+        mtp_num_items: torch.Tensor | int | None = None,
         **kwargs,
     ) -> MTPCausalLMOutput:
         """`return_logits=False` (with `labels`): the main and MTP losses are computed by the chunked
         LM head + cross-entropy (`lm_head_cross_entropy`) and `logits` / `mtp_logits` are None; the
         `[tokens, vocab]` logits are never materialised (fp32 logits of a 16k-token row at Moonlight's
         163,840-entry vocabulary are 10 GiB per head). Same loss and gradients as the default path.
-        `lm_loss_backend` picks its implementation (`posttrain.lm_loss.lm_head_cross_entropy`'s `backend`)."""
+        `lm_loss_backend` picks its implementation (`posttrain.lm_loss.lm_head_cross_entropy`'s `backend`).
+        `mtp_num_items`: each MTP depth's summed cross-entropy is divided by it (report eq. 24: 1/T, T the
+        main loss's token count) instead of by the depth's own number of targets."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -252,7 +255,7 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
                 raise ValueError("MTP needs input_ids (the next tokens feed the MTP embedding).")
             mtp_logits, mtp_loss = self._mtp(
                 hidden, input_ids, position_ids, labels, attention_mask, detach_mtp_input, return_logits=return_logits,
-                lm_loss_backend=lm_loss_backend,
+                lm_loss_backend=lm_loss_backend, num_items=mtp_num_items,
             )
 
         return MTPCausalLMOutput(
@@ -275,9 +278,11 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
         detach_input: bool,
         return_logits: bool = True,
         lm_loss_backend: str = "auto",
+        num_items: torch.Tensor | int | None = None,
     ) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
         """(per-depth logits, or None with `return_logits=False` and labels; the MTP loss, the mean over
-        depths of each depth's token-mean cross-entropy, report eq. 24-25 without λ)."""
+        depths of each depth's cross-entropy, report eq. 24-25 without λ: a token mean over the depth's
+        targets, or the sum divided by `num_items` when given)."""
         return_logits = return_logits or labels is None
         batch, seq = input_ids.shape
         if position_ids is None:
@@ -316,9 +321,10 @@ class DeepseekV3ForCausalLMWithMTP(DeepseekV3ForCausalLM):
                 target_same = _shift_left(sample_ids, depth + 1, fill=-1) == sample_ids
                 target = target.masked_fill(~target_same, IGNORE_INDEX)
                 if return_logits:
-                    losses.append(_token_mean_ce(depth_logits, target))
+                    losses.append(_token_mean_ce(depth_logits, target, num_items))
                 else:
-                    losses.append(lm_head_cross_entropy(head_input, self.lm_head, target, backend=lm_loss_backend))
+                    losses.append(lm_head_cross_entropy(head_input, self.lm_head, target, num_items=num_items,
+                                                        backend=lm_loss_backend))
         mtp_loss = torch.stack(losses).mean() if losses else None
         return (tuple(all_logits) if return_logits else None), mtp_loss
 
@@ -350,9 +356,10 @@ def _shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
     return out
 
 
-def _token_mean_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _token_mean_ce(logits: torch.Tensor, target: torch.Tensor, num_items: torch.Tensor | int | None = None) -> torch.Tensor:
     flat = logits.float().reshape(-1, logits.shape[-1])
     target = target.reshape(-1)
-    valid = (target != IGNORE_INDEX).sum()
     total = nn.functional.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / valid.clamp(min=1)
+    if num_items is not None:
+        return total / torch.as_tensor(num_items, device=total.device).clamp(min=1)
+    return total / (target != IGNORE_INDEX).sum().clamp(min=1)

@@ -99,6 +99,38 @@ def test_prompt_completion_formats(tokenizer):
     assert stats.format == "prompt_completion"
 
 
+def test_conversational_prompt_completion_trains_on_assistant_turns_only(tokenizer):
+    """As TRL: the assistant mask applies on top of the completion mask. Before, a completion's later user
+    turn was trained on, and with completion_only_loss=False the system and user turns of the prompt."""
+    eos = tokenizer.eos_token
+    multi = {"prompt": [{"role": "user", "content": "q1"}],
+             "completion": [{"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                            {"role": "assistant", "content": "a2"}]}
+    as_messages = {"messages": multi["prompt"] + multi["completion"]}
+    system = {"prompt": [{"role": "system", "content": "SYS"}, {"role": "user", "content": "q1"}],
+              "completion": [{"role": "assistant", "content": "a1"}]}
+
+    def targets(row, **kw):
+        ds, _ = tokenize_dataset(_ds([row]), tokenizer, max_length=512, **kw)
+        return tokenizer.decode([t for t in ds[0]["labels"] if t != IGNORE_INDEX])
+
+    assert targets(multi) == targets(as_messages) == f"a1{eos}a2{eos}"
+    assert targets(system, completion_only_loss=False) == f"a1{eos}"
+    assert targets(system, assistant_only_loss=False, completion_only_loss=False).startswith("SYS")  # asked for
+
+
+def test_a_tool_turn_the_chat_template_drops_is_a_bad_row(tokenizer):
+    """The embedded template has no tool branch: the tool's output vanished from the sample, and the answer
+    after it was trained without the output it answers."""
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "call"},
+                        {"role": "tool", "content": "TOOL_RESULT_42"}, {"role": "assistant", "content": "it is 42"}]}
+    with pytest.raises(DataError, match=r"row 0: message 2 \(role 'tool'\) is not in the chat template's rendering"):
+        tokenize_dataset(_ds([row]), tokenizer, max_length=512)
+    ds, stats = tokenize_dataset(_ds([row, {"messages": row["messages"][:2]}]), tokenizer, max_length=512,
+                                 on_bad_row="skip")
+    assert len(ds) == 1 and stats.bad_rows == 1
+
+
 def test_too_long_samples_dropped_or_truncated_and_counted(tokenizer):
     rows = sft_rows(12)
     lengths = [len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows]
@@ -701,6 +733,39 @@ def test_gradient_accumulation_is_token_weighted(tiny_model_dir, distill_dir, tm
         states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
     for k in states[0]:
         assert torch.allclose(states[0][k], states[1][k], atol=2e-6), k
+
+
+def test_mtp_loss_is_token_weighted_across_micro_batches(tiny_model_dir, tmp_path):
+    """With the loss on whole samples (assistant_only_loss false) the MTP head has one target fewer per sample
+    than the main head. Its mean over its own targets weighed micro-batches by the main head's counts: two
+    packed rows with 2 and 1 samples gave MTP gradients ~5e-3 apart as one batch and as two micro-batches.
+    Normalised by the main head's count (report eq. 24, 1/T) they agree to fp32 rounding."""
+    from posttrain.sft.run import build_trainer
+
+    data = tmp_path / "rows.jsonl"
+    write_jsonl(data, sft_rows(24))
+    trainer = build_trainer(_cfg(tiny_model_dir, data, tmp_path / "out", max_length=128, assistant_only_loss=False,
+                                 seq_balance_alpha=0.0, save_strategy="no"))
+    trainer.current_gradient_accumulation_steps = 2
+    rows = sorted(trainer.train_dataset, key=lambda r: len(r["seq_lengths"]))
+    rows = [rows[0], rows[-1]]  # the fewest and the most samples per row
+    assert len(rows[0]["seq_lengths"]) != len(rows[1]["seq_lengths"])
+    micro = [trainer.data_collator([r]) for r in rows]
+    n_items = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in micro)
+    model = trainer.model
+    model.train()
+
+    def grads(batches):
+        model.zero_grad()
+        for batch in batches:
+            trainer.compute_loss(model, batch, num_items_in_batch=n_items).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    apart, together = grads(micro), grads([trainer.data_collator(rows)])
+    mtp = f"model.layers.{model.config.num_hidden_layers}."
+    worst = max(float((apart[k] - together[k]).abs().max() / together[k].abs().max()) for k in together
+                if k.startswith(mtp) and together[k].abs().max() > 0)
+    assert worst < 1e-5, worst  # fp32 rounding: ~5e-7; before: ~5e-4
 
 
 def test_lora_trains_adapters_and_merges_on_export(tiny_model_dir, distill_dir, tmp_path):

@@ -101,6 +101,18 @@ class SampleTokenizer:
             return self._messages(row.get("messages"))
         return self._prompt_completion(row.get("prompt"), row.get("completion"))
 
+    def _check_tool_turns(self, messages: list[dict[str, str]]) -> None:
+        """A chat template without a tool branch (the embedded one has none) drops tool results without a
+        word, and the next assistant turn would be trained without the output it answers."""
+        tools = [i for i, m in enumerate(messages) if m["role"] == "tool" and m["content"].strip()]
+        if not tools:
+            return
+        text = self.tok.apply_chat_template(messages, tokenize=False, chat_template=self.chat_template)
+        dropped = [i for i in tools if messages[i]["content"].strip() not in text]
+        if dropped:
+            raise ValueError(f"message {dropped[0]} (role 'tool') is not in the chat template's rendering: this "
+                             "tokenizer's template has no tool turns")
+
     def _render(self, messages, **kwargs) -> dict[str, list[int]]:
         out = self.tok.apply_chat_template(
             messages, tokenize=True, return_dict=True, chat_template=self.chat_template, **kwargs
@@ -116,6 +128,7 @@ class SampleTokenizer:
             raise ValueError("conversation has no assistant turn (nothing to train on)")
         if self.tok.chat_template is None:
             raise DataError("the tokenizer has no chat template; conversational SFT data needs one")
+        self._check_tool_turns(messages)
         out = self._render(messages, return_assistant_tokens_mask=self.assistant_only_loss)
         ids = out["input_ids"]
         if self.assistant_only_loss:
@@ -141,12 +154,21 @@ class SampleTokenizer:
             prompt, completion = _clean(prompt), _clean(completion)
             if not any(m["role"] == "assistant" for m in completion):
                 raise ValueError("completion has no assistant turn (nothing to train on)")
+            self._check_tool_turns(prompt + completion)
             p = self._render(prompt, add_generation_prompt=True)["input_ids"]
-            ids = self._render(prompt + completion)["input_ids"]
+            out = self._render(prompt + completion, return_assistant_tokens_mask=self.assistant_only_loss)
+            ids = out["input_ids"]
             # As TRL: the completion starts where the rendered prompt and prompt+completion diverge.
             n_prompt = 0
             while n_prompt < min(len(p), len(ids)) and p[n_prompt] == ids[n_prompt]:
                 n_prompt += 1
+            if self.assistant_only_loss:
+                # As TRL (1.16) too: on top of the completion mask, only assistant turns carry loss (a completion
+                # may hold later user turns; without completion_only_loss the prompt's system/user turns would)
+                assistant = out["assistant_masks"]
+                labels = [t if m and (i >= n_prompt or not self.completion_only_loss) else IGNORE_INDEX
+                          for i, (t, m) in enumerate(zip(ids, assistant))]
+                return ids, labels
         else:
             raise ValueError("'prompt' and 'completion' must both be strings or both be message lists")
         if self.completion_only_loss:

@@ -91,6 +91,7 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
         # Chunked LM head + CE (no [tokens, vocab] logits) whenever nobody reads the logits: in
         # training, and in evaluation that keeps losses only (Trainer.prediction_step).
         return_logits = not (self.args.chunked_lm_loss and (training or self.args.prediction_loss_only))
+        n_valid = (labels[..., 1:] != -100).sum()
         with scope:
             out = model(
                 **inputs,
@@ -99,12 +100,15 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
                 detach_mtp_input=self.args.mtp_detach_input,
                 return_logits=return_logits,
                 lm_loss_backend=self.args.lm_loss_backend,
+                # report eq. 24: the MTP sums over 1/T, T the main loss's targets, so the one rescale below makes
+                # both token-weighted over the accumulated batch (a depth has fewer targets than the main head
+                # when the loss covers whole samples: its mean would weigh micro-batches differently)
+                mtp_num_items=n_valid if compute_mtp else None,
             )
             balance_loss = self.balancer.sequence_balance_loss() if (self.balancer is not None and training) else None
 
         # `out.loss` is the mean over this micro-batch's targets; rescale to a share of the whole
         # accumulated batch so that gradient accumulation gives the token-weighted mean exactly.
-        n_valid = (labels[..., 1:] != -100).sum()
         if num_items_in_batch is not None and training:
             scale = n_valid / torch.as_tensor(num_items_in_batch, device=n_valid.device).clamp(min=1)
             if self.args.average_tokens_across_devices:
