@@ -73,9 +73,13 @@ def test_null_or_missing_answers_name_the_file_line(tmp_path):
     data = _write(tmp_path / "q.jsonl", [ok, {"prompt": ok["prompt"]}])
     with pytest.raises(UserError, match=r"q\.jsonl line 2: answer is null"):
         load_prompts(_prompts_cfg(tmp_path, data))
+    with pytest.raises(UserError, match=r"q\.jsonl line 2: answer is null"):  # with options, the same reward
+        load_prompts(_prompts_cfg(tmp_path, data, reward_funcs=["math_accuracy(timeout_s=10)"]))
     # rows past max_prompts are not trained on, and a reward that needs no answer does not ask for one
     assert len(load_prompts(_prompts_cfg(tmp_path, data, max_prompts=1))) == 1
     assert len(load_prompts(_prompts_cfg(tmp_path, data, reward_funcs=["format"]))) == 2
+    # math and code rows in one set: a row without an answer is another reward's (math_accuracy: None)
+    assert len(load_prompts(_prompts_cfg(tmp_path, data, reward_funcs=["math_accuracy", "code_tests"]))) == 2
 
 
 def test_prompt_errors_name_the_file_line_as_sft_does(tmp_path):

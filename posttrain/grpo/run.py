@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from .config import GRPORecipeConfig, check_reward_weights
 
 log = logging.getLogger(__name__)
 
+# Built-in rewards that score against the gold answer column (None where a row has none).
+ANSWER_REWARDS = ("math_accuracy",)
+
 
 def load_prompts(cfg: GRPORecipeConfig):
     """The prompt dataset with a `prompt` column and, when present, `answer`; clear errors otherwise
@@ -30,7 +34,7 @@ def load_prompts(cfg: GRPORecipeConfig):
     if len(ds) == 0:
         raise UserError(f"{cfg.dataset_name} ({cfg.dataset_split}): the dataset is empty")
     require_columns(ds, [cfg.prompt_column], cfg.dataset_name)
-    answer_rewards = [name for name in cfg.reward_funcs if name.split("?")[0] in ("math_accuracy",)]
+    answer_rewards = [name for name in cfg.reward_funcs if re.split(r"[?(]", name)[0].strip() in ANSWER_REWARDS]
     if answer_rewards:
         require_columns(ds, [cfg.answer_column], cfg.dataset_name)
     n_used = len(ds) if cfg.max_prompts is None else min(cfg.max_prompts, len(ds))  # rows past it are not used
@@ -38,9 +42,10 @@ def load_prompts(cfg: GRPORecipeConfig):
         problem = prompt_problem(ds[i][cfg.prompt_column])
         if problem:
             raise UserError(f"{row_location(ds, i, cfg.dataset_name)}: {problem} (column {cfg.prompt_column!r})")
-    if answer_rewards:
-        # a null or missing gold answer would be scored None by the reward: TRL only warns, and the
-        # prompt trains on the other rewards alone. One column read, so every used row is checked.
+    if answer_rewards and len(answer_rewards) == len(cfg.reward_funcs):
+        # Every reward needs the gold answer: a row without one is scored None by all of them and trains on
+        # nothing (TRL only warns). With other rewards too (math and code rows in one set) None is the
+        # reward's "not mine" and the row is theirs. One column read, so every used row is checked.
         for i, answer in enumerate(ds.select_columns([cfg.answer_column]).select(range(n_used))[cfg.answer_column]):
             problem = answer_problem(answer)
             if problem:
