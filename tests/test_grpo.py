@@ -130,6 +130,26 @@ def test_logs_what_the_issue_lists(trained):
     assert max(diffs) <= 1e-3  # the engine samples from the trainer's weights
 
 
+def test_mtp_accept_rate_counts_the_drafts_a_speculative_decoder_makes(trained):
+    """The first completion token is sampled from the prompt, never drafted: GRPO's mtp/accept_rate counted
+    it (7 targets for a 7-token answer), the eval stage's drafter_hits does not (6)."""
+    from eval_hooks.mtp_acceptance import drafter_hits
+    from posttrain.modeling import IGNORE_INDEX
+
+    trainer, _ = trained
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    prompt, completion = [5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]
+    ids = torch.tensor([prompt + completion])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, len(prompt):] = ids[0, len(prompt):]
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    terms = trainer._mtp_terms(model, hidden, ids, labels, None)
+    [(hits, total)] = drafter_hits(model, [prompt], [[completion]])
+    assert (terms["accept_hits"], terms["accept_total"]) == (hits, total) and total == len(completion) - 1
+    assert terms["mtp_targets"] == len(completion)  # the loss still learns the first token's guess
+
+
 def test_mtp_weight_zero_leaves_mtp_untouched_and_gamma_zero_freezes_bias(tmp_path, tiny_model_dir, engine):
     trainer = build_trainer(_cfg(tmp_path, tiny_model_dir, mtp_loss_weight=0.0, bias_update_speed=0.0), engine=engine)
     before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}

@@ -357,10 +357,16 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
                 hidden, input_ids, None, labels, attention_mask, detach_input=self.args.mtp_detach_input
             )
         with torch.no_grad():
-            # Position i of the first MTP depth guesses token i+2; rows are single samples here.
+            # Position i of the first MTP depth guesses token i+2; rows are single samples here. The loss's
+            # targets include the first completion token (guessed from the prompt's end); a speculative
+            # decoder never drafts it (the model samples it from the prompt), so acceptance counts a guess
+            # only where token i+1 is a completion token too, as eval_hooks.mtp_acceptance does.
             target = torch.full_like(labels, IGNORE_INDEX)
             target[:, :-2] = labels[:, 2:]
-            valid = target != IGNORE_INDEX
+            terms["mtp_targets"] = (target != IGNORE_INDEX).sum().item()
+            drafted = torch.zeros_like(labels, dtype=torch.bool)
+            drafted[:, :-2] = labels[:, 1:-1] != IGNORE_INDEX
+            valid = (target != IGNORE_INDEX) & drafted
             hits = (mtp_logits[0].argmax(-1) == target) & valid
             terms["accept_hits"] = hits.sum().item()
             terms["accept_total"] = valid.sum().item()
@@ -384,7 +390,7 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
                     # rank's mean is reweighted by its share of the MTP targets
                     share = 1.0
                     if world > 1:
-                        count = torch.tensor(float(terms["accept_total"]), device=loss.device)
+                        count = torch.tensor(float(terms["mtp_targets"]), device=loss.device)
                         share = world * count / self.accelerator.gather(count).sum().clamp(min=1)
                     loss = loss + weight * terms["mtp_loss"] * share / ga
             if terms.get("balance_loss") is not None:
