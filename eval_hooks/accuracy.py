@@ -68,14 +68,27 @@ def evaluate_accuracy(
         result["token_ids"] = {"prompts": ids, "completions": [[list(c.token_ids) for c in group] for group in outs]}
     if k > 1:
         result[f"pass@{k}"] = sum(any(c) for c in correct) / len(correct)
-        majority = []
-        for group, c in zip(texts, correct):
-            finals = [extract_final_answer(t.split("</think>")[-1]) for t in group]
-            votes = Counter(f for f in finals if f is not None)
-            if not votes:
-                majority.append(False)
-                continue
-            top = votes.most_common(1)[0][0]
-            majority.append(c[finals.index(top)])
+        majority = [_majority_is_right(group, c, extract_final_answer) for group, c in zip(texts, correct)]
         result[f"maj@{k}"] = sum(majority) / len(majority)
     return result
+
+
+def _majority_is_right(texts: Sequence[str], correct: Sequence[bool], extract) -> float:
+    """maj@k of one problem: the votes are the samples' final answers, and every answer the verifier accepts is
+    one vote for the gold answer however it is written (5, 5.0, \\frac{10}{2}); a wrong answer votes with its
+    equal strings. 1 when the gold answer has the most votes, 1/t when it ties with t - 1 others (the chance
+    that a random tie-break picks it: independent of the samples' order), else 0."""
+    votes: Counter = Counter()
+    for text, right in zip(texts, correct):
+        final = extract(text.split("</think>")[-1])
+        if right:
+            votes[_GOLD] += 1
+        elif final is not None:
+            votes[final.strip()] += 1
+    if not votes[_GOLD]:
+        return 0.0
+    top = max(votes.values())
+    return 1.0 / sum(1 for n in votes.values() if n == top) if votes[_GOLD] == top else 0.0
+
+
+_GOLD = object()  # the vote of every sample the verifier accepts

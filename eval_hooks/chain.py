@@ -99,6 +99,9 @@ class EvalStage:
             raise ValueError(f"sampled_temperature must be >= 0, got {self.sampled_temperature}")
         if not 0 < self.sampled_top_p <= 1:
             raise ValueError(f"sampled_top_p must be in (0, 1], got {self.sampled_top_p}")
+        if self.max_tokens >= self.max_model_len:  # vLLM would cut answers short at the context length, silently
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be below max_model_len ({self.max_model_len}), "
+                             "which holds the prompt and the answer")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Evaluate checkpoints with one vLLM engine: it loads the first and takes each next one through
-weight sync, which costs a fraction of a second instead of an engine start. Each checkpoint's results are
+weight sync, which costs a fraction of a second instead of an engine start (a checkpoint whose config differs
+gets an engine of its own: a sync carries weights only). Each checkpoint's results are
 written whole as soon as it is done, so a killed evaluation resumed by the chain redoes only the rest."""
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ from typing import Any
 from .accuracy import evaluate_accuracy
 from .benchmarks import load_benchmark_with_groups
 from .mtp_acceptance import drafter_hits
+
+
+def _model_config(path: str) -> dict[str, Any]:
+    """A checkpoint's config.json without what does not change the model it describes."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    for bookkeeping in ("_name_or_path", "transformers_version"):
+        config.pop(bookkeeping, None)
+    return config
 
 
 def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, engine=None,
@@ -40,8 +49,10 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
                 print(f"[eval] {name}: done already ({out / f'{name}.json'})")
     todo = [name for name in names if name not in results]
     own_engine = engine is None
+    served = None  # the config of the checkpoint our own engine was built from
     if own_engine and todo:
         engine = VLLMColocateEngine(checkpoints[todo[0]], max_model_len=cfg.max_model_len)
+        served = _model_config(checkpoints[todo[0]])
     measure_drafter = cfg.mtp_acceptance
     # one tick per part of each checkpoint's evaluation (each a few seconds to minutes); shown on a terminal only
     parts = 1 + (cfg.k > 1) + (cfg.sampled_pass1_k > 0) + bool(measure_drafter)
@@ -55,7 +66,13 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             path = checkpoints[name]
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = None
-            if i > 0 or not own_engine:
+            if own_engine and i > 0 and _model_config(path) != served:
+                # A weight sync carries weights only: another config (routing, scaling, sizes) needs its own engine,
+                # or this checkpoint would run under the first one's settings
+                engine.close()
+                engine = VLLMColocateEngine(path, max_model_len=cfg.max_model_len)
+                served = _model_config(path)
+            elif i > 0 or not own_engine:
                 model = DeepseekV3ForCausalLMWithMTP.from_pretrained(path)
                 engine.sync_weights(weights_for_engine(model, engine))
             doing(name, f"greedy pass@1 on {len(prompts)} problems")

@@ -75,6 +75,7 @@ def test_null_or_missing_gold_answers_name_the_row(tmp_path):
     ("k", "0", "k must be >= 1, got 0"),
     ("sampled_pass1_k", "-2", "sampled_pass1_k must be >= 0"),
     ("sampled_top_p", "0", "sampled_top_p must be in (0, 1]"),
+    ("max_tokens", "512", "max_tokens (512) must be below max_model_len (512)"),  # vLLM cut answers short there
 ])
 def test_eval_config_bounds_are_checked_with_the_recipe(key, value, message, tmp_path):
     from eval_hooks.chain import EvalStage
@@ -106,6 +107,23 @@ def test_accuracy_pass_and_majority(tiny_model_dir):
     assert res["maj@3"] == pytest.approx(1 / 3)  # only problem 2's majority answer (5) is right
     assert res["fraction_correct"] == pytest.approx([1 / 3, 2 / 3, 0.0])  # per problem: R1's pass@1 terms
     assert res["mean_correct"] == pytest.approx(1 / 3)
+
+
+def test_majority_votes_count_every_accepted_form_of_the_gold_answer_and_ties_do_not_depend_on_order(tiny_model_dir):
+    """maj@k voted on the answer strings: 7, 7, 5, 5.0, 10/2 (three right) elected 7; and with two samples a tie
+    went to whichever came first."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    box = "<think>ok</think> \\boxed{{{}}}".format
+    texts = [[box(7), box(7), box(5), box("5.0"), box("\\frac{10}{2}")], [box(7), box(5), box(8), box(8), box(9)],
+             [box(5), box(7), box(9), box(9), box(9)]]
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(len(texts))]
+    res = evaluate_accuracy(ScriptedEngine(tok, texts), tok, prompts, ["5"] * len(texts), k=5)
+    assert res["fraction_correct"] == pytest.approx([0.6, 0.2, 0.2])
+    assert res["maj@5"] == pytest.approx((1 + 0 + 0) / 3)
+    pair = [[box(5), box(7)]]
+    ties = [evaluate_accuracy(ScriptedEngine(tok, [order]), tok, prompts[:1], ["5"], k=2)["maj@2"]
+            for order in (pair[0], pair[0][::-1])]
+    assert ties == [0.5, 0.5]  # a tie of two: the chance a random pick is right, whatever the order
 
 
 def test_eval_stage_writes_sampled_pass1_per_problem(tiny_model_dir, tmp_path):
@@ -177,6 +195,43 @@ def test_eval_bar_ticks_once_per_part_of_each_checkpoint_and_names_it(tiny_model
     assert bars[0].total == bars[0].n == 6  # 2 checkpoints x 3 parts
     assert postfixes == [f"{name}: {part}" for name in "ab" for part in
                          ("greedy pass@1 on 2 problems", "sampled pass@1 (2 per problem)", "MTP drafter on the answers")]
+
+
+def test_a_checkpoint_with_another_config_gets_an_engine_of_its_own(tiny_model_dir, tmp_path, monkeypatch):
+    """The engine loads the first checkpoint and takes the next ones by weight sync, which carries weights only:
+    a checkpoint with another routed_scaling_factor was evaluated under the first one's (its answers depended on
+    the order of the checkpoints). Same config: one engine, synced."""
+    import shutil
+
+    import engines.vllm_engine
+    from eval_hooks.chain import EvalStage
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "routed_scaling_factor": 1.0}))
+    same = tmp_path / "same"
+    shutil.copytree(tiny_model_dir, same)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    built, synced = [], []
+
+    class Recording(ScriptedEngine):
+        def __init__(self, path, max_model_len):
+            super().__init__(tok, [["\\boxed{5}"], ["\\boxed{5}"]])
+            built.append(Path(path).name)
+
+        def sync_weights(self, weights):
+            synced.append(len(built))
+            super().sync_weights(weights)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(engines.vllm_engine, "VLLMColocateEngine", Recording)
+    cfg = EvalStage(dataset_name=str(two_problems(tmp_path)), dataset_split="train", num_problems=2, max_tokens=8)
+    evaluate_checkpoints({"a": str(tiny_model_dir), "b": str(same), "c": str(other)}, cfg, tmp_path / "eval")
+    assert built == [Path(tiny_model_dir).name, "other"] and synced == [1]  # b synced into a's engine; c built
 
 
 def test_a_resumed_eval_reuses_each_finished_checkpoint_and_only_its_own(tiny_model_dir, tmp_path):
