@@ -154,6 +154,11 @@ VLLM_SPEC_METRICS = ContactPoint(
     "the engine's own draft acceptance (counters vllm:spec_decode_num_draft_tokens and "
     "vllm:spec_decode_num_accepted_tokens, kept only with disable_log_stats=False) for rollout/spec_accept_rate",
 )
+VLLM_GREEDY_EPS = ContactPoint(
+    "vllm", VLLM, "vllm.sampling_params:_SAMPLING_EPS", "calls", "engines.vllm_engine._GREEDY_BELOW",
+    "below this temperature vLLM samples greedily and refuses n > 1: the engines ask for one answer and copy it "
+    "(the value is copied, and tests/test_compat.py checks it is still vLLM's)",
+)
 VLLM_DEV_MODE = ContactPoint(
     "vllm", VLLM, "env:VLLM_SERVER_DEV_MODE", "env", "engines.compat.enable_vllm_dev_endpoints",
     "TRL's client needs the server's weight-update and prefix-cache endpoints, which vLLM serves in dev mode",
@@ -197,12 +202,25 @@ TRL_VLLM_CLIENT = ContactPoint(
     "GRPO's server mode: generation over HTTP, weights over NCCL in one update per sync",
 )
 
+TRL_VLLM_CLIENT_KWARGS = ContactPoint(
+    "trl", TRL, "trl.generation.vllm_client:VLLMClient.generate", "calls", "engines.vllm_engine.VLLMServerEngine.generate",
+    "seed, stop_token_ids and ignore_eos travel in generation_kwargs, merged as they are into the server's "
+    "/v1/completions request (the client returns no finish reasons: the engine derives them)",
+    param="generation_kwargs",
+)
+
 # -- transformers ------------------------------------------------------------------------------------
 HF_LOAD_FROM_CHECKPOINT = ContactPoint(
     "transformers", TRANSFORMERS, "transformers.trainer:Trainer._load_from_checkpoint", "override",
     "posttrain.checkpoints.DeepSeekLayoutCheckpoints, posttrain.sft.trainer.V3SFTTrainer",
     "Trainer reloads with load_state_dict(strict=False), which silently skips the per-expert tensors of a "
     "DeepSeek-layout checkpoint",
+)
+HF_GENERATION_CONFIG_FILL = ContactPoint(
+    "transformers", TRANSFORMERS, "transformers.generation.utils:GenerationMixin._prepare_generation_config", "calls",
+    "engines.hf._only_this_generation_config",
+    "it fills every setting a passed GenerationConfig leaves unset from the model's own generation_config (a "
+    "checkpoint's repetition_penalty, suppress_tokens ...): the engine swaps in its own while generating",
 )
 HF_SAVE_CHECKPOINT = ContactPoint(
     "transformers", TRANSFORMERS, "transformers.trainer:Trainer._save_checkpoint", "override",
@@ -326,10 +344,11 @@ CONTACT_POINTS: list[ContactPoint] = [
     VLLM_CPU_ROPE, VLLM_CPU_LINEAR, VLLM_POST_LOAD, VLLM_EXPERT_PREPACK, VLLM_RELOAD_WEIGHTS, VLLM_CPU_MLA,
     VLLM_SPEC_DRAFT_ATTENTION, VLLM_LOADER_REGISTRY, VLLM_LOADER_WEIGHTS, VLLM_FP8_KERNEL_LIST, VLLM_WORKER_CLS, VLLM_IN_PROCESS,
     VLLM_API_SERVER, VLLM_SERVE_ARGS, VLLM_DEV_MODE, VLLM_CPU_SPEC_EXPAND, VLLM_KERNEL_OVERRIDES, VLLM_SPEC_DRAFTER,
-    VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS,
+    VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS, VLLM_GREEDY_EPS,
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
-    TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT,
-    HF_LOAD_FROM_CHECKPOINT, HF_SAVE_CHECKPOINT, HF_OUTPUT_DIR, HF_HUB_KERNEL_NAME, HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
+    TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT, TRL_VLLM_CLIENT_KWARGS,
+    HF_LOAD_FROM_CHECKPOINT, HF_SAVE_CHECKPOINT, HF_GENERATION_CONFIG_FILL, HF_OUTPUT_DIR, HF_HUB_KERNEL_NAME,
+    HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
     HF_RMS_NORM, HF_GROUPED_MM_EXPERTS, HF_DEFAULT_APPLY_GATE, HF_MLA_ATTENTION,
     PEFT_CONFIG_CONVERTER, PEFT_STATE_CONVERTER,
     ACCELERATE_FSDP2_LOAD, ACCELERATE_REGIONAL_COMPILATION,

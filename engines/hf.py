@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -21,11 +22,54 @@ def _ranks_step_together(model: nn.Module) -> bool:
         any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def _generation_config(model: nn.Module, sampling: SamplingSettings, stop: list[int], pad_token_id: int):
+    """A GenerationConfig of `sampling` alone (plus the token ids generate needs), with every other setting at
+    transformers' neutral default: a checkpoint's generation_config.json (repetition_penalty,
+    no_repeat_ngram_size, suppress_tokens, its own temperature/top_k, ...) changes nothing, as it changes
+    nothing in vLLM, which gets explicit SamplingParams."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    sample = sampling.temperature > 0
+    return GenerationConfig(
+        do_sample=sample,
+        # greedy: unset (transformers warns about sampling flags without do_sample), its defaults apply to nothing
+        temperature=sampling.temperature if sample else None,
+        top_p=sampling.top_p if sample else None,
+        top_k=sampling.top_k if sample else None,  # 0: no truncation (transformers' default when unset is 50)
+        max_new_tokens=sampling.max_tokens,
+        min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
+        eos_token_id=stop or None,
+        pad_token_id=pad_token_id,
+        bos_token_id=getattr(own, "bos_token_id", None),
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+
+
+@contextlib.contextmanager
+def _only_this_generation_config(model: nn.Module, config) -> Iterator[None]:
+    """transformers fills every setting a passed GenerationConfig leaves unset (None) from the model's own
+    `generation_config` (`_prepare_generation_config`), and None is the neutral value of several (suppress_tokens,
+    bad_words_ids, forced_eos_token_id, ...): while generating, the model's own is `config` itself."""
+    if not hasattr(model, "generation_config"):
+        yield
+        return
+    own = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 class HFGenerateEngine:
     """transformers `generate` on a model in this process (for GRPO, the trainer's own model: it needs no
     weight sync). Prompts are left-padded into batches of `batch_size` rows; the sampled tokens'
     log-probabilities are after temperature, like vLLM's `processed_logprobs`. With a seed, each prompt's
-    `n` samples are one call seeded by `prompt_seed`: reproducible across batchings and ranks."""
+    `n` samples are one call seeded by `prompt_seed`: reproducible across batchings and ranks. Only the
+    SamplingSettings decide the sampling: the checkpoint's generation_config.json is not applied, as vLLM
+    does not apply it to explicit SamplingParams (`_generation_config`)."""
 
     name = "hf"
     fp8_block: tuple[int, int] | None = None
@@ -52,10 +96,13 @@ class HFGenerateEngine:
             seeds = [prompt_seed(sampling.seed, p) for p in prompt_ids]
         synced = _ranks_step_together(model)
         stop = [] if sampling.ignore_eos else self.eos_token_ids + list(sampling.stop_token_ids)
+        config = _generation_config(model, sampling, stop, self.pad_token_id)
         completions: list[Completion] = []
         # seeded sampling reseeds torch's generators (CPU and CUDA): the caller's own random streams,
         # the GPU's included, are restored afterwards
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sampling.seed is not None):
+        rng_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices, enabled=sampling.seed is not None), \
+                _only_this_generation_config(model, config):
             try:
                 for chunk, seed in zip(chunks, seeds):
                     if seed is not None:
@@ -69,16 +116,7 @@ class HFGenerateEngine:
                     out = model.generate(
                         input_ids=ids.to(device),
                         attention_mask=mask.to(device),
-                        do_sample=sampling.temperature > 0,
-                        temperature=sampling.temperature if sampling.temperature > 0 else None,
-                        top_p=sampling.top_p,
-                        top_k=sampling.top_k or None,
-                        max_new_tokens=sampling.max_tokens,
-                        min_new_tokens=sampling.max_tokens if sampling.ignore_eos else None,
-                        eos_token_id=stop or None,
-                        pad_token_id=self.pad_token_id,
-                        output_scores=True,
-                        return_dict_in_generate=True,
+                        generation_config=config,
                         synced_gpus=synced,
                     )
                     new = out.sequences[:, width:].cpu()

@@ -289,16 +289,43 @@ def _dequantized_fp8_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- chat prompts: the teachers and the generative judge ---------------------------------------------
+# vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS) and then refuses n > 1
+# ("n must be 1 when using greedy sampling"): the engines ask for one completion and hand back n copies of
+# it, as HF's generate gives n identical greedy rows
+_GREEDY_BELOW = 1e-5
+
+
+def _is_greedy(sampling: SamplingSettings) -> bool:
+    return sampling.temperature < _GREEDY_BELOW
+
+
+def _samples_to_request(n: int, sampling: SamplingSettings) -> int:
+    """How many completions per prompt to ask vLLM for: `n`, or 1 when greedy (copied by `_fill_group`)."""
+    return 1 if _is_greedy(sampling) else n
+
+
+def _fill_group(group: list[Completion], n: int) -> list[Completion]:
+    """`n` completions from the one greedy completion vLLM gave (independent copies), else `group` as is."""
+    if len(group) == n:
+        return group
+    (only,) = group
+    return [only] + [dataclasses.replace(only, token_ids=list(only.token_ids),
+                                         logprobs=None if only.logprobs is None else list(only.logprobs))
+                     for _ in range(n - 1)]
+
+
 def chat_completions(llm: Any, chats: Sequence[Messages], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
     """`n` completions for each chat (rendered by the model's chat template), in order. With a seed,
     each chat is seeded by `prompt_seed`: its samples do not depend on the batch (resumed runs
-    reproduce), and `n` > 1 shares the chat's prefill."""
+    reproduce), and `n` > 1 shares the chat's prefill. Greedy (temperature 0) gives `n` copies of the one
+    greedy completion, which vLLM would refuse to sample `n` times."""
     if not chats:
         return []
     from vllm import SamplingParams
 
     params = [SamplingParams(
-        n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else -1,
+        n=_samples_to_request(n, sampling), temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k > 0 else -1,
         max_tokens=sampling.max_tokens, seed=None if sampling.seed is None else prompt_seed(sampling.seed, chat),
         stop_token_ids=list(sampling.stop_token_ids) or None, ignore_eos=sampling.ignore_eos,
     ) for chat in chats]
@@ -306,9 +333,9 @@ def chat_completions(llm: Any, chats: Sequence[Messages], n: int, sampling: Samp
     results = []
     for out in outs:
         prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
-        results.append([Completion(token_ids=list(o.token_ids), finish_reason=o.finish_reason, text=o.text,
-                                   completion_tokens=len(o.token_ids), prompt_tokens=prompt_tokens)
-                        for o in sorted(out.outputs, key=lambda o: o.index)])
+        results.append(_fill_group([Completion(token_ids=list(o.token_ids), finish_reason=o.finish_reason, text=o.text,
+                                               completion_tokens=len(o.token_ids), prompt_tokens=prompt_tokens)
+                                    for o in sorted(out.outputs, key=lambda o: o.index)], n))
     return results
 
 
@@ -461,8 +488,13 @@ class VLLMColocateEngine:
         )
         self.serves_fp8 = self.fp8_block is not None
         self.max_model_len = max_model_len
+        self._warned_length_cap = False
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
+        """`n` completions for each prompt, in prompt order. Greedy (temperature 0) gives `n` copies of the one
+        greedy completion. A prompt whose length plus `max_tokens` passes `max_model_len` gets completions cut
+        at `max_model_len` tokens in all (finish_reason "length"), where HF would generate `max_tokens`: warned
+        once per engine (GRPO's rollouts and evaluation run on that cap rather than fail)."""
         from vllm import SamplingParams, TokensPrompt
 
         too_long = [i for i, p in enumerate(prompt_ids) if len(p) >= self.max_model_len]
@@ -472,10 +504,11 @@ class VLLMColocateEngine:
                 f"prompt {i} has {len(prompt_ids[i])} tokens, not less than the engine's max_model_len "
                 f"({self.max_model_len}); raise vllm_max_model_length or shorten the prompts"
             )
+        self._warn_length_cap(prompt_ids, sampling.max_tokens)
 
         def params(ids: Sequence[int]) -> SamplingParams:
             return SamplingParams(
-                n=n,
+                n=_samples_to_request(n, sampling),
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 top_k=sampling.top_k if sampling.top_k > 0 else -1,
@@ -497,8 +530,26 @@ class VLLMColocateEngine:
                 if c.logprobs is not None:
                     lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, c.token_ids)]
                 group.append(Completion(list(c.token_ids), lps, c.finish_reason))
-            result.append(group)
+            result.append(_fill_group(group, n))
         return result
+
+    def _warn_length_cap(self, prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> None:
+        """vLLM stops a completion at `max_model_len` tokens in all, silently: says so once per engine."""
+        if self._warned_length_cap:
+            return
+        capped = [i for i, p in enumerate(prompt_ids) if len(p) + max_tokens > self.max_model_len]
+        if not capped:
+            return
+        i = max(capped, key=lambda i: len(prompt_ids[i]))
+        log.warning(
+            "prompt %d has %d tokens: with max_tokens=%d that passes the engine's max_model_len (%d), so vLLM stops "
+            "its completions after %d tokens (finish_reason 'length'; HF would generate %d); %d of %d prompts in "
+            "this call can be cut short like this. Raise vllm_max_model_length (max_model_len) or lower max_tokens. "
+            "Warned once per engine.",
+            i, len(prompt_ids[i]), max_tokens, self.max_model_len, self.max_model_len - len(prompt_ids[i]), max_tokens,
+            len(capped), len(prompt_ids),
+        )
+        self._warned_length_cap = True
 
     def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         """Log-probabilities (temperature 1) the engine assigns to a fixed completion: for checking
@@ -545,42 +596,93 @@ class VLLMColocateEngine:
         gc.collect()
 
 
+_SERVER_CONCURRENCY = 64  # requests in flight at once (TRL's client sends as many)
+
+
+def _finish_reason(token_ids: Sequence[int], sampling: SamplingSettings,
+                   eos_token_ids: Iterable[int] = ()) -> str | None:
+    """Why the server stopped a completion, as vLLM reports it, from its tokens: "stop" when it ends in one of
+    `sampling.stop_token_ids` or `eos_token_ids` (vLLM keeps the stop token in `token_ids`), "length" when it
+    has `max_tokens` tokens or runs with `ignore_eos`; None for a shorter one that ends in another token (an
+    EOS of the server's that is in neither list, or the server's max_model_len: it cannot tell which)."""
+    if token_ids and not sampling.ignore_eos and (token_ids[-1] in sampling.stop_token_ids or
+                                                  token_ids[-1] in eos_token_ids):
+        return "stop"
+    if len(token_ids) >= sampling.max_tokens or sampling.ignore_eos:
+        return "length"
+    return None
+
+
 class VLLMServerEngine:
     """A separate vLLM server for multi-GPU and multi-node runs: `dsv3-posttrain serve MODEL --trl` or
     `trl vllm-serve` (both are vLLM's own server with TRL's weight-transfer options). Generation goes over
     HTTP; weights are pushed after each update through TRL's `VLLMClient` over NCCL (CUDA only), under
     the DeepSeek-layout names, in one update per sync. The server cannot take FP8 weights one tensor at
-    a time: a policy from an FP8 checkpoint trains with `vllm_mode: colocate`."""
+    a time: a policy from an FP8 checkpoint trains with `vllm_mode: colocate`.
+
+    `eos_token_ids`: the served model's EOS, which vLLM stops on (finish "stop") unless `ignore_eos`; TRL's
+    client does not return finish reasons, so the engine tells a completion that ends in EOS from one that ran
+    to `max_tokens` by these and the sampling's `stop_token_ids` (`_finish_reason`)."""
 
     name = "vllm_server"
     fp8_block: tuple[int, int] | None = None  # synced with high-precision weights
     fp8_scale_fmt: str | None = None
 
-    def __init__(self, base_url: str, *, connection_timeout: float = 240.0, group_port: int = 51216):
+    def __init__(self, base_url: str, *, connection_timeout: float = 240.0, group_port: int = 51216,
+                 eos_token_ids: Iterable[int] = ()):
         from trl.generation.vllm_client import VLLMClient
+
+        self.eos_token_ids = [int(t) for t in eos_token_ids if t is not None]
 
         self.client = VLLMClient(base_url=base_url, group_port=group_port, connection_timeout=connection_timeout)
         self._communicator_ready = False
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
-        out = self.client.generate(
-            prompts=[list(p) for p in prompt_ids],
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens,
-            logprobs=0,
-        )
-        ids, lps = out["completion_ids"], out.get("logprobs")
+        """`n` completions for each prompt, in prompt order, sampled as the colocated engine samples them: the
+        same seeds (`prompt_seed` per prompt, so a seeded call sends one request per prompt, concurrently), stop
+        tokens and `ignore_eos`, and `n` copies of the one greedy completion at temperature 0. TRL's client
+        does not return the server's finish reasons: `_finish_reason` derives them from the tokens."""
+        if not prompt_ids:
+            return []
+        per_prompt = _samples_to_request(n, sampling)
+        extra: dict[str, Any] = {
+            "stop_token_ids": [] if sampling.ignore_eos else list(sampling.stop_token_ids),
+            "ignore_eos": sampling.ignore_eos,
+        }
+
+        def request(prompts: list[list[int]], seed: int | None) -> dict[str, Any]:
+            # TRL's `generation_kwargs` go as they are into the request body of vLLM's /v1/completions
+            return self.client.generate(
+                prompts=prompts,
+                n=per_prompt,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_tokens,
+                logprobs=0,
+                generation_kwargs=extra if seed is None else {**extra, "seed": seed},
+            )
+
+        prompts = [list(p) for p in prompt_ids]
+        if sampling.seed is None or _is_greedy(sampling):
+            outs = [request(prompts, None)]
+        else:  # one seed per prompt, as the colocated engine seeds them: one request each
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(_SERVER_CONCURRENCY, len(prompts))) as pool:
+                outs = list(pool.map(lambda p: request([p], prompt_seed(sampling.seed, p)), prompts))
+        ids = [c for out in outs for c in out["completion_ids"]]
+        has_lps = all(out.get("logprobs") is not None for out in outs)
+        lps = [c for out in outs for c in out["logprobs"]] if has_lps else None
         result = []
         for i in range(len(prompt_ids)):
             group = []
-            for j in range(n):
-                k = i * n + j
+            for j in range(per_prompt):
+                k = i * per_prompt + j
                 seq_lps = [step[0] for step in lps[k]] if lps is not None else None
-                group.append(Completion(list(ids[k]), seq_lps))
-            result.append(group)
+                finish = _finish_reason(ids[k], sampling, self.eos_token_ids)
+                group.append(Completion(list(ids[k]), seq_lps, finish))
+            result.append(_fill_group(group, n))
         return result
 
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:

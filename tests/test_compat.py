@@ -115,6 +115,16 @@ def test_fsdp2_loading_patch_replaces_accelerates_loader_and_restores():
 
 
 @pytest.mark.vllm
+def test_the_greedy_threshold_the_engines_copy_is_still_vllms():
+    pytest.importorskip("vllm")
+    from vllm.sampling_params import _SAMPLING_EPS
+
+    from engines.vllm_engine import _GREEDY_BELOW
+
+    assert _GREEDY_BELOW == _SAMPLING_EPS
+
+
+@pytest.mark.vllm
 def test_vllm_cpu_patches_apply_and_restore():
     pytest.importorskip("vllm")
     import vllm.model_executor.layers.utils as vllm_layer_utils

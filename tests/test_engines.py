@@ -181,3 +181,188 @@ def test_grpo_server_mode_limits_are_one_line_errors_before_loading(tmp_path):
             check_server_mode(cfg)
     cfg.vllm_mode = "colocate"
     check_server_mode(cfg)
+
+
+def test_hf_engine_samples_by_the_settings_not_the_checkpoint_generation_config(tiny_model_dir, tmp_path):
+    """vLLM gets explicit SamplingParams, so a checkpoint's generation_config.json changes nothing there; it
+    must change nothing in the HF engine either: the same tokens and log-probs (those of the model's own
+    softmax at temperature 1) with a repetition penalty, suppressed tokens, ... in the checkpoint as without."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from engines import SamplingSettings
+    from engines.hf import HFGenerateEngine
+    from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tok("Mia has 3 apples. She buys 4 more.", add_special_tokens=False)["input_ids"]
+    runs = [SamplingSettings(temperature=1.0, max_tokens=6, seed=1), SamplingSettings(temperature=0.0, max_tokens=6)]
+
+    def generate(model_dir):
+        model = DeepseekV3ForCausalLMWithMTP.from_pretrained(model_dir, dtype=torch.float32)
+        own = model.generation_config
+        engine = HFGenerateEngine(model, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                                  [tok.eos_token_id])
+        out = [engine.generate([prompt], 1, s)[0][0] for s in runs]
+        assert model.generation_config is own  # the checkpoint's is the model's again afterwards
+        return model, out
+
+    model, plain = generate(tiny_model_dir)
+    for c in plain:  # at temperature 1 (and greedy) the processed log-probs are the model's own
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+        ref = logits.float().log_softmax(-1)[torch.arange(len(c.token_ids)), torch.tensor(c.token_ids)]
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+
+    shaped = tmp_path / "shaped"
+    shutil.copytree(tiny_model_dir, shaped)
+    cfg = json.loads((shaped / "generation_config.json").read_text())
+    cfg.update(repetition_penalty=1.3, no_repeat_ngram_size=2, suppress_tokens=[plain[1].token_ids[0]],
+               do_sample=True, temperature=0.6, top_k=5, top_p=0.9)
+    (shaped / "generation_config.json").write_text(json.dumps(cfg))
+    _, out = generate(shaped)
+    for a, b in zip(out, plain):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+class _StubVLLMClient:
+    """TRL's VLLMClient without a server: records each `generate` call's arguments and answers, for each
+    prompt, `n` completions of the tokens that `answers(prompt, n, kwargs)` gives."""
+
+    def __init__(self, answers):
+        self.calls: list[dict] = []
+        self.answers = answers
+
+    def generate(self, **kw):
+        self.calls.append(kw)
+        ids = [c for p in kw["prompts"] for c in self.answers(p, kw["n"], kw)]
+        return {"prompt_ids": kw["prompts"], "completion_ids": ids,
+                "logprobs": [[[-0.1 * (t + 1)] for t in range(len(c))] for c in ids], "logprob_token_ids": None}
+
+
+def _server_engine(monkeypatch, answers, **kwargs):
+    import trl.generation.vllm_client as vllm_client
+
+    from engines.vllm_engine import VLLMServerEngine
+
+    stub = _StubVLLMClient(answers)
+    monkeypatch.setattr(vllm_client, "VLLMClient", lambda **kw: stub)
+    return VLLMServerEngine("http://stub:8000", **kwargs), stub
+
+
+def test_vllm_server_engine_sends_seed_stops_and_ignore_eos_and_reports_finish_reasons(monkeypatch):
+    """The server engine samples as the colocated one does: each prompt seeded by `prompt_seed` (so one request
+    per prompt), the stop tokens and `ignore_eos` sent, and finish reasons as vLLM gives them (derived from the
+    tokens: TRL's client drops the server's)."""
+    from engines import SamplingSettings, prompt_seed
+
+    def answers(prompt, n, kw):  # completions that stop (a stop token, EOS), run to max_tokens, are cut short
+        return [[5, 99], [5, 2], [5, 6, 7, 8], [5, 6]][:n]
+
+    engine, stub = _server_engine(monkeypatch, answers, eos_token_ids=[2])
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    sampling = SamplingSettings(temperature=0.7, top_p=0.9, top_k=4, max_tokens=4, seed=123, stop_token_ids=[99])
+    out = engine.generate(prompts, 4, sampling)
+    assert len(stub.calls) == 3  # one request per prompt, each with its own seed
+    by_prompt = {tuple(c["prompts"][0]): c for c in stub.calls}
+    for p in prompts:
+        call = by_prompt[tuple(p)]
+        assert call["prompts"] == [p] and call["n"] == 4
+        assert (call["temperature"], call["top_p"], call["top_k"], call["max_tokens"]) == (0.7, 0.9, 4, 4)
+        assert call["generation_kwargs"] == {"seed": prompt_seed(123, p), "stop_token_ids": [99], "ignore_eos": False}
+    assert len(out) == 3
+    for group in out:
+        assert [c.token_ids for c in group] == [[5, 99], [5, 2], [5, 6, 7, 8], [5, 6]]
+        # None: an EOS the engine was not told of, or the server's max_model_len
+        assert [c.finish_reason for c in group] == ["stop", "stop", "length", None]
+        assert group[2].logprobs == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+
+    stub.calls.clear()  # unseeded: one request for all prompts; ignore_eos sends no stop tokens
+    out = engine.generate(prompts, 2, SamplingSettings(temperature=1.0, max_tokens=4, stop_token_ids=[99],
+                                                       ignore_eos=True))
+    assert len(stub.calls) == 1 and stub.calls[0]["prompts"] == prompts
+    assert stub.calls[0]["generation_kwargs"] == {"stop_token_ids": [], "ignore_eos": True}
+    assert [[c.finish_reason for c in g] for g in out] == [["length", "length"]] * 3
+
+
+def test_vllm_server_engine_greedy_n_gives_n_copies_of_one_greedy_answer(monkeypatch):
+    """vLLM refuses n > 1 at temperature 0 ("n must be 1 when using greedy sampling"); HF gives n identical
+    greedy answers: the server engine asks for one and copies it."""
+    from engines import SamplingSettings
+
+    def answers(prompt, n, kw):
+        if kw["temperature"] < 1e-5 and n > 1:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {n}")
+        return [[prompt[0], 99]] * n
+
+    engine, stub = _server_engine(monkeypatch, answers)
+    greedy = SamplingSettings(temperature=0.0, max_tokens=8, seed=7, stop_token_ids=[99])
+    out = engine.generate([[1, 2], [3]], 4, greedy)
+    assert len(stub.calls) == 1 and stub.calls[0]["n"] == 1
+    assert [[c.token_ids for c in g] for g in out] == [[[1, 99]] * 4, [[3, 99]] * 4]
+    assert all(c.finish_reason == "stop" for g in out for c in g)
+    out[0][0].token_ids.append(5)  # copies, not one list four times
+    assert out[0][1].token_ids == [1, 99]
+
+
+class _StubLLM:
+    """`vllm.LLM.generate` without a model: each prompt's `n` outputs are the prompt's first token repeated."""
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        outs = []
+        for prompt, p in zip(prompts, params):
+            ids = [prompt["prompt_token_ids"][0]] * min(p.max_tokens, 3)
+            outs.append(SimpleNamespace(outputs=[
+                SimpleNamespace(index=i, token_ids=ids, logprobs=[{t: SimpleNamespace(logprob=-0.5)} for t in ids],
+                                finish_reason="length") for i in range(p.n)]))
+        return outs
+
+
+def _colocate_engine_on_a_stub(max_model_len: int):
+    from engines.vllm_engine import VLLMColocateEngine
+
+    engine = VLLMColocateEngine.__new__(VLLMColocateEngine)  # no model: the request side only
+    engine.llm, engine.max_model_len, engine._warned_length_cap = _StubLLM(), max_model_len, False
+    return engine
+
+
+def test_vllm_colocate_engine_greedy_n_gives_n_copies_of_one_greedy_answer():
+    """`SamplingParams(n=4, temperature=0)` raises in vLLM; the engine asks for one greedy completion per prompt
+    and returns n independent copies, as HF's generate gives n identical greedy rows."""
+    pytest.importorskip("vllm")
+    from engines import SamplingSettings
+
+    engine = _colocate_engine_on_a_stub(64)
+    out = engine.generate([[5, 6], [7]], 4, SamplingSettings(temperature=0.0, max_tokens=3))
+    assert [[c.token_ids for c in g] for g in out] == [[[5, 5, 5]] * 4, [[7, 7, 7]] * 4]
+    assert all(c.logprobs == [-0.5] * 3 and c.finish_reason == "length" for g in out for c in g)
+    out[0][0].logprobs.append(0.0)
+    assert out[0][1].logprobs == [-0.5] * 3
+    sampled = engine.generate([[5, 6]], 4, SamplingSettings(temperature=1.0, max_tokens=3, seed=1))
+    assert len(sampled[0]) == 4
+
+
+def test_vllm_colocate_engine_warns_once_when_max_model_len_caps_the_completions(caplog):
+    """vLLM stops a completion at max_model_len tokens in all, silently (a 60-token prompt with max_model_len 64
+    and max_tokens 20 gets 4 tokens); HF would generate 20. GRPO and evaluation run on that cap, so the engine
+    warns, once, with the numbers."""
+    pytest.importorskip("vllm")
+    import logging
+
+    from engines import SamplingSettings
+
+    engine = _colocate_engine_on_a_stub(64)
+    with caplog.at_level(logging.WARNING, logger="engines.vllm_engine"):
+        engine.generate([list(range(1, 41))], 1, SamplingSettings(max_tokens=20))  # 40 + 20 <= 64: no warning
+        assert not caplog.records
+        engine.generate([list(range(1, 41)), list(range(1, 61))], 1, SamplingSettings(max_tokens=20))
+        engine.generate([list(range(1, 61))], 1, SamplingSettings(max_tokens=20))
+    (record,) = caplog.records
+    message = record.getMessage()
+    for part in ("prompt 1 has 60 tokens", "max_tokens=20", "max_model_len (64)", "after 4 tokens", "1 of 2 prompts"):
+        assert part in message, message

@@ -46,3 +46,51 @@ def test_bf16_engine_after_a_sync_equals_a_fresh_engine_on_the_same_weights(tmp_
         engine.close()
     assert max(abs(a - b) for a, b in zip(before, fresh)) > 0.01  # the sync had something to change
     assert max(abs(a - b) for a, b in zip(synced, fresh)) <= 1e-6
+
+
+def test_greedy_n_copies_the_length_cap_warning_and_finish_reasons_on_a_real_engine(tiny_model_dir, caplog):
+    """On vLLM itself: greedy with n > 1 (which vLLM refuses) gives n copies of the n = 1 greedy answer, for
+    token prompts and chat prompts; a prompt whose length plus max_tokens passes max_model_len is cut at
+    max_model_len (finish "length") with one warning; and the finish reasons the server engine derives from
+    the tokens (`_finish_reason`) are the ones vLLM reports."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from engines import SamplingSettings
+    from engines.vllm_engine import VLLMColocateEngine, chat_completions
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tok("Mia has 12 apples. She buys 7 more.", add_special_tokens=False)["input_ids"]
+    engine = VLLMColocateEngine(str(tiny_model_dir), max_model_len=64)
+    try:
+        greedy = SamplingSettings(temperature=0.0, max_tokens=6, seed=3)
+        (one,) = engine.generate([prompt], 1, greedy)[0]
+        group = engine.generate([prompt], 4, greedy)[0]
+        assert [(c.token_ids, c.logprobs, c.finish_reason) for c in group] == [(one.token_ids, one.logprobs,
+                                                                                 one.finish_reason)] * 4
+        chats = [[{"role": "user", "content": "2+2?"}]]
+        (chat_one,) = chat_completions(engine.llm, chats, 1, greedy)[0]
+        chat_group = chat_completions(engine.llm, chats, 3, greedy)[0]
+        assert [(c.token_ids, c.text) for c in chat_group] == [(chat_one.token_ids, chat_one.text)] * 3
+
+        with caplog.at_level(logging.WARNING, logger="engines.vllm_engine"):
+            long = (prompt * 10)[:60]
+            (capped,) = engine.generate([long], 1, SamplingSettings(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
+            engine.generate([long], 1, SamplingSettings(temperature=0.0, max_tokens=20, ignore_eos=True))
+        assert len(capped.token_ids) == 4 and capped.finish_reason == "length"
+        warned = [r.getMessage() for r in caplog.records if "max_model_len (64)" in r.getMessage()]
+        assert len(warned) == 1 and "60 tokens" in warned[0] and "max_tokens=20" in warned[0], warned
+
+        sampled = SamplingSettings(temperature=1.0, max_tokens=8, seed=5)
+        firsts = engine.generate([prompt], 8, sampled)[0]
+        stops = sorted({c.token_ids[2] for c in firsts})[:3]  # tokens the samples draw: some completions stop on them
+        with_stops = SamplingSettings(temperature=1.0, max_tokens=8, seed=5, stop_token_ids=stops)
+        outs = engine.generate([prompt, prompt[:5]], 8, with_stops)
+        reasons = [c.finish_reason for g in outs for c in g]
+        assert "stop" in reasons and "length" in reasons
+        from engines.vllm_engine import _finish_reason
+
+        assert [_finish_reason(c.token_ids, with_stops, [tok.eos_token_id]) for g in outs for c in g] == reasons
+    finally:
+        engine.close()
