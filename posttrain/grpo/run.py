@@ -101,7 +101,8 @@ def build_engine(cfg: GRPORecipeConfig, model, tokenizer) -> RolloutEngine:
     if cfg.vllm_mode == "server":
         check_server_mode(cfg)
         base = cfg.vllm_server_base_url or f"http://{cfg.vllm_server_host}:{cfg.vllm_server_port}"
-        return VLLMServerEngine(base, connection_timeout=cfg.vllm_server_timeout, group_port=cfg.vllm_group_port)
+        return VLLMServerEngine(base, connection_timeout=cfg.vllm_server_timeout, group_port=cfg.vllm_group_port,
+                                eos_token_ids=[tokenizer.eos_token_id])  # finish reasons: the server returns none
     max_len = cfg.vllm_max_model_length or min(model.config.max_position_embeddings, 4096)
     try:
         return VLLMColocateEngine(
