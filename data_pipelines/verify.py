@@ -10,11 +10,13 @@ CORRECT = "correct"
 
 def verify_math_answers(responses: Sequence[str], golds: Sequence[Any], timeout_s: float) -> list[str]:
     """Per response: ``correct``, ``no_answer`` (no boxed final answer after ``</think>``),
-    ``wrong_answer``, or ``unverifiable`` (verifier timed out or the gold does not parse)."""
+    ``wrong_answer``, or ``unverifiable`` (verifier timed out, or the gold is missing (None) or
+    does not parse)."""
     from rewards import extract_final_answer, verify_math_batch
 
     preds = [extract_final_answer(r) for r in responses]
-    results = verify_math_batch(preds, [str(g) for g in golds], timeout_s=timeout_s)
+    # A missing gold stays None (unverifiable): str(None) would be the answer "None".
+    results = verify_math_batch(preds, [None if g is None else str(g) for g in golds], timeout_s=timeout_s)
     out = []
     for pred, ok in zip(preds, results):
         if pred is None:
@@ -28,8 +30,10 @@ def verify_math_answers(responses: Sequence[str], golds: Sequence[Any], timeout_
 
 def verify_code_tests(responses: Sequence[str], tests: Sequence[Any], timeout_s: float) -> list[str]:
     """Per response: ``correct`` (its last ```python block passes every test case in the
-    sandbox), ``no_code``, ``tests_failed`` or ``unverifiable`` (no test cases)."""
+    sandbox), ``no_code``, ``tests_failed`` or ``unverifiable`` (no test cases: ``[]``, None or
+    ``""``). Malformed test cases raise :class:`DataError`."""
     from rewards import extract_code, make_code_tests
+    from rewards.errors import RowFailure
 
     from .errors import DataError
 
@@ -38,6 +42,9 @@ def verify_code_tests(responses: Sequence[str], tests: Sequence[Any], timeout_s:
         scores = reward([None] * len(responses), list(responses), tests=list(tests))
     except (ValueError, TypeError) as e:
         raise DataError(f"tests column: {e}") from None
+    bad = next((s for s in scores if isinstance(s, RowFailure)), None)
+    if bad is not None:
+        raise DataError(f"tests column: {bad.cause}")
     out = []
     for r, s in zip(responses, scores):
         if extract_code(r) is None:

@@ -9,7 +9,7 @@ This package never imports ``posttrain``, ``data_pipelines`` or ``eval_hooks``.
 """
 
 from .code_reward import CodeTests, code_tests, code_tests_all, extract_code, make_code_tests, outputs_match, parse_tests
-from .errors import RewardError
+from .errors import RewardError, RowFailure
 from .format_reward import (
     FormatReward,
     LanguageConsistency,
@@ -33,7 +33,7 @@ from .scoring import GuardedReward, RewardFailure, RewardResult, RewardSuite, sc
 from .text import completion_text, split_think
 
 __all__ = [
-    "RewardError",
+    "RewardError", "RowFailure",
     # API
     "resolve", "resolve_named", "list_rewards", "builtin_names", "RewardInfo", "ENTRY_POINT_GROUP",
     "score_rewards", "RewardSuite", "RewardResult", "RewardFailure", "GuardedReward",

@@ -16,16 +16,45 @@ from math_verify import parse, verify
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
+def _bare(text: str) -> str:
+    """``text`` without math delimiters, surrounding space and a sentence-final period."""
+    text = text.strip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if text.startswith(left) and text.endswith(right) and len(text) >= len(left) + len(right):
+            text = text[len(left) : len(text) - len(right)].strip()
+            break
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_gold(gold: str) -> list:
     """Parse a gold answer. Bare answers are wrapped in ``\\boxed{}`` so LaTeX such as
-    ``2\\pi`` or ``2, 3`` is read whole (a plain parse picks out the first number)."""
-    tries = [gold] if "\\boxed" in gold else ["\\boxed{" + gold + "}", gold]
-    for text in tries:
+    ``2\\pi`` or ``2, 3`` is read whole (a plain parse picks out the first number).
+
+    A sentence-final period is punctuation (``12.``, ``2\\pi.``, ``(1, 2).``): the answer is
+    first read without it, since ``\\boxed{12.}`` parses to the bare string ``'12.'`` and
+    ``\\boxed{(1, 2).}`` to ``2``. A parse that yields only strings (no sympy object) is not
+    trusted while another form is left; last, the text is parsed unwrapped, as math-verify
+    itself would (``parse("$12.$")`` -> ``[12, '12.']``), but only if what it read is the whole
+    answer (``parse("0.\\overline{3}")`` reads just ``0``). If no form gives a sympy object the
+    first non-empty result is used (strings are still compared as strings)."""
+    if "\\boxed" in gold:
+        tries = [(gold, False)]
+    else:
+        stripped = gold.rstrip()
+        tries = []
+        if stripped.endswith(".") and stripped[:-1].strip():
+            tries.append(("\\boxed{" + stripped[:-1].rstrip() + "}", False))
+        tries += [("\\boxed{" + gold + "}", False), (gold, True)]
+    first: list = []
+    for text, must_be_whole in tries:
         parsed = parse(text, parsing_timeout=None)
-        if parsed:
-            return parsed
-    return []
+        if any(not isinstance(p, str) for p in parsed):
+            if not must_be_whole or any(isinstance(p, str) and _bare(p) == _bare(gold) for p in parsed):
+                return parsed
+            continue  # a plain parse that picked a number out of a longer answer
+        first = first or parsed
+    return first
 
 
 def parse_pred(pred: str) -> list:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .errors import RowFailure
 from .procpool import default_workers
 from .sandbox import SandboxLimits, run_python
 from .text import completion_text, split_think
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["extract_code", "parse_tests", "outputs_match", "CodeTests", "make_code_tests", "code_tests",
            "code_tests_all"]
@@ -40,12 +44,28 @@ def parse_tests(tests: Any) -> list[dict[str, str]]:
     """Normalise one row's test cases to ``[{"input": str, "output": str}, ...]``.
 
     Accepts that list, a JSON string of it, or the APPS/TACO form
-    ``{"inputs": [...], "outputs": [...]}`` (also as JSON).
+    ``{"inputs": [...], "outputs": [...]}`` (also as JSON). A missing value (None, an empty or
+    blank string, JSON ``null``) means no test cases: ``[]``. Raises ValueError for a malformed
+    value.
     """
+    if tests is None:
+        return []
     if isinstance(tests, (str, bytes)):
-        tests = json.loads(tests)
+        if not tests.strip():
+            return []
+        try:
+            tests = json.loads(tests)
+        except ValueError as exc:
+            raise ValueError(f"tests are not valid JSON: {exc}") from None
+        if tests is None:
+            return []
     if isinstance(tests, dict) and "inputs" in tests:
-        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"], strict=True)]
+        if "outputs" not in tests:
+            raise ValueError("tests have 'inputs' but no 'outputs'")
+        try:
+            tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"], strict=True)]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tests 'inputs'/'outputs' do not pair up: {exc}") from None
     if not isinstance(tests, (list, tuple)):
         raise ValueError(f"tests must be a list of {{'input','output'}} dicts, got {type(tests).__name__}")
     out = []
@@ -71,7 +91,9 @@ class CodeTests:
 
     ``mode="fraction"``: the fraction of test cases passed; ``mode="all"``: 1.0 only if all
     pass (remaining cases are skipped after the first failure). No code block → 0.0; a row
-    with no test cases → None (nothing to check).
+    with no test cases (``[]``, None, ``""``) → None (nothing to check); a row whose test cases
+    are malformed → :class:`~rewards.errors.RowFailure` (a NaN naming the problem: the scoring
+    policy decides, and the other rows are scored as usual).
     """
 
     def __init__(self, mode: str = "fraction", limits: SandboxLimits | None = None,
@@ -87,11 +109,19 @@ class CodeTests:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         if self.tests_column not in kwargs:
             raise ValueError(f"{self.__name__} needs a {self.tests_column!r} column; got columns {sorted(kwargs)}")
-        tests_col = kwargs[self.tests_column]
+        tests_col = list(kwargs[self.tests_column])
         programs = [extract_code(completion_text(c)) for c in completions]
-        cases = [parse_tests(t) for t in tests_col]
-        if len(cases) != len(programs):
-            raise ValueError(f"{len(programs)} completions but {len(cases)} rows of tests")
+        if len(tests_col) != len(programs):
+            raise ValueError(f"{len(programs)} completions but {len(tests_col)} rows of tests")
+        cases: list[list[dict[str, str]]] = []
+        bad: dict[int, str] = {}  # row -> why its tests cannot be used
+        for i, t in enumerate(tests_col):
+            try:
+                cases.append(parse_tests(t))
+            except Exception as exc:  # one malformed row must not fail the others
+                cases.append([])
+                bad[i] = f"malformed {self.tests_column!r} value: {exc}"
+                logger.warning("%s: row %d: %s", self.__name__, i, bad[i])
         passed = [[False] * len(c) for c in cases]
         failed = [False] * len(programs)  # for mode="all": stop after the first failure
         lock = threading.Lock()
@@ -111,8 +141,10 @@ class CodeTests:
             for fut in [pool.submit(run, i, j) for i, j in jobs]:
                 fut.result()
         rewards: list[float | None] = []
-        for prog, row_cases, row_passed in zip(programs, cases, passed):
-            if not row_cases:
+        for i, (prog, row_cases, row_passed) in enumerate(zip(programs, cases, passed)):
+            if i in bad:
+                rewards.append(RowFailure(bad[i]))
+            elif not row_cases:
                 rewards.append(None)
             elif prog is None:
                 rewards.append(0.0)

@@ -33,7 +33,9 @@ _WORKER_TARGET = "rewards._math_worker:verify_pair"
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ANSWER_LINE = re.compile(r"(?im)^.*?\b(?:final answer|answer)\s*(?:is|:)\s*(.+?)\s*$")
+# The rest of the line is taken greedily and stripped in Python: a lazy ``(.+?)\s*$`` retries the
+# trailing whitespace at every character of the line (quadratic in long runs of spaces).
+_ANSWER_LINE = re.compile(r"(?im)^.*?\b(?:final answer|answer)\s*(?:is|:)\s*(.+)$")
 
 
 def _balanced_from(text: str, start: int) -> str | None:

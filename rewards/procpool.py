@@ -119,7 +119,9 @@ class KillablePool:
     """``workers`` processes each running ``target`` (``"module:function"``, taking one item).
 
     Each worker may map ``memory_bytes`` beyond what it holds after start-up (RLIMIT_AS;
-    None for no cap).
+    None for no cap). :meth:`map` gives up (RuntimeError) when for ``startup_timeout_s`` in a
+    row no worker is ready, i.e. all are still starting (counted afresh each time the pool runs
+    out of ready workers, e.g. after a timeout kill), or when workers fail to start 3 times.
 
     :meth:`map` gives every item a hard wall-clock deadline counted from the moment it is
     handed to a worker; a worker past its deadline is killed and replaced. One ``map`` runs at
@@ -176,7 +178,9 @@ class KillablePool:
     def _map(self, items: list[Any], timeout_s: float | None) -> list[Outcome]:
         results: list[Outcome | None] = [None] * len(items)
         pending = deque(range(len(items)))
-        startup_deadline = time.monotonic() + self._startup_timeout_s
+        # How long no worker has been ready (all booting, e.g. after a timeout kill); None while one is.
+        # Counted from the moment the pool ran out of ready workers, not from the start of the map.
+        unready_since: float | None = None
         boot_failures: list[str] = []
         while pending or any(w.task for w in self._workers):
             self._fill()
@@ -190,10 +194,14 @@ class KillablePool:
                         pending.appendleft(idx)
                         continue
                     w.task = (idx, now + timeout_s if timeout_s is not None else float("inf"))
-            if not any(w.ready for w in self._workers):
+            if any(w.ready for w in self._workers):
+                unready_since = None
+            else:
                 if len(boot_failures) >= 3:
                     raise RuntimeError(f"pool workers for {self.target} cannot start: {boot_failures[-1]}")
-                if now > startup_deadline:
+                if unready_since is None:
+                    unready_since = now
+                elif now - unready_since > self._startup_timeout_s:
                     raise RuntimeError(f"no worker for {self.target} became ready in {self._startup_timeout_s:.0f} s")
             deadlines = [w.task[1] for w in self._workers if w.task]
             wait_s = min(1.0, max(0.0, min(deadlines) - now)) if deadlines else 1.0

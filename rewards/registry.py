@@ -102,11 +102,12 @@ def list_rewards() -> list[RewardInfo]:
 
 
 # -- spec parsing ----------------------------------------------------------------------------
-def _split_params(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name(a=1, b='x')"`` -> ``("name", {"a": 1, "b": "x"})``; literal keyword values only."""
+def _split_params(spec: str) -> tuple[str, dict[str, Any] | None]:
+    """``"name(a=1, b='x')"`` -> ``("name", {"a": 1, "b": "x"})``; literal keyword values only.
+    ``"name()"`` gives ``{}`` (call the factory with no arguments), a bare ``"name"`` None."""
     spec = spec.strip()
     if not spec.endswith(")") or "(" not in spec:
-        return spec, {}
+        return spec, None
     head, _, args = spec.partition("(")
     try:
         call = ast.parse(f"f({args}", mode="eval").body
@@ -118,6 +119,16 @@ def _split_params(spec: str) -> tuple[str, dict[str, Any]]:
             f"cannot parse reward spec {spec!r}: arguments must be keyword=literal, e.g. soft_overlong(max_len=1024)"
         ) from None
     return head.strip(), params  # type: ignore[return-value]
+
+
+def _get_attr_path(obj: Any, attr: str, owner: str) -> Any:
+    """``obj.a.b`` for ``attr == "a.b"`` (e.g. ``Class.method``); RewardError naming ``owner``."""
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise RewardError(f"{owner} has no {attr!r}") from None
+    return obj
 
 
 def _load_file(path_str: str, attr: str) -> Any:
@@ -138,10 +149,7 @@ def _load_file(path_str: str, attr: str) -> Any:
         except Exception as exc:
             del sys.modules[mod_name]
             raise RewardError(f"importing reward file {path_str!r} failed: {type(exc).__name__}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise RewardError(f"reward file {path_str!r} has no {attr!r}") from None
+    return _get_attr_path(module, attr, f"reward file {path_str!r}")
 
 
 def _load_module_attr(module_name: str, attr: str) -> Any:
@@ -149,13 +157,7 @@ def _load_module_attr(module_name: str, attr: str) -> Any:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise RewardError(f"cannot import reward module {module_name!r}: {type(exc).__name__}: {exc}") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise RewardError(f"module {module_name!r} has no attribute {attr!r}") from None
-    return obj
+    return _get_attr_path(module, attr, f"module {module_name!r}")
 
 
 def _unknown(name: str) -> RewardError:
@@ -205,7 +207,7 @@ def resolve_named(spec: str) -> tuple[str, RewardFn]:
             raise RewardError(f"reward plugin {target!r} ({eps[0].value}) failed to load: "
                               f"{type(exc).__name__}: {exc}") from exc
         name = target
-    if params:
+    if params is not None:  # "f(...)" calls f, with no arguments too: "f()"
         try:
             obj = obj(**params)
         except Exception as exc:

@@ -6,10 +6,15 @@ logged once (and returned on every :class:`SandboxResult` as ``isolation``):
 - **pids cgroup** (v1 ``/sys/fs/cgroup/pids`` or v2 with the pids controller): caps the
   number of processes of one run (fork bombs) and lists every process of the run, so all of
   them, daemonised or not, are killed at the end.
+- **memory cgroup** (v2: the memory controller in the same cgroup; v1: a group under this
+  process's own ``/sys/fs/cgroup/memory`` group): ``memory_bytes`` caps the memory of the whole
+  run, all its processes together (the kernel's OOM killer kills one of them past it).
 - **namespaces** (needs root): a new PID namespace whose init is the program itself, so its
   death kills everything it started; a new network namespace (no interfaces up: no network);
   a private mount namespace with size-capped tmpfs over ``/tmp`` (the fresh working
-  directory), ``/var/tmp`` and ``/dev/shm``, so the host's temporary files are out of sight.
+  directory) and over every other world-writable directory (``/var/tmp``, ``/dev/shm``,
+  ``/run/lock``, ...), and every other mount read-only, so the host's temporary files are out
+  of sight and nothing the program writes outlives the run or reaches another run.
 - **unprivileged uid** (``nobody`` when running as root): file permissions apply, and
   ``RLIMIT_NPROC`` is enforced (the kernel does not enforce it for root).
 - **rlimits**: CPU seconds, address space, file size, open files, processes; no core files.
@@ -52,6 +57,7 @@ __all__ = ["SandboxLimits", "SandboxResult", "run_python", "isolation_report"]
 
 _INIT = str(Path(__file__).with_name("_sandbox_init.py"))
 _CGROUP_PARENT = "dsv3_sandbox"
+_MEMCG_PREFIX = "dsv3-sbx-"  # cgroup v1 memory groups, made in this process's own group
 _NAMESPACES = "mount,pid,net,ipc,uts"
 
 
@@ -61,7 +67,11 @@ class SandboxLimits:
 
     timeout_s: float = 5.0  # wall clock, enforced by the host
     cpu_s: int | None = None  # RLIMIT_CPU; default: the timeout rounded up, plus 1
-    memory_bytes: int = 1 << 30  # RLIMIT_AS
+    # RLIMIT_AS (address space) of each process and, where a memory cgroup is available
+    # (isolation["memory_cgroup"] is True), the memory of the whole run, all its processes
+    # together (exceeding it gets a process OOM-killed: exit status 137). Without a memory
+    # cgroup it is per process only: a run of N processes may use up to N times this.
+    memory_bytes: int = 1 << 30
     file_size_bytes: int = 16 << 20  # RLIMIT_FSIZE (largest file it may write)
     tmpfs_bytes: int = 64 << 20  # size of the private /tmp working directory
     max_processes: int = 64  # pids.max of the run's cgroup (and RLIMIT_NPROC backstop)
@@ -108,34 +118,78 @@ def _world_executable(path: str) -> bool:
         return False
 
 
-def _cgroup_root() -> str | None:
+def _cgroup_root() -> tuple[str | None, bool]:
+    """The parent of the per-run pids cgroups, and whether (cgroup v2) they have the memory
+    controller too."""
     v1 = "/sys/fs/cgroup/pids"
     if os.path.isfile(os.path.join(v1, "cgroup.procs")):
         root = v1
     elif "pids" in _read("/sys/fs/cgroup/cgroup.subtree_control").split():
         root = "/sys/fs/cgroup"
     else:
-        return None
+        return None, False
     parent = os.path.join(root, _CGROUP_PARENT)
+    memory = False
     try:
         os.makedirs(parent, exist_ok=True)
         if root == "/sys/fs/cgroup":  # v2: children of our group need the controller too
             with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
                 f.write("+pids")
-        probe = os.path.join(parent, "probe-" + uuid.uuid4().hex)
-        os.mkdir(probe)
-        os.rmdir(probe)
+            if "memory" in _read("/sys/fs/cgroup/cgroup.subtree_control").split():
+                try:
+                    with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                        f.write("+memory")
+                    memory = True
+                except OSError:
+                    pass
+        _probe(parent, "probe-")
+    except OSError:
+        return None, False
+    _remove_stale(parent, "")
+    return parent, memory
+
+
+def _memcg_v1_parent() -> str | None:
+    """Where per-run cgroup v1 memory groups go: inside this process's own memory group (so a
+    run stays within any limit set on the host process), not in a shared parent directory."""
+    mount = "/sys/fs/cgroup/memory"
+    if not os.path.isfile(os.path.join(mount, "memory.limit_in_bytes")):
+        return None
+    own = "/"
+    for line in _read("/proc/self/cgroup").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and "memory" in parts[1].split(","):
+            own = parts[2].strip()
+    parent = os.path.join(mount, own.lstrip("/"))
+    if not os.path.isdir(parent):  # the mount shows only our own part of the hierarchy
+        parent = mount
+    try:
+        _probe(parent, _MEMCG_PREFIX + "probe-")
     except OSError:
         return None
+    _remove_stale(parent, _MEMCG_PREFIX)
+    return parent
+
+
+def _probe(parent: str, prefix: str) -> None:
+    probe = os.path.join(parent, prefix + uuid.uuid4().hex)
+    os.mkdir(probe)
+    os.rmdir(probe)
+
+
+def _remove_stale(parent: str, prefix: str) -> None:
     # Groups left by a host that died mid-run: remove the empty ones (rmdir refuses the
     # others); only old ones, since other processes may be setting up runs right now.
-    for entry in os.scandir(parent):
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
         try:
-            if entry.is_dir() and time.time() - entry.stat().st_mtime > 600:
+            if entry.name.startswith(prefix) and entry.is_dir() and time.time() - entry.stat().st_mtime > 600:
                 os.rmdir(entry.path)
         except OSError:
             pass
-    return parent
 
 
 def _read(path: str) -> str:
@@ -151,7 +205,11 @@ def _capabilities() -> dict[str, Any]:
     with _caps_lock:
         if _caps is None:
             root = os.geteuid() == 0
-            caps: dict[str, Any] = {"root": root, "cgroup": _cgroup_root() if root else None}
+            caps: dict[str, Any] = {"root": root, "cgroup": None, "memory_v2": False, "memcg_v1": None}
+            if root:
+                caps["cgroup"], caps["memory_v2"] = _cgroup_root()
+                if not caps["memory_v2"]:
+                    caps["memcg_v1"] = _memcg_v1_parent()
             caps["uid"] = caps["gid"] = -1
             if root:
                 try:
@@ -178,7 +236,8 @@ def _log_isolation_once(iso: dict[str, Any]) -> None:
     if _logged or not iso:
         return
     _logged = True
-    missing = [k for k in ("cgroup", "ns_pid", "ns_net", "ns_mount", "private_tmp") if iso.get(k) is not True]
+    missing = [k for k in ("cgroup", "memory_cgroup", "ns_pid", "ns_net", "ns_mount", "private_tmp", "read_only_fs")
+               if iso.get(k) is not True]
     if iso.get("uid", 0) == 0:
         missing.append("unprivileged uid")
     if missing:
@@ -197,7 +256,10 @@ def run_python(
     """Run ``code`` as a Python script with ``stdin`` as its input, contained (see module doc).
 
     Never raises for anything the program does; the host and its files are unaffected
-    whatever the program does within the isolation that is in effect.
+    whatever the program does within the isolation that is in effect. Text is passed on as
+    UTF-8; lone surrogates (not valid Unicode text) are encoded as such (``surrogatepass``), so
+    such a program fails to compile and such input reads as invalid UTF-8, as they would from
+    any file.
     """
     limits = limits or SandboxLimits()
     caps = _capabilities()
@@ -205,17 +267,18 @@ def run_python(
     if python is None:
         raise RuntimeError("no Python interpreter that the sandbox user may run was found")
     tmp = tempfile.mkdtemp(prefix="dsv3-sbx-")
-    cgroup = None
+    cgroup = memcg = None
+    memory_capped = False
     try:
         os.chmod(tmp, 0o711)  # the unprivileged user may pass through to work/, not list
         prog = os.path.join(tmp, "prog.py")
-        with open(prog, "w", encoding="utf-8") as f:
+        with open(prog, "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(code)
         workdir = os.path.join(tmp, "work")  # used only when no private /tmp can be mounted
         os.mkdir(workdir, 0o700)
         stdin_path = os.path.join(tmp, "stdin")
         with open(stdin_path, "wb") as f:
-            f.write(stdin.encode() if isinstance(stdin, str) else stdin)
+            f.write(stdin.encode("utf-8", "surrogatepass") if isinstance(stdin, str) else stdin)
         if caps["cgroup"]:
             cgroup = os.path.join(caps["cgroup"], uuid.uuid4().hex)
             try:
@@ -226,6 +289,21 @@ def run_python(
                 logger.warning("code sandbox: cannot create cgroup %s: %s", cgroup, exc)
                 _remove_cgroup(cgroup)
                 cgroup = None
+            if cgroup and caps["memory_v2"]:
+                memory_capped = _set_memory_limit(cgroup, limits.memory_bytes, "memory.max", "memory.swap.max")
+        if caps["memcg_v1"]:
+            memcg = os.path.join(caps["memcg_v1"], _MEMCG_PREFIX + uuid.uuid4().hex)
+            try:
+                os.mkdir(memcg)
+            except OSError as exc:
+                logger.warning("code sandbox: cannot create memory cgroup %s: %s", memcg, exc)
+                memcg = None
+            if memcg:
+                memory_capped = _set_memory_limit(memcg, limits.memory_bytes, "memory.limit_in_bytes",
+                                                  "memory.memsw.limit_in_bytes")
+                if not memory_capped:
+                    _remove_cgroup(memcg)
+                    memcg = None
         cpu = limits.cpu_s or math.ceil(limits.timeout_s) + 1
         cfg = {
             "prog": prog,
@@ -243,16 +321,44 @@ def run_python(
             cfg.update(unshare=_NAMESPACES, uid=caps["uid"], gid=caps["gid"])
         if cgroup:
             cfg["cgroup"] = cgroup
-        return _execute(cfg, python, stdin_path, limits, cgroup)
+        if memcg:
+            cfg["memcg"] = memcg
+        res = _execute(cfg, python, stdin_path, limits, [g for g in (cgroup, memcg) if g])
+        iso = res.isolation
+        joined = iso.get("memory_cgroup") if memcg else iso.get("cgroup")
+        iso["memory_cgroup"] = memory_capped and joined is True
+        if memcg:
+            iso["memory_cgroup_path"] = memcg
+        _log_isolation_once(iso)
+        return res
     finally:
-        if cgroup:
-            _kill_cgroup(cgroup)
-            _remove_cgroup(cgroup)
+        for group in (cgroup, memcg):
+            if group:
+                _kill_cgroup(group)
+                _remove_cgroup(group)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _set_memory_limit(group: str, limit: int, limit_file: str, swap_file: str) -> bool:
+    """Cap the group's memory at ``limit`` bytes; and its swap (v2: none, v1: memory + swap at the
+    same limit) where the kernel accounts for swap. False if the memory limit could not be set."""
+    try:
+        with open(os.path.join(group, limit_file), "w") as f:
+            f.write(str(limit))
+    except OSError as exc:
+        logger.warning("code sandbox: cannot set %s in %s: %s", limit_file, group, exc)
+        return False
+    if os.path.exists(os.path.join(group, swap_file)):
+        try:
+            with open(os.path.join(group, swap_file), "w") as f:
+                f.write("0" if swap_file == "memory.swap.max" else str(limit))
+        except OSError:
+            pass
+    return True
+
+
 def _execute(cfg: dict[str, Any], python: str, stdin_path: str, limits: SandboxLimits,
-             cgroup: str | None) -> SandboxResult:
+             groups: list[str]) -> SandboxResult:
     status_r, status_w = os.pipe()
     cfg["status_fd"] = status_w
     argv = [sys.executable, "-I", "-S", _INIT, *(f"{k}={v}" for k, v in cfg.items()),
@@ -307,7 +413,7 @@ def _execute(cfg: dict[str, Any], python: str, stdin_path: str, limits: SandboxL
             except subprocess.TimeoutExpired:
                 killed_reason = "timeout"
         if killed_reason is not None:
-            _kill(proc, cgroup)
+            _kill(proc, groups)
         proc.wait()
     finally:
         sel.close()
@@ -319,11 +425,10 @@ def _execute(cfg: dict[str, Any], python: str, stdin_path: str, limits: SandboxL
         isolation = ast.literal_eval(status.decode()) if status else {}
     except (ValueError, SyntaxError):
         isolation = {"status": status.decode(errors="replace")}
-    if cgroup is None:
+    if "cgroup" not in cfg:
         isolation.setdefault("cgroup", False)
     else:
-        isolation["cgroup_path"] = cgroup  # removed once the run's processes are all gone
-    _log_isolation_once(isolation)
+        isolation["cgroup_path"] = cfg["cgroup"]  # removed once the run's processes are all gone
     return SandboxResult(
         returncode=proc.returncode,
         stdout=out.decode("utf-8", errors="replace"),
@@ -335,15 +440,15 @@ def _execute(cfg: dict[str, Any], python: str, stdin_path: str, limits: SandboxL
     )
 
 
-def _kill(proc: subprocess.Popen, cgroup: str | None) -> None:
+def _kill(proc: subprocess.Popen, groups: list[str]) -> None:
     """SIGKILL the run: its process group (before it is reaped, so the id is still ours) and,
-    through the cgroup, everything else it started (setsid/daemonised children too)."""
+    through its cgroups, everything else it started (setsid/daemonised children too)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if cgroup:
-        _kill_cgroup(cgroup)
+    for group in groups:
+        _kill_cgroup(group)
 
 
 def _cgroup_pids(cgroup: str) -> list[int]:

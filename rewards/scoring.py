@@ -11,7 +11,8 @@ Combining (same as TRL's ``sum_then_normalize``, which uses ``nansum``): the tot
 is None has total None (unscorable). A reward's ``mean``/``std`` metrics skip its None rows.
 
 Failures — the call raised, timed out, returned the wrong number of values, or a value that is
-not a finite number (NaN, inf, a string, …):
+not a finite number (NaN, inf, a string, …; a reward reports one row it could not score, with the
+reason, by returning :class:`~rewards.errors.RowFailure` there, a NaN that carries its cause):
 - ``policy="error"``: :class:`RewardError` naming the reward, the row and the cause;
 - ``policy="skip"``: the affected rows get None (every row if the whole call failed), counted
   in ``rewards/<name>/failures``.
@@ -34,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RewardError
+from .errors import RewardError, RowFailure
 from .registry import callable_name, resolve_named
 
 __all__ = ["RewardFailure", "RewardResult", "RewardSuite", "score_rewards", "GuardedReward", "POLICIES"]
@@ -130,6 +131,8 @@ def _as_list(out: Any) -> list[Any]:
 def _check_value(v: Any) -> tuple[float | None, str | None]:
     if v is None:
         return None, None
+    if isinstance(v, RowFailure):  # the reward says why it could not score this row
+        return None, v.cause
     if isinstance(v, numbers.Real) or (hasattr(v, "item") and hasattr(v, "dtype")):
         try:
             f = float(v)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -76,6 +78,34 @@ def test_module_function_spec(tmp_path, monkeypatch):
     assert rewards.resolve("mod_rewards_pkg.scoring:make_contains(word='no')")(["p", "p"], ["no", "yes"]) == [1.0, 0.0]
     with pytest.raises(RewardError, match="cannot import reward module"):
         rewards.resolve("no_such_module_xyz:f")
+
+
+def test_empty_call_and_dotted_attributes_in_specs(tmp_path, monkeypatch):
+    # "file.py:factory()" returned the factory itself, and "file.py:Class.method" did not resolve,
+    # while "module:factory()" / "module:Class.method" behave; both forms now agree.
+    code = textwrap.dedent('''
+        def make_const(value=0.5):
+            def const(prompts, completions, **kw):
+                return [value] * len(completions)
+            return const
+
+        class Holder:
+            @staticmethod
+            def rew(prompts, completions, **kw):
+                return [2.0] * len(completions)
+    ''')
+    (tmp_path / "spec_file_rewards.py").write_text(code)
+    (tmp_path / "spec_mod_rewards.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for where in (str(tmp_path / "spec_file_rewards.py"), "spec_mod_rewards"):
+        assert rewards.resolve(f"{where}:make_const()")(["p"], ["c"]) == [0.5]
+        assert rewards.resolve(f"{where}:make_const(value=1.0)")(["p"], ["c"]) == [1.0]
+        name, fn = rewards.resolve_named(f"{where}:Holder.rew")
+        assert name == "rew" and fn(["p"], ["c"]) == [2.0]
+        assert score_rewards([f"{where}:make_const()"], ["p"], ["c"]).total == [0.5]
+        with pytest.raises(RewardError, match="has no 'Holder.nope'"):
+            rewards.resolve(f"{where}:Holder.nope")
+    assert rewards.resolve("soft_overlong()") is rewards.resolve("soft_overlong")
 
 
 def test_entry_point_plugin(tmp_path, monkeypatch):
@@ -251,6 +281,33 @@ def test_extract_final_answer_alternative_formats():
         extract_final_answer("x", ("latex",))
 
 
+_OLD_ANSWER_LINE = re.compile(r"(?im)^.*?\b(?:final answer|answer)\s*(?:is|:)\s*(.+?)\s*$")  # quadratic
+
+
+def test_answer_line_is_linear_and_extracts_as_before():
+    from rewards.math_verifier import _answer_line
+
+    def old(text):
+        found = _OLD_ANSWER_LINE.findall(text)
+        return found[-1].strip().rstrip(".").strip("$ ") if found else None
+
+    toks = ["answer", "Final Answer", " is", "is", ":", " ", "\n", "\t", "\r", "\xa0", "\u2003", "5", ".", "$", "x",
+            "\x85"]
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice(toks) for _ in range(rng.randint(0, 12)))
+        assert _answer_line(text) == old(text), repr(text)
+    # The old pattern took ~10 s on 64k spaces and grows with the square; these take milliseconds.
+    n = 200_000
+    for text in ["<think>r</think>The final answer is 5" + " " * n + ".", "Answer: 5" + " " * n + "x",
+                 "answer:" + "\n" * n, "answer " * (n // 7), ("answer is 5   \n") * (n // 14)]:
+        t0 = time.perf_counter()
+        extract_final_answer(text, ("boxed", "answer_line"))
+        assert time.perf_counter() - t0 < 2.0, repr(text[:40])
+    assert extract_final_answer("<think>r</think>The final answer is 5" + " " * n + ".",
+                                ("boxed", "answer_line")) == "5"
+
+
 MATH_CASES = [
     # equivalent forms -> 1.0
     (r"<think>2+2</think> The answer is \boxed{4}.", "4", 1.0),
@@ -316,6 +373,28 @@ def test_math_accuracy_accepts_solution_column_and_formats():
         rewards.math_accuracy(["q"], [r"\boxed{2}"])
 
 
+@pytest.mark.parametrize("gold, pred, expected", [
+    ("12.", "12", True), ("-3.", "-3", True), ("0.5.", "0.5", True), ("0.5.", r"\frac{1}{2}", True),
+    ("2\\pi.", "2\\pi", True), ("(1, 2).", "(1,2)", True), ("12 .", "12", True), ("12.", "13", False),
+    ("-3.", "3", False), ("2\\pi.", "2", False), ("(1, 2).", "2", False),
+    ("$12.$", "12", True), ("1.2.", "1.2", True),
+    ("0.\\overline{3}", "0", False),  # a plain parse reads only "0": not used as the gold
+])
+def test_gold_with_a_sentence_final_period(gold, pred, expected):
+    # "\boxed{12.}" parses to the bare string '12.', so a correct "12" scored 0.
+    from math_verify import parse, verify
+
+    assert verify_math_batch([pred], [gold], timeout_s=None) == [expected]
+    if "\\" not in gold and "(" not in gold:  # plain numbers: math-verify on its own agrees
+        assert verify(parse(gold), parse("\\boxed{" + pred + "}")) is expected
+
+
+def test_gold_with_a_trailing_period_through_the_pool():
+    c = r"<think>6*2</think> The answer is \boxed{12}."
+    comps = [c, c.replace("12", "-3"), c.replace("12", "0.5")]
+    assert rewards.math_accuracy(["q"] * 3, comps, answer=["12.", "-3.", "0.5."]) == [1.0, 1.0, 1.0]
+
+
 def test_verify_helpers():
     assert verify_math(r"\frac{2}{4}", "0.5") is True
     assert verify_math("3", "0.5") is False
@@ -376,6 +455,28 @@ def test_killable_pool_reports_errors_and_crashes():
         crasher.close()
 
 
+def test_killable_pool_startup_timeout_counts_from_when_no_worker_is_ready():
+    # The start-up deadline was set once per map: a map longer than startup_timeout_s that then
+    # had to replace a killed worker raised "no worker ... became ready" though it started fine.
+    from rewards.procpool import KillablePool
+
+    pool = KillablePool("time:sleep", workers=1, startup_timeout_s=3.0)
+    try:
+        pool.map([0], timeout_s=30)  # warm: the worker is up
+        t0 = time.monotonic()
+        out = pool.map([0.25] * 14 + [60, 0.0], timeout_s=1.0)  # 3.5 s of work, then a kill
+        assert time.monotonic() - t0 > 3.0
+        assert [o.status for o in out] == ["ok"] * 14 + ["timeout", "ok"]
+    finally:
+        pool.close()
+    broken = KillablePool("no_such_module_xyz:f", workers=1, startup_timeout_s=3.0)
+    try:  # workers that cannot start still fail the map
+        with pytest.raises(RuntimeError, match="cannot start"):
+            broken.map([1], timeout_s=5)
+    finally:
+        broken.close()
+
+
 def test_math_pool_works_with_torch_threads_running():
     # Workers are spawned, not forked: a fork of a process with torch's thread pool live can deadlock.
     code = textwrap.dedent(f'''
@@ -423,8 +524,57 @@ def test_code_tests_json_tests_last_block_and_empty_tests():
     apps = json.dumps({"inputs": ["abc\n", "xy\n"], "outputs": ["cba\n", "yx\n"]})
     assert rewards.resolve("code_tests_all")(["q"], [two_blocks], tests=[apps]) == [1.0]
     assert rewards.code_tests(["q"], [two_blocks], tests=[[]]) == [None]
-    with pytest.raises(ValueError, match="'input' and 'output'"):
-        rewards.code_tests(["q"], [two_blocks], tests=[[{"in": "x"}]])
+    bad = rewards.code_tests(["q"], [two_blocks], tests=[[{"in": "x"}]])  # malformed: a failed row, not a raise
+    assert isinstance(bad[0], rewards.RowFailure) and math.isnan(bad[0]) and "'input' and 'output'" in bad[0].cause
+
+
+GOOD_ADD = fenced("a, b = map(int, input().split())\nprint(a + b)")
+ONE_TEST = [{"input": "1 2\n", "output": "3\n"}]
+
+
+@pytest.mark.parametrize("missing", [None, "", "  ", "null"], ids=["None", "empty", "blank", "json_null"])
+def test_code_tests_row_without_tests_is_not_applicable(missing):
+    # One row with no tests used to fail the whole batch (JSONDecodeError / TypeError).
+    assert rewards.code_tests(["q"] * 2, [GOOD_ADD, GOOD_ADD], tests=[ONE_TEST, missing]) == [1.0, None]
+
+
+def test_mixed_math_and_code_batch_scores_every_row():
+    res = score_rewards(["math_accuracy", "code_tests"], ["q", "q"], [GOOD_ADD, r"<think>x</think>\boxed{4}"],
+                        columns={"answer": [None, "4"], "tests": [ONE_TEST, None]}, policy="skip")
+    assert res.values == {"math_accuracy": [None, 1.0], "code_tests": [1.0, None]}
+    assert not res.failures and res.total == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("malformed", ["{not json", 42, {"inputs": ["1 2"]}, [{"in": "x"}], {"x": 1}],
+                         ids=["bad_json", "number", "no_outputs", "bad_case", "bad_dict"])
+def test_malformed_tests_fail_only_their_row(malformed):
+    comps, cols = [GOOD_ADD] * 3, {"tests": [ONE_TEST, malformed, ONE_TEST]}
+    res = score_rewards(["code_tests"], ["q"] * 3, comps, columns=cols, policy="skip")
+    assert res.values["code_tests"] == [1.0, None, 1.0]
+    assert [(f.reward, f.row) for f in res.failures] == [("code_tests", 1)]
+    assert "malformed 'tests'" in res.failures[0].cause
+    assert res.metrics["rewards/code_tests/failures"] == 1.0
+    with pytest.raises(RewardError, match=r"'code_tests' failed on row 1: malformed 'tests' value"):
+        score_rewards(["code_tests"], ["q"] * 3, comps, columns=cols, policy="error")
+    guarded = RewardSuite(["code_tests"], policy="skip").trl_reward_funcs()[0]  # what GRPO calls
+    assert guarded(["q"] * 3, comps, **cols) == [1.0, None, 1.0]
+
+
+def test_row_failure_is_a_nan_float_that_pickles():
+    import pickle
+
+    f = rewards.RowFailure("why")
+    assert isinstance(f, float) and math.isnan(f)
+    g = pickle.loads(pickle.dumps(f))
+    assert isinstance(g, rewards.RowFailure) and g.cause == "why"
+
+
+def test_code_tests_with_lone_surrogates_do_not_raise():
+    # str.encode("utf-8") raised UnicodeEncodeError for the whole batch.
+    comps = [fenced("\ud800"), fenced("x = '\ud83d'\nprint(1)"), GOOD_ADD]
+    assert rewards.code_tests(["q"] * 3, comps, tests=[ONE_TEST] * 3) == [0.0, 0.0, 1.0]
+    assert rewards.code_tests(["q"], [fenced("print(len(input()))")],
+                              tests=[[{"input": "a\udc80b", "output": "3"}]]) == [0.0]  # input is not UTF-8
 
 
 def test_code_tests_timeout_gives_zero_and_scoring_continues():

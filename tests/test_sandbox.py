@@ -161,6 +161,90 @@ def test_files_outside_the_workdir_survive(tmp_path):
             s.unlink(missing_ok=True)
 
 
+@contained
+def test_world_writable_directories_are_private_to_the_run():
+    # /run/lock (= /var/lock) is world-writable and on the host disk: files written there used to
+    # outlive the run, and the next run could read them.
+    dirs = [d for d in ("/run/lock", "/var/lock", "/var/tmp", "/dev/shm", "/dev/mqueue", "/var/crash")
+            if os.path.isdir(d) and os.stat(d).st_mode & 0o002]
+    if not dirs:
+        pytest.skip("no world-writable directories here")
+    name = f"dsv3-sbx-leak-{uuid.uuid4().hex}"
+    code = "import os\n" + "".join(
+        f"open(os.path.join({d!r}, {name!r}), 'w').write('x'); print('wrote', {d!r})\n" for d in dirs)
+    try:
+        res = _run_contained(code)
+        assert res.ok, res  # still writable for the program (a private tmpfs), like /tmp
+        assert res.stdout.count("wrote") == len(dirs)
+        assert not [d for d in dirs if os.path.exists(os.path.join(d, name))], "files outlived the run"
+        later = _run_contained(f"import os\nprint([d for d in {dirs!r} if os.path.exists(os.path.join(d, {name!r}))])")
+        assert later.stdout == "[]\n", later
+    finally:
+        for d in dirs:
+            try:
+                os.unlink(os.path.join(d, name))
+            except OSError:
+                pass
+
+
+@contained
+def test_the_rest_of_the_filesystem_is_read_only():
+    """A world-writable directory that no list or scan knows about (deeper than the scan looks)."""
+    if ISO.get("read_only_fs") is not True:
+        pytest.skip(f"read-only remount not in effect here: {ISO}")
+    deep = Path("/var/lib") / f"dsv3-sbx-test-{uuid.uuid4().hex}"
+    try:
+        deep.mkdir()
+        deep.chmod(0o777)
+    except OSError as exc:
+        pytest.skip(f"cannot make a test directory in /var/lib: {exc}")
+    try:
+        code = ("import errno\ntry:\n"
+                f"    open({str(deep / 'x')!r}, 'w').write('x'); print('wrote')\n"
+                "except OSError as e:\n    print(errno.errorcode[e.errno])\n"
+                "open('/dev/null', 'w').write('devices still work')\nprint('ok')")
+        res = _run_contained(code)
+        assert res.stdout == "EROFS\nok\n", res
+        assert not (deep / "x").exists()
+    finally:
+        shutil.rmtree(deep, ignore_errors=True)
+
+
+@pytest.mark.skipif(ISO.get("memory_cgroup") is not True, reason=f"no memory cgroup for the sandbox here: {ISO}")
+def test_memory_limit_caps_the_whole_run():
+    # RLIMIT_AS is per process: 4 children of 300 MB each fit 512 MB each, but not 512 MB together.
+    code = (
+        "import os, time\n"
+        "kids = []\n"
+        "for i in range(4):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        b = bytearray(300 << 20)\n"
+        "        for j in range(0, len(b), 4096):\n"
+        "            b[j] = 1\n"
+        "        time.sleep(1.0)\n"
+        "        os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "statuses = [os.waitpid(k, 0)[1] for k in kids]\n"
+        "print('all ok' if all(s == 0 for s in statuses) else 'killed', statuses)\n"
+    )
+    res = _run_contained(code, SandboxLimits(timeout_s=15, memory_bytes=512 << 20), bound=15 + SLACK)
+    assert "all ok" not in res.stdout, res
+    assert not res.ok or res.stdout.startswith("killed"), res
+    mem = res.isolation.get("memory_cgroup_path")
+    assert not mem or not os.path.exists(mem)
+    assert run_python("print('ok')", "", LIMITS).stdout == "ok\n"
+
+
+def test_lone_surrogates_in_code_or_stdin_do_not_raise():
+    res = run_python("\ud800", "", LIMITS)
+    assert not res.ok and "SyntaxError" in res.stderr
+    res = run_python("x = '\ud83d'\nprint(1)", "", LIMITS)
+    assert not res.ok and "SyntaxError" in res.stderr
+    res = run_python("import sys\nprint(sys.stdin.buffer.read())", "a\ud800b", LIMITS)
+    assert res.ok and res.stdout == "b'a\\xed\\xa0\\x80b'\n", res  # surrogatepass bytes
+
+
 def _pids_with_token(token: str) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -230,11 +314,12 @@ def test_fallback_without_privileges_runs_and_times_out(monkeypatch):
     still kills the whole process group."""
     from rewards import sandbox
 
-    caps = dict(sandbox._capabilities(), root=False, cgroup=None, uid=-1, gid=-1)
+    caps = dict(sandbox._capabilities(), root=False, cgroup=None, memory_v2=False, memcg_v1=None, uid=-1, gid=-1)
     monkeypatch.setattr(sandbox, "_caps", caps)
     res = run_python("print(input())", "hello", LIMITS)
     assert res.ok and res.stdout == "hello\n"
     assert not any(k.startswith("ns_") for k in res.isolation) and res.isolation["cgroup"] is False
+    assert res.isolation["memory_cgroup"] is False
     t0 = time.monotonic()
     res = run_python("import os, time\nos.fork()\ntime.sleep(60)", "", SandboxLimits(timeout_s=1.0))
     assert res.timed_out and time.monotonic() - t0 < 1.0 + SLACK
