@@ -170,3 +170,9 @@ def test_served_logprobs_equal_transformers_through_trls_client(server, tiny_mod
             want = [lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(c.token_ids)]
             worst = max(worst, max(abs(a - b) for a, b in zip(c.logprobs, want)))
     assert worst <= 1e-4, worst
+    # seeded: each prompt's own seed (one request per prompt, sent concurrently), so the samples do not depend on
+    # the batch, as the colocated engine's; the server reports no finish reasons, the engine derives them
+    seeded = SamplingSettings(temperature=1.0, max_tokens=12, seed=3)
+    forward, backward = engine.generate(prompts, 2, seeded), engine.generate(prompts[::-1], 2, seeded)[::-1]
+    assert [[c.token_ids for c in g] for g in forward] == [[c.token_ids for c in g] for g in backward]
+    assert all(c.finish_reason == "length" for g in forward for c in g if len(c.token_ids) == 12)
