@@ -157,3 +157,24 @@ def test_ue8m0_checkpoint_requantizes_to_powers_of_two(tmp_path):
     s = _read_all(tmp_path / "out")[KV_A + "_scale_inv"][1]
     assert torch.equal(s, torch.exp2(torch.log2(s).round()))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+
+
+def test_raw_ue8m0_byte_scales_are_written_as_exponent_bytes(tmp_path):
+    """Scales stored as uint8 (biased exponents, which the loader reads) were written back with `.to(uint8)`,
+    the value cast: a re-quantized weight's scale byte became 0 and the weight dequantized to about zero."""
+    from safetensors.torch import load_file, save_file
+
+    src = write_synthetic_checkpoint(tmp_path / "src", fp8=True, scale_fmt="ue8m0", shard_bytes=10_000_000)
+    for f in src.glob("*.safetensors"):
+        state = load_file(f)
+        for k in [k for k in state if k.endswith("_scale_inv")]:
+            state[k] = (torch.frexp(state[k]).exponent - 1 + 127).to(torch.uint8)
+        save_file(state, f, metadata={"format": "pt"})
+    state, meta = load_fp8_checkpoint(src, torch.float32)
+    state[KV_A] = state[KV_A] * 1.01
+    save_fp8_checkpoint(state, meta, tmp_path / "out")
+    _, scale = _read_all(tmp_path / "out")[KV_A + "_scale_inv"]
+    assert scale.dtype == torch.uint8 and int(scale.min()) > 0
+    reloaded, _ = load_fp8_checkpoint(tmp_path / "out", torch.float32)
+    err = (reloaded[KV_A] - state[KV_A]).abs().max() / state[KV_A].abs().max()
+    assert err <= 1 / 16 + 1e-6, err  # e4m3: half a step at the top of a binade (3 mantissa bits)

@@ -53,9 +53,11 @@ def _sft_cfg(model_dir, data, out, **kw) -> SFTRecipeConfig:
     return build_config(SFTRecipeConfig, values)
 
 
-def _fp8_checkpoint(root: Path, tokenizer_dir: Path, **overrides) -> Path:
+def _fp8_checkpoint(root: Path, tokenizer_dir: Path, mtp_copies: bool = False, **overrides) -> Path:
     """A tiny V3 checkpoint in DeepSeek's FP8 form: e4m3 projections + fp32 `weight_scale_inv`, bf16
-    embeddings / norms / router / head, fp32 `e_score_correction_bias` (converted with our converter)."""
+    embeddings / norms / router / head, fp32 `e_score_correction_bias` (converted with our converter).
+    `mtp_copies`: the MTP layer also stores `embed_tokens` and `shared_head.head`, copies of the main
+    model's, as DeepSeek's release does."""
     from transformers import AutoTokenizer
 
     from posttrain.fp8.convert import convert_bf16_to_fp8
@@ -73,8 +75,35 @@ def _fp8_checkpoint(root: Path, tokenizer_dir: Path, **overrides) -> Path:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(root / "bf16")
     tok.save_pretrained(root / "bf16")
+    if mtp_copies:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(root / "bf16" / "model.safetensors")
+        mtp = f"model.layers.{config.num_hidden_layers}"
+        state[f"{mtp}.embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+        state[f"{mtp}.shared_head.head.weight"] = state["lm_head.weight"].clone()
+        save_file(state, root / "bf16" / "model.safetensors", metadata={"format": "pt"})
     convert_bf16_to_fp8(root / "bf16", root / "fp8", progress=False)
     return root / "fp8"
+
+
+def test_an_fp8_release_with_the_mtp_layers_own_embedding_and_head_exports_them(tmp_path, tiny_model_dir):
+    """DeepSeek's V3 release stores copies of the embedding and the output head in the MTP layer; the model here
+    shares the main model's and saves neither, so the FP8 export stopped at the end of training (KeyError: 2
+    tensors missing). They are written from the (trained) main model's."""
+    from posttrain.fp8.training import finalize_fp8_export, load_pretrained
+
+    src = _fp8_checkpoint(tmp_path, tiny_model_dir, mtp_copies=True)
+    model = load_pretrained(DeepseekV3ForCausalLMWithMTP, src, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # "trained"
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    assert finalize_fp8_export(model, out)
+    written, mtp = _tensors(out), f"model.layers.{model.config.num_hidden_layers}"
+    assert set(written) == set(_tensors(src))
+    assert torch.equal(written[f"{mtp}.shared_head.head.weight"], written["lm_head.weight"])
+    assert torch.equal(written[f"{mtp}.embed_tokens.weight"], written["model.embed_tokens.weight"])
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from .layout import (
     write_config,
     write_index,
 )
-from .quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise
+from .quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise, scale_from_float32
 
 __all__ = ["FP8CheckpointMeta", "LazyCheckpointTensor", "load_fp8_checkpoint", "open_fp8_checkpoint",
            "save_fp8_checkpoint"]
@@ -216,8 +216,9 @@ def _quantize_for_save(
         if orig is not None and orig[0].shape == master.shape:
             if torch.equal(dequantize_blockwise(orig[0], orig[1], meta.block, master.dtype), master):
                 return orig
-    q, s = quantize_blockwise(master, meta.block, meta.scale_fmt)
-    return q, s.to(scale_dtype)
+    # raw UE8M0 bytes can only hold powers of two: quantize with such scales whatever the config says
+    q, s = quantize_blockwise(master, meta.block, "ue8m0" if scale_dtype == torch.uint8 else meta.scale_fmt)
+    return q, scale_from_float32(s, scale_dtype)
 
 
 def save_fp8_checkpoint(

@@ -597,6 +597,15 @@ def scale_to_float32(scale_inv: torch.Tensor) -> torch.Tensor:
     return scale_inv.float()
 
 
+def scale_from_float32(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 scales stored as ``dtype``: the inverse of :func:`scale_to_float32`. Raw UE8M0 bytes
+    (``uint8``) hold the biased exponent of a power of two, not the value."""
+    if dtype == torch.uint8:
+        exponent = torch.frexp(scale.float()).exponent - 1  # scale = 2**exponent for a power of two
+        return (exponent + 127).clamp(0, 254).to(torch.uint8)
+    return scale.to(dtype)
+
+
 # --- the two granularities of the report (§3.3.2) -------------------------------------------
 
 

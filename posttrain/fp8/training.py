@@ -33,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -265,9 +266,15 @@ class _SavedTensors(Mapping):
         self.files = sorted(directory.glob("*.safetensors"))
         self._handles = [safe_open(str(f), framework="pt") for f in self.files]
         self._where = {k: h for h in self._handles for k in h.keys()}
+        self._alias: dict[str, str] = {}  # name -> the saved tensor it is a copy of
+
+    def add_alias(self, name: str, of: str) -> None:
+        self._alias[name] = of
+        self._where[name] = self._where[of]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
+        source = self._alias.get(name, name)
+        return self._where[source].get_tensor(source)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -278,6 +285,24 @@ class _SavedTensors(Mapping):
     def close(self) -> None:
         self._where.clear()
         self._handles.clear()
+
+
+_MTP_SHARED_COPY = {re.compile(r"model\.layers\.\d+\.embed_tokens\.weight"): "model.embed_tokens.weight",
+                    re.compile(r"model\.layers\.\d+\.shared_head\.head\.weight"): "lm_head.weight"}
+
+
+def _mtp_shared_copies(checkpoint_names: Iterable[str], saved: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """DeepSeek's release stores the MTP layer's embedding and output head as copies of the main model's
+    (README_WEIGHTS: they are shared); the model here shares them and saves neither. Each such name of
+    the checkpoint that the saved tensors lack -> the main model's tensor it copies."""
+    out = {}
+    for name in checkpoint_names:
+        if name in saved:
+            continue
+        for pattern, of in _MTP_SHARED_COPY.items():
+            if pattern.fullmatch(name) and of in saved:
+                out[name] = of
+    return out
 
 
 def finalize_fp8_export(model: nn.Module, output_dir: str | os.PathLike, *, main_process: bool = True) -> bool:
@@ -301,6 +326,8 @@ def finalize_fp8_export(model: nn.Module, output_dir: str | os.PathLike, *, main
     if meta.source_dir is not None and meta.source_dir.resolve() == out.resolve():
         # the source shards were just overwritten: no original bits to compare with, re-quantize all
         meta = replace(meta, source_dir=None)
+    for name, of in _mtp_shared_copies(meta.layout.weight_map, saved).items():
+        saved.add_alias(name, of)
     try:
         # side files (tokenizer ...) are the trainer's to write; the source's could be stale run outputs
         save_fp8_checkpoint(saved, meta, out, side_files=False)
