@@ -274,6 +274,19 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
     loader_skipped = len(bad)  # unreadable lines the loader dropped (skip mode)
 
     n_rows = ds.num_rows if cfg.max_prompts is None else min(ds.num_rows, cfg.max_prompts)
+    if loader_skipped and n_rows < ds.num_rows:
+        # max_prompts cut the rows: count only the unreadable lines before the last used row
+        # (by file, then line), not ones in the part of the file that was never used.
+        import re
+
+        def _key(loc: str) -> tuple[Path, int] | None:
+            m = re.fullmatch(r"(.*) (?:line|row|item) (\d+)", loc)
+            return (Path(m.group(1)), int(m.group(2))) if m else None
+
+        last = _key(row_location(ds, n_rows - 1, source)) if n_rows else None
+        bad[:] = [b for b in bad if (k := _key(b["location"])) is None
+                  or (last is not None and k < last)]
+        loader_skipped = len(bad)
     items: list[PromptItem] = []
     seen: set[str] = set()
     duplicates = 0

@@ -239,6 +239,29 @@ def test_decontamination(tmp_path):
     assert stats["prompts"]["used"] == 40 - dropped
 
 
+def test_decontamination_short_texts(tmp_path):
+    from data_pipelines.decontaminate import Decontaminator
+    from data_pipelines.distill import prepare_prompts
+
+    problem = "Compute $\\dbinom{31}{28}$."  # 4 words: fewer than ngram=8
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text(json.dumps({"problem": problem}) + "\n")
+    prompts = [problem + " Please reason step by step, and put your final answer within \\boxed{}.",
+               problem, "Compute $\\dbinom{12}{3}$. Please reason step by step."]
+    p = _jsonl(tmp_path / "train.jsonl", [{"prompt": q, "answer": "1"} for q in prompts])
+    items, stats = prepare_prompts(_cfg(tmp_path / "o", dataset_name=p, decontaminate_against=[str(evalset)]))
+    assert stats["decontaminated"] == 2 and [it.messages[-1]["content"] for it in items] == prompts[2:]
+    # the reverse: a short training prompt inside a longer eval text
+    long_eval = "Solve the following problem. What is 17 times 23? Put the answer in a box."
+    assert Decontaminator(["What is 17 times 23?"], 8).contaminated(long_eval)
+    assert Decontaminator([long_eval], 8).contaminated("what is 17 TIMES 23")
+    assert not Decontaminator([long_eval], 8).contaminated("What is 17 times 24?")
+    # 1-2 word texts only match an identical text, never by containment
+    assert not Decontaminator(["Compute 5"], 8).contaminated("Compute 5 plus 7, then double it.")
+    assert not Decontaminator(["Compute 5 plus 7, then double it."], 8).contaminated("compute 5")
+    assert Decontaminator(["Compute 5"], 8).contaminated("compute 5!")
+
+
 def _jsonl(path, rows, raw_lines=None):
     lines = [json.dumps(r) for r in rows]
     for i, text in (raw_lines or {}).items():
@@ -359,6 +382,19 @@ def test_max_prompts_keeps_line_numbers(tmp_path):
     assert run_distill(_cfg(tmp_path / "a", dataset_name=str(p), max_prompts=3))["prompts"]["used"] == 3
     with pytest.raises(DataError, match=r"d\.jsonl line 4: prompt is empty"):
         run_distill(_cfg(tmp_path / "b", dataset_name=str(p), max_prompts=5))
+
+
+def test_max_prompts_ignores_bad_rows_past_the_used_ones(tmp_path, good_rows):
+    from data_pipelines.distill import prepare_prompts
+
+    p = _jsonl(tmp_path / "d.jsonl", good_rows[:6] + [{}] + good_rows[6:8], {6: "{broken"})
+    _, stats = prepare_prompts(_cfg(tmp_path / "o", dataset_name=p, on_bad_row="skip", max_prompts=2))
+    assert (stats["used"], stats["input_rows"], stats["skipped_bad_rows"], stats["bad_rows"]) == (2, 2, 0, [])
+    # a bad line before the last used row still counts
+    p = _jsonl(tmp_path / "e.jsonl", good_rows[:6] + [{}] + good_rows[6:8], {1: "{broken", 6: "{broken"})
+    _, stats = prepare_prompts(_cfg(tmp_path / "o", dataset_name=p, on_bad_row="skip", max_prompts=2))
+    assert (stats["used"], stats["input_rows"], stats["skipped_bad_rows"]) == (2, 3, 1)
+    assert stats["bad_rows"][0]["location"].endswith("e.jsonl line 2")
 
 
 def _ids(out):
