@@ -36,12 +36,20 @@ def split_response(text: str) -> tuple[str | None, str]:
     return reasoning.strip(), answer.strip()
 
 
-def non_ascii_letter_fraction(text: str) -> float:
-    """Share of letters outside ASCII: a cheap signal of language mixing in an English CoT."""
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
+# Scripts an English CoT writes in: Latin (accents included: "Schrödinger"), and the Greek letters and
+# mathematical alphanumerics of its formulas (π, θ, 𝑥), which are notation, not another language.
+_COT_SCRIPTS = {"LATIN", "GREEK", "MATHEMATICAL"}
+
+
+def foreign_script_letter_fraction(text: str) -> float:
+    """Share of letters in scripts other than Latin, Greek and the mathematical alphanumerics: a signal
+    of language mixing in an English CoT (a share of non-ASCII letters counted π and ö as mixing)."""
+    from rewards.format_reward import script_of
+
+    scripts = [script_of(c) for c in text if c.isalpha()]
+    if not scripts:
         return 0.0
-    return sum(not c.isascii() for c in letters) / len(letters)
+    return sum(s not in _COT_SCRIPTS for s in scripts) / len(scripts)
 
 
 def repeated_ngram_fraction(text: str, n: int = 4) -> tuple[float, int]:
@@ -52,6 +60,15 @@ def repeated_ngram_fraction(text: str, n: int = 4) -> tuple[float, int]:
         return 0.0, 0
     grams = {tuple(words[i:i + n]) for i in range(total)}
     return 1.0 - len(grams) / total, total
+
+
+def _one_think_block(text: str) -> bool:
+    """Exactly one think block, opening at the start when the opening tag is there (R1's template may put it
+    in the prompt), as GRPO's `format` reward requires: two blocks, a stray closing tag before the block
+    or a block reopened after it is a garbled response, whatever its final answer."""
+    from rewards.format_reward import FormatReward
+
+    return FormatReward(require_open_tag=False).score(text) > 0 or not split_response(text)[1].strip()
 
 
 def response_length(text: str, tokens: int | None) -> int:
@@ -66,9 +83,11 @@ def first_failure(text: str, tokens: int | None, finish_reason: str | None, cfg:
         return "too_long"
     if cot is None:
         return "unclosed_think" if THINK_OPEN in text else "no_think"
+    if not _one_think_block(text):
+        return "malformed_think"
     if length < cfg.min_length:
         return "too_short"
-    if non_ascii_letter_fraction(cot) > cfg.language_mixing_threshold:
+    if foreign_script_letter_fraction(cot) > cfg.language_mixing_threshold:
         return "language_mixing"
     frac, total = repeated_ngram_fraction(cot, cfg.repetition_ngram)
     if total >= cfg.repetition_min_ngrams and frac > cfg.repetition_threshold:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -50,12 +50,16 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, model_max_len
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
+    # The think tags are single tokens but not special, as in DeepSeek-R1's tokenizer: decoding with
+    # skip_special_tokens (TRL's completions, vLLM's text, the distill teachers) keeps them, so the filters
+    # and rewards that split a response at </think> see it. (Their ids stay those the trainer gave them.)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_OPEN, THINK_CLOSE)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        additional_special_tokens=[USER, ASSISTANT, THINK_OPEN, THINK_CLOSE],
+        additional_special_tokens=[USER, ASSISTANT],
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )

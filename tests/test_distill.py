@@ -185,6 +185,16 @@ def test_filters_each_reason():
     assert first_failure(mixed, None, "stop", cfg) == "language_mixing"
     loop = "<think>\n" + "so the answer is 5 " * 15 + "\n</think>\n\\boxed{5}"
     assert first_failure(loop, None, "stop", cfg) == "repetition"
+    # garbled think blocks were kept when the last answer was right; GRPO's format reward scores them 0
+    for garbled in ("<think>\n2 + 3 = 6\n</think>\\boxed{6}<think>\nwait, 2 + 3 = 5\n</think>\n\\boxed{5}",
+                    "<think>\n2 + 3 = 5, checked twice.\n</think>\nHmm <think> let me recheck \\boxed{5}",
+                    "</think>\n<think>\n2 + 3 = 5, checked twice.\n</think>\n\\boxed{5}"):
+        assert first_failure(garbled, None, "stop", cfg) == "malformed_think", garbled
+    assert first_failure(good.replace("<think>", ""), None, "stop", cfg) is None  # the tag in the prompt (R1)
+    # math notation and accented Latin are not language mixing (a share of non-ASCII letters said they were)
+    greek = "<think>\nThe circle has radius 2, so its area is π·2² = 4π. Check: π r² with r = 2 gives 4π.\n</think>\n\\boxed{4\\pi}"
+    accents = "<think>\nLike Schrödinger's café example: 2 + 3 = 5, and 5 - 3 = 2.\n</think>\n\\boxed{5}"
+    assert first_failure(greek, None, "stop", cfg) is None and first_failure(accents, None, "stop", cfg) is None
 
 
 def test_filters_and_verifier_reasons_in_pipeline(tmp_path, monkeypatch):

@@ -29,7 +29,8 @@ def _check(out: Path, stats: dict, n_prompts: int, n: int, max_tokens: int, teac
     assert len(per_prompt) == n_prompts and all(sorted(v) == list(range(n)) for v in per_prompt.values())
     # a random model almost never closes </think> with the right boxed answer
     assert {r["rejection_reason"] for r in rejected} <= {"too_long", "unclosed_think", "no_answer", "wrong_answer",
-                                                          "too_short", "language_mixing", "repetition"}
+                                                          "too_short", "language_mixing", "repetition",
+                                                          "malformed_think"}
     assert stats["lengths"]["unit"] == "tokens"
 
 

@@ -80,6 +80,11 @@ def test_tokenizer_special_tokens_and_assistant_mask(tiny_model_dir):
     assert assistant == "<think>\n2 + 3 = 5\n</think>\n\\boxed{5}<｜end▁of▁sentence｜>"  # end-of-turn included
     prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<｜Assistant｜>")
+    # the think tags are single tokens but not special (as in DeepSeek-R1's tokenizer): a decode that skips
+    # special tokens (TRL's completions, vLLM's text, the distill teachers) keeps them; every hf-teacher
+    # sample was rejected as no_think while they were special
+    answer = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(answer, skip_special_tokens=True) == "<think>\n2 + 3 = 5\n</think>\n\\boxed{5}"
 
 
 def test_same_seed_same_weights(tmp_path, tiny_model_dir):
