@@ -66,12 +66,13 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             path = checkpoints[name]
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = None
-            if own_engine and i > 0 and _model_config(path) != served:
+            config = _model_config(path) if own_engine and i > 0 else served
+            if config != served:
                 # A weight sync carries weights only: another config (routing, scaling, sizes) needs its own engine,
                 # or this checkpoint would run under the first one's settings
                 engine.close()
                 engine = VLLMColocateEngine(path, max_model_len=cfg.max_model_len)
-                served = _model_config(path)
+                served = config
             elif i > 0 or not own_engine:
                 model = DeepseekV3ForCausalLMWithMTP.from_pretrained(path)
                 engine.sync_weights(weights_for_engine(model, engine))

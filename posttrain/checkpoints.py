@@ -156,10 +156,10 @@ class DeepSeekLayoutCheckpoints:
             checkpoint_dir = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             self.save_checkpoint_state(checkpoint_dir)
-            path = checkpoint_dir / RUN_CONFIG_FILE
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(resumable_settings(self.args), indent=1, sort_keys=True, default=str) + "\n")
-            tmp.replace(path)
+            from data_pipelines.shards import atomic_write_bytes
+
+            settings = json.dumps(resumable_settings(self.args), indent=1, sort_keys=True, default=str) + "\n"
+            atomic_write_bytes(checkpoint_dir / RUN_CONFIG_FILE, settings.encode())
         super()._save_checkpoint(model, trial)
 
     def _warn_changed_settings(self, checkpoint_dir: Path) -> None:

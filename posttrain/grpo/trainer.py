@@ -436,10 +436,9 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
     def save_checkpoint_state(self, checkpoint_dir: Path) -> None:
         self.balancer.save(checkpoint_dir)
         if self.mtp_controller is not None:
-            path = checkpoint_dir / MTP_CONTROL_FILE
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.mtp_controller.state_dict()) + "\n")
-            tmp.replace(path)  # atomic: a killed save leaves no half-written state
+            from data_pipelines.shards import atomic_write_bytes
+
+            atomic_write_bytes(checkpoint_dir / MTP_CONTROL_FILE, (json.dumps(self.mtp_controller.state_dict()) + "\n").encode())
 
     def _generation_cycle_steps(self) -> Fraction:
         """Optimizer steps per generation of rollouts: TRL generates every `steps_per_generation *
