@@ -10,8 +10,10 @@ the bias untouched). It also measures `maxvio` (max load / mean load − 1, max 
 a load history for a heatmap.
 
 Optionally it also provides the report's complementary sequence-wise balance loss (eq. 17–20):
-per sequence, `α Σ_i f_i P_i` with `f_i = N_r / (K_r T) · #tokens routed to i` and `P_i` the mean over
-the sequence's tokens of the normalised affinities `s_i / Σ_j s_j` (s = sigmoid(router logits)).
+per sequence, `α Σ_i f_i P_i` with `f_i = N_r / (K_r T) · #tokens whose K_r largest affinities include i`
+and `P_i` the mean over the sequence's tokens of the normalised affinities `s_i / Σ_j s_j` (s = sigmoid(router
+logits)). Eq. 18 ranks the affinities s themselves, over all N_r experts: the correction bias and the group
+limit choose the experts that run (eq. 16), not this count.
 A "sequence" is one packed sample; the loss is averaged over sequences and summed over MoE layers
 (each layer has its own router, as DeepSeek-V2/V3 add one such term per gate).
 
@@ -88,7 +90,7 @@ class ExpertLoadBalancer:
         self._counts = torch.zeros(len(self.routers), self.num_experts, device=device)
         self._token_mask: torch.Tensor | None = None
         self._sample_ids: torch.Tensor | None = None
-        self._captured: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._captured: list[tuple[int, torch.Tensor]] = []  # (router slot, router logits) for the balance loss
         self.paused = False
         # True from the end of the model's forward to the start of the next one. Gradient checkpointing
         # re-runs the blocks inside the backward, i.e. in that window: those routings are the same tokens
@@ -119,7 +121,7 @@ class ExpertLoadBalancer:
         def hook(module: DeepseekV3TopkRouter, args: Any, output: tuple[torch.Tensor, ...]) -> None:
             if self.paused or self._after_forward or not module.training:
                 return
-            router_logits, _, topk_indices = output
+            router_logits, _, topk_indices = output  # topk_indices: the routed experts (bias, group limit)
             mask = self._mask_for(topk_indices.shape[0], topk_indices.device)
             idx = topk_indices.reshape(-1)
             weight = (
@@ -134,7 +136,7 @@ class ExpertLoadBalancer:
                 counts = self._counts[slot]
             counts.index_add_(0, idx, weight)
             if self.seq_balance_alpha > 0 and torch.is_grad_enabled():
-                self._captured.append((slot, router_logits, topk_indices))
+                self._captured.append((slot, router_logits))
 
         return hook
 
@@ -176,8 +178,11 @@ class ExpertLoadBalancer:
         total = None
         # The sequences are the same for every router (MoE layers and MTP): found once per call.
         groups: dict[tuple[int, torch.device], _SeqGroups] = {}
-        for _, logits, topk in self._captured:
+        for _, logits in self._captured:
             n = logits.shape[0]
+            # report eq. 18: 1(s_{i,t} in TopK({s_{j,t} | 1 <= j <= N_r}, K_r)), the top-K of the unbiased
+            # affinities over all experts (sigmoid is monotonic: the top-K of the logits), not the routing's
+            topk = logits.detach().topk(self.top_k, dim=-1).indices
             key = (n, logits.device)
             if key not in groups:
                 mask = self._mask_for(n, logits.device)

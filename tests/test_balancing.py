@@ -263,13 +263,35 @@ def test_rows_are_sequences_without_sample_ids():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     gate = model["layers"][0]["gate"]
     with bal.batch(token_mask=mask):
-        logits, _, topk = gate(h)
+        logits, _, _ = gate(h)
         loss = bal.sequence_balance_loss()
+    topk = logits.detach().topk(2, dim=-1).indices  # eq. 18: the affinities' top-K, not the group-limited routing
     rows = torch.arange(2).repeat_interleave(5)
     want = _term(logits, topk, rows, mask.reshape(-1).bool(), 8, 2)
     assert torch.allclose(loss, want)
     one_sequence = _term(logits, topk, torch.zeros(10, dtype=torch.long), mask.reshape(-1).bool(), 8, 2)
     assert not torch.allclose(loss, one_sequence)
+
+
+def test_sequence_balance_loss_counts_the_affinities_top_k_not_the_biased_group_limited_routing():
+    """Report eq. 18 counts 1(s_{i,t} in TopK({s_{j,t} | 1 <= j <= N_r}, K_r)): the top-K of the affinities
+    themselves. The bias (eq. 16) and the group limit choose the experts that run, not f_i; with drifted biases
+    the routed experts are others, and the loss must not follow them."""
+    model = _router_stack(3)
+    gate = model["layers"][0]["gate"]
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(torch.tensor([-1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]))
+    bal = ExpertLoadBalancer(model, bias_update_speed=0.0, seq_balance_alpha=1.0)
+    h = torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(0))
+    with bal.batch():
+        logits, _, routed = gate(h)
+        loss = bal.sequence_balance_loss()
+    seq = torch.zeros(10, dtype=torch.long)
+    affinity_top_k = logits.detach().topk(2, dim=-1).indices
+    assert not torch.equal(routed.sort(-1).values, affinity_top_k.sort(-1).values)  # the bias moved the routing
+    all_real = torch.ones(10, dtype=torch.bool)
+    torch.testing.assert_close(loss.detach(), _naive_seq_balance(logits.detach(), affinity_top_k, seq, all_real, 8, 2))
+    bal.remove()
 
 
 # -- F3: the sequence-wise balance loss without host syncs -----------------------------------------
@@ -319,8 +341,9 @@ def test_sequence_balance_loss_keeps_its_value_on_packed_rows_with_padding():
     # today's implementation, with its own sequence index (row-unique sample ids)
     seq = (sid - sid.min(dim=1, keepdim=True).values + torch.arange(3)[:, None] * 13).reshape(-1)
     flat = mask.reshape(-1)
-    ref = 0.5 * sum(_reference_seq_balance_term(lg, tk, seq, flat, 8, 2) for lg, _, tk in outs)
-    naive = 0.5 * sum(_naive_seq_balance(lg.detach(), tk, seq, flat, 8, 2) for lg, _, tk in outs)
+    top = [lg.detach().topk(2, dim=-1).indices for lg, _, _ in outs]  # eq. 18: the affinities' top-K
+    ref = 0.5 * sum(_reference_seq_balance_term(lg, tk, seq, flat, 8, 2) for (lg, _, _), tk in zip(outs, top))
+    naive = 0.5 * sum(_naive_seq_balance(lg.detach(), tk, seq, flat, 8, 2) for (lg, _, _), tk in zip(outs, top))
     # equal up to fp32 summation order (the mean over sequences now sums fixed-size, masked buffers)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(loss.detach(), naive, rtol=1e-5, atol=0)
