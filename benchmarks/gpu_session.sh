@@ -22,7 +22,8 @@
 #   pytest.log                      `pytest -m "not vllm"` on CUDA (-v: each result as it lands)
 # and bench_gpu.md and pytest.log beside it. All parts share BUDGET_S seconds (default 560). A section or part
 # stopped at its limit keeps the rows it had measured (bench_gpu.py and bench_gpu_sft.py write them on SIGTERM);
-# a part skipped for want of time says so in bench_gpu.md.
+# a part skipped for want of time says so in bench_gpu.md. Every part or section that exits non-zero (stopped at its
+# limit included) is named at the end and in $OUT/FAILED, and `run` then exits 1; an unknown PARTS entry is one too.
 # Session 11 (one H100): env 3 s, sft_step 94 s (4 rows; 6 now), quant 17 s, experts 26 s, gemm 19 s, linear 11 s,
 # each plus ~7 s of start-up; pytest -n 14 had not finished in 120 s (3 slow tests left).
 # PARTS (default "bench pytest unfused profile") picks the parts and their order; SECTIONS the benchmark sections
@@ -44,8 +45,10 @@ prepare() {
 run() {
   # The device tool brings back at most 8 files from $OUT: everything is written to $work and tarred into
   # $OUT/gpu-out.tgz after every part, so a call cut off by its limit still returns what was done.
-  local out=${OUT:-$PWD/gpu-out} budget=${BUDGET_S:-560} work=/tmp/gpu-work t0
-  mkdir -p "$out" "$work"
+  # a fresh work folder per call: a warm machine's second call must not pack (or append to) the first one's files
+  local out=${OUT:-$PWD/gpu-out} budget=${BUDGET_S:-560} work t0 failed=()
+  work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-work.XXXXXX")
+  mkdir -p "$out"
   t0=$(date +%s)
   left() { echo $(( budget - ($(date +%s) - t0) )); }
   pack() { tar czf "$out/gpu-out.tgz" -C "$work" . 2>/dev/null; cp -f "$work"/bench_gpu.md "$work"/pytest.log "$out"/ 2>/dev/null; true; }
@@ -64,9 +67,12 @@ run() {
     (( limit > min )) || { echo "== $name skipped: ${limit}s left, it needs more than ${min}s" | tee -a "$work/bench_gpu.md"; return 0; }
     echo "== $name (limit ${limit}s)" | tee -a "$work/bench_gpu.md"
     timeout -k 15 "$limit" python3 benchmarks/bench_gpu_sft.py "$@" 2>"$work/$name.err" | tee -a "$work/bench_gpu.md"
+    local rc=${PIPESTATUS[0]}
+    echo "(rc=$rc)" | tee -a "$work/bench_gpu.md"
+    (( rc == 0 )) || failed+=("$name (rc=$rc)")
     pack
   }
-  local part section limit
+  local part section limit rc
   for part in ${PARTS:-bench pytest unfused profile}; do
     case $part in
     bench)
@@ -79,7 +85,9 @@ run() {
         echo "== $section (limit ${limit}s, t=$(( $(date +%s) - t0 ))s)" | tee -a "$work/bench_gpu.md"
         timeout -k 15 "$limit" python3 benchmarks/bench_gpu.py --sections "$section" --json "$work/bench_gpu.$section.json" \
           2>"$work/bench_gpu.$section.err" | tee -a "$work/bench_gpu.md"
-        echo "(rc=${PIPESTATUS[0]})" | tee -a "$work/bench_gpu.md"
+        rc=${PIPESTATUS[0]}
+        echo "(rc=$rc)" | tee -a "$work/bench_gpu.md"
+        (( rc == 0 )) || failed+=("bench $section (rc=$rc)")
         tail -5 "$work/bench_gpu.$section.err"
         pack
       done ;;
@@ -104,16 +112,27 @@ run() {
         timeout -k 15 "$limit" python3 -m pytest -v -m "${PYTEST_MARK:-not vllm}" -p no:cacheprovider \
           -n "${PYTEST_WORKERS:-12}" --dist "${PYTEST_DIST:-loadfile}" --no-loadscope-reorder --timeout 300 --tb=short \
           ${PYTEST_TARGETS:-tests} > "$work/pytest.log" 2>&1
-        echo "(rc=$?)" >> "$work/pytest.log"
+        rc=$?
+        echo "(rc=$rc)" >> "$work/pytest.log"
+        (( rc == 0 )) || failed+=("pytest (rc=$rc)")
         grep -E "FAILED|ERROR|passed|failed" "$work/pytest.log" | tail -40
         pack
       else
         echo "pytest not run: the budget is spent" | tee "$work/pytest.log"
       fi ;;
+    *)
+      echo "== unknown part '$part' (parts: bench pytest unfused profile compiled)" | tee -a "$work/bench_gpu.md"
+      failed+=("unknown part '$part'") ;;
     esac
   done
   pack
+  rm -rf "$work"
   echo "== done in $(( $(date +%s) - t0 ))s"
+  if (( ${#failed[@]} )); then
+    printf '%s\n' "${failed[@]}" > "$out/FAILED"
+    echo "== FAILED: ${failed[*]}" >&2
+    return 1
+  fi
 }
 
 case "${1:-}" in

@@ -88,3 +88,41 @@ def test_a_stopped_section_keeps_the_rows_it_measured(tmp_path, capsys, monkeypa
     data = json.loads(out.read_text())
     assert data["norm"] == {"interrupted": True, "rows": [{"width": 2048, "ms": 1.5}]} and "mla" not in data
     assert '{"width": 2048, "ms": 1.5}' in capsys.readouterr().out
+
+
+SESSION = SCRIPT.parent / "gpu_session.sh"
+
+
+def _session(tmp_path, name: str, **env):
+    """gpu_session.sh run with a `python3` that fails at once (no GPU, no torch needed): every part it starts fails."""
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "python3"
+    fake.write_text("#!/bin/sh\necho 'fake python3: failing' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    out = tmp_path / name
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(out), "BUDGET_S": "120",
+           "TMPDIR": str(tmp_path), **env}
+    proc = subprocess.run(["bash", str(SESSION), "run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    return proc, out
+
+
+def test_gpu_session_fails_loudly_and_packs_only_its_own_files(tmp_path):
+    """A lent GPU's session script: a section or part that fails (or an unknown part) makes `run` exit non-zero and
+    is named in $OUT/FAILED; a second call on the same (warm) machine does not carry the first one's files."""
+    import tarfile
+
+    proc, out = _session(tmp_path, "first", PARTS="bench nosuchpart", SECTIONS="env:30")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failed = (out / "FAILED").read_text()
+    assert "bench env (rc=3)" in failed and "unknown part 'nosuchpart'" in failed
+    proc, out = _session(tmp_path, "second", PARTS="bench", SECTIONS="gemm:30")
+    assert proc.returncode == 1 and "bench gemm (rc=3)" in (out / "FAILED").read_text()
+    with tarfile.open(out / "gpu-out.tgz") as tgz:
+        names = {Path(n).name for n in tgz.getnames()}
+    assert "bench_gpu.gemm.err" in names and "bench_gpu.env.err" not in names, names
+    assert "== env" not in (out / "bench_gpu.md").read_text()
