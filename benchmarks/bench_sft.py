@@ -77,14 +77,17 @@ def _timing_callback(times: list[tuple[float, float]]):
 
 
 def _result(meter: Meter, times: list[tuple[float, float]], warmup: int) -> dict:
+    # times[0] is the start, times[i] the end of step i (from 1), which trains on meter.batches[i - 1]; the
+    # dataloader collates one batch ahead, so the meter's last batch was never trained on
     steps = len(times) - 1 - warmup
-    timed = meter.batches[warmup + 1 : warmup + 1 + steps]  # step i consumes batch i
+    trained = meter.batches[: len(times) - 1]
+    timed = trained[warmup:]  # the batches of steps warmup + 1 .. the last
     real = sum(r for r, _ in timed)
     total = sum(t for _, t in timed)
     dt = times[-1][0] - times[warmup][0]
     cpu = times[-1][1] - times[warmup][1]
-    all_real = sum(r for r, _ in meter.batches[: len(times)])
-    all_total = sum(t for _, t in meter.batches[: len(times)])
+    all_real = sum(r for r, _ in trained)
+    all_total = sum(t for _, t in trained)
     return {
         "tokens_per_s": real / dt,
         "tokens_per_cpu_s": real / cpu,
