@@ -355,3 +355,33 @@ def test_rm_tiny_recipe_validates():
     assert load_config(RMRecipeConfig, RECIPE, ["--dataset_name", "pairs.jsonl"]).effective_eval_dataset() is None
     with pytest.raises(ConfigError, match="'max_steps' expects int"):
         load_config(RMRecipeConfig, RECIPE, ["--max_steps", "many"])
+
+
+# --- found in review: seeding, periodic evaluation, margins, ties, FP8 backbones, loader errors -----------
+def _pairs_file(tmp_path: Path, rows: list[dict]) -> Path:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+_PAIRS = [{"prompt": "Mia has 3 apples. She finds 4 more. How many?", "chosen": "\\boxed{7}", "rejected": "\\boxed{1}"},
+          {"prompt": "Leo has 5 coins. He loses 2. How many?", "chosen": "\\boxed{3}", "rejected": "\\boxed{7}"}]
+
+
+def test_rm_train_seed_repeats_the_scalar_head(tiny_model_dir, tmp_path):
+    """The head is new and was drawn before Trainer seeds: two runs with one `seed` trained different RMs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from posttrain.rm.run import run_rm_training
+
+    data = _pairs_file(tmp_path, _PAIRS)
+    heads = []
+    for run in (1, 2):
+        torch.manual_seed(run)  # whatever the process drew before must not matter
+        out = tmp_path / f"o{run}"
+        run_rm_training(load_config(RMRecipeConfig, RECIPE, {
+            "model_name_or_path": str(tiny_model_dir), "dataset_name": str(data), "output_dir": str(out),
+            "max_steps": 1, "per_device_train_batch_size": 2, "disable_tqdm": True}))
+        heads.append(load_file(str(out / "model.safetensors"))["score.weight"])
+    assert torch.equal(heads[0], heads[1])

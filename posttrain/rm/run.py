@@ -77,10 +77,14 @@ def run_rm_training(cfg: RMRecipeConfig) -> dict[str, Any]:
 def _run(cfg: RMRecipeConfig) -> dict[str, Any]:
     from datasets import Dataset
     from rewards.reward_model import RewardModelScorer
+    from transformers import set_seed
 
     from .trainer import V3RewardTrainer
 
     _check(cfg)
+    # The scalar head is new (model.py) and drawn from torch's global generator when the backbone
+    # loads, before Trainer seeds anything: without this, `seed` does not make a run repeatable.
+    set_seed(cfg.seed)
     t0 = time.time()
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train = load_pairs(cfg.dataset_name, cfg.dataset_train_split, cfg.max_train_samples, cfg)
