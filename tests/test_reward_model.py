@@ -385,3 +385,21 @@ def test_rm_train_seed_repeats_the_scalar_head(tiny_model_dir, tmp_path):
             "max_steps": 1, "per_device_train_batch_size": 2, "disable_tqdm": True}))
         heads.append(load_file(str(out / "model.safetensors"))["score.weight"])
     assert torch.equal(heads[0], heads[1])
+
+
+def test_rm_train_evaluates_during_training_when_eval_strategy_asks(tiny_model_dir, tmp_path, capsys):
+    """`eval_strategy: steps` was a ValueError traceback from Trainer (no eval_dataset was passed)."""
+    from posttrain.rm.run import run_rm_training
+
+    data = str(_pairs_file(tmp_path, _PAIRS))
+    cfg = load_config(RMRecipeConfig, RECIPE, {
+        "model_name_or_path": str(tiny_model_dir), "dataset_name": data, "eval_dataset_name": data,
+        "dataset_test_split": "train", "output_dir": str(tmp_path / "o"), "max_steps": 1,
+        "per_device_train_batch_size": 2, "eval_strategy": "steps", "eval_steps": 1, "disable_tqdm": True})
+    summary = run_rm_training(cfg)
+    assert summary["global_step"] == 1 and summary["eval_pairs"] == 2
+    assert "'eval_accuracy'" in capsys.readouterr().out  # TRL's held-out accuracy, logged at the step
+    cfg = load_config(RMRecipeConfig, RECIPE, {
+        "model_name_or_path": str(tiny_model_dir), "dataset_name": data, "output_dir": str(tmp_path / "o2"), "max_steps": 1, "eval_strategy": "steps"})
+    with pytest.raises(ConfigError, match="eval_strategy='steps' evaluates on held-out pairs.*eval_dataset_name"):
+        run_rm_training(cfg)

@@ -93,8 +93,17 @@ def _run(cfg: RMRecipeConfig) -> dict[str, Any]:
     if eval_source is not None:
         held_out = load_pairs(eval_source[0], eval_source[1], cfg.max_eval_samples, cfg)
 
+    eval_strategy = str(getattr(cfg.eval_strategy, "value", cfg.eval_strategy))
+    periodic_eval = eval_strategy != "no"
+    if periodic_eval and not held_out:
+        raise ConfigError(f"eval_strategy={eval_strategy!r} evaluates on held-out pairs, and this run has none: "
+                          "set eval_dataset_name (and max_eval_samples > 0), or eval_strategy: no")
+
     model = load_reward_backbone(cfg.model_name_or_path, tokenizer, **cfg.model_kwargs())
+    # Trainer refuses an eval_strategy without an eval_dataset; the held-out pairs serve both the
+    # periodic evaluation (TRL's eval_accuracy / eval_margin) and the final one below.
     trainer = V3RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(train),
+                            eval_dataset=Dataset.from_list(held_out) if periodic_eval else None,
                             processing_class=tokenizer)
     kept = len(trainer.train_dataset)
     if kept == 0:
