@@ -403,3 +403,12 @@ def test_rm_train_evaluates_during_training_when_eval_strategy_asks(tiny_model_d
         "model_name_or_path": str(tiny_model_dir), "dataset_name": data, "output_dir": str(tmp_path / "o2"), "max_steps": 1, "eval_strategy": "steps"})
     with pytest.raises(ConfigError, match="eval_strategy='steps' evaluates on held-out pairs.*eval_dataset_name"):
         run_rm_training(cfg)
+
+
+def test_preference_margin_must_be_finite():
+    """A NaN margin (JSON `NaN`, pandas' missing value) made the loss NaN and then every weight, exit 0."""
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match=r"p\.jsonl line 2: 'margin' must be a finite number, got (nan|inf)"):
+            to_preference_example({"prompt": "q", "chosen": "a", "rejected": "b", "margin": bad,
+                                   "__where__": "p.jsonl line 2"})
+    assert to_preference_example({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2})["margin"] == 2.0

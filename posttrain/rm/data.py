@@ -28,6 +28,7 @@ Responses that already contain their `<think>` block (the built-in traces) need 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -253,8 +254,9 @@ def to_preference_example(row: Mapping[str, Any], index: int = 0, source: str = 
     }
     if row.get("margin") is not None:
         m = row["margin"]
-        if isinstance(m, bool) or not isinstance(m, (int, float)):
-            raise UserError(f"{where}: 'margin' must be a number, got {m!r}")
+        # NaN passes isinstance (JSON's NaN, pandas' missing value) and turns the loss and then every weight NaN
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise UserError(f"{where}: 'margin' must be a finite number, got {m!r}")
         out["margin"] = float(m)
     return out
 
