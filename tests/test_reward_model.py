@@ -412,3 +412,15 @@ def test_preference_margin_must_be_finite():
             to_preference_example({"prompt": "q", "chosen": "a", "rejected": "b", "margin": bad,
                                    "__where__": "p.jsonl line 2"})
     assert to_preference_example({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2})["margin"] == 2.0
+
+
+def test_preference_pairs_with_the_same_response_are_dropped(caplog):
+    """chosen == rejected scores equal by construction: no gradient, and a miss in every accuracy."""
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"},
+            {"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "a"}]}]
+    with caplog.at_level("WARNING"):
+        examples = to_preference_examples(rows, source="pairs")
+    assert [e["rejected"][0]["content"] for e in examples] == ["b"]
+    assert "dropped 1 pair(s)" in caplog.text and "pairs row 1" in caplog.text
+    with pytest.raises(UserError, match="pairs: every pair has the same chosen and rejected response"):
+        to_preference_examples(rows[1:], source="pairs")

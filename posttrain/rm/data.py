@@ -28,12 +28,15 @@ Responses that already contain their `<think>` block (the built-in traces) need 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 BUILTIN_NAME = "builtin:arith-preferences"
 _ROLES = {"system", "user", "assistant", "tool"}
@@ -262,10 +265,24 @@ def to_preference_example(row: Mapping[str, Any], index: int = 0, source: str = 
 
 
 def to_preference_examples(rows: Iterable[Mapping[str, Any]], source: str = "dataset") -> list[dict[str, Any]]:
-    """All rows normalised; the first bad row raises a `UserError` naming it."""
-    examples = [to_preference_example(r, i, source) for i, r in enumerate(rows)]
+    """All rows normalised; the first bad row raises a `UserError` naming it. Pairs whose chosen and
+    rejected responses are the same are dropped with a warning: the two scores are then equal, so the
+    pair has no gradient, dilutes each batch's mean loss, and counts as a miss in the pairwise accuracy
+    (chosen must score *above* rejected), in training and in the held-out evaluation."""
+    examples, ties = [], []
+    for i, row in enumerate(rows):
+        example = to_preference_example(row, i, source)
+        if example["chosen"] == example["rejected"]:
+            ties.append(str(row.get("__where__") or f"{source} row {i}"))
+        else:
+            examples.append(example)
+    if ties and not examples:
+        raise UserError(f"{source}: every pair has the same chosen and rejected response (e.g. {ties[0]})")
     if not examples:
         raise UserError(f"{source}: no preference pairs")
+    if ties:
+        log.warning("%s: dropped %d pair(s) whose chosen and rejected responses are the same (first: %s)",
+                    source, len(ties), ties[0])
     with_margin = sum("margin" in e for e in examples)
     if 0 < with_margin < len(examples):
         raise UserError(f"{source}: 'margin' is set on {with_margin} of {len(examples)} rows; set it on all or none")
