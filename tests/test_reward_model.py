@@ -424,3 +424,25 @@ def test_preference_pairs_with_the_same_response_are_dropped(caplog):
     assert "dropped 1 pair(s)" in caplog.text and "pairs row 1" in caplog.text
     with pytest.raises(UserError, match="pairs: every pair has the same chosen and rejected response"):
         to_preference_examples(rows[1:], source="pairs")
+
+
+def test_backbone_loads_from_an_fp8_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """The released V3 and an `fp8: true` SFT output are block-FP8 checkpoints; `rm train` on one was a
+    RuntimeError traceback from transformers' FP8 loading. Dequantized as SFT and GRPO load them."""
+    import torch
+
+    from posttrain.fp8.convert import convert_bf16_to_fp8
+    from posttrain.rm.model import load_reward_backbone, load_tokenizer
+
+    # the loader also hooks GRPO's reference-model loading, which imports TRL's GRPO and vLLM (seconds)
+    monkeypatch.setattr("posttrain.fp8.training.install_trl_reference_loader", lambda: None)
+    fp8 = tmp_path / "fp8"
+    convert_bf16_to_fp8(tiny_model_dir, fp8, progress=False)
+    tok = load_tokenizer(str(fp8))
+    rm = load_reward_backbone(str(fp8), tok)
+    ref = load_reward_backbone(str(tiny_model_dir), tok).state_dict()
+    assert rm.config.num_labels == 1 and not hasattr(rm.config, "quantization_config")
+    state = rm.state_dict()
+    assert set(state) == set(ref)
+    experts = "model.layers.1.mlp.experts.gate_up_proj"  # FP8-quantized: close to the bf16 source, not equal
+    assert torch.allclose(state[experts], ref[experts], atol=0.05) and not torch.equal(state[experts], ref[experts])

@@ -47,6 +47,8 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
     from transformers import AutoConfig, DeepseekV3ForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    from ..fp8.training import load_pretrained
+
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -67,7 +69,10 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
     verbosity = hf_logging.get_verbosity()
     try:
         hf_logging.set_verbosity_error()  # the load report would list exactly the keys ignored above
-        model = cls.from_pretrained(path, num_labels=1, **model_kwargs)
+        # DeepSeek's FP8 checkpoints (the released V3, an `fp8: true` SFT output) dequantized by our
+        # loader, as SFT and GRPO load them; transformers' own FP8 path cannot load one for training
+        config.num_labels = 1  # on the config: the FP8 path builds the model from it
+        model = load_pretrained(cls, path, config=config, **model_kwargs)
     finally:
         cls._keys_to_ignore_on_load_unexpected, cls._keys_to_ignore_on_load_missing = saved
         hf_logging.set_verbosity(verbosity)
