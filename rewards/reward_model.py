@@ -74,6 +74,21 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_device(device: str, path: Any) -> str:
+    """`device` if torch can place the model there; a RewardError naming it otherwise (a typo or
+    `cuda` on a machine without CUDA would otherwise fail deep inside `model.to`)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise RewardError(f"reward_model: {path}: device {device!r}: {e}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise RewardError(f"reward_model: {path}: device {device!r}, but torch sees "
+                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s)")
+    return device
+
+
 def load_reward_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32"
                       ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a reward-model directory, loaded once per (path, device, dtype)."""
@@ -84,7 +99,11 @@ def load_reward_model(path: str | os.PathLike, device: str | None = None, dtype:
     if not (p / "config.json").is_file():
         raise RewardError(f"reward_model: {path} is not a model directory (no config.json); train one with "
                           "`dsv3-posttrain rm train`")
-    device = device or _default_device()
+    device = _check_device(device or _default_device(), path)
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise RewardError(f"reward_model: {path}: dtype must name a torch floating-point type (float32, bfloat16, "
+                          f"float16), got {dtype!r}")
     key = (str(p.resolve()), device, dtype)
     with _CACHE_LOCK:
         if key in _CACHE:
@@ -99,7 +118,10 @@ def load_reward_model(path: str | os.PathLike, device: str | None = None, dtype:
             tokenizer = AutoTokenizer.from_pretrained(p)
         except (OSError, ValueError) as e:
             raise RewardError(f"reward_model: {path}: cannot load its tokenizer: {e}") from None
-        model = AutoModelForSequenceClassification.from_pretrained(p, dtype=getattr(torch, dtype))
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch_dtype)
+        except OSError as e:  # no or unreadable weight files: an unfinished or copied-in-part directory
+            raise RewardError(f"reward_model: {path}: cannot load its weights: {e}") from None
         model.to(device).eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -446,3 +446,19 @@ def test_backbone_loads_from_an_fp8_checkpoint(tiny_model_dir, tmp_path, monkeyp
     assert set(state) == set(ref)
     experts = "model.layers.1.mlp.experts.gate_up_proj"  # FP8-quantized: close to the bf16 source, not equal
     assert torch.allclose(state[experts], ref[experts], atol=0.05) and not torch.equal(state[experts], ref[experts])
+
+
+def test_reward_model_spec_bad_options_and_unfinished_directory(untrained_rm, tmp_path):
+    """Each was a traceback (AttributeError, RuntimeError, AssertionError, OSError) out of a GRPO recipe's
+    `reward_model:PATH(...)` or `rm score --device`."""
+    import shutil
+
+    for options, message in (("dtype='fp16'", "dtype must name a torch floating-point type .* got 'fp16'"),
+                             ("device='gpu'", "device 'gpu'"),
+                             ("device='cuda:7'", "device 'cuda:7', but torch sees")):
+        with pytest.raises(RewardError, match=message):
+            rewards.resolve(f"reward_model:{untrained_rm}({options})")
+    partial = tmp_path / "partial"
+    shutil.copytree(untrained_rm, partial, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(RewardError, match="partial: cannot load its weights"):
+        rewards.resolve(f"reward_model:{partial}")
