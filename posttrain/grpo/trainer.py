@@ -31,6 +31,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,18 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         """TRL's `rollout_func`: `prompts` holds each prompt once per completion wanted (TRL's
         sampler repeats it G times in a row); consecutive copies are sampled as one group."""
         prompt_ids = [self._tokenize_prompt(p) for p in prompts]
-        groups: list[tuple[list[int], int]] = []
-        for ids in prompt_ids:
+        # TRL lays each group's G copies out consecutively over the global batch and hands every rank an equal
+        # slice of it, so a group straddles two ranks when a rank's batch is not a multiple of G. Each part is
+        # seeded by the place of its first sample in the group: with the same seed, both ranks would draw the
+        # same samples and the group would hold duplicates.
+        G = self.num_generations if self.model.training else self.num_generations_eval
+        first_row = self.accelerator.process_index * len(prompts)
+        groups: list[tuple[list[int], int, int]] = []  # (prompt ids, samples, place of the first one in its group)
+        for i, ids in enumerate(prompt_ids):
             if groups and groups[-1][0] == ids:
-                groups[-1] = (ids, groups[-1][1] + 1)
+                groups[-1] = (ids, groups[-1][1] + 1, groups[-1][2])
             else:
-                groups.append((ids, 1))
+                groups.append((ids, 1, (first_row + i) % G))
         sampling = SamplingSettings(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -171,21 +178,24 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
             max_tokens=self.max_completion_length,
             stop_token_ids=[self.processing_class.eos_token_id],
             ignore_eos=self.rollout_ignore_eos,
-            # per step and per prompt: a rerun, a resumed run or a different number of ranks samples the same
+            # per step and per prompt: a rerun, a resumed run or a different number of ranks (each holding whole
+            # groups) samples the same
             seed=round_seed(None if self.args.seed is None else self.args.seed * 1_000_003 + self.state.global_step,
                             self._sampling_round),  # extra rounds of dynamic sampling: the round folded in
         )
         t0 = time.perf_counter()
         completion_ids: list[list[int]] = []
         logprobs: list[list[float]] = []
-        by_n: dict[int, list[int]] = defaultdict(list)
-        for gi, (_, n) in enumerate(groups):
-            by_n[n].append(gi)
+        by_part: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for gi, (_, n, place) in enumerate(groups):
+            by_part[n, place].append(gi)
         results: dict[int, list] = {}
         spec_counts = getattr(self.engine, "spec_decode_counts", None)  # a speculating engine's (drafted, accepted)
         spec_before = spec_counts() if spec_counts is not None else None
-        for n, gis in by_n.items():
-            outs = self.engine.generate([groups[g][0] for g in gis], n, sampling)
+        for (n, place), gis in by_part.items():
+            part = sampling if place == 0 or sampling.seed is None else \
+                replace(sampling, seed=sampling.seed + place * 1_000_000_009)
+            outs = self.engine.generate([groups[g][0] for g in gis], n, part)
             results.update(zip(gis, outs))
         if spec_before is not None:  # MTP-speculative rollouts: the engine's own draft acceptance
             drafted, accepted = (after - before for after, before in zip(spec_counts(), spec_before))
