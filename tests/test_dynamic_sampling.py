@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from posttrain.grpo.dynamic_sampling import (TopUp, concat_batches, extra_prompt_indices, group_rows,
-                                             groups_with_spread, round_seed, select_rows)
+                                             groups_with_spread, round_seed, select_rows, split_draw)
 
 
 def parity_reward(prompts, completions, answer, **kwargs):
@@ -81,14 +81,24 @@ def test_top_up_across_ranks_runs_until_every_rank_is_full():
 
 
 def test_extra_prompt_draws_are_deterministic_distinct_and_skip_the_batch():
-    a = extra_prompt_indices(5, 100, seed=0, step=3, round_index=1, rank=0, skip=lambda i: i % 2 == 0)
-    assert a == extra_prompt_indices(5, 100, seed=0, step=3, round_index=1, rank=0, skip=lambda i: i % 2 == 0)
+    a = extra_prompt_indices(5, 100, seed=0, step=3, round_index=1, skip=lambda i: i % 2 == 0)
+    assert a == extra_prompt_indices(5, 100, seed=0, step=3, round_index=1, skip=lambda i: i % 2 == 0)
     assert len(set(a)) == 5 and all(i % 2 for i in a)
-    others = [extra_prompt_indices(5, 100, 0, 3, 2, 0), extra_prompt_indices(5, 100, 0, 4, 1, 0),
-              extra_prompt_indices(5, 100, 0, 3, 1, 1), extra_prompt_indices(5, 100, 1, 3, 1, 0)]
-    assert all(o != a for o in others)  # round, step, rank and seed each change the draw
-    assert sorted(extra_prompt_indices(10, 10, 0, 0, 1, 0)) == list(range(10))
+    others = [extra_prompt_indices(5, 100, 0, 3, 2), extra_prompt_indices(5, 100, 0, 4, 1),
+              extra_prompt_indices(5, 100, 1, 3, 1)]
+    assert all(o != a for o in others)  # round, step and seed each change the draw
+    assert sorted(extra_prompt_indices(10, 10, 0, 0, 1)) == list(range(10))
     assert round_seed(12345, 0) == 12345 and round_seed(12345, 1) != 12345 and round_seed(None, 2) is None
+
+
+def test_one_draw_is_dealt_out_to_the_ranks_in_equal_disjoint_slices():
+    """Ranks drew their extra prompts each on their own, so two ranks could sample the same prompt in one
+    round — with the same seed, i.e. the same completions: a duplicated group in the batch."""
+    draw = extra_prompt_indices(4 * 2, 40, seed=0, step=1, round_index=1)
+    ranks = split_draw(draw, 2)
+    assert [len(r) for r in ranks] == [4, 4] and not set(ranks[0]) & set(ranks[1])
+    assert split_draw([7, 8, 9], 2) == [[7], [8]]  # uneven: every rank gets as many (TRL gathers need it)
+    assert split_draw([7], 2) == [[], []]  # fewer prompts left than ranks: no round at all
 
 
 def test_select_and_concat_repad_prompts_left_and_completions_right():
@@ -122,11 +132,15 @@ def _cfg(tmp_path: Path, model_dir: Path, **kw):
     return GRPORecipeConfig(**base)
 
 
-@pytest.mark.slow
-def test_tied_groups_are_dropped_and_refilled(tmp_path, tiny_model_dir, one_torch_thread):
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, tiny_model_dir, one_torch_thread):
     from posttrain.grpo.run import build_trainer
 
-    trainer = build_trainer(_cfg(tmp_path, tiny_model_dir))
+    return build_trainer(_cfg(tmp_path_factory.mktemp("dynamic_sampling"), tiny_model_dir))
+
+
+@pytest.mark.slow
+def test_tied_groups_are_dropped_and_refilled(trainer):
     ds = trainer.train_dataset
     even = [i for i in range(len(ds)) if int(ds[i]["answer"]) % 2 == 0]
     odd = [i for i in range(len(ds)) if int(ds[i]["answer"]) % 2 == 1]
@@ -146,6 +160,22 @@ def test_tied_groups_are_dropped_and_refilled(tmp_path, tiny_model_dir, one_torc
     assert all(prompts[i] == prompts[i - i % 4] for i in range(16))
     assert batch["num_items_in_batch"].item() == batch["completion_mask"].sum().item()
     assert math.isfinite(batch["advantages"].abs().sum().item()) and batch["advantages"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_a_batch_that_holds_every_prompt_trains_on_its_groups_with_spread(trainer, monkeypatch):
+    """No prompt left to top up with (a dataset no larger than the batch): the extra round had no rows and
+    TRL's scoring failed on them (IndexError in _generate_and_score_completions)."""
+    ds = trainer.train_dataset
+    even = [i for i in range(len(ds)) if int(ds[i]["answer"]) % 2 == 0][:2]
+    odd = [i for i in range(len(ds)) if int(ds[i]["answer"]) % 2 == 1][:2]
+    monkeypatch.setattr(trainer, "train_dataset", ds.select(even + odd))
+    inputs = [dict(trainer.train_dataset[i]) for i in range(4) for _ in range(4)]
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(inputs)
+    metrics = trainer._metrics["train"]
+    assert metrics["sampling/rounds"][-1] == 1 and metrics["sampling/groups_kept"][-1] == 2
+    assert batch["completion_ids"].shape[0] == 8 and batch["advantages"].abs().sum() > 0
 
 
 @pytest.mark.slow

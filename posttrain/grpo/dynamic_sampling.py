@@ -8,9 +8,10 @@ the batch is full of groups with spread. Here, in `V3GRPOTrainer._generate_and_s
 1. TRL's batch (its RepeatSampler's prompts) is generated and scored as usual (round 1);
 2. groups without spread are dropped (`groups_with_spread` on the rewards TRL computed);
 3. while a rank has fewer groups than its batch holds, another engine call samples more prompts,
-   drawn from the training set by `extra_prompt_indices` — a pure function of (seed, step, round,
-   rank), so a resumed run draws the same — and seeded by round (see `round_seed`); at most
-   `max_sampling_rounds` rounds in all;
+   drawn from the training set by `extra_prompt_indices` — a pure function of (seed, step, round),
+   so a resumed run draws the same; one draw for all ranks, dealt out by `split_draw`, none of it a
+   prompt of this step's batch on any rank — and seeded by round (see `round_seed`); at most
+   `max_sampling_rounds` rounds in all, fewer when the dataset has no unsampled prompt left;
 4. the first groups with spread fill the batch, in round order. If the rounds run out first, the
    batch is trained on the groups with spread it has (smaller), or, when there are none at all, on
    round 1's batch unchanged (zero advantages: no policy gradient, only the MTP and balancing terms).
@@ -128,12 +129,12 @@ def round_seed(step_seed: int | None, round_index: int) -> int | None:
     return step_seed + round_index * 1_000_000_007
 
 
-def extra_prompt_indices(n: int, dataset_size: int, seed: int | None, step: int, round_index: int, rank: int,
+def extra_prompt_indices(n: int, dataset_size: int, seed: int | None, step: int, round_index: int,
                          skip=lambda i: False) -> list[int]:
     """`n` distinct dataset indices for an extra round, none for which `skip(i)` holds (e.g. prompts
     already in this step's batch): a pure function of its arguments, so a rerun and a resumed run
     draw the same. Fewer when the dataset runs out."""
-    rng = random.Random(f"dynamic-sampling|{seed}|{step}|{round_index}|{rank}")
+    rng = random.Random(f"dynamic-sampling|{seed}|{step}|{round_index}")
     out: list[int] = []
     # a random order of the whole dataset, walked lazily: no O(dataset) work for a small draw
     for i in rng.sample(range(dataset_size), dataset_size) if dataset_size <= 4 * n + 64 else _lazy_order(rng, dataset_size):
@@ -142,6 +143,16 @@ def extra_prompt_indices(n: int, dataset_size: int, seed: int | None, step: int,
             if len(out) == n:
                 break
     return out
+
+
+def split_draw(indices: list[int], world: int) -> list[list[int]]:
+    """One draw for all ranks (`extra_prompt_indices` of every rank's need together), dealt out in equal
+    slices, rank order: no two ranks sample the same prompt in a round (they would sample it with the same
+    seed, i.e. the same completions), and every rank gets as many prompts as the others, as TRL's
+    gathers need. What does not split evenly is left out; all slices are empty when fewer than `world`
+    prompts are left."""
+    per_rank = len(indices) // world
+    return [indices[r * per_rank:(r + 1) * per_rank] for r in range(world)]
 
 
 def _lazy_order(rng: random.Random, size: int):
@@ -202,4 +213,4 @@ def concat_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str
 
 
 __all__ = ["TopUp", "concat_batches", "extra_prompt_indices", "group_rows", "groups_with_spread", "round_seed",
-           "select_rows"]
+           "select_rows", "split_draw"]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
@@ -51,7 +52,7 @@ from ..layout import weights_for_engine
 from ..modeling import IGNORE_INDEX, DeepseekV3ForCausalLMWithMTP
 from .config import GRPORecipeConfig
 from .dynamic_sampling import (TopUp, concat_batches, extra_prompt_indices, group_rows, groups_with_spread,
-                               round_seed, select_rows)
+                               round_seed, select_rows, split_draw)
 from .mtp_control import MTPWeightController, split_mtp_param_groups
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,9 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
     def _dynamic_batch(self, inputs):
         """Dynamic sampling (DAPO §3.2; the pure parts and their rules are in dynamic_sampling.py):
         TRL's batch is generated and scored, groups whose rewards tie are dropped, and extra rounds of
-        prompts drawn by (seed, step, round, rank) are generated until every rank has its batch's
-        number of groups with spread, or `max_sampling_rounds` engine calls were made.
+        prompts drawn by (seed, step, round) and dealt out to the ranks are generated until every rank
+        has its batch's number of groups with spread, or `max_sampling_rounds` engine calls were made,
+        or no prompt of the dataset is left unsampled this step.
 
         Metrics: TRL's per-batch metrics (reward, completion lengths, …) are those of the first
         round — the policy on TRL's own draw of prompts, as without dynamic sampling — except
@@ -256,9 +258,14 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
                              f"groups of num_generations={G}")
         metrics = self._metrics["train"]
         rank = self.accelerator.process_index
-        topup = TopUp(target=len(inputs) // G, world=self.accelerator.num_processes, rank=rank)
+        world = self.accelerator.num_processes
+        topup = TopUp(target=len(inputs) // G, world=world, rank=rank)
         ds = self.train_dataset
-        used = {json.dumps(x["prompt"], sort_keys=True, default=str) for x in inputs}
+
+        def key(prompt: Any) -> str:
+            return json.dumps(prompt, sort_keys=True, default=str)
+
+        used = set(gather_object([key(x["prompt"]) for x in inputs]))  # the whole batch's, every rank's
         parts: list[dict[str, Any]] = []
         first = first_spread = mark = None
         round_inputs = inputs
@@ -279,12 +286,13 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
                     parts.append(select_rows(out, group_rows(keep, G), len(round_inputs)))
                 if topup.full or topup.rounds >= self.args.max_sampling_rounds:
                     break
-                idx = extra_prompt_indices(
-                    topup.next_draw(), len(ds), self.args.seed, self.state.global_step, topup.rounds, rank,
-                    skip=lambda i: json.dumps(ds[i]["prompt"], sort_keys=True, default=str) in used)
-                rows = [ds[i] for i in idx]
-                used.update(json.dumps(r["prompt"], sort_keys=True, default=str) for r in rows)
-                round_inputs = [dict(r) for r in rows for _ in range(G)]
+                drawn = split_draw(extra_prompt_indices(
+                    topup.next_draw() * world, len(ds), self.args.seed, self.state.global_step, topup.rounds,
+                    skip=lambda i: key(ds[i]["prompt"]) in used), world)
+                if not drawn[rank]:  # the dataset has no unsampled prompt left for a round (alike on every rank)
+                    break
+                used.update(key(ds[i]["prompt"]) for part in drawn for i in part)
+                round_inputs = [dict(ds[i]) for i in drawn[rank] for _ in range(G)]
         finally:
             self._sampling_round = 0
         rows_kept = sum(p["advantages"].shape[0] for p in parts)
