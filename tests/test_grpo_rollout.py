@@ -38,3 +38,16 @@ def test_a_group_split_over_two_ranks_gets_distinct_samples(trainer, monkeypatch
         halves += trainer._rollout([prompt, prompt], trainer)["completion_ids"]
     assert len(halves) == 4
     assert len({tuple(c) for c in halves}) == 4, halves
+
+
+def test_prompts_are_rendered_with_chat_template_kwargs(trainer, monkeypatch):
+    """`chat_template_kwargs` (DeepSeek-V3.1's template switches thinking mode with `thinking`) reach the
+    rollout's prompt as they reach TRL's own rendering; they were dropped, so the policy was sampled on
+    another prompt than the one asked for."""
+    tok = trainer.processing_class
+    monkeypatch.setattr(tok, "chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                                              "{% if thinking %}<think>{% endif %}")
+    monkeypatch.setattr(trainer, "chat_template_kwargs", {"thinking": True})
+    prompt = [{"role": "user", "content": "1 + 1?"}]
+    ids = trainer._tokenize_prompt(prompt)
+    assert tok.decode(ids).endswith("<think>")

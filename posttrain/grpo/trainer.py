@@ -153,7 +153,9 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
     def _tokenize_prompt(self, prompt: Any) -> list[int]:
         tok = self.processing_class
         if isinstance(prompt, list):
-            return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+            # `chat_template_kwargs` (e.g. DeepSeek-V3.1's `thinking`) as TRL renders prompts with them
+            return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                **self.chat_template_kwargs)["input_ids"])
         return list(tok(prompt, add_special_tokens=False)["input_ids"])
 
     def _rollout(self, prompts: list[Any], trainer: GRPOTrainer) -> dict[str, list]:
