@@ -32,6 +32,9 @@ def _load(tmp_path, *argv):
     (["--num_generations", "0"], "num_generations must be >= 2"),  # ZeroDivisionError inside TRL's __post_init__
     (["--num_generations", "1"], "num_generations must be >= 2"),
     (["--lr_scheduler_kwargs", "min_lr=1"], "'lr_scheduler_kwargs' expects a mapping"),
+    # TRL's sampling options that the rollout engines do not take: they were dropped silently
+    (["--repetition_penalty", "1.1"], "repetition_penalty=1.1 is not applied by the rollout engines"),
+    (["--min_p", "0.05"], "min_p=0.05 is not applied by the rollout engines"),
 ])
 def test_bad_values_are_config_errors_naming_the_field(argv, message, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message)):
