@@ -136,3 +136,23 @@ def test_config_rejects_a_learning_rate_that_is_not_positive(tmp_path):
     assert build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_learning_rate": "1e-3"}).mtp_learning_rate == 1e-3
     with pytest.raises(ConfigError, match="mtp_learning_rate"):
         build_config(GRPORecipeConfig, {"output_dir": str(tmp_path), "mtp_learning_rate": 0})
+
+
+def test_the_grpo_trainer_feeds_the_controller_the_acceptance_of_all_ranks(tmp_path, tiny_model_dir, monkeypatch):
+    """Each rank's controller saw only its own rank's acceptance, so λ drifted apart between ranks (seen with 2
+    processes: 1.0 on one, 0.40 on the other after 10 steps). Here a second rank is stood in for by the sum
+    `accelerator.reduce` returns: its 9 hits of 10 join this rank's 1 of 10."""
+    from accelerate import Accelerator
+
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.grpo.run import build_trainer
+
+    cfg = GRPORecipeConfig(output_dir=str(tmp_path / "grpo"), model_name_or_path=str(tiny_model_dir), use_vllm=False,
+                           per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_prompts=8,
+                           beta=0.0, mtp_loss_weight="auto", save_strategy="no", report_to="none")
+    trainer = build_trainer(cfg)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction: t + t.new_tensor([9, 10, 0, 0]))
+    trainer._accept_counts = [1, 10]
+    trainer._update_mtp_weight()
+    assert trainer.mtp_controller.warmup == [pytest.approx(0.5)]

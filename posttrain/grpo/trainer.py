@@ -442,11 +442,16 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         (`mtp_loss_weight: auto`) — the engine's own (`rollout/spec_accept_rate`) when it measured
         its drafts this step, else the trainer's `mtp/accept_rate`."""
         hits, total = self._accept_counts
-        spec = self._spec_rates
+        spec_sum, spec_n = sum(self._spec_rates), len(self._spec_rates)
         self._accept_counts, self._spec_rates = [0, 0], []
         if self.mtp_controller is None:
             return
-        rate = sum(spec) / len(spec) if spec else (hits / total if total else None)
+        if self.accelerator.num_processes > 1:
+            # one λ for every rank: the step's acceptance over the global batch. On its own rank's samples each
+            # controller drifted to its own λ (DDP then trained on their mean; rank 0's was logged and saved).
+            counts = torch.tensor([hits, total, spec_sum, spec_n], dtype=torch.float64, device=self.accelerator.device)
+            hits, total, spec_sum, spec_n = self.accelerator.reduce(counts, reduction="sum").tolist()
+        rate = spec_sum / spec_n if spec_n else (hits / total if total else None)
         self.mtp_controller.update(rate)
 
     # -- resume ----------------------------------------------------------------------------------
