@@ -178,3 +178,29 @@ def test_raw_ue8m0_byte_scales_are_written_as_exponent_bytes(tmp_path):
     reloaded, _ = load_fp8_checkpoint(tmp_path / "out", torch.float32)
     err = (reloaded[KV_A] - state[KV_A]).abs().max() / state[KV_A].abs().max()
     assert err <= 1 / 16 + 1e-6, err  # e4m3: half a step at the top of a binade (3 mantissa bits)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="torch without float8_e8m0fnu")
+def test_e8m0_scales_without_scale_fmt_are_requantized_to_powers_of_two(tmp_path):
+    """Scales stored as float8_e8m0fnu (F8_E8M0, which the loader reads) in a checkpoint whose config names no
+    `scale_fmt`: a re-quantized weight got amax/448 scales cast to e8m0, i.e. rounded to a power of two after its
+    fp8 values had been computed with the exact scale -- the saved weight was off by up to 2x (25% measured)."""
+    from safetensors.torch import load_file, save_file
+
+    src = write_synthetic_checkpoint(tmp_path / "src", fp8=True, scale_fmt="ue8m0", shard_bytes=10_000_000)
+    config = json.loads((src / "config.json").read_text())
+    del config["quantization_config"]["scale_fmt"]
+    (src / "config.json").write_text(json.dumps(config))
+    for f in src.glob("*.safetensors"):
+        state = load_file(f)
+        for k in [k for k in state if k.endswith("_scale_inv")]:
+            state[k] = state[k].to(torch.float8_e8m0fnu)  # powers of two: exact
+        save_file(state, f, metadata={"format": "pt"})
+    state, meta = load_fp8_checkpoint(src, torch.float32)
+    assert meta.scale_fmt is None
+    state[KV_A] = state[KV_A] * 1.01
+    save_fp8_checkpoint(state, meta, tmp_path / "out")
+    assert _read_all(tmp_path / "out")[KV_A + "_scale_inv"][1].dtype == torch.float8_e8m0fnu
+    reloaded, _ = load_fp8_checkpoint(tmp_path / "out", torch.float32)
+    err = (reloaded[KV_A] - state[KV_A]).abs().max() / state[KV_A].abs().max()
+    assert err <= 1 / 16 + 1e-6, err  # e4m3: half a step at the top of a binade (3 mantissa bits)

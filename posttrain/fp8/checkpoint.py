@@ -82,6 +82,9 @@ class _ShardReader:
         self._handles.clear()
 
 
+# scale dtypes that store only powers of two (UE8M0)
+_POW2_SCALE_DTYPES = {torch.uint8, *([torch.float8_e8m0fnu] if hasattr(torch, "float8_e8m0fnu") else [])}
+
 # safetensors header dtype names -> torch dtypes (read without loading a tensor)
 _SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -216,8 +219,9 @@ def _quantize_for_save(
         if orig is not None and orig[0].shape == master.shape:
             if torch.equal(dequantize_blockwise(orig[0], orig[1], meta.block, master.dtype), master):
                 return orig
-    # raw UE8M0 bytes can only hold powers of two: quantize with such scales whatever the config says
-    q, s = quantize_blockwise(master, meta.block, "ue8m0" if scale_dtype == torch.uint8 else meta.scale_fmt)
+    # UE8M0 scale storage (raw exponent bytes, float8_e8m0fnu) holds only powers of two: quantize with such
+    # scales whatever the config says, or the stored scale is rounded after the fp8 values were computed
+    q, s = quantize_blockwise(master, meta.block, "ue8m0" if scale_dtype in _POW2_SCALE_DTYPES else meta.scale_fmt)
     return q, scale_from_float32(s, scale_dtype)
 
 
