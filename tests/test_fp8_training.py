@@ -25,7 +25,7 @@ from posttrain.fp8.quant import (
     scale_grid_shape,
 )
 from data_pipelines.arith_task import sft_rows
-from posttrain.fp8.training import fp8_source, load_pretrained
+from posttrain.fp8.training import fp8_source, is_fp8_checkpoint, load_pretrained
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
 from posttrain.recipe import build_config
 from posttrain.sft import SFTRecipeConfig, build_trainer, run_sft
@@ -182,6 +182,33 @@ def test_fp8_recipe_fields_are_validated(tiny_model_dir, sft_data, tmp_path):
         GRPORecipeConfig(output_dir=str(tmp_path), fp8_backward="e5m2")
     with pytest.raises(ConfigError, match="use_lora"):
         build_trainer(_sft_cfg(tiny_model_dir, sft_data, tmp_path / "l", fp8=True, use_lora=True, max_train_samples=8))
+
+
+def test_an_fp8_checkpoint_named_by_its_hub_id_goes_through_our_loader(tmp_path, tiny_model_dir, monkeypatch):
+    """`model_name_or_path: org/name` (recipes/grpo-deepseek-v3.yaml: deepseek-ai/DeepSeek-V3) of a block-FP8
+    checkpoint was left to transformers' FP8 loading, the very path load_pretrained avoids: the tiny preset's
+    576-row kv_a_proj_with_mqa failed ("Weight shape (576, 128) not divisible by scale grid (5, 1)"). A Hub id
+    is resolved to its snapshot (here a prepared offline cache) and dequantized by our loader."""
+    import shutil
+
+    src = _fp8_checkpoint(tmp_path / "src", tiny_model_dir)
+    repo = tmp_path / "hub" / "models--org--tiny-fp8"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(src, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+    model = load_pretrained(DeepseekV3ForCausalLMWithMTP, "org/tiny-fp8", dtype=torch.float32)
+    assert fp8_source(model) is not None
+    assert is_fp8_checkpoint("org/tiny-fp8") and not is_fp8_checkpoint("org/not-cached")
+    assert is_fp8_checkpoint(model.config._name_or_path)  # TRL's reference model loads the same way
+    stored, kv_a = _tensors(src), "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    want = dequantize_blockwise(stored[kv_a], stored[scale_name_for(kv_a)], out_dtype=torch.float32)
+    assert torch.equal(model.state_dict()[kv_a], want)
 
 
 # ---------------------------------------------------------------------------------------------

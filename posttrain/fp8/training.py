@@ -31,6 +31,7 @@ The one place where the FP8 building blocks of this package meet the trainers:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -45,7 +46,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..modeling import unwrap_model
 from .checkpoint import FP8CheckpointMeta, open_fp8_checkpoint, save_fp8_checkpoint
-from .layout import INDEX_FILE, read_config
+from .layout import CONFIG_FILE, INDEX_FILE, read_config
 from .linear import FP8Recipe, swap_linears_to_fp8
 
 __all__ = [
@@ -66,12 +67,29 @@ FP8_BACKWARDS = ("fp8", "bf16")
 ASYNC_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers at each load
 
 
-def is_fp8_checkpoint(path: str | os.PathLike | None) -> bool:
-    """True for a local directory whose ``config.json`` declares DeepSeek's block FP8."""
-    if not path or not Path(path).is_dir():
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")  # from_pretrained's, passed on to the Hub
+
+
+def _checkpoint_config(path: str | os.PathLike, **hub_kwargs: Any) -> dict:
+    """``config.json`` of a local directory, or of a Hub id (fetched as from_pretrained would); {} if unreadable."""
+    if Path(path).is_dir():
+        return read_config(path)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        config = json.loads(Path(hf_hub_download(str(path), CONFIG_FILE, **hub_kwargs)).read_text())
+    except (OSError, ValueError, EntryNotFoundError):  # no such repo, offline and not cached, not a repo id ...
+        return {}  # from_pretrained then says what is wrong
+    return config if isinstance(config, dict) else {}
+
+
+def is_fp8_checkpoint(path: str | os.PathLike | None, **hub_kwargs: Any) -> bool:
+    """True for a checkpoint (a local directory or a Hub id) whose ``config.json`` declares DeepSeek's block FP8."""
+    if not path:
         return False
-    qc = read_config(path).get("quantization_config") or {}
-    return qc.get("quant_method") == "fp8"
+    qc = _checkpoint_config(path, **hub_kwargs).get("quantization_config") or {}
+    return isinstance(qc, dict) and qc.get("quant_method") == "fp8"
 
 
 def fp8_row_multiple(device_type: str) -> int | None:
@@ -105,8 +123,17 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     checkpoints are plain high-precision ones), and the checkpoint's metadata is kept on the
     model for :func:`finalize_fp8_export`. It also installs :func:`install_trl_reference_loader`.
     """
-    if not is_fp8_checkpoint(path):
+    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
+    if not is_fp8_checkpoint(path, **hub_kwargs):
         return cls.from_pretrained(path, **kwargs)
+    if not Path(path).is_dir():
+        # a Hub id (deepseek-ai/DeepSeek-V3 is block FP8): our loader reads local shards, so fetch them as
+        # from_pretrained would; left to transformers they go through the dequantizer this loader replaces
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"], **hub_kwargs)
+        for k in _HUB_KWARGS:
+            kwargs.pop(k, None)
     from transformers import AutoConfig, GenerationConfig
 
     dtype = kwargs.pop("dtype", torch.float32)
