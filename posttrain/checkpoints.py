@@ -231,22 +231,60 @@ def load_deepseek_checkpoint(model: "torch.nn.Module", checkpoint_dir: str | Pat
     adapter or FSDP-native checkpoint: the caller falls back to Trainer's loading).
 
     The one resume path of SFT, GRPO and the reward model: transformers' Trainer (5.19) reloads
-    with `load_state_dict(strict=False)`, which silently skips the per-expert tensors."""
-    from safetensors.torch import load_file
+    with `load_state_dict(strict=False)`, which silently skips the per-expert tensors.
 
-    from .distributed import load_full_state_dict
+    The names and shapes are checked against the model from the files' headers first, then the
+    tensors are read one decoder layer at a time (the grouping of the weight sync): host memory holds
+    one layer and its fused copy, not the whole checkpoint twice -- 5.5 TB per rank for V3's fp32
+    master weights. Under FSDP2 only rank 0 reads, and broadcasts each layer into the other ranks'
+    shards (a collective: every rank calls this)."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    from . import distributed
     from .errors import UserError
-    from .layout import from_deepseek_layout
+    from .layout import from_deepseek_layout, layer_group, layer_group_order
     from .modeling import unwrap_model
 
     files = sorted(Path(checkpoint_dir).glob("model*.safetensors"))
     if not files:
         return False
-    state: dict = {}
-    for f in files:
-        state.update(load_file(str(f), device="cpu"))
-    try:
-        load_full_state_dict(unwrap_model(model), from_deepseek_layout(state), strict=True)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"checkpoint {checkpoint_dir} does not match the model: {e}") from None
+    live = unwrap_model(model)
+    sharded = distributed.model_is_sharded(live)
+    reads = not sharded or not dist.is_initialized() or dist.get_rank() == 0
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files]
+        where = {name: h for h in handles for name in h.keys()}
+        # every rank plans the same groups from the headers, so the collectives below pair up
+        groups: dict[str, list[str]] = {}
+        for name in where:
+            groups.setdefault(layer_group(name), []).append(name)
+        try:
+            planned = from_deepseek_layout(
+                {n: torch.empty(where[n].get_slice(n).get_shape(), device="meta") for n in where})
+        except ValueError as e:
+            raise UserError(f"checkpoint {checkpoint_dir} does not match the model: {e}") from None
+        _check_same_tensors(checkpoint_dir, planned, live.state_dict())
+        for group in sorted(groups, key=layer_group_order):
+            state = from_deepseek_layout({n: where[n].get_tensor(n) for n in groups[group]}) if reads else {}
+            distributed.load_full_state_dict(live, state, strict=False, from_rank0=sharded)
+            del state
     return True
+
+
+def _check_same_tensors(checkpoint_dir: str | Path, planned: dict, live: dict) -> None:
+    """What a strict `load_state_dict` checks (the same names, the same shapes), before anything is read."""
+    from .errors import UserError
+
+    problems = []
+    if missing := sorted(set(live) - set(planned)):
+        problems.append(f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    if unexpected := sorted(set(planned) - set(live)):
+        problems.append(f"unexpected {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
+    problems += [f"{k} has shape {tuple(planned[k].shape)} in the checkpoint, {tuple(live[k].shape)} in the model"
+                 for k in sorted(set(planned) & set(live)) if tuple(planned[k].shape) != tuple(live[k].shape)]
+    if problems:
+        raise UserError(f"checkpoint {checkpoint_dir} does not match the model: {'; '.join(problems)}")

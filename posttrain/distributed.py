@@ -53,14 +53,18 @@ def model_is_sharded(model: torch.nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
-def load_full_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
-    """Loads full (unsharded) tensors into `model`, sharded or not. Every rank passes the full state."""
+def load_full_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True,
+                         from_rank0: bool = False) -> None:
+    """Loads full (unsharded) tensors into `model`, sharded or not. Every rank passes the full state,
+    or, with `from_rank0` on a sharded model, rank 0 does and the others pass {} and receive each
+    tensor by broadcast (a collective then). `strict=False` loads a subset, e.g. one layer."""
     if not model_is_sharded(model):
         model.load_state_dict(dict(state), strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=strict))
+    options = StateDictOptions(full_state_dict=True, strict=strict, broadcast_from_rank0=from_rank0)
+    set_model_state_dict(model, dict(state), options=options)
 
 
 def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

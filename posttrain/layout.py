@@ -39,15 +39,25 @@ def to_deepseek_layout(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
     return revert_weight_conversion(model, dict(state_dict))
 
 
+def layer_group(name: str) -> str:
+    """The decoder layer a tensor belongs to ("0", "1", ...; MTP layers after the main ones), or "_top"
+    (embedding, final norm, head): the unit in which weights are streamed (sync, resume)."""
+    m = _LAYER_KEY.match(name)
+    return m.group(1) if m else "_top"
+
+
+def layer_group_order(group: str) -> tuple[bool, int]:
+    """Sort key of `layer_group`s: "_top" first, then the layers in order."""
+    return (group != "_top", int(group) if group.isdigit() else -1)
+
+
 def iter_deepseek_layout(model: nn.Module, detach: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Streams the DeepSeek-layout tensors one decoder layer at a time (weight sync to vLLM), so
     that at most one layer's converted (and, under FSDP2, gathered) copy exists at once."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
-        m = _LAYER_KEY.match(name)
-        key = m.group(1) if m else "_top"
-        groups.setdefault(key, {})[name] = tensor.detach() if detach else tensor
-    for key in sorted(groups, key=lambda k: (k != "_top", int(k) if k.isdigit() else -1)):
+        groups.setdefault(layer_group(name), {})[name] = tensor.detach() if detach else tensor
+    for key in sorted(groups, key=layer_group_order):
         # Under FSDP2 each layer is all-gathered here, one at a time: every rank must consume the
         # generator to the end, in step with the others.
         yield from to_deepseek_layout(model, full_tensors(groups[key])).items()

@@ -18,6 +18,7 @@ makes torch.distributed's accelerator detection answer CPU, as a CPU build of to
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -58,8 +59,51 @@ def force_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
+def trace_checkpoint_reads(log_path: str) -> None:
+    """Test-only (POSTTRAIN_TEST_READ_LOG): appends "RANK BYTES" to `log_path` for every tensor this rank
+    reads from a safetensors file in a checkpoint-N directory, so that a test can see which ranks read a
+    resumed checkpoint."""
+    import safetensors
+    import safetensors.torch
+
+    real = safetensors.safe_open
+
+    class Traced:
+        def __init__(self, filename, *args, **kwargs):
+            self._file, self._traced = real(filename, *args, **kwargs), "checkpoint-" in str(filename)
+
+        def __enter__(self):
+            self._file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._file.__exit__(*exc)
+
+        def _record(self, tensors):
+            if self._traced:
+                with open(log_path, "a") as f:
+                    f.writelines(f"{os.environ.get('RANK', '0')} {t.numel() * t.element_size()}\n" for t in tensors)
+
+        def get_tensor(self, name):
+            tensor = self._file.get_tensor(name)
+            self._record([tensor])
+            return tensor
+
+        def get_tensors(self):  # safetensors.torch.load_file
+            tensors = self._file.get_tensors()
+            self._record(tensors.values())
+            return tensors
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    safetensors.safe_open = safetensors.torch.safe_open = Traced
+
+
 if __name__ == "__main__":
     force_fsdp_on_cpu()
+    if os.environ.get("POSTTRAIN_TEST_READ_LOG"):
+        trace_checkpoint_reads(os.environ["POSTTRAIN_TEST_READ_LOG"])
     import cli
 
     cli.entry()  # as `python cli.py` ends, launched ranks included

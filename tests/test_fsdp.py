@@ -49,11 +49,11 @@ def _env() -> dict[str, str]:
 
 
 def _launch(config: str, nproc: int, args: list[str], *, shim: bool = True, extra: list[str] = (),
-            expect_rc: int = 0, port: int = 29541) -> subprocess.CompletedProcess:
+            expect_rc: int = 0, port: int = 29541, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
            "--num_machines", "1", "--num_processes", str(nproc), "--main_process_port", str(port), *extra,
            str(SHIM if shim else ROOT / "cli.py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), **(env or {})}, timeout=900, cwd=ROOT)
     if r.returncode != expect_rc:
         pytest.fail(f"{' '.join(cmd[4:12])} ... exited {r.returncode}, expected {expect_rc}\n--- stderr (tail) ---\n"
                     f"{r.stderr[-6000:]}\n--- stdout (tail) ---\n{r.stdout[-2000:]}", pytrace=False)
@@ -166,16 +166,25 @@ def test_fsdp2_checkpoint_is_the_deepseek_layout_and_loads_in_transformers(sft_r
 
 def test_fsdp2_resume_in_fresh_processes_equals_the_uninterrupted_run(sft_runs, tiny_model_dir, sft_data, tmp_path):
     """Restart from checkpoint-2 of the 2-process run (model weights through the DeepSeek-layout
-    loader into the sharded model, FSDP optimizer state, RNG): steps 3 and 4 log the same losses."""
+    loader into the sharded model, FSDP optimizer state, RNG): steps 3 and 4 log the same losses.
+    Only rank 0 reads the checkpoint's weights, once (each rank reading all of them held the whole
+    model twice per rank: 5.5 TB each for V3's fp32 master weights)."""
     import shutil
 
     out = tmp_path / "resumed"
     shutil.copytree(sft_runs["fsdp2"] / "checkpoint-2", out / "checkpoint-2")
     args = _sft_args(tiny_model_dir, sft_data, out, per_device=1) + ["--resume_from_checkpoint", "true"]
-    _launch("fsdp2-1node.yaml", 2, args, extra=["--mixed_precision", "no"])
+    reads = tmp_path / "reads.log"
+    _launch("fsdp2-1node.yaml", 2, args, extra=["--mixed_precision", "no"], env={"POSTTRAIN_TEST_READ_LOG": str(reads)})
     uninterrupted, resumed = _log(sft_runs["fsdp2"]), _log(out)
     assert sorted(resumed) == [1, 2, 3, 4]
     assert [resumed[s] for s in (3, 4)] == [uninterrupted[s] for s in (3, 4)]
+    by_rank: dict[str, int] = {}
+    for line in reads.read_text().splitlines():
+        rank, size = line.split()
+        by_rank[rank] = by_rank.get(rank, 0) + int(size)
+    weights = sum(t.numel() * t.element_size() for t in _safetensors(out / "checkpoint-2").values())
+    assert by_rank == {"0": weights}, (by_rank, weights)
 
 
 def test_the_671b_config_runs_as_shipped(tmp_path, tiny_model_dir, sft_data):
