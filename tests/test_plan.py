@@ -329,3 +329,51 @@ def test_bad_flags_and_missing_cluster_are_user_errors():
         main_plan(["--model", "tiny", "--pp", "8"])  # 8 stages for 2 layers
     with pytest.raises(UserError, match=r"weights"):
         main_plan(["--weights", "fp16"])
+
+
+# The shipped GPU recipes, the accelerate config each is launched with, and the cluster file that sizes
+# it (None: the config's one node of 80 GiB GPUs). accelerate's FSDP2 has no expert, tensor or pipeline
+# parallelism, so each is planned as ZeRO-3 over all its GPUs.
+GPU_RECIPES = {
+    "sft-deepseek-v3.yaml": ("deepseek-v3", "fsdp2-deepseek-v3.yaml", "h200-32x8-fsdp"),
+    "grpo-deepseek-v3.yaml": ("deepseek-v3", "fsdp2-deepseek-v3.yaml", "h200-32x8-fsdp"),
+    "sft-moonlight-16b.yaml": ("moonlight-16b", "fsdp2-1node.yaml", None),
+    "grpo-moonlight-16b.yaml": ("moonlight-16b", "fsdp2-1node.yaml", None),
+}
+GRPO_PROMPT_TOKENS = 512  # ours: the recipes do not bound the prompts
+
+
+@pytest.mark.parametrize("recipe", sorted(GPU_RECIPES))
+def test_shipped_gpu_recipes_fit_the_gpus_they_are_launched_on(recipe):
+    """One micro-batch of the recipe, on the world its accelerate config launches, fits per the plan. TRL's
+    GRPO runs a whole micro-batch (per_device_train_batch_size completions) through one forward: 16 rows of
+    8.7k tokens on V3 planned at 480 GiB per GPU."""
+    from pathlib import Path
+
+    from posttrain.recipe import read_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    model, accelerate_config, cluster = GPU_RECIPES[recipe]
+    data = read_recipe(root / "recipes" / recipe)
+    launch = read_recipe(root / "recipes" / "accelerate" / accelerate_config)
+    world, nodes = launch["num_processes"], launch["num_machines"]
+    micro, ga = data["per_device_train_batch_size"], data["gradient_accumulation_steps"]
+    grpo = recipe.startswith("grpo-")
+    seq_len = data["max_completion_length"] + GRPO_PROMPT_TOKENS if grpo else data["max_length"]
+    overrides = {"cluster": {"nodes": nodes, "gpus_per_node": world // nodes},
+                 "parallel": {"tp": 1, "ep": 1, "pp": 1, "zero_stage": 3},
+                 "workload": {"micro_batch": micro, "seq_len": seq_len, "global_batch": micro * ga * world}}
+    if cluster is None:
+        overrides["cluster"]["memory_gib"] = 80
+        overrides["precision"] = {"weights": "bf16", "master": "fp32", "grads": "fp32", "moments": "fp32"}
+    else:  # the cluster file is this launch: its GPUs, its layout, the SFT recipe's batch
+        c, par, _, wl = load_setup(cluster)
+        assert (c.nodes, c.world) == (nodes, world), (cluster, accelerate_config)
+        assert (par.tp, par.ep, par.pp, par.zero_stage) == (1, 1, 1, 3)
+        if not grpo:
+            assert (wl.micro_batch, wl.seq_len, wl.global_batch) == (micro, seq_len, micro * ga * world)
+    c, par, prec, wl = load_setup(cluster, overrides)
+    if grpo and data.get("vllm_mode") == "colocate":  # the engine's share of each GPU is not the trainer's
+        c = dataclasses.replace(c, memory_gib=c.memory_gib * (1 - data["vllm_gpu_memory_utilization"]))
+    stage = make_plan(load_model_shape(model), c, par, prec, wl)["memory_stages"][0]
+    assert stage["fits"], f"{recipe}: {stage['total'] / 2**30:.1f} GiB per GPU planned, {c.memory_gib:g} GiB available"
