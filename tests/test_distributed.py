@@ -46,3 +46,33 @@ def test_plain_tensors_pass_through_unchanged():
     other = torch.nn.Linear(3, 2)
     load_full_state_dict(other, state)
     assert torch.equal(other.weight, layer.weight)
+
+
+def _configs(tmp_path, recipe: dict | None = None, every_stage: bool = True):
+    """SFT (and GRPO and RM) configs as a recipe would give them (no model is loaded)."""
+    import yaml
+
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.recipe import load_config
+    from posttrain.rm.config import RMRecipeConfig
+    from posttrain.sft.config import SFTRecipeConfig
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"gradient_accumulation_steps": 4, **(recipe or {})}))
+    return [load_config(schema, path, {"output_dir": str(tmp_path / schema.__name__)})
+            for schema in (SFTRecipeConfig, GRPORecipeConfig, RMRecipeConfig)[:3 if every_stage else 1]]
+
+
+def test_under_fsdp_gradient_accumulation_reduce_scatters_every_micro_batch(tmp_path, monkeypatch):
+    """Trainer's no_sync is FSDP2's set_requires_gradient_sync(False): every GPU would keep the whole
+    model's unsharded gradients until the last micro-batch (1.3 TB for V3). So an FSDP launch syncs each batch."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for cfg in _configs(tmp_path):
+        assert cfg.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}, type(cfg).__name__
+    # the recipe's own choice stands
+    mine = {"accelerator_config": {"gradient_accumulation_kwargs": {"sync_each_batch": False}}}
+    for cfg in _configs(tmp_path, mine, every_stage=False):
+        assert cfg.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": False}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # DDP keeps accelerate's no_sync (nothing is sharded)
+    for cfg in _configs(tmp_path, every_stage=False):
+        assert cfg.accelerator_config.gradient_accumulation_kwargs is None

@@ -17,7 +17,7 @@ from typing import Any
 from trl import RewardConfig
 
 from ..errors import ConfigError
-from ..trainer_args import RunDirFields
+from ..trainer_args import RunDirFields, sync_each_batch_under_fsdp
 from .data import BUILTIN_NAME, without_inline_split
 
 
@@ -104,6 +104,7 @@ class RMRecipeConfig(RunDirFields, RewardConfig):
         from engines.compat import prefer_regional_compilation
 
         prefer_regional_compilation(self)  # as SFT and GRPO (posttrain.trainer_args.apply_process_defaults)
+        sync_each_batch_under_fsdp(self)
         super().__post_init__()
 
     def effective_eval_dataset(self) -> tuple[str, str] | None:
