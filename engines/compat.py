@@ -193,6 +193,12 @@ TRL_REFERENCE_LOADER = ContactPoint(
     "engines.compat.apply_trl_reference_loader (from posttrain.fp8.training.install_trl_reference_loader)",
     "GRPO builds its reference model with transformers' FP8 loading, which gets partial 128x128 blocks wrong",
 )
+TRL_FSDP2_REFERENCE = ContactPoint(
+    "trl", TRL, "trl.trainer.grpo_trainer:prepare_fsdp", "patch", "engines.compat.apply_trl_fsdp2_reference",
+    "under FSDP2 TRL shards GRPO's reference model as one unit from the weights each rank holds: with RAM-efficient "
+    "loading only rank 0 holds any (the other ranks' shards are empty, KL != 0 at step 1), and every reference "
+    "forward gathers the whole model on each GPU",
+)
 TRL_EXPERIMENTAL_SILENCE = ContactPoint(
     "trl", TRL, "env:TRL_EXPERIMENTAL_SILENCE", "env", "engines.compat.silence_trl_rollout_func_warning",
     "rollout_func is experimental in TRL and would warn on every run",
@@ -346,7 +352,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     VLLM_API_SERVER, VLLM_SERVE_ARGS, VLLM_DEV_MODE, VLLM_CPU_SPEC_EXPAND, VLLM_KERNEL_OVERRIDES, VLLM_SPEC_DRAFTER,
     VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS, VLLM_GREEDY_EPS,
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
-    TRL_REFERENCE_LOADER, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT, TRL_VLLM_CLIENT_KWARGS,
+    TRL_REFERENCE_LOADER, TRL_FSDP2_REFERENCE, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT, TRL_VLLM_CLIENT_KWARGS,
     HF_LOAD_FROM_CHECKPOINT, HF_SAVE_CHECKPOINT, HF_GENERATION_CONFIG_FILL, HF_OUTPUT_DIR, HF_HUB_KERNEL_NAME,
     HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
     HF_RMS_NORM, HF_GROUPED_MM_EXPERTS, HF_DEFAULT_APPLY_GATE, HF_MLA_ATTENTION,
@@ -548,6 +554,46 @@ def apply_trl_reference_loader(handles: Callable[[str], bool], load: Callable[..
     _replace(grpo_module, "create_model_from_path", create_model_from_path)
 
 
+def prepare_fsdp2_reference(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """GRPO's reference model under FSDP2, prepared as the policy is (TRL_FSDP2_REFERENCE): accelerate's
+    `fsdp2_prepare_model` -- one FSDP unit per wrapped layer class the model has, and with RAM-efficient loading
+    the weights (buffers too, `fsdp2_load_full_state_dict` above) broadcast from rank 0. Frozen first, so that
+    mixed precision does not upcast it to fp32 master weights it never steps."""
+    from accelerate.utils import fsdp2_prepare_model
+
+    plugin = accelerator.state.fsdp_plugin
+    names = plugin.transformer_cls_names_to_wrap
+    present = {type(m).__name__ for m in model.modules()}
+    model.requires_grad_(False)
+    # the policy's classes; the reference (transformers' own class) has no MTP layer, which accelerate would refuse
+    plugin.transformer_cls_names_to_wrap = [n for n in names if n in present] if names else names
+    try:
+        model = fsdp2_prepare_model(accelerator, model)
+    finally:
+        plugin.transformer_cls_names_to_wrap = names
+    return model.eval()
+
+
+def apply_trl_fsdp2_reference() -> None:
+    """Route TRL's preparation of GRPO's reference model through `prepare_fsdp2_reference` under FSDP2
+    (TRL_FSDP2_REFERENCE); FSDP1 keeps TRL's. A no-op without TRL."""
+    try:
+        import trl.trainer.grpo_trainer as grpo_module
+    except ImportError:
+        return
+    original = _original(grpo_module, "prepare_fsdp")
+
+    def prepare_fsdp(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+        from torch.distributed.fsdp import FSDPModule
+
+        if accelerator.state.fsdp_plugin.fsdp_version != 2 or isinstance(model, FSDPModule):
+            return original(model, accelerator)
+        return prepare_fsdp2_reference(model, accelerator)
+
+    prepare_fsdp.__wrapped_original__ = original  # type: ignore[attr-defined]
+    _replace(grpo_module, "prepare_fsdp", prepare_fsdp)
+
+
 @contextlib.contextmanager
 def plain_lora_targets() -> Iterator[None]:
     """Within the block, peft's transformers-v5 MoE target remapping is off (PEFT_CONFIG_CONVERTER,
@@ -688,6 +734,7 @@ def prefer_regional_compilation(args: Any) -> None:
 def apply_training_patches() -> None:
     """The patches every trainer needs; called before `accelerator.prepare`."""
     apply_accelerate_fsdp2_loading()
+    apply_trl_fsdp2_reference()
     allow_side_effects_in_compiled_checkpointing()
 
 
@@ -699,6 +746,7 @@ __all__ = [
     "prefer_regional_compilation",
     "apply_training_patches",
     "apply_triton_interpreter_index",
+    "apply_trl_fsdp2_reference",
     "apply_trl_reference_loader",
     "apply_vllm_cpu_patches",
     "apply_vllm_cpu_rope",
@@ -711,6 +759,7 @@ __all__ = [
     "fsdp2_load_full_state_dict",
     "installed_version",
     "plain_lora_targets",
+    "prepare_fsdp2_reference",
     "restore",
     "run_engine_core_in_process",
     "silence_trl_rollout_func_warning",

@@ -241,7 +241,10 @@ def test_grpo_under_fsdp2_syncs_full_weights_into_each_ranks_engine(tmp_path, ti
     """Two ranks, each with its colocated vLLM engine: every sync all-gathers the sharded weights
     layer by layer into each engine. At step 2 the engine samples with step 1's weights, and its
     log-probs of the sampled tokens equal the trainer's (TRL's `sampling_logp_difference`) to
-    <= 1e-3 — with lr 1e-3 a missed or partial sync would show as a difference of order 0.1."""
+    <= 1e-3 — with lr 1e-3 a missed or partial sync would show as a difference of order 0.1.
+    The recipe's beta > 0 makes TRL build a reference model: at step 1 it is the policy, KL 0. (Sharded by
+    TRL as one unit from what each rank held, under RAM-efficient loading rank 1's shards were empty:
+    KL 0.03; now prepared as the policy is, weights broadcast from rank 0.)"""
     out = tmp_path / "grpo"
     args = ["grpo", "--recipe", str(ROOT / "recipes" / "grpo-tiny.yaml"), "--model_name_or_path", str(tiny_model_dir),
             "--max_steps", "2", "--num_generations", "4", "--max_completion_length", "12",
@@ -251,6 +254,7 @@ def test_grpo_under_fsdp2_syncs_full_weights_into_each_ranks_engine(tmp_path, ti
     diff = _log(out, "rollout/logprob_diff_max")
     assert sorted(diff) == [1, 2]
     assert diff[2] <= 1e-3, diff
+    assert _log(out, "kl")[1] == pytest.approx(0.0, abs=1e-6)
     state = _safetensors(out)
     assert "model.layers.2.eh_proj.weight" in state and not any("gate_up_proj" in k for k in state)
 
@@ -271,3 +275,4 @@ def test_an_fsdp_config_on_a_machine_without_gpus_stops_with_one_line(tmp_path, 
     # the ranks print no traceback; the one there is the launcher's report of their exit status 2
     assert r.stderr.count("Traceback") == 1 and "ChildFailedError" in r.stderr and "exitcode  : 2" in r.stderr
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
