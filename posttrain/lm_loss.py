@@ -285,6 +285,8 @@ def lm_head_cross_entropy(
       positional signature (hidden, weight, bias, targets, temperature, chunk_size, softcap,
       logit_scale, outputs) is TRL-internal, pinned with TRL. `chunk` is its vocabulary tile.
     Under autocast both compute the logits in the autocast dtype, as `lm_head` itself would.
+    A head that is not an `nn.Linear` (peft's LoRA wrapper of `lm_head`) runs its own forward, `chunk`
+    tokens at a time, whatever the backend.
 
     Only the valid positions are projected (prompt tokens and sample boundaries cost nothing); the
     selection is one host sync per call on CUDA (TRL's own fused head makes the same one).
@@ -294,6 +296,12 @@ def lm_head_cross_entropy(
     valid = flat_target != IGNORE_INDEX
     rows = valid.nonzero().squeeze(1)  # one host sync (boolean indexing of h and t would take two)
     h, t = flat_hidden.index_select(0, rows), flat_target.index_select(0, rows)
+    denominator = valid.sum().clamp(min=1) if num_items is None else num_items
+    if not isinstance(lm_head, nn.Linear):
+        # A wrapped head (peft's LoRA `lm_head`) computes more than its `.weight`, which is the frozen base
+        # weight: the kernels below would leave the adapter out of the loss, and it would never train.
+        total = _module_head_nll(lm_head, h, t, chunk or max(1, _CHUNK_ELEMS_CPU // lm_head.weight.shape[0]))
+        return total / (denominator.to(total.device) if isinstance(denominator, torch.Tensor) else denominator)
     weight, bias = lm_head.weight, lm_head.bias
     try:
         from torch.distributed.tensor import DTensor
@@ -321,7 +329,23 @@ def lm_head_cross_entropy(
         total = -log_probs.sum()
     else:
         raise ValueError(f"backend must be one of {LM_LOSS_BACKENDS}, got {backend!r}")
-    denominator = valid.sum().clamp(min=1) if num_items is None else num_items
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device)
     return total / denominator
+
+
+def _chunk_nll(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(lm_head(h).float(), t, reduction="sum")
+
+
+def _module_head_nll(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ -log p(target) through the head module's own forward, `rows` tokens at a time; each chunk's logits
+    are recomputed in the backward (activation checkpointing, RNG state kept for the adapter's dropout), so
+    no more than one chunk's logits are held, as with the kernels."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], rows):
+        total = total + checkpoint(_chunk_nll, lm_head, h[start:start + rows], t[start:start + rows],
+                                   use_reentrant=False)
+    return total

@@ -301,3 +301,26 @@ if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1 (the tests in this file do)")
     print(json.dumps(run_cases()))
+
+
+@pytest.mark.parametrize("backend", ["recompute", "fused"])
+def test_a_lora_wrapped_head_is_projected_through_its_adapter(backend):
+    """peft's LoRA `lm_head` is not an nn.Linear, and its `.weight` is the frozen base weight: read
+    directly, the loss left the adapter out and it never trained (SFT with `lora_target_modules:
+    [lm_head, ...]` exported an unchanged head)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    h, head, t = _problem(50, 8, 32)
+    holder = nn.Module()
+    holder.lm_head = head
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]), holder)
+    lora = holder.lm_head
+    with torch.no_grad():
+        lora.lora_B["default"].weight.normal_()  # a trained adapter: not the zero init
+    reference = nn.functional.cross_entropy(lora(h).float(), t, ignore_index=IGNORE_INDEX)
+    want = torch.autograd.grad(reference, [h, lora.lora_A["default"].weight, lora.lora_B["default"].weight])
+    loss = lm_head_cross_entropy(h, lora, t, backend=backend, chunk=16)
+    got = torch.autograd.grad(loss, [h, lora.lora_A["default"].weight, lora.lora_B["default"].weight])
+    torch.testing.assert_close(loss, reference)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
