@@ -789,6 +789,17 @@ def test_lora_trains_adapters_and_merges_on_export(tiny_model_dir, distill_dir, 
     DeepseekV3ForCausalLMWithMTP.from_pretrained(out)
 
 
+@pytest.mark.parametrize("alpha", [0, -16])
+def test_lora_alpha_must_be_positive(alpha, tmp_path):
+    """LoRA scales its update by lora_alpha / lora_r: at 0 the adapters got no gradient and a run trained
+    nothing but the biases (the export equalled the base model); below 0 the update's sign flipped."""
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"lora_alpha must be > 0 with use_lora, got {alpha}"):
+        load_config(SFTRecipeConfig, None,
+                    ["--output_dir", str(tmp_path), "--use_lora", "true", "--lora_alpha", str(alpha)])
+
+
 _VLLM_SCRIPT = """
 import json, sys
 from vllm import SamplingParams

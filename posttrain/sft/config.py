@@ -232,6 +232,9 @@ class SFTRecipeConfig(RunDirFields, V3TrainingFields, SFTConfig):
         if self.use_lora:
             if self.lora_r < 1:
                 raise ConfigError(f"lora_r must be >= 1 with use_lora, got {self.lora_r}")
+            if self.lora_alpha <= 0:
+                # the update is scaled by lora_alpha / lora_r: 0 leaves the adapters without gradient
+                raise ConfigError(f"lora_alpha must be > 0 with use_lora, got {self.lora_alpha}")
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
             if not self.lora_target_modules:
