@@ -800,6 +800,24 @@ def test_lora_alpha_must_be_positive(alpha, tmp_path):
                     ["--output_dir", str(tmp_path), "--use_lora", "true", "--lora_alpha", str(alpha)])
 
 
+@pytest.mark.parametrize("targets, message", [
+    (["q_a_proj", "o_prj"], "lora_target_modules: 'o_prj' names no module of this model"),
+    (["experts"], "lora_target_modules: 'experts' names .*DeepseekV3(NaiveMoe|Experts)"),
+    (["gate"], "lora_target_modules: 'gate' names .*DeepseekV3TopkRouter"),
+])
+def test_lora_targets_are_checked_against_the_model(targets, message, tiny_model_dir, tmp_path):
+    """A misspelt name among good ones was skipped silently by peft (that module simply did not train); all
+    misspelt, or a non-Linear module (the fused routed experts, the router), was a peft traceback."""
+    from posttrain.errors import ConfigError
+    from posttrain.sft.lora import apply_lora
+
+    cfg = build_config(SFTRecipeConfig,
+                       {"output_dir": str(tmp_path), "use_lora": True, "lora_target_modules": targets})
+    model = DeepseekV3ForCausalLMWithMTP.from_pretrained(tiny_model_dir)
+    with pytest.raises(ConfigError, match=message):
+        apply_lora(model, cfg)
+
+
 _VLLM_SCRIPT = """
 import json, sys
 from vllm import SamplingParams

@@ -14,9 +14,10 @@ from .config import SFTRecipeConfig
 
 
 def apply_lora(model: torch.nn.Module, cfg: SFTRecipeConfig):
-    """Wraps `model` in a peft `PeftModel` with adapters on `cfg.lora_target_modules` (nn.Linear only)."""
+    """Wraps `model` in a peft `PeftModel` with adapters on `cfg.lora_target_modules` (nn.Linear / nn.Embedding modules)."""
     from peft import LoraConfig, get_peft_model
 
+    check_lora_targets(model, cfg.lora_target_modules)
     config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -31,6 +32,26 @@ def apply_lora(model: torch.nn.Module, cfg: SFTRecipeConfig):
         # checkpointed blocks need an input that requires grad when the embeddings are frozen
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Each name in `targets` must match (as peft matches a list: the module's name or its last dotted parts)
+    at least one module, and only modules LoRA can wrap here (nn.Linear, nn.Embedding). peft itself skips a
+    name that matches nothing as long as another name matches, and fails with a traceback otherwise."""
+    from ..errors import ConfigError
+
+    wraps = (torch.nn.Linear, torch.nn.Embedding)
+    modules = list(model.named_modules())
+    wrappable = sorted({name.rsplit(".", 1)[-1] for name, m in modules if isinstance(m, wraps)})
+    for target in targets:
+        hits = [m for name, m in modules if name == target or name.endswith("." + target)]
+        if not hits:
+            raise ConfigError(f"lora_target_modules: {target!r} names no module of this model; LoRA can wrap "
+                              f"{', '.join(wrappable)}")
+        if kinds := sorted({type(m).__name__ for m in hits if not isinstance(m, wraps)}):
+            raise ConfigError(f"lora_target_modules: {target!r} names {', '.join(kinds)} module(s), which LoRA cannot "
+                              f"wrap (the fused routed experts and the router stay frozen under LoRA); it can wrap "
+                              f"{', '.join(wrappable)}")
 
 
 def merged_model(model: torch.nn.Module) -> torch.nn.Module:
