@@ -137,7 +137,11 @@ class SFTRecipeConfig(RunDirFields, V3TrainingFields, SFTConfig):
     # --- LoRA (item 7) ---------------------------------------------------------------------------
     use_lora: bool = field(
         default=False,
-        metadata={"help": "Train LoRA adapters (peft) instead of the full model; merged into the weights on export."},
+        metadata={"help": "Train LoRA adapters (peft) instead of the full model; merged into the weights on export. "
+                  "Only the lora_target_modules train (main layers and the MTP module alike); the fused routed "
+                  "experts, the router weights, norms, embedding, lm_head and the MTP eh_proj stay frozen unless "
+                  "named there (routed experts and router cannot be). The balancer still updates the routers' "
+                  "e_score_correction_bias and the MTP loss is still computed."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
