@@ -105,7 +105,9 @@ def cmd_convert(argv: list[str]) -> int:
     p.add_argument("direction", choices=["fp8-to-bf16", "bf16-to-fp8"])
     p.add_argument("src", help="input checkpoint directory")
     p.add_argument("dst", help="output checkpoint directory")
-    p.add_argument("--scale_fmt", default=None, choices=[None, "ue8m0"], help="bf16-to-fp8: power-of-two scales (V3.1)")
+    # `None` among the choices showed in --help as a value, which argparse then refused ("invalid choice: 'None'")
+    p.add_argument("--scale_fmt", default=None, choices=["ue8m0"],
+                   help="bf16-to-fp8: power-of-two scales (V3.1); default: unset, fp32 scales")
     args = p.parse_args(argv)
     from posttrain.fp8 import convert as fp8_convert
 

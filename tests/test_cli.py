@@ -403,3 +403,17 @@ def test_init_model_rejects_a_vocabulary_the_tokenizer_cannot_have(vocab_size, t
     assert not out.exists()
     assert MIN_VOCAB_SIZE == 263
     check_vocab_size(263)
+
+
+def test_convert_help_lists_only_values_it_accepts(tmp_path, capsys):
+    """`convert --help` showed `--scale_fmt {None,ue8m0}`, and `--scale_fmt None` was then an invalid choice."""
+    import re
+
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "--help"])
+    listed = re.search(r"--scale_fmt \{([^}]*)\}", capsys.readouterr().out).group(1).split(",")
+    for value in listed:
+        rc = cli.main(["convert", "bf16-to-fp8", str(tmp_path / "absent"), str(tmp_path / "out"), "--scale_fmt", value])
+        err = capsys.readouterr().err
+        assert rc == cli.EXIT_USER_ERROR and "invalid choice" not in err, (value, err)
+        assert "no checkpoint directory" in err, err
