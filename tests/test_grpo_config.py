@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 from trl import GRPOConfig
@@ -92,3 +93,44 @@ def test_prompt_errors_name_the_file_line_as_sft_does(tmp_path):
     data = _write(tmp_path / "p.jsonl", [ok, ok, {**ok, "prompt": None}])  # used to say "row 2"
     with pytest.raises(UserError, match=r"p\.jsonl line 3: prompt is null \(column 'prompt'\)"):
         load_prompts(_prompts_cfg(tmp_path, data))
+
+
+def _readme_blocks(path, section: str) -> dict[str, list[str]]:
+    """The fenced code blocks of one `## section` of a README, by language."""
+    text = path.read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks: dict[str, list[str]] = {}
+    for lang, code in re.findall(r"```(\w+)\n(.*?)```", body, flags=re.S):
+        blocks.setdefault(lang, []).append(code)
+    return blocks
+
+
+def test_readme_custom_reward_example_runs(tmp_path, monkeypatch):
+    """README's "Plug in your own reward", as a user copies it: the python block saved as my_rewards.py, the
+    YAML block in a GRPO recipe, run from the directory that holds the file; and rewards/README.md's file
+    reward with score_rewards."""
+    import yaml
+
+    import rewards
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = _readme_blocks(root / "README.md", "Plug in your own reward")
+    (tmp_path / "my_rewards.py").write_text(blocks["python"][0])
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(blocks["yaml"][0])
+    cfg = load_config(GRPORecipeConfig, recipe, ["--output_dir", str(tmp_path / "grpo")], section="grpo")
+    prompts = ["What is 2 + 3?", "What is 4 + 4?"]
+    completions = [r"<think>2 + 3 = 5</think> \boxed{5}", r"<think>4 + 4 = 9</think> \boxed{9}"]
+    res = rewards.score_rewards(list(zip(cfg.reward_funcs, cfg.reward_weights)), prompts, completions,
+                                columns={"answer": ["5", "8"]})
+    custom = res.names[1]
+    assert res.values["math_accuracy"] == [1.0, 0.0]
+    assert res.values[custom] == pytest.approx([1.0 - 0.001 * len(completions[0]), -0.001 * len(completions[1])])
+
+    blocks = _readme_blocks(root / "rewards" / "README.md", "Plugging in a custom reward")
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    (tmp_path / "path" / "to" / "my_rewards.py").write_text(blocks["python"][0])
+    spec = re.search(r'"(path/to/my_rewards\.py:\w+)"', blocks["python"][1]).group(1)
+    res = rewards.score_rewards([(spec, 0.1)], prompts, ["short", "x" * 300])
+    assert res.total == pytest.approx([0.1, 0.0])
