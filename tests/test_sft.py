@@ -554,6 +554,21 @@ def trained(tiny_model_dir, distill_dir, tmp_path_factory):
     return {"cfg": cfg, "trainer": trainer, "summary": summary, "out": out}
 
 
+def test_pad_to_multiple_of_help_says_what_auto_does_with_fp8(tmp_path, monkeypatch):
+    """`sft --help` gave TRL's text, "'auto' pads to a multiple of 128 on Neuron ... and does not pad elsewhere",
+    while `auto` pads to 128 when fp8 trains on CUDA."""
+    import dataclasses
+
+    from posttrain.sft import config as sft_config
+
+    help_text = {f.name: f for f in dataclasses.fields(SFTRecipeConfig)}["pad_to_multiple_of"].metadata["help"]
+    assert "does not pad elsewhere" not in help_text and "128 when fp8 trains on CUDA" in help_text
+    cfg = SFTRecipeConfig(output_dir=str(tmp_path), fp8=True, pad_to_multiple_of="auto")
+    cfg.use_cpu = False
+    monkeypatch.setattr(sft_config, "_cuda", lambda: True)
+    assert cfg.resolved_pad_to_multiple_of() == 128
+
+
 def test_fp8_rows_are_padded_to_the_fp8_tile_on_cuda_only(tiny_model_dir, distill_dir, tmp_path, monkeypatch):
     """`fp8: true` on the GPU pads each packed row to a multiple of 128 tokens (its FP8 GEMMs then copy no
     operand, tests/test_fp8_gemm_contract.py); a number in `pad_to_multiple_of` wins; elsewhere no padding.

@@ -201,6 +201,13 @@ class SFTRecipeConfig(RunDirFields, V3TrainingFields, SFTConfig):
                   "flash_attention_2's varlen path); off for sdpa/eager, whose "
                   "masked attention over one flattened row would cost (batch tokens)^2."},
     )
+    pad_to_multiple_of: int | str | None = field(
+        default="auto",
+        metadata={"help": "Pad each packed row (or the flattened row) to a multiple of this many tokens, with a pad "
+                  "segment that is never a target; 1 never pads. 'auto' or null: 128 when fp8 trains on CUDA "
+                  "(one FP8 tile, so no FP8 GEMM copies its operands into padded buffers), else no padding; "
+                  "'auto' also pads to 128 on Neuron (AWS Trainium), as in TRL."},
+    )
     assistant_only_loss: bool = field(
         default=True,
         metadata={"help": "Loss on assistant tokens only (end-of-turn token included), from the chat template's "
