@@ -350,7 +350,8 @@ def _recipe_config(name: str, cls: type, argv: list[str], description: str, sect
     if any(a in ("-h", "--help") for a in argv):
         print(
             f"usage: dsv3-posttrain {name} [--recipe FILE] [--key value ...]\n\n{description}\n\n"
-            f"Options (any field below, from the recipe or as --key value):\n{describe_fields(cls)}"
+            "Options (any field below, from the recipe or as --key value):\n"
+            + describe_fields(cls, exclude=getattr(cls, "unapplied_fields", ()))
         )
         return None
     recipe, rest = split_recipe_arg(argv)

@@ -554,6 +554,27 @@ def trained(tiny_model_dir, distill_dir, tmp_path_factory):
     return {"cfg": cfg, "trainer": trainer, "summary": summary, "out": out}
 
 
+@pytest.mark.parametrize("field, value", [
+    ("loss_type", "dft"), ("router_aux_loss_coef", "0.001"), ("chat_template_path", "my_template.jinja"),
+    ("eos_token", "<|end|>"), ("shuffle_dataset", "true"), ("truncation_mode", "keep_end"),
+    ("activation_offloading", "true"), ("eval_packing", "false"), ("dataset_text_field", "content"),
+])
+def test_sftrainer_options_this_sft_does_not_apply_are_refused(field, value, tmp_path, capsys):
+    """TRL SFTConfig options that only SFTTrainer reads were listed in `sft --help` and accepted, then dropped:
+    `--loss_type dft` trained plain NLL, `--chat_template_path` kept the tokenizer's template. Now each is a
+    ConfigError naming the field, and `sft --help` does not offer it; its default still passes."""
+    import cli
+    from posttrain.errors import ConfigError
+    from posttrain.recipe import load_config
+
+    with pytest.raises(ConfigError, match=rf"^{field}=.* is an option of TRL's SFTTrainer that this SFT "
+                       "does not apply: .*; leave it unset$"):
+        load_config(SFTRecipeConfig, None, ["--output_dir", str(tmp_path), f"--{field}", value])
+    load_config(SFTRecipeConfig, None, ["--output_dir", str(tmp_path), "--loss_type", "nll", "--eval_packing", "true"])
+    assert cli.main(["sft", "--help"]) == 0
+    assert f"--{field} " not in capsys.readouterr().out
+
+
 def test_pad_to_multiple_of_help_says_what_auto_does_with_fp8(tmp_path, monkeypatch):
     """`sft --help` gave TRL's text, "'auto' pads to a multiple of 128 on Neuron ... and does not pad elsewhere",
     while `auto` pads to 128 when fp8 trains on CUDA."""

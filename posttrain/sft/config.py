@@ -13,7 +13,7 @@ Field names follow TRL/transformers (`model_name_or_path`, `dataset_name`, `outp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import SFTConfig
 
@@ -36,13 +36,35 @@ DEFAULT_LORA_TARGETS = [
 ]
 
 
+# TRL SFTConfig fields that only TRL's SFTTrainer reads. This pipeline tokenizes, packs and computes the
+# loss itself (posttrain/sft/trainer.py says why it is not SFTTrainer), so a value other than these would
+# be dropped without a word: field -> (the values that change nothing, what to do instead).
+UNAPPLIED_TRL_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "loss_type": (("nll", "chunked_nll"), "the loss is the next-token NLL plus λ·MTP (mtp_loss_weight)"),
+    "router_aux_loss_coef": ((None,), "balancing is aux-loss-free (bias_update_speed) with the sequence-wise "
+                             "loss seq_balance_alpha"),
+    "chat_template_path": ((None,), "the chat template is the model directory's tokenizer's"),
+    "eos_token": ((None,), "the end-of-turn token is the model directory's tokenizer's eos_token"),
+    "pad_token": ((None,), "pad tokens are never targets and sit in their own segment"),
+    "dataset_text_field": (("text",), "rows are conversational (`messages`) or `prompt` + `completion`"),
+    "dataset_kwargs": ((None,), "the data is always tokenized and packed here"),
+    "truncation_mode": (("keep_start",), "`truncation` says what happens to samples longer than max_length"),
+    "shuffle_dataset": ((False,), "packed rows are drawn in random order each epoch (seed, data_seed)"),
+    "eval_packing": ((None, True), "dataset_test_split is packed like the training split"),
+    "activation_offloading": ((False,), "gradient_checkpointing (offload in gradient_checkpointing_kwargs) "
+                              "saves activation memory"),
+}
+
 @dataclass
 class SFTRecipeConfig(RunDirFields, V3TrainingFields, SFTConfig):
     """Configuration of `dsv3-posttrain sft` (sample-masked SFT of the whole V3 model).
 
-    Everything in TRL's `SFTConfig` / transformers' `TrainingArguments` applies; the fields below
-    are added or have other defaults. See each field's `help`.
+    Everything in TRL's `SFTConfig` / transformers' `TrainingArguments` applies, except the SFTTrainer
+    options in `UNAPPLIED_TRL_FIELDS` (refused, and left out of `--help`); the fields below are added or
+    have other defaults. See each field's `help`.
     """
+
+    unapplied_fields: ClassVar[tuple[str, ...]] = tuple(UNAPPLIED_TRL_FIELDS)
 
     # --- model and data ------------------------------------------------------------------------
     model_name_or_path: str | None = field(
@@ -219,6 +241,11 @@ class SFTRecipeConfig(RunDirFields, V3TrainingFields, SFTConfig):
     )
 
     def __post_init__(self):
+        for name, (no_effect, instead) in UNAPPLIED_TRL_FIELDS.items():
+            value = getattr(self, name)
+            if value not in no_effect and not (name == "dataset_kwargs" and value == {}):
+                raise ConfigError(f"{name}={value!r} is an option of TRL's SFTTrainer that this SFT does not apply: "
+                                  f"{instead}; leave it unset")
         if self.truncation not in ("drop", "truncate"):
             raise ConfigError(f"truncation must be 'drop' or 'truncate', got {self.truncation!r}")
         if self.on_bad_row not in ("error", "skip"):
