@@ -36,6 +36,13 @@ def _load(tmp_path, *argv):
     # TRL's sampling options that the rollout engines do not take: they were dropped silently
     (["--repetition_penalty", "1.1"], "repetition_penalty=1.1 is not applied by the rollout engines"),
     (["--min_p", "0.05"], "min_p=0.05 is not applied by the rollout engines"),
+    # TRL's engine set-up options: this GRPO builds its own engines (run.build_engine), so they were dropped too
+    (["--vllm_enable_sleep_mode", "true"], "vllm_enable_sleep_mode=True is not applied by the rollout engines"),
+    (["--vllm_model_impl", "transformers"], "vllm_model_impl='transformers' is not applied by the rollout engines"),
+    (["--use_vllm", "false", "--cache_implementation", "static"],
+     "cache_implementation='static' is not applied by the rollout engines"),
+    (["--use_vllm", "false", "--use_transformers_continuous_batching", "true"],
+     "use_transformers_continuous_batching=True is not applied by the rollout engines"),
 ])
 def test_bad_values_are_config_errors_naming_the_field(argv, message, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message)):

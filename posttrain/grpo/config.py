@@ -171,15 +171,23 @@ class GRPORecipeConfig(RunDirFields, V3TrainingFields, GRPOConfig):
             raise ValueError("rollout_speculative_tokens must be >= 0 (0: no speculative rollouts)")
         if self.max_sampling_rounds < 1:
             raise ValueError("max_sampling_rounds must be >= 1")
-        # TRL's own generation applies these; the rollout engines take temperature, top_p and top_k only
-        # (engines.SamplingSettings), so a recipe's value would be dropped without a word
-        ignored = {"repetition_penalty": self.repetition_penalty != 1.0, "min_p": self.min_p is not None,
-                   "generation_kwargs": bool(self.generation_kwargs),
-                   "vllm_structured_outputs_regex": self.vllm_structured_outputs_regex is not None}
-        for name, is_set in ignored.items():
+        # TRL's own generation applies these; the rollout engines (run.build_engine) take temperature, top_p and
+        # top_k only (engines.SamplingSettings) and set up vLLM / transformers generate themselves, so a recipe's
+        # value would be dropped without a word
+        sampling, setup = "they sample with temperature, top_p and top_k only", "they set up vLLM and generate themselves"
+        ignored = {"repetition_penalty": (self.repetition_penalty != 1.0, sampling),
+                   "min_p": (self.min_p is not None, sampling),
+                   "generation_kwargs": (bool(self.generation_kwargs), sampling),
+                   "vllm_structured_outputs_regex": (self.vllm_structured_outputs_regex is not None, sampling),
+                   "vllm_enable_sleep_mode": (self.vllm_enable_sleep_mode, setup),
+                   "vllm_model_impl": (self.vllm_model_impl != "vllm", setup),
+                   "cache_implementation": (self.cache_implementation is not None, setup),
+                   "use_transformers_continuous_batching": (self.use_transformers_continuous_batching, setup),
+                   "use_transformers_paged": (self.use_transformers_paged, setup)}
+        for name, (is_set, why) in ignored.items():
             if is_set:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not applied by the rollout engines (they sample "
-                                 "with temperature, top_p and top_k only): leave it unset")
+                raise ValueError(f"{name}={getattr(self, name)!r} is not applied by the rollout engines ({why}): "
+                                 "leave it unset")
         from ..fp8.training import check_fp8_fields
 
         check_fp8_fields(self)
