@@ -225,6 +225,13 @@ def cmd_eval(argv: list[str]) -> int:
         p.print_help()
         return 0
     args, rest = p.parse_known_args(argv)
+    from posttrain.errors import ConfigError
+    from posttrain.recipe import parse_overrides
+
+    chain_only = [k for k in parse_overrides(rest) if k in EVAL_CHAIN_ONLY_FIELDS]
+    if chain_only:  # accepted, they would do nothing here: there is no training to evaluate during
+        raise ConfigError(f"{', '.join(chain_only)}: only in a chain recipe (stages.eval), where SFT and GRPO "
+                          "evaluate during training; `eval` evaluates finished checkpoints")
     cfg = load_config(EvalStage, None, rest)
     for path in args.model_name_or_path:
         require_model_dir(path)

@@ -417,3 +417,17 @@ def test_convert_help_lists_only_values_it_accepts(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == cli.EXIT_USER_ERROR and "invalid choice" not in err, (value, err)
         assert "no checkpoint directory" in err, err
+
+
+def test_eval_refuses_the_chain_only_fields(tmp_path, monkeypatch, capsys):
+    """`eval --every_n_steps 5` was accepted and did nothing (it applies during SFT and GRPO in a chain)."""
+    import eval_hooks.evaluate
+
+    monkeypatch.setattr(eval_hooks.evaluate, "evaluate_checkpoints", lambda names, cfg, out: None)
+    argv = ["eval", "--model_name_or_path", str(_checkpoint(tmp_path / "model")), "--output_dir", str(tmp_path / "o")]
+    assert cli.main([*argv, "--every_n_steps", "5"]) == cli.EXIT_USER_ERROR
+    assert _one_error_line(capsys.readouterr().err, "eval").endswith(
+        "error: every_n_steps: only in a chain recipe (stages.eval), where SFT and GRPO evaluate during training; "
+        "`eval` evaluates finished checkpoints")
+    assert not (tmp_path / "o").exists()
+    assert cli.main([*argv, "--num_problems", "5"]) == 0  # a benchmark option still passes
