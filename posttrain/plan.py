@@ -716,8 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
         "  dsv3-posttrain plan --model deepseek-v3 --cluster h200-16x8-fsdp --moments fp32\n"
         "  dsv3-posttrain plan --model runs/tiny-model --nodes 1 --gpus_per_node 2 --json",
     )
+    from .presets import PRESETS
+
     p.add_argument("--model", default="tiny",
-                   help="preset (tiny, small, deepseek-v3) or checkpoint dir / config.json (default: tiny)")
+                   help=f"preset ({', '.join(sorted(PRESETS))}) or checkpoint dir / config.json (default: tiny)")
     p.add_argument("--cluster", help="cluster YAML, or a name in recipes/clusters/ (e.g. h800-2048)")
     p.add_argument("--no_mtp", action="store_true", help="leave the MTP module's FLOPs out of the step time")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes, counts, seconds)")
