@@ -61,3 +61,25 @@ def test_recipe_validates(path):
 def test_real_scale_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"sft-deepseek-v3.yaml", "grpo-deepseek-v3.yaml", "sft-moonlight-16b.yaml", "grpo-moonlight-16b.yaml"} <= names
+
+
+@pytest.mark.parametrize("model", ["deepseek-v3", "moonlight-16b"])
+def test_real_scale_grpo_starts_from_its_sft_output(model, tmp_path, monkeypatch):
+    """grpo takes a local checkpoint directory, not a Hub id (its engine reads the FP8 format from the local
+    config.json), but grpo-deepseek-v3.yaml and grpo-moonlight-16b.yaml named deepseek-ai/DeepSeek-V3 and
+    moonshotai/Moonlight-16B-A3B: run as shipped they stopped at "no checkpoint directory". Each now starts
+    from its SFT recipe's output_dir, which the GRPO model check accepts once SFT has written it."""
+    from posttrain.errors import ConfigError
+    from posttrain.grpo.config import GRPORecipeConfig
+    from posttrain.recipe import require_model_dir
+    from posttrain.sft.config import SFTRecipeConfig
+
+    sft = load_config(SFTRecipeConfig, ROOT / "recipes" / f"sft-{model}.yaml", {"bf16": False})
+    grpo = load_config(GRPORecipeConfig, ROOT / "recipes" / f"grpo-{model}.yaml", {"bf16": False})
+    assert grpo.model_name_or_path == sft.output_dir
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no checkpoint directory"):
+        require_model_dir(grpo.model_name_or_path)  # before SFT ran
+    (tmp_path / sft.output_dir).mkdir(parents=True)
+    (tmp_path / sft.output_dir / "config.json").write_text("{}")
+    require_model_dir(grpo.model_name_or_path)  # GRPO's check (posttrain/grpo/run.py), once SFT wrote its output

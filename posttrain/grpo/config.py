@@ -37,7 +37,8 @@ def check_reward_weights(reward_funcs: Sequence[str], reward_weights: Sequence[f
 class GRPORecipeConfig(RunDirFields, V3TrainingFields, GRPOConfig):
     # -- model and data -------------------------------------------------------------------------
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Policy checkpoint (a Hugging Face directory in the DeepSeek layout)."}
+        default=None, metadata={"help": "Policy checkpoint: a local Hugging Face directory in the DeepSeek layout, "
+                                "not a Hub id (download one first: hf download ORG/NAME --local-dir DIR)."}
     )
     dataset_name: str = field(
         default="builtin:arith",
