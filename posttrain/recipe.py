@@ -219,9 +219,26 @@ def require_model_dir(
     if local.exists():
         raise ConfigError(f"{field}: {text} is a file, not a checkpoint directory")
     if allow_hub and _HUB_ID.match(text) and not Path(text.split("/")[0]).is_dir():
-        return
+        problem = _hub_model_problem(text)
+        if problem is None:
+            return
+        raise ConfigError(f"{field}: no checkpoint directory at {text}, nor a Hub model of that id ({problem})")
     hub = " (and not a Hub id of the form org/name)" if allow_hub else ""
     raise ConfigError(f"{field}: no checkpoint directory at {text}{hub}")
+
+
+def _hub_model_problem(repo_id: str) -> str | None:
+    """None when the Hub, or its local cache when offline, has `repo_id`'s config.json (what from_pretrained reads
+    first); else why not, in one line. A missing local path such as runs/tiny-model (no ./runs yet) has the form of
+    a Hub id: left to transformers, it ended in an OSError traceback once the Hub lookup failed."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except Exception as e:  # no such repository, a gated one, offline and not cached, ...: all the user's to fix
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    return None
 
 
 def type_name(tp: Any) -> str:

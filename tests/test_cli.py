@@ -6,6 +6,7 @@ summary and `eval --help` say what they should."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -107,12 +108,40 @@ def test_require_model_dir(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no checkpoint directory at /nonexistent"):
         require_model_dir("/nonexistent", allow_hub=True)  # transformers: "Repo id must use alphanumeric chars"
     monkeypatch.chdir(tmp_path)
-    require_model_dir("deepseek-ai/DeepSeek-V3", allow_hub=True)  # left to the Hub
+    _offline_hub_with(tmp_path / "hub", "deepseek-ai/DeepSeek-V3", monkeypatch)
+    require_model_dir("deepseek-ai/DeepSeek-V3", allow_hub=True)  # the Hub's (here: its cache's) model
     with pytest.raises(ConfigError, match="no checkpoint directory at deepseek-ai/DeepSeek-V3"):
         require_model_dir("deepseek-ai/DeepSeek-V3")  # grpo, eval: local checkpoints only
     (tmp_path / "runs").mkdir()
     with pytest.raises(ConfigError, match="no checkpoint directory at runs/sft-tiny"):
         require_model_dir("runs/sft-tiny", allow_hub=True)  # ./runs exists: a local path that is missing
+
+
+def _offline_hub_with(cache: Path, repo_id: str, monkeypatch) -> None:
+    """An offline Hub whose cache holds `repo_id`'s config.json, as huggingface_hub lays it out."""
+    snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "deepseek_v3"}')
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("command", [["sft"], ["rm", "train"]])
+def test_a_missing_path_that_reads_as_a_hub_id_is_one_line(command, tmp_path, monkeypatch, capsys):
+    """`sft --recipe recipes/sft-tiny.yaml` in a fresh checkout (no ./runs yet): runs/tiny-model has the form of a
+    Hub id, so the model check let it through and transformers ended in an OSError traceback after its Hub lookup
+    failed. The check now asks the Hub (or its cache) for the id's config.json."""
+    monkeypatch.chdir(tmp_path)
+    _offline_hub_with(tmp_path / "hub", "org/cached", monkeypatch)
+    argv = [*command, "--model_name_or_path", "runs/tiny-model", "--output_dir", str(tmp_path / "out")]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    line = _one_error_line(capsys.readouterr().err, command[0])
+    assert re.search(r"error: model_name_or_path: no checkpoint directory at runs/tiny-model, nor a Hub model of "
+                     r"that id \(LocalEntryNotFoundError: .+\)$", line), line
+    require_model_dir("org/cached", allow_hub=True)  # a Hub id the cache has still passes
 
 
 # --- process-group teardown ----------------------------------------------------------------------
