@@ -185,7 +185,7 @@ def test_fp8_recipe_fields_are_validated(tiny_model_dir, sft_data, tmp_path):
 
 
 def test_an_fp8_checkpoint_named_by_its_hub_id_goes_through_our_loader(tmp_path, tiny_model_dir, monkeypatch):
-    """`model_name_or_path: org/name` (recipes/grpo-deepseek-v3.yaml: deepseek-ai/DeepSeek-V3) of a block-FP8
+    """`model_name_or_path: org/name` (recipes/sft-deepseek-v3.yaml: deepseek-ai/DeepSeek-V3-Base) of a block-FP8
     checkpoint was left to transformers' FP8 loading, the very path load_pretrained avoids: the tiny preset's
     576-row kv_a_proj_with_mqa failed ("Weight shape (576, 128) not divisible by scale grid (5, 1)"). A Hub id
     is resolved to its snapshot (here a prepared offline cache) and dequantized by our loader."""
