@@ -116,8 +116,6 @@ def test_readme_custom_reward_example_runs(tmp_path, monkeypatch):
     """README's "Plug in your own reward", as a user copies it: the python block saved as my_rewards.py, the
     YAML block in a GRPO recipe, run from the directory that holds the file; and rewards/README.md's file
     reward with score_rewards."""
-    import yaml
-
     import rewards
 
     root = Path(__file__).resolve().parents[1]
