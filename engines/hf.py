@@ -42,7 +42,7 @@ def _generation_config(model: nn.Module, sampling: SamplingSettings, stop: list[
         eos_token_id=stop or None,
         pad_token_id=pad_token_id,
         bos_token_id=getattr(own, "bos_token_id", None),
-        output_scores=True,
+        output_scores=sampling.logprobs,  # held for every step of the batch: vocab x tokens x rows floats
         return_dict_in_generate=True,
     )
 
@@ -120,17 +120,20 @@ class HFGenerateEngine:
                         synced_gpus=synced,
                     )
                     new = out.sequences[:, width:].cpu()
-                    scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()  # processed logits
+                    scores = None
+                    if sampling.logprobs:
+                        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()  # processed logits
                     for r in range(len(chunk)):
                         toks, lps = [], []
                         for t in range(new.shape[1]):
                             tok = int(new[r, t])
                             toks.append(tok)
-                            lps.append(float(scores[r, t, tok]))
+                            if scores is not None:
+                                lps.append(float(scores[r, t, tok]))
                             if tok in stop:
                                 break
                         finish = "stop" if toks and toks[-1] in stop else "length"
-                        completions.append(Completion(toks, lps, finish))
+                        completions.append(Completion(toks, lps if scores is not None else None, finish))
             finally:
                 model.train(was_training)
         return [completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))]

@@ -48,7 +48,7 @@ def evaluate_accuracy(
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     sampling = SamplingSettings(
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed if temperature > 0 else None,
-        stop_token_ids=[tokenizer.eos_token_id],
+        stop_token_ids=[tokenizer.eos_token_id], logprobs=False,  # scored on the answers alone
     )
     outs = engine.generate(ids, k, sampling)
     texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group] for group in outs]

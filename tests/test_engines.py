@@ -154,6 +154,10 @@ def test_hf_engine_seeded_samples_do_not_depend_on_the_batch(tiny_model_dir):
     for c in both[0] + both[1]:
         assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids) and c.finish_reason in ("stop", "length")
         assert all(lp <= 0 for lp in c.logprobs)
+    # without log-probs (evaluation): the same samples, and no scores kept (vocab x tokens x rows floats)
+    without = engine.generate([a, b], 2, SamplingSettings(temperature=1.0, max_tokens=6, seed=11, logprobs=False))
+    assert [[c.token_ids for c in g] for g in without] == [[c.token_ids for c in g] for g in both]
+    assert all(c.logprobs is None for g in without for c in g)
 
 
 def test_grpo_server_mode_limits_are_one_line_errors_before_loading(tmp_path):
@@ -309,17 +313,22 @@ def test_vllm_server_engine_greedy_n_gives_n_copies_of_one_greedy_answer(monkeyp
 
 
 class _StubLLM:
-    """`vllm.LLM.generate` without a model: each prompt's `n` outputs are the prompt's first token repeated."""
+    """`vllm.LLM.generate` without a model: each prompt's `n` outputs are the prompt's first token repeated,
+    with log-probs when the params ask for them, as vLLM gives them. `params` keeps what was asked."""
+
+    def __init__(self):
+        self.params = []
 
     def generate(self, prompts, params, use_tqdm=False):
         from types import SimpleNamespace
 
+        self.params.extend(params)
         outs = []
         for prompt, p in zip(prompts, params):
             ids = [prompt["prompt_token_ids"][0]] * min(p.max_tokens, 3)
+            lps = None if p.logprobs is None else [{t: SimpleNamespace(logprob=-0.5)} for t in ids]
             outs.append(SimpleNamespace(outputs=[
-                SimpleNamespace(index=i, token_ids=ids, logprobs=[{t: SimpleNamespace(logprob=-0.5)} for t in ids],
-                                finish_reason="length") for i in range(p.n)]))
+                SimpleNamespace(index=i, token_ids=ids, logprobs=lps, finish_reason="length") for i in range(p.n)]))
         return outs
 
 
@@ -345,6 +354,31 @@ def test_vllm_colocate_engine_greedy_n_gives_n_copies_of_one_greedy_answer():
     assert out[0][1].logprobs == [-0.5] * 3
     sampled = engine.generate([[5, 6]], 4, SamplingSettings(temperature=1.0, max_tokens=3, seed=1))
     assert len(sampled[0]) == 4
+
+
+def test_vllm_colocate_engine_asks_for_no_detokenization_and_log_probs_only_when_wanted():
+    """Token ids in, token ids out: vLLM's detokenizer (the text and each log-prob's token string, Python work
+    per token) is off, and `logprobs=False` (evaluation) asks for none: together about a quarter of a sampled
+    evaluation on vLLM's CPU build (`benchmarks/RESULTS.md`, session 23)."""
+    pytest.importorskip("vllm")
+    from engines import SamplingSettings
+
+    engine = _colocate_engine_on_a_stub(64)
+    (with_lps,) = engine.generate([[5, 6]], 2, SamplingSettings(temperature=1.0, max_tokens=3, seed=1))
+    (without,) = engine.generate([[5, 6]], 2, SamplingSettings(temperature=1.0, max_tokens=3, seed=1, logprobs=False))
+    assert [p.logprobs for p in engine.llm.params] == [0, None]
+    assert all(p.detokenize is False for p in engine.llm.params)
+    assert [c.logprobs for c in with_lps] == [[-0.5] * 3] * 2 and [c.logprobs for c in without] == [None, None]
+    assert [c.token_ids for c in without] == [c.token_ids for c in with_lps]
+
+
+def test_vllm_server_engine_asks_for_log_probs_only_when_wanted(monkeypatch):
+    from engines import SamplingSettings
+
+    engine, stub = _server_engine(monkeypatch, lambda prompt, n, kw: [[5, 6]] * n)
+    engine.generate([[1, 2]], 2, SamplingSettings(temperature=1.0, max_tokens=2))
+    engine.generate([[1, 2]], 2, SamplingSettings(temperature=1.0, max_tokens=2, logprobs=False))
+    assert [c["logprobs"] for c in stub.calls] == [0, None]
 
 
 def test_vllm_colocate_engine_warns_once_when_max_model_len_caps_the_completions(caplog):

@@ -84,6 +84,10 @@ def test_greedy_n_copies_the_length_cap_warning_and_finish_reasons_on_a_real_eng
 
         sampled = SamplingSettings(temperature=1.0, max_tokens=8, seed=5)
         firsts = engine.generate([prompt], 8, sampled)[0]
+        # evaluation asks for no log-probs: the same samples, none attached
+        bare = engine.generate([prompt], 8, SamplingSettings(temperature=1.0, max_tokens=8, seed=5, logprobs=False))[0]
+        assert [c.token_ids for c in bare] == [c.token_ids for c in firsts]
+        assert all(c.logprobs is None for c in bare) and all(len(c.logprobs) == len(c.token_ids) for c in firsts)
         stops = sorted({c.token_ids[2] for c in firsts})[:3]  # tokens the samples draw: some completions stop on them
         with_stops = SamplingSettings(temperature=1.0, max_tokens=8, seed=5, stop_token_ids=stops)
         outs = engine.generate([prompt, prompt[:5]], 8, with_stops)
