@@ -94,26 +94,24 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# Seconds each module takes (setup + calls + teardown) on the 2-core CI machine, from `make test
-# PYTEST_ARGS=--durations=0` (session 19, Intel Xeon with AMX); modules not listed take under 4 s. `make test` runs
-# the suite on one pytest-xdist worker per core with `--dist loadfile`, which hands out whole modules in
-# collection order, each to the worker whose queue is nearly empty. Longest first (LPT): test_demo (the whole
-# demo recipe, the suite's critical path) starts at once, and the last modules handed out are the short ones, so
-# neither worker is left with a long module while the other idles. A replay of xdist's scheduling with the
-# measured times: 846 s with this order, 870 s with the seven longest first and the rest alphabetical.
-# (test_bench_gpu_smoke.py took 34 s of it, 3 s since session 20: see benchmarks/bench_gpu.py's Ctx.free.)
+# Seconds each module takes (setup + calls + teardown) on a 2-core machine, from `make test
+# PYTEST_ARGS=--durations=0` (session 23, Intel Xeon with AMX, nothing else running: 1024 s in all); modules not
+# listed take under 4 s. `make test` runs the suite on one pytest-xdist worker per core with `--dist loadfile`,
+# which hands out whole modules in collection order, each to the worker whose queue is nearly empty. Longest first
+# (LPT): test_demo (the whole demo recipe, the suite's critical path) starts at once, and the last modules handed
+# out are the short ones, so neither worker is left with a long module while the other idles. (Session 19's replay
+# of xdist's scheduling: 846 s with this order, 870 s with the seven longest first and the rest alphabetical.)
 MODULE_SECONDS = {
-    "test_demo.py": 584, "test_fsdp.py": 166, "test_resume.py": 120, "test_reward_model.py": 109, "test_chain.py": 64,
-    "test_fp8_training.py": 64, "test_scaleout.py": 63, "test_sft.py": 54,
-    "test_fp8_triton_gemm.py": 30, "test_spec_rollouts.py": 28, "test_mla_attention.py": 26, "test_serve.py": 24,
-    "test_fp8_vllm.py": 23, "test_fp8_convert.py": 22, "test_chunked_loss.py": 17, "test_fp8_gemm_contract.py": 17,
-    "test_grpo.py": 16, "test_distill_kill.py": 15, "test_rewards.py": 14, "test_balancing.py": 14,
-    "test_fp8_triton_quant.py": 13, "test_fp8_quant.py": 13, "test_rollout_engines.py": 12, "test_cli.py": 12,
-    "test_bench_gpu_sft.py": 12, "test_count_experts_traffic.py": 10, "test_routed_experts.py": 10,
-    "test_sandbox.py": 9, "test_fp8_experts_grouped.py": 9, "test_count_mla_traffic.py": 8,
-    "test_count_fp8_kernels.py": 8, "test_compat.py": 8, "test_model_init.py": 7, "test_swiglu.py": 7,
-    "test_distill_models.py": 7, "test_dynamic_sampling.py": 6, "test_bench_fp8_host.py": 6, "test_distill.py": 5,
-    "test_modeling.py": 5,
+    "test_demo.py": 680, "test_fsdp.py": 260, "test_resume.py": 142, "test_chain.py": 109, "test_reward_model.py": 98,
+    "test_scaleout.py": 85, "test_sft.py": 67, "test_fp8_training.py": 65, "test_spec_rollouts.py": 41,
+    "test_fp8_triton_gemm.py": 35, "test_mla_attention.py": 32, "test_fp8_quant.py": 25, "test_serve.py": 24,
+    "test_fp8_triton_quant.py": 24, "test_grpo.py": 24, "test_fp8_vllm.py": 22, "test_rewards.py": 22,
+    "test_fp8_convert.py": 18, "test_fp8_gemm_contract.py": 17, "test_chunked_loss.py": 16, "test_distill_kill.py": 14,
+    "test_fp8_experts_grouped.py": 14, "test_rollout_engines.py": 13, "test_balancing.py": 13, "test_cli.py": 11,
+    "test_sandbox.py": 11, "test_count_experts_traffic.py": 11, "test_count_fp8_kernels.py": 11, "test_distill.py": 11,
+    "test_count_mla_traffic.py": 9, "test_routed_experts.py": 9, "test_distill_models.py": 7, "test_compat.py": 7,
+    "test_modeling.py": 7, "test_model_init.py": 7, "test_swiglu.py": 7, "test_dynamic_sampling.py": 6,
+    "test_bench_fp8_host.py": 5, "test_bench_gpu_sft.py": 5, "test_bench_gpu_smoke.py": 4,
 }
 UNLISTED_MODULE_SECONDS = 2
 
