@@ -9,8 +9,11 @@ in a process pool with a hard per-item timeout (see :mod:`rewards.procpool`).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from typing import Any
 
 from .procpool import get_pool
@@ -104,6 +107,24 @@ def extract_final_answer(text: str, formats: Sequence[str] = ("boxed",)) -> str 
     return None
 
 
+def _gold_text(gold: Any) -> str | None:
+    """The gold answer as text for math-verify; None if there is none (None, blank, NaN).
+
+    A numeric column gives Python/numpy floats: ``str(1e-05)`` is ``'1e-05'``, which math-verify
+    reads as ``1*e - 5`` (Euler's e), so they are written out in plain decimals; a NaN is a
+    missing value (pandas / datasets), not the answer ``n*a*n``."""
+    if gold is None or (isinstance(gold, str) and not gold.strip()):
+        return None
+    if isinstance(gold, numbers.Real) and not isinstance(gold, numbers.Integral):
+        if math.isnan(gold):
+            return None
+        text = str(gold)
+        if math.isfinite(gold) and "e" in text.lower():
+            text = format(Decimal(text), "f")
+        return text
+    return str(gold)
+
+
 def _verify_statuses(
     preds: Sequence[str | None], golds: Sequence[str], timeout_s: float | None, workers: int | None
 ) -> list[str]:
@@ -111,12 +132,13 @@ def _verify_statuses(
     if len(preds) != len(golds):
         raise ValueError(f"{len(preds)} predictions but {len(golds)} gold answers")
     statuses = ["wrong"] * len(preds)
-    for i, g in enumerate(golds):
-        if g is None or (isinstance(g, str) and not g.strip()):
+    gold_texts = [_gold_text(g) for g in golds]
+    for i, g in enumerate(gold_texts):
+        if g is None:
             statuses[i] = "gold_unparseable"
     # Rows without an answer still go to the pool: an unparseable gold makes them None too.
     todo = [i for i in range(len(preds)) if statuses[i] == "wrong"]
-    items = [(preds[i], str(golds[i])) for i in todo]
+    items = [(preds[i], gold_texts[i]) for i in todo]
     if timeout_s is None:  # in-process, no deadline: only for trusted inputs
         from ._math_worker import verify_pair
 

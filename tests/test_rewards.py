@@ -395,6 +395,15 @@ def test_gold_with_a_trailing_period_through_the_pool():
     assert rewards.math_accuracy(["q"] * 3, comps, answer=["12.", "-3.", "0.5."]) == [1.0, 1.0, 1.0]
 
 
+def test_numeric_gold_column_in_scientific_notation_and_nan():
+    # A float column: str(1e-05) == "1e-05", which math-verify reads as e - 5 (Euler's e), so the
+    # right answer scored 0.0; a NaN (a missing value) parsed as n*a*n and scored 0.0, not None.
+    comps = [r"\boxed{0.00001}", r"\boxed{100000000000000000000}", r"\boxed{2.5}", r"\boxed{5}", r"\boxed{nan}"]
+    got = rewards.math_accuracy(["q"] * 5, comps, answer=[1e-05, 1e20, 2.5, float("nan"), float("nan")])
+    assert got == [1.0, 1.0, 1.0, None, None]
+    assert verify_math_batch(["0.00001", "1"], [1e-05, 1e-05], timeout_s=None) == [True, False]
+
+
 def test_verify_helpers():
     assert verify_math(r"\frac{2}{4}", "0.5") is True
     assert verify_math("3", "0.5") is False
