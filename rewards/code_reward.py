@@ -72,8 +72,16 @@ def parse_tests(tests: Any) -> list[dict[str, str]]:
     for case in tests:
         if not isinstance(case, dict) or "input" not in case or "output" not in case:
             raise ValueError(f"each test case needs 'input' and 'output', got {case!r:.80}")
-        out.append({"input": str(case["input"]), "output": str(case["output"])})
+        out.append({"input": _as_text(case["input"]), "output": _as_text(case["output"])})
     return out
+
+
+def _as_text(value: Any) -> str:
+    # APPS/TACO give some stdin inputs and expected outputs as lists of lines; their harness joins
+    # them with newlines (str() would expect the text "['3']" and fail every program).
+    if isinstance(value, (list, tuple)):
+        return "\n".join(str(v) for v in value)
+    return str(value)
 
 
 def _normalise(text: str) -> str:

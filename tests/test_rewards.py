@@ -537,6 +537,15 @@ def test_code_tests_json_tests_last_block_and_empty_tests():
     assert isinstance(bad[0], rewards.RowFailure) and math.isnan(bad[0]) and "'input' and 'output'" in bad[0].cause
 
 
+def test_apps_tests_given_as_lists_of_lines_are_joined_with_newlines():
+    # APPS/TACO stdin rows may hold a case's input or output as a list of lines (their harness joins
+    # them); str() of the list expected the text "['3', '7']", so a correct program scored 0.0.
+    prog = fenced("n = int(input())\nfor _ in range(n):\n    a, b = map(int, input().split())\n    print(a + b)")
+    apps = {"inputs": [["2", "1 2", "3 4"], "1\n5 5\n"], "outputs": [["3", "7"], "10\n"]}
+    assert rewards.parse_tests(apps)[0] == {"input": "2\n1 2\n3 4", "output": "3\n7"}
+    assert rewards.code_tests(["q"] * 2, [prog] * 2, tests=[apps, json.dumps(apps)]) == [1.0, 1.0]
+
+
 GOOD_ADD = fenced("a, b = map(int, input().split())\nprint(a + b)")
 ONE_TEST = [{"input": "1 2\n", "output": "3\n"}]
 
