@@ -44,7 +44,8 @@ def parse_tests(tests: Any) -> list[dict[str, str]]:
     """Normalise one row's test cases to ``[{"input": str, "output": str}, ...]``.
 
     Accepts that list, a JSON string of it, or the APPS/TACO form
-    ``{"inputs": [...], "outputs": [...]}`` (also as JSON). A missing value (None, an empty or
+    ``{"inputs": [...], "outputs": [...]}`` (also as JSON; call-based rows, with ``fn_name``, are
+    refused). A missing value (None, an empty or
     blank string, JSON ``null``) means no test cases: ``[]``. Raises ValueError for a malformed
     value.
     """
@@ -60,6 +61,9 @@ def parse_tests(tests: Any) -> list[dict[str, str]]:
         if tests is None:
             return []
     if isinstance(tests, dict) and "inputs" in tests:
+        if tests.get("fn_name"):  # APPS/TACO call-based: arguments of a function, not stdin
+            raise ValueError(f"call-based tests (fn_name={tests['fn_name']!r}) are not supported: "
+                             "code_tests runs stdin/stdout tests only")
         if "outputs" not in tests:
             raise ValueError("tests have 'inputs' but no 'outputs'")
         try:

@@ -578,6 +578,17 @@ def test_malformed_tests_fail_only_their_row(malformed):
     assert guarded(["q"] * 3, comps, **cols) == [1.0, None, 1.0]
 
 
+def test_apps_call_based_tests_are_a_failed_row_not_a_zero():
+    # A call-based APPS/TACO row (fn_name; inputs are function arguments) was run as stdin, so even
+    # a correct solution scored 0.0; it cannot be checked here, so the row is reported instead.
+    prog = fenced("def add(a, b):\n    return a + b")
+    row = {"fn_name": "add", "inputs": [[1, 2]], "outputs": [[3]]}
+    res = score_rewards(["code_tests"], ["q"] * 2, [prog, GOOD_ADD], columns={"tests": [row, ONE_TEST]},
+                        policy="skip")
+    assert res.values["code_tests"] == [None, 1.0]
+    assert "fn_name='add'" in res.failures[0].cause
+
+
 def test_row_failure_is_a_nan_float_that_pickles():
     import pickle
 
