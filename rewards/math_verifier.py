@@ -76,7 +76,10 @@ def _answer_tag(text: str) -> str | None:
 
 def _answer_line(text: str) -> str | None:
     found = _ANSWER_LINE.findall(text)
-    return found[-1].strip().rstrip(".").strip("$ ") if found else None
+    if not found:
+        return None
+    # Markdown bold around the answer ("The answer is **5**.") is not part of it.
+    return found[-1].strip().strip("*").strip().rstrip(".").strip("$* ")
 
 
 ANSWER_FORMATS: dict[str, Callable[[str], str | None]] = {

@@ -281,6 +281,13 @@ def test_extract_final_answer_alternative_formats():
         extract_final_answer("x", ("latex",))
 
 
+def test_answer_line_in_markdown_bold_is_scored():
+    # LLMs bold their answer; "\\boxed{**5**}" does not parse, so a right answer scored 0.0.
+    fmt = rewards.make_math_accuracy(formats=("boxed", "answer_line"))
+    comps = ["The answer is **5**.", "**The answer is 5.**", "**Final Answer:** $-3$", "The answer is **6**."]
+    assert fmt(["q"] * 4, comps, answer=["5", "5", "-3", "5"]) == [1.0, 1.0, 1.0, 0.0]
+
+
 _OLD_ANSWER_LINE = re.compile(r"(?im)^.*?\b(?:final answer|answer)\s*(?:is|:)\s*(.+?)\s*$")  # quadratic
 
 
