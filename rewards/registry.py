@@ -114,7 +114,7 @@ def _split_params(spec: str) -> tuple[str, dict[str, Any] | None]:
         assert isinstance(call, ast.Call) and not call.args
         params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
         assert None not in params
-    except (SyntaxError, ValueError, AssertionError):
+    except (SyntaxError, ValueError, TypeError, AssertionError):  # TypeError: {[1]: 2} (unhashable key)
         raise RewardError(
             f"cannot parse reward spec {spec!r}: arguments must be keyword=literal, e.g. soft_overlong(max_len=1024)"
         ) from None
@@ -196,7 +196,7 @@ def resolve_named(spec: str) -> tuple[str, RewardFn]:
                 return target, builtin.default
             try:
                 return target, builtin.factory(**params)
-            except (TypeError, ValueError) as exc:
+            except Exception as exc:  # e.g. AttributeError from target=['en', 5]: one line, as for other factories
                 raise RewardError(f"building reward {spec!r} failed: {exc}") from exc
         eps = [ep for ep in _entry_points() if ep.name == target]
         if not eps:

@@ -108,6 +108,15 @@ def test_empty_call_and_dotted_attributes_in_specs(tmp_path, monkeypatch):
     assert rewards.resolve("soft_overlong()") is rewards.resolve("soft_overlong")
 
 
+@pytest.mark.parametrize("spec, pattern", [
+    ("soft_overlong(max_len={[1]: 2})", "keyword=literal"),  # TypeError: unhashable list
+    ("language_consistency(target=['en', 5])", "building reward"),  # AttributeError in the factory
+])
+def test_bad_spec_arguments_are_a_one_line_reward_error(spec, pattern):
+    with pytest.raises(RewardError, match=pattern):
+        rewards.resolve(spec)
+
+
 def test_entry_point_plugin(tmp_path, monkeypatch):
     # A fake installed distribution: a module plus a .dist-info declaring the entry point.
     (tmp_path / "fake_plugin_mod.py").write_text(textwrap.dedent('''
