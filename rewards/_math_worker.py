@@ -58,7 +58,15 @@ def parse_gold(gold: str) -> list:
 
 
 def parse_pred(pred: str) -> list:
-    """Parse an extracted final answer (the inside of ``\\boxed{}``)."""
+    """Parse an extracted final answer (the inside of ``\\boxed{}``).
+
+    As for the gold (:func:`parse_gold`), a sentence-final period is punctuation: ``\\boxed{12.}``
+    parses to the bare string ``'12.'``, so the answer is first read without it."""
+    stripped = pred.rstrip()
+    if stripped.endswith(".") and stripped[:-1].strip():
+        parsed = parse("\\boxed{" + stripped[:-1].rstrip() + "}", parsing_timeout=None)
+        if any(not isinstance(p, str) for p in parsed):
+            return parsed
     return parse("\\boxed{" + pred + "}", parsing_timeout=None)
 
 

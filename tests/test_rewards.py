@@ -405,6 +405,16 @@ def test_gold_with_a_sentence_final_period(gold, pred, expected):
         assert verify(parse(gold), parse("\\boxed{" + pred + "}")) is expected
 
 
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("12.", "12", 1.0), ("-3.", "-3", 1.0), ("0.5.", r"\frac{1}{2}", 1.0), ("(1, 2).", "(1,2)", 1.0),
+    (r"2\pi.", r"2\pi", 1.0), ("13.", "12", 0.0), ("-3.", "3", 0.0),
+])
+def test_boxed_answer_with_a_sentence_final_period(pred, gold, expected):
+    # "\boxed{12.}" parses to the bare string '12.', so a right answer ending a sentence scored 0.0
+    # (the gold side already reads "12." as 12).
+    assert rewards.math_accuracy(["q"], [rf"<think>r</think> So \boxed{{{pred}}}"], answer=[gold]) == [expected]
+
+
 def test_gold_with_a_trailing_period_through_the_pool():
     c = r"<think>6*2</think> The answer is \boxed{12}."
     comps = [c, c.replace("12", "-3"), c.replace("12", "0.5")]
