@@ -259,7 +259,8 @@ def _hash(*parts: Any) -> str:
 
 def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any]]:
     """Load, validate, deduplicate and decontaminate the prompts; returns them with counts."""
-    from .loading import answer_problem, load_rows, prompt_problem, require_columns, row_location, to_messages
+    from .loading import (answer_problem, load_rows, prompt_problem, require_columns, row_location, tests_problem,
+                          to_messages)
 
     skip = cfg.on_bad_row == "skip"
     bad: list[dict[str, str]] = []
@@ -297,8 +298,10 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
         problems = [(cfg.prompt_column, prompt_problem(row[cfg.prompt_column]))]
         if tests is None:  # checked by its answer, so it needs one
             problems.append((cfg.answer_column, answer_problem(row.get(cfg.answer_column))))
-        elif has_answer and row.get(cfg.answer_column) is not None:
-            problems.append((cfg.answer_column, answer_problem(row[cfg.answer_column])))
+        else:
+            problems.append((cfg.tests_column, tests_problem(tests)))
+            if has_answer and row.get(cfg.answer_column) is not None:
+                problems.append((cfg.answer_column, answer_problem(row[cfg.answer_column])))
         ref = row.get(cfg.reference_column) if cfg.reference_column else None
         if ref is not None and not isinstance(ref, str):
             problems.append((cfg.reference_column, f"reference is a {type(ref).__name__}, not a string"))

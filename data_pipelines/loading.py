@@ -397,6 +397,27 @@ def answer_problem(value: Any) -> str | None:
     return None
 
 
+def tests_problem(value: Any) -> str | None:
+    """Why ``value`` is not usable code test cases (see ``rewards.code_reward.parse_tests``), or None.
+
+    Checked when the prompts are read, so a malformed row is named by its line (or skipped) before
+    the teacher samples for it, not found by the verifier after.  A case whose input or output is
+    null counts as missing it: JSON rows whose cases have different keys become one table with
+    nulls for the missing ones, which the verifier would compare as the text "None"."""
+    from rewards.code_reward import parse_tests
+
+    try:
+        parse_tests(value)
+    except ValueError as e:
+        return f"malformed tests: {e}"
+    if isinstance(value, (list, tuple)):
+        for i, case in enumerate(value):
+            missing = [k for k in ("input", "output") if case.get(k) is None]
+            if missing:
+                return f"malformed tests: test case {i} has no {' or '.join(repr(k) for k in missing)}"
+    return None
+
+
 def to_messages(prompt: str | Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """A prompt column value as chat messages (a bare string becomes one user turn)."""
     if isinstance(prompt, str):

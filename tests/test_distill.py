@@ -384,6 +384,47 @@ def test_code_rows_checked_by_their_tests(tmp_path, monkeypatch):
     assert all(r["messages"][-1]["content"] == good for r in _rows(tmp_path / "o"))
 
 
+def test_malformed_code_tests_named_by_line_before_the_teacher_samples(tmp_path, monkeypatch):
+    """A row whose test cases are malformed is a bad row: named by its line (or skipped) when the
+    prompts are read. A case missing its 'output' used to be filled with null by the table and then
+    compared as the text "None" (every sample silently "tests_failed"); cases with other keys failed
+    the run only after the teacher had sampled the shard, with no file or line."""
+    import data_pipelines.teachers as T
+    from engines import Completion
+
+    good = "<think>\nsum\n</think>\n\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    calls = []
+
+    class Stub:
+        name = "stub"
+        def generate(self, prompts, n, sampling):
+            calls.append(len(prompts))
+            return [[Completion(text=good, finish_reason="stop")] * n for _ in prompts]
+        def close(self):
+            pass
+
+    monkeypatch.setattr(T, "make_teacher", lambda cfg: Stub())
+    tests = [{"input": "2 3\n", "output": "5\n"}]
+    rows = [{"prompt": f"Add two integers ({i}).", "tests": tests} for i in range(3)]
+    rows[1]["tests"] = [{"input": "2 3\n"}]
+    path = tmp_path / "code.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"code\.jsonl line 2: malformed tests: test case 0 has no 'output' "
+                                        r"\(column 'tests'\)"):
+        run_distill(_cfg(tmp_path / "o", dataset_name=str(path), num_generations=2))
+    assert calls == []
+    stats = run_distill(_cfg(tmp_path / "s", dataset_name=str(path), num_generations=2, on_bad_row="skip"))
+    assert stats["prompts"]["skipped_bad_rows"] == 1 and stats["prompts"]["used"] == 2
+    assert stats["samples"]["kept"] == 4 and stats["samples"]["rejected"] == 0
+
+    calls.clear()
+    other_keys = tmp_path / "stdin.jsonl"
+    other_keys.write_text(json.dumps({"prompt": "Add.", "tests": [{"stdin": "2 3", "stdout": "5"}]}) + "\n")
+    with pytest.raises(DataError, match=r"stdin\.jsonl line 1: malformed tests: .*needs 'input' and 'output'"):
+        run_distill(_cfg(tmp_path / "k", dataset_name=str(other_keys), num_generations=2))
+    assert calls == []
+
+
 def test_max_prompts_keeps_line_numbers(tmp_path):
     rows = [{"prompt": r["problem"], "answer": r["answer"]} for r in A.generate_split("train", 10)]
     rows[3]["prompt"] = ""
