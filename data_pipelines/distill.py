@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 KEEP_POLICIES = ("all_correct", "shortest_correct", "first_k_correct")
 BACKEND_NAMES = ("scripted", "vllm", "hf", "openai")
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 
 
 @dataclass
@@ -140,6 +141,9 @@ class DistillConfig:
             (0.0 <= self.wrong_fraction <= 1.0, "wrong_fraction must be in [0, 1]"),
             (self.temperature >= 0 and 0 < self.top_p <= 1, "need temperature >= 0 and 0 < top_p <= 1"),
             (self.max_completion_length >= 1, "max_completion_length must be >= 1"),
+            # what vllm.LLM accepts, each also a torch dtype for the hf backend; any other name
+            # (e.g. 'bf16') ended in a traceback from torch's getattr or vLLM's pydantic config
+            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -357,6 +357,16 @@ def test_cli_error_without_traceback(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_unknown_dtype_is_a_config_error_not_a_traceback(tmp_path):
+    """--dtype bf16 ended in AttributeError (hf: getattr(torch, 'bf16')) or a pydantic ValidationError
+    (vllm) once the teacher was built; it is refused with the other settings, in one line."""
+    for backend in ("hf", "vllm"):
+        with pytest.raises(DataError, match=r"distill config: dtype must be one of auto, bfloat16, .*got 'bf16'"):
+            DistillConfig(backend=backend, model_name_or_path=str(tmp_path), dtype="bf16", output_dir=str(tmp_path))
+    for dtype in ("auto", "bfloat16", "float16", "float32", "half", "float"):
+        DistillConfig(backend="hf", model_name_or_path=str(tmp_path), dtype=dtype, output_dir=str(tmp_path))
+
+
 def test_code_rows_checked_by_their_tests(tmp_path, monkeypatch):
     """Rows with a `tests` column are verified by running the code (rewards' sandbox)."""
     import data_pipelines.teachers as T
