@@ -265,6 +265,7 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
     """Load, validate, deduplicate and decontaminate the prompts; returns them with counts."""
     from .loading import (answer_problem, load_rows, prompt_problem, require_columns, row_location, tests_problem,
                           to_messages)
+    from rewards.code_reward import parse_tests
 
     skip = cfg.on_bad_row == "skip"
     bad: list[dict[str, str]] = []
@@ -299,6 +300,10 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
         if i >= n_rows:
             break
         tests = row.get(cfg.tests_column) if has_tests else None
+        if tests is not None and not tests_problem(tests) and not parse_tests(tests):
+            # No test cases ([], "", "null": how a math row of a mixed math/code set often reads) is
+            # no tests: the row is checked by its answer, not sent to the code verifier (all "no_code").
+            tests = None
         problems = [(cfg.prompt_column, prompt_problem(row[cfg.prompt_column]))]
         if tests is None:  # checked by its answer, so it needs one
             problems.append((cfg.answer_column, answer_problem(row.get(cfg.answer_column))))

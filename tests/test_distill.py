@@ -435,6 +435,17 @@ def test_malformed_code_tests_named_by_line_before_the_teacher_samples(tmp_path,
     assert calls == []
 
 
+def test_rows_with_empty_tests_are_checked_by_their_answer(tmp_path, good_rows):
+    """A mixed math/code set gives its math rows no test cases ([] or ""): those rows are checked by
+    their answer. They went to the code verifier, which rejected every sample as "no_code"."""
+    for name, empty in (("list", []), ("string", "")):
+        rows = [{**r, "tests": empty} for r in good_rows[:4]]
+        stats = run_distill(_cfg(tmp_path / name, dataset_name=_jsonl(tmp_path / f"{name}.jsonl", rows),
+                                 wrong_fraction=0.0))
+        assert stats["samples"]["verdicts"] == {"correct": 16}, empty
+        assert stats["samples"]["kept"] == 16
+
+
 def test_max_prompts_keeps_line_numbers(tmp_path):
     rows = [{"prompt": r["problem"], "answer": r["answer"]} for r in A.generate_split("train", 10)]
     rows[3]["prompt"] = ""
