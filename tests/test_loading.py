@@ -85,6 +85,20 @@ def test_wrong_type_row_named(tmp_path):
     assert load_rows(str(p), bad_rows=bad)["prompt"] == ["a", "b"] and len(bad) == 1
 
 
+def test_type_mixed_inside_nested_values_named_by_line_and_column(tmp_path):
+    """An int `output` among string ones inside a list of test cases cannot share a table with the other
+    rows; the error named only the file ("cannot build a table: Could not convert ...")."""
+    rows = [{"prompt": f"Print {i}.", "tests": [{"input": "", "output": f"{i}\n"}]} for i in range(6)]
+    rows[3]["tests"] = [{"input": "", "output": 3}]
+    p = _write_jsonl(tmp_path / "code.jsonl", rows)
+    with pytest.raises(DataError, match=r"code\.jsonl line 4: column 'tests' has a value of another type"):
+        load_rows(str(p))
+    rows = [{"prompt": "q", "meta": {"a": 1}}] * 3 + [{"prompt": "q", "meta": {"a": "x"}}]
+    p = _write_jsonl(tmp_path / "meta.jsonl", rows)
+    with pytest.raises(DataError, match=r"meta\.jsonl line 4: column 'meta'"):
+        load_rows(str(p))
+
+
 def test_missing_paths_and_hub_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no such file"):
         load_rows(str(tmp_path / "nope.jsonl"))
