@@ -82,6 +82,46 @@ def test_vllm_backend_pipeline(vllm_llm, tiny_model, tmp_path, monkeypatch):
         (tmp_path / "p" / "rejected" / "rejected-00000.jsonl").read_text()
 
 
+def test_vllm_prompt_longer_than_max_model_len_is_rejected_not_a_crash(tmp_path, monkeypatch):
+    """vLLM refuses a whole batch when one prompt is longer than max_model_len: the run died with its
+    traceback, and again at the same shard on every resume. That prompt is not sent; its samples are
+    recorded as rejected (too_long) and the other prompts are sampled as usual."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    import data_pipelines.teachers as T
+    from data_pipelines.teachers.vllm_backend import VLLMTeacher
+
+    good = "<think>\n2 + 3 = 5\n</think>\n\n\\boxed{5}"
+
+    class Tokenizer:  # one token per word
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return [0] * len(" ".join(m["content"] for m in messages).split())
+
+    class FakeLLM:  # what chat_completions reads of vllm.LLM
+        model_config = SimpleNamespace(max_model_len=16)
+
+        def get_tokenizer(self):
+            return Tokenizer()
+
+        def chat(self, chats, params, use_tqdm=False):
+            lengths = [len(Tokenizer().apply_chat_template(c, True, True)) for c in chats]
+            if max(lengths) > self.model_config.max_model_len:
+                raise ValueError("This model's maximum context length is 16 tokens")  # as vLLM does
+            return [SimpleNamespace(prompt_token_ids=[0] * k, outputs=[
+                SimpleNamespace(index=i, token_ids=[1, 2, 3], finish_reason="stop", text=good)
+                for i in range(p.n)]) for k, p in zip(lengths, params)]
+
+    monkeypatch.setattr(T, "make_teacher", lambda cfg: VLLMTeacher.from_llm(FakeLLM(), "vllm:fake"))
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 3?", "answer": "5"}) + "\n"
+                    + json.dumps({"prompt": "What is " + " + ".join(["1"] * 30) + "?", "answer": "30"}) + "\n")
+    stats = run_distill(DistillConfig(dataset_name=str(path), backend="vllm", model_name_or_path="fake",
+                                      num_generations=2, output_dir=str(tmp_path / "o"), disable_tqdm=True))
+    assert stats["samples"]["kept"] == 2 and stats["samples"]["total"] == 4
+    assert stats["rejections"] == {"too_long": {"count": 2, "rate": 0.5}}
+
+
 def test_token_counts_from_model_tokenizer(tiny_model, tmp_path):
     """A backend without a tokenizer (scripted) gets counts from model_name_or_path's tokenizer."""
     from transformers import AutoTokenizer

@@ -6,10 +6,13 @@ The engine takes ~10-25 s to start on CPU: scripts need an ``if __name__ == "__m
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 from ..errors import DataError
 from .base import Completion, Messages, SamplingSettings
+
+log = logging.getLogger(__name__)
 
 
 class VLLMTeacher:
@@ -34,10 +37,27 @@ class VLLMTeacher:
         self.llm, self.name, self._owned = llm, name, False
         return self
 
+    def _prompt_tokens(self, prompt: Messages) -> int:
+        ids = self.llm.get_tokenizer().apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
     def generate(self, prompts: Sequence[Messages], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
         from engines.vllm_engine import chat_completions
 
-        return chat_completions(self.llm, prompts, n, sampling)
+        # One prompt longer than the engine's context made vLLM raise for the whole batch: a traceback, and
+        # the same one on every resume. Such a prompt is not sent; its samples come back empty and cut
+        # (finish_reason "length"), which rejection sampling records as too_long.
+        limit = getattr(getattr(self.llm, "model_config", None), "max_model_len", None)
+        lengths = [self._prompt_tokens(p) for p in prompts] if limit else [None] * len(prompts)
+        fits = [i for i, k in enumerate(lengths) if k is None or k < limit]
+        if len(fits) < len(prompts):
+            log.warning("%d prompt(s) of %d tokens or more do not fit max_model_len %d: their samples are "
+                        "rejected as too_long", len(prompts) - len(fits), limit, limit)
+        out = [[Completion(finish_reason="length", completion_tokens=0, prompt_tokens=k) for _ in range(n)]
+               for k in lengths]
+        for i, group in zip(fits, chat_completions(self.llm, [prompts[i] for i in fits], n, sampling)):
+            out[i] = group
+        return out
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
