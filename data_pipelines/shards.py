@@ -91,10 +91,13 @@ class ShardStore:
         """
         cfg_path = self.root / RUN_CONFIG
         if overwrite and self.root.exists():
-            for name in (DATA_DIR, REJECTED_DIR):
-                shutil.rmtree(self.root / name, ignore_errors=True)
+            # The ledger (the commit point) goes first: killed while the shards are being deleted, the
+            # directory must not still list shards whose files are gone (a resume would skip their prompts).
             for name in (LEDGER, RUN_CONFIG):
                 (self.root / name).unlink(missing_ok=True)
+            _fsync_dir(self.root)
+            for name in (DATA_DIR, REJECTED_DIR):
+                shutil.rmtree(self.root / name, ignore_errors=True)
         (self.root / DATA_DIR).mkdir(parents=True, exist_ok=True)
         (self.root / REJECTED_DIR).mkdir(parents=True, exist_ok=True)
         if cfg_path.exists():

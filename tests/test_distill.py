@@ -135,6 +135,32 @@ def test_resume_after_torn_ledger_and_orphan_shard(scripted_run, tmp_path):
     assert (b / "ledger.jsonl").read_text() == (out / "ledger.jsonl").read_text()
 
 
+def test_kill_during_overwrite_then_resume_loses_no_rows(scripted_run, tmp_path, monkeypatch):
+    """overwrite deleted the shard files before the ledger: killed in between, the directory still
+    listed every shard as committed, and a resume (overwrite off) regenerated nothing and finished
+    with the shards' rows missing."""
+    import shutil
+
+    import data_pipelines.shards as S
+
+    cfg, stats, out = scripted_run
+    b = tmp_path / "b"
+    run_distill(_cfg(b, wrong_fraction=0.3, reference_column="solution"))
+    real_rmtree = shutil.rmtree
+
+    def killed_after_one(path, *a, **kw):  # SIGKILL once the first folder is gone
+        real_rmtree(path, *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S.shutil, "rmtree", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(_cfg(b, wrong_fraction=0.3, reference_column="solution", overwrite=True))
+    monkeypatch.setattr(S.shutil, "rmtree", real_rmtree)
+    again = run_distill(_cfg(b, wrong_fraction=0.3, reference_column="solution"))
+    assert _tree_digest(b / "data") == _tree_digest(out / "data")
+    assert again["samples"] == stats["samples"]
+
+
 def test_settings_mismatch_refused_without_touching_output(scripted_run):
     cfg, stats, out = scripted_run
     before = _tree_digest(out)
