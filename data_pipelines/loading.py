@@ -130,8 +130,10 @@ def read_jsonl_objects(path: str | Path) -> tuple[list[dict[str, Any]], list[int
     return _read_jsonl(Path(path))
 
 
-def _read_json(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[int] | None]:
-    """A ``.json`` file: a JSON array of objects, ``{"data": [...]}``, or JSON lines."""
+def _read_json(path: Path, bad: list[dict[str, str]] | None = None
+               ) -> tuple[list[dict[str, Any]], list[int] | None, list[int] | None]:
+    """A ``.json`` file: a JSON array of objects, ``{"data": [...]}``, or JSON lines.  Returns the rows
+    with their line numbers (JSON lines) or their positions in the array."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -144,7 +146,7 @@ def _read_json(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[lis
         try:
             json.loads(data.decode("utf-8", errors="surrogateescape"))
         except json.JSONDecodeError:
-            return _read_jsonl(path, bad)
+            return (*_read_jsonl(path, bad), None)
         line_start = data.rfind(b"\n", 0, e.start) + 1
         lineno = data.count(b"\n", 0, line_start) + 1
         problem = _utf8_problem(data[line_start:e.end], e.start - line_start, e.reason)
@@ -152,14 +154,23 @@ def _read_json(path: Path, bad: list[dict[str, str]] | None = None) -> tuple[lis
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
-        return _read_jsonl(path, bad)  # JSON lines under a .json name (what datasets writes)
+        return (*_read_jsonl(path, bad), None)  # JSON lines under a .json name (what datasets writes)
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if isinstance(obj, dict):  # a single record
         obj = [obj]
-    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+    if not isinstance(obj, list):
         raise DataError(f"{path}: expected a JSON array of objects (or JSON lines)")
-    return obj, None
+    rows, items = [], []
+    for i, r in enumerate(obj):  # an item that is no object is a bad row: named, or skipped
+        if isinstance(r, dict):
+            rows.append(r)
+            items.append(i)
+        elif bad is None:
+            raise DataError(f"{path} item {i}: expected a JSON object, got {type(r).__name__}")
+        else:
+            bad.append({"location": f"{path} item {i}", "reason": f"expected a JSON object, got {type(r).__name__}"})
+    return rows, None, items
 
 
 def _kind(v: Any) -> str | None:
@@ -295,12 +306,12 @@ def _load_local(path: Path, split: str, bad: list[dict[str, str]] | None = None)
             parts.append(_read_parquet(f))
             where.extend(f"{f} row {i}" for i in range(parts[-1].num_rows))
             continue
-        rows, lines = _read_jsonl(f, bad) if f.suffix == ".jsonl" else _read_json(f, bad)
+        rows, lines, items = (*_read_jsonl(f, bad), None) if f.suffix == ".jsonl" else _read_json(f, bad)
         all_rows.extend(rows)
         if lines is not None:
             where.extend(f"{f} line {n}" for n in lines)
         else:
-            where.extend(f"{f} item {i}" for i in range(len(rows)))
+            where.extend(f"{f} item {i}" for i in items)
     if parts and all_rows:
         raise DataError(f"{path}: mixes parquet and JSON files")
     if all_rows:

@@ -99,6 +99,21 @@ def test_type_mixed_inside_nested_values_named_by_line_and_column(tmp_path):
         load_rows(str(p))
 
 
+def test_json_array_item_that_is_not_an_object_named_or_skipped(tmp_path):
+    """One non-object item in a .json array failed the whole file ("expected a JSON array of objects"),
+    naming no item, even when bad rows were to be skipped."""
+    items = [{"prompt": f"q{i}", "answer": str(i)} for i in range(5)]
+    items.insert(3, ["oops"])
+    p = tmp_path / "arr.json"
+    p.write_text(json.dumps(items))
+    with pytest.raises(DataError, match=r"arr\.json item 3: expected a JSON object, got list"):
+        load_rows(str(p))
+    bad: list = []
+    ds = load_rows(str(p), bad_rows=bad)
+    assert ds["prompt"] == ["q0", "q1", "q2", "q3", "q4"] and [b["location"] for b in bad] == [f"{p} item 3"]
+    assert row_location(ds, 3) == f"{p} item 4"  # the others keep their own positions
+
+
 def test_missing_paths_and_hub_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no such file"):
         load_rows(str(tmp_path / "nope.jsonl"))
