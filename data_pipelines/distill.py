@@ -500,7 +500,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         name = teacher.name
         counter = TokenCounter(cfg.model_name_or_path if cfg.backend in ("scripted", "openai") else None)
         sampling = SamplingSettings(temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_tokens=cfg.max_completion_length, seed=cfg.seed)
+                                    max_tokens=cfg.max_completion_length, seed=cfg.seed,
+                                    logprobs=False)  # the samples are judged on their text
         kept_n = total_n = 0
         bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="prompt", desc="distill",
                    disable=cfg.disable_tqdm, dynamic_ncols=True)

@@ -575,3 +575,26 @@ def test_run_config_without_input_contents_resumes_and_records_them(tmp_path):
     _jsonl(prompts, rows[10:30])
     with pytest.raises(DataError, match=re.escape(key)):
         run_distill(_cfg(out, **kw))
+
+
+def test_the_teacher_is_asked_for_no_log_probs(tmp_path, monkeypatch):
+    """The samples are judged on their text: the teacher is not asked for log-probs, which the hf teacher would
+    otherwise keep as every step's scores (vocab x tokens x rows floats) and vLLM would compute per token."""
+    import data_pipelines.teachers as T
+    from engines import Completion
+
+    asked = []
+
+    class Stub:
+        name = "stub"
+
+        def generate(self, prompts, n, sampling):
+            asked.append(sampling)
+            return [[Completion(text="<think>\nok\n</think>\n\n\\boxed{1}", finish_reason="stop")] * n for _ in prompts]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(T, "make_teacher", lambda cfg: Stub())
+    run_distill(_cfg(tmp_path / "o", dataset_name="builtin:arith?n_train=8", num_generations=2))
+    assert asked and all(s.logprobs is False for s in asked)
