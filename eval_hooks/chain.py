@@ -235,6 +235,10 @@ def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list
             print(f"[{stage}] done already ({prev.get('output')}), skipping")
             continue
         if only and stage not in only:
+            # later stages build on what this stage's directory holds, not on what its config would make: their
+            # hashes must say so, or the run that brings this stage up to date would skip them as done
+            upstream[stage] = (prev.get("inputs_hash") if prev.get("status") == "done"
+                               else f"{prev.get('status', 'not run')}:{prev.get('inputs_hash')}")
             state = {"done": "done with other inputs", "running": "unfinished"}.get(prev.get("status"), "not run yet")
             print(f"[{stage}] not run (--only); its output is {state}")
             continue

@@ -350,3 +350,37 @@ def test_problem_groups_name_the_fact_each_builtin_problem_asks(tmp_path):
     f = tmp_path / "plain.jsonl"
     f.write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
     assert load_benchmark_with_groups(str(f), "train")[2] is None
+
+
+def test_a_stage_run_with_only_on_an_outdated_upstream_is_rerun_once_the_upstream_is(tmp_path, monkeypatch):
+    """`run --only eval` after SFT's settings changed evaluates the SFT checkpoint still on disk; the next
+    full run retrains SFT and must then evaluate again. Before, eval's hash was built on SFT's new settings
+    although it had evaluated the old checkpoint, so the full run skipped eval as done and the report
+    showed the old SFT model's accuracy as the new one's."""
+    import yaml
+
+    from eval_hooks import chain
+
+    ran: list[str] = []
+
+    def runner(stage):
+        def run(cfg, recipe, out, resuming):
+            ran.append(stage)
+            return out / stage, {}
+        return run
+
+    monkeypatch.setattr(chain, "STAGE_RUNNERS", {s: runner(s) for s in chain.STAGES})
+    monkeypatch.setattr("eval_hooks.report.write_report", lambda out, manifest: {})
+    recipe = {"name": "only", "stages": {"sft": {"learning_rate": 1e-3, "model_name_or_path": str(tmp_path)},
+                                         "eval": {}}}
+    path, out = tmp_path / "only.yaml", str(tmp_path / "run")
+    path.write_text(yaml.safe_dump(recipe))
+    chain.run_chain(path, out)
+    assert ran == ["sft", "eval"]
+    recipe["stages"]["sft"]["learning_rate"] = 1e-4
+    path.write_text(yaml.safe_dump(recipe))
+    ran.clear()
+    chain.run_chain(path, out, only=["eval"])  # SFT's directory still holds the lr 1e-3 model
+    ran.clear()
+    chain.run_chain(path, out)
+    assert ran == ["sft", "eval"]
