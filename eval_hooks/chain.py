@@ -340,7 +340,12 @@ def _run_grpo(cfg, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path
 def _run_eval(cfg: EvalStage, recipe: ChainRecipe, out: Path, resuming: bool) -> tuple[Path, dict]:
     from .evaluate import evaluate_checkpoints
 
-    checkpoints = {"init": _initial_model(recipe, out)}
+    start = _initial_model(recipe, out)
+    first = next((s for s in ("sft", "grpo") if s in recipe.stages), None)
+    if "init" not in recipe.stages and first is not None:
+        # no init stage: the chain started from the model the first training stage names (model-init is never made)
+        start = _stage_config(recipe, first, out).model_name_or_path
+    checkpoints = {"init": start}
     if "sft" in recipe.stages:
         checkpoints["sft"] = str(out / "sft")
     if "grpo" in recipe.stages:

@@ -384,3 +384,26 @@ def test_a_stage_run_with_only_on_an_outdated_upstream_is_rerun_once_the_upstrea
     ran.clear()
     chain.run_chain(path, out)
     assert ran == ["sft", "eval"]
+
+
+@pytest.mark.parametrize("first", ["sft", "grpo"])
+def test_a_chain_without_init_evaluates_the_model_its_first_training_stage_started_from(first, tmp_path, monkeypatch):
+    """A recipe with no init stage whose SFT (or GRPO) starts from a given checkpoint: before, the eval stage
+    evaluated `<run>/model-init` as the starting model, which no stage had written, and failed with a
+    traceback (transformers took the path for a Hub id) after training had finished."""
+    from eval_hooks import chain
+
+    evaluated = {}
+
+    def evaluate(checkpoints, cfg, out_dir, reuse_finished=False):
+        evaluated.update(checkpoints)
+        return {name: {"accuracy": 0.0, "n": 1} for name in checkpoints}
+
+    monkeypatch.setattr("eval_hooks.evaluate.evaluate_checkpoints", evaluate)
+    base = tmp_path / "base"
+    path = tmp_path / "noinit.yaml"
+    path.write_text(f"name: noinit\nstages:\n  {first}:\n    model_name_or_path: {base}\n  eval: {{}}\n")
+    recipe = load_chain_recipe(path, str(tmp_path / "run"))
+    configs = validate_chain_recipe(recipe)
+    chain._run_eval(configs["eval"], recipe, recipe.output_dir, False)
+    assert evaluated == {"init": str(base), first: str(tmp_path / "run" / first)}
