@@ -27,7 +27,9 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
     """{name: checkpoint dir} -> {name: {"accuracy", "n", ...}}; each result also written as JSON
     (`<out_dir>/<name>.json`). `reuse_finished`: a checkpoint whose JSON is already there, for the same
     checkpoint directory, is not evaluated again (the chain's resume of a killed eval stage with unchanged
-    inputs; anything else evaluates every checkpoint)."""
+    inputs; anything else evaluates every checkpoint). A file written under other settings is not reused."""
+    from dataclasses import asdict
+
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -41,9 +43,12 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
     prompts, answers, groups = load_benchmark_with_groups(cfg.dataset_name, cfg.dataset_split, cfg.num_problems)
     names = list(checkpoints)
     results: dict[str, dict[str, Any]] = {}
+    # written with each result: a resumed stage whose settings changed since a file was written (a restart with
+    # new settings killed before reaching that checkpoint) must not reuse it
+    settings = json.loads(json.dumps(asdict(cfg)))
     if reuse_finished:
         for name in names:
-            done = _finished(out / f"{name}.json", checkpoints[name])
+            done = _finished(out / f"{name}.json", checkpoints[name], settings)
             if done is not None:
                 results[name] = done
                 print(f"[eval] {name}: done already ({out / f'{name}.json'})")
@@ -109,7 +114,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
                     res["mtp_acceptance"] = {"rate": hits / max(drafts, 1), "drafts": drafts, "on": drafted_on,
                                              "per_problem": [h / n if n else None for h, n in counts]}
                 bar.update(1)
-            res.update({"checkpoint": path, "dataset": f"{cfg.dataset_name}:{cfg.dataset_split}"})
+            res.update({"checkpoint": path, "dataset": f"{cfg.dataset_name}:{cfg.dataset_split}", "settings": settings})
             if groups is not None:
                 res["groups"] = groups  # what each problem asks: the report's intervals are over these
             atomic_write_bytes(out / f"{name}.json", (json.dumps(res, indent=2) + "\n").encode())  # whole or absent
@@ -127,10 +132,11 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
     return {name: results[name] for name in names}
 
 
-def _finished(path: Path, checkpoint: str) -> dict[str, Any] | None:
-    """The results an earlier run wrote for `checkpoint`, or None."""
+def _finished(path: Path, checkpoint: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The results an earlier run wrote for `checkpoint` under the same `settings`, or None."""
     try:
         res = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return res if isinstance(res, dict) and res.get("checkpoint") == checkpoint and "accuracy" in res else None
+    return (res if isinstance(res, dict) and res.get("checkpoint") == checkpoint and res.get("settings") == settings
+            and "accuracy" in res else None)

@@ -269,6 +269,30 @@ def test_a_resumed_eval_reuses_each_finished_checkpoint_and_only_its_own(tiny_mo
     assert Counting.calls == 3
 
 
+
+def test_a_resumed_eval_redoes_results_an_earlier_run_wrote_with_other_settings(tiny_model_dir, tmp_path):
+    """The eval stage's settings changed (here 2 problems -> 1), the restarted stage was killed after its
+    first checkpoint, and the chain resumed it: before, the second checkpoint's file from the earlier run
+    (same checkpoint directory, other settings) was reused, so the report put a 2-problem result beside
+    a 1-problem one."""
+    from eval_hooks.chain import EvalStage
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = ScriptedEngine(tok, [["\\boxed{5}"], ["\\boxed{7}"]])
+    f = two_problems(tmp_path)
+    ckpts = {"a": str(tiny_model_dir), "b": str(tiny_model_dir)}
+    out = tmp_path / "eval"
+    evaluate_checkpoints(ckpts, EvalStage(dataset_name=str(f), dataset_split="train", num_problems=2, max_tokens=8),
+                         out, engine=engine)
+    cfg = EvalStage(dataset_name=str(f), dataset_split="train", num_problems=1, max_tokens=8)
+    engine.texts = engine.texts[:1]
+    evaluate_checkpoints({"a": ckpts["a"]}, cfg, out, engine=engine)  # the restarted stage, killed after a
+    again = evaluate_checkpoints(ckpts, cfg, out, engine=engine, reuse_finished=True)
+    assert [again[name]["n"] for name in ckpts] == [1, 1]
+    assert json.loads((out / "b.json").read_text())["n"] == 1
+
+
 def test_every_recipe_validates():
     chains = [p for p in (ROOT / "recipes").glob("*.yaml") if "stages" in p.read_text()]
     assert chains, "no chain recipe found"
