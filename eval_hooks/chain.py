@@ -254,7 +254,10 @@ def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list
     manifest.update("_run", seconds=round(time.time() - t_start, 1))
     from .report import write_report
 
-    return write_report(out, manifest.data)
+    # the report is of this recipe's stages: a stage an earlier version of the recipe had stays in the manifest,
+    # but its results (an eval of checkpoints retrained since) must not be reported as this run's
+    stages = {s: v for s, v in manifest.data["stages"].items() if s in configs or s.startswith("_")}
+    return write_report(out, {**manifest.data, "stages": stages})
 
 
 def _set_aside_earlier_output(stage: str, cfg: Any) -> Path | None:

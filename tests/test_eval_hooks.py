@@ -431,3 +431,30 @@ def test_a_chain_without_init_evaluates_the_model_its_first_training_stage_start
     configs = validate_chain_recipe(recipe)
     chain._run_eval(configs["eval"], recipe, recipe.output_dir, False)
     assert evaluated == {"init": str(base), first: str(tmp_path / "run" / first)}
+
+
+def test_the_report_leaves_out_a_stage_the_recipe_no_longer_has(tmp_path, monkeypatch):
+    """The eval stage was taken out of the recipe and SFT retrained: before, the report still printed the
+    eval the manifest kept from the earlier run as the measured accuracy of the (new) SFT checkpoint."""
+    import yaml
+
+    from eval_hooks import chain
+
+    def runner(stage):
+        def run(cfg, recipe, out, resuming):
+            return out / stage, ({"init": {"accuracy": 0.25, "n": 4}, "sft": {"accuracy": 0.5, "n": 4}}
+                                 if stage == "eval" else {})
+        return run
+
+    monkeypatch.setattr(chain, "STAGE_RUNNERS", {s: runner(s) for s in chain.STAGES})
+    recipe = {"name": "gone", "stages": {"sft": {"learning_rate": 1e-3, "model_name_or_path": str(tmp_path)},
+                                         "eval": {}}}
+    path, out = tmp_path / "gone.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(recipe))
+    assert set(chain.run_chain(path, str(out))["results"]) == {"init", "sft"}
+    del recipe["stages"]["eval"]
+    recipe["stages"]["sft"]["learning_rate"] = 1e-4
+    path.write_text(yaml.safe_dump(recipe))
+    assert chain.run_chain(path, str(out))["results"] == {}
+    assert "0.500" not in (out / "report.md").read_text()
+    assert json.loads((out / "manifest.json").read_text())["stages"]["eval"]["status"] == "done"  # kept there
