@@ -217,6 +217,10 @@ class Manifest:
 # -- the stages ----------------------------------------------------------------------------------------
 def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list[str] | None = None) -> dict[str, Any]:
     recipe = load_chain_recipe(recipe_path, output_dir)
+    absent = [s for s in only or () if s not in recipe.stages]
+    if absent:  # else nothing would run, and the run would end as if it had
+        raise UserError(f"--only {' '.join(absent)}: not a stage of {recipe.source} (its stages: "
+                        f"{', '.join(recipe.stages)})")
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
     configs = validate_chain_recipe(recipe)  # every stage's config checked before anything runs

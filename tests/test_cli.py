@@ -460,3 +460,13 @@ def test_eval_refuses_the_chain_only_fields(tmp_path, monkeypatch, capsys):
         "`eval` evaluates finished checkpoints")
     assert not (tmp_path / "o").exists()
     assert cli.main([*argv, "--num_problems", "5"]) == 0  # a benchmark option still passes
+
+
+def test_run_only_a_stage_the_recipe_does_not_have_is_one_line(tmp_path, capsys):
+    """`run --only grpo` on a recipe without a grpo stage ran nothing, wrote an empty report and exited 0."""
+    recipe = tmp_path / "sft-only.yaml"
+    recipe.write_text(f"name: x\nstages:\n  sft:\n    model_name_or_path: {tmp_path}\n")
+    argv = ["run", str(recipe), "--output_dir", str(tmp_path / "run"), "--only", "grpo"]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    assert _one_error_line(capsys.readouterr().err, "run").endswith(f"--only grpo: not a stage of {recipe} (its stages: sft)")
+    assert not (tmp_path / "run").exists()
