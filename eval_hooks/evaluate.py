@@ -17,7 +17,9 @@ from .mtp_acceptance import drafter_hits
 def _model_config(path: str) -> dict[str, Any]:
     """A checkpoint's config.json without what does not change the model it describes."""
     config = json.loads((Path(path) / "config.json").read_text())
-    for bookkeeping in ("_name_or_path", "transformers_version"):
+    # use_cache: transformers' generate setting, which training saves as false (vLLM never reads it); counted, it
+    # gave every trained checkpoint an engine start of its own instead of a weight sync
+    for bookkeeping in ("_name_or_path", "transformers_version", "use_cache"):
         config.pop(bookkeeping, None)
     return config
 

@@ -234,6 +234,41 @@ def test_a_checkpoint_with_another_config_gets_an_engine_of_its_own(tiny_model_d
     assert built == [Path(tiny_model_dir).name, "other"] and synced == [1]  # b synced into a's engine; c built
 
 
+def test_a_trained_checkpoint_saved_without_use_cache_is_synced_into_the_engine(tiny_model_dir, tmp_path, monkeypatch):
+    """SFT and GRPO save `use_cache: false` (transformers' generate setting, which vLLM does not read): before,
+    that difference from the initial checkpoint's config gave each trained checkpoint an engine start of its
+    own (20-25 s each on CPU) instead of a weight sync."""
+    import shutil
+
+    import engines.vllm_engine
+    from eval_hooks.chain import EvalStage
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    trained = tmp_path / "sft"
+    shutil.copytree(tiny_model_dir, trained)
+    config = json.loads((trained / "config.json").read_text())
+    (trained / "config.json").write_text(json.dumps({**config, "use_cache": False}))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    built, synced = [], []
+
+    class Recording(ScriptedEngine):
+        def __init__(self, path, max_model_len):
+            super().__init__(tok, [["\\boxed{5}"], ["\\boxed{5}"]])
+            built.append(Path(path).name)
+
+        def sync_weights(self, weights):
+            synced.append(len(built))
+            super().sync_weights(weights)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(engines.vllm_engine, "VLLMColocateEngine", Recording)
+    cfg = EvalStage(dataset_name=str(two_problems(tmp_path)), dataset_split="train", num_problems=2, max_tokens=8)
+    evaluate_checkpoints({"init": str(tiny_model_dir), "sft": str(trained)}, cfg, tmp_path / "eval")
+    assert built == [Path(tiny_model_dir).name] and synced == [1]
+
+
 def test_a_resumed_eval_reuses_each_finished_checkpoint_and_only_its_own(tiny_model_dir, tmp_path):
     """`reuse_finished` (the chain resuming a killed eval stage): a checkpoint whose results file is whole and
     names the same checkpoint directory is not evaluated again; a file cut short, or one written for another
