@@ -357,6 +357,10 @@ def _run_eval(cfg: EvalStage, recipe: ChainRecipe, out: Path, resuming: bool) ->
         checkpoints["sft"] = str(out / "sft")
     if "grpo" in recipe.stages:
         checkpoints["grpo"] = str(out / "grpo")
+    from posttrain.recipe import require_model_dir
+
+    for name, path in checkpoints.items():  # a stage that never ran (`--only eval`) left none: one line, not a traceback
+        require_model_dir(path, f"stages.eval: the {name} checkpoint", allow_hub=name == "init")
     results = evaluate_checkpoints(checkpoints, cfg, out / "eval", reuse_finished=resuming)
     metrics = {}
     for name, r in results.items():

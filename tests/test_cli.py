@@ -470,3 +470,14 @@ def test_run_only_a_stage_the_recipe_does_not_have_is_one_line(tmp_path, capsys)
     assert cli.main(argv) == cli.EXIT_USER_ERROR
     assert _one_error_line(capsys.readouterr().err, "run").endswith(f"--only grpo: not a stage of {recipe} (its stages: sft)")
     assert not (tmp_path / "run").exists()
+
+
+def test_run_only_eval_before_the_stages_it_evaluates_ran_is_one_line(tmp_path, capsys):
+    """`run --only eval` on a fresh run directory: before, the eval handed the missing `<run>/model-init` to
+    vLLM, and transformers' Hub lookup ended in a traceback (exit 1)."""
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text("name: x\nstages:\n  init: {}\n  eval: {num_problems: 2, max_tokens: 8}\n")
+    out = tmp_path / "run"
+    assert cli.main(["run", str(recipe), "--output_dir", str(out), "--only", "eval"]) == cli.EXIT_USER_ERROR
+    line = _one_error_line(capsys.readouterr().err, "run")
+    assert f"error: stages.eval: the init checkpoint: no checkpoint directory at {out / 'model-init'}" in line

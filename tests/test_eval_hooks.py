@@ -464,6 +464,9 @@ def test_a_chain_without_init_evaluates_the_model_its_first_training_stage_start
     path.write_text(f"name: noinit\nstages:\n  {first}:\n    model_name_or_path: {base}\n  eval: {{}}\n")
     recipe = load_chain_recipe(path, str(tmp_path / "run"))
     configs = validate_chain_recipe(recipe)
+    for checkpoint in (base, tmp_path / "run" / first):
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.json").write_text("{}")
     chain._run_eval(configs["eval"], recipe, recipe.output_dir, False)
     assert evaluated == {"init": str(base), first: str(tmp_path / "run" / first)}
 
