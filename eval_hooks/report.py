@@ -192,7 +192,10 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     stages = manifest.get("stages", {})
     sft_hist = _history(out / "sft" / "trainer_state.json")
     grpo_hist = _history(out / "grpo" / "trainer_state.json")
-    eval_metrics = stages.get("eval", {}).get("metrics") or {}
+    evaluated_stage = stages.get("eval", {})
+    # an eval stage restarted and not finished still holds the metrics of its earlier run: those are not measured
+    # on what the eval directory now holds
+    eval_metrics = (evaluated_stage.get("metrics") or {}) if evaluated_stage.get("status") == "done" else {}
     results = {name: {"accuracy": r["accuracy"], "n": r["n"]} for name, r in eval_metrics.items()}
     names = list(results)
     evaluated = {name: _eval_result(out, name) for name in names}  # each stage's file, read once

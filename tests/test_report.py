@@ -133,3 +133,16 @@ def test_report_prints_sampled_pass1_and_clustered_intervals_when_the_eval_names
     assert results["grpo"]["sampled_pass1"]["pass@1"] == pytest.approx(0.475)
     assert results["grpo"]["sampled_pass1"]["vs_sft"]["ci95"] == pytest.approx([lo, hi])
     assert results["grpo"]["vs_sft"]["groups"] == 10
+
+
+def test_an_unfinished_eval_stage_reports_no_accuracy(tmp_path):
+    """The eval stage was restarted with new settings and killed; a later `run --only sft` wrote the report.
+    Before, the manifest's metrics from the stage's earlier run were printed as measured, beside eval files
+    the restart had partly rewritten."""
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "init.json").write_text(json.dumps({"accuracy": 0.1, "n": 10, "correct": [True] + [False] * 9}))
+    manifest = {"name": "t", "recipe": "r.yaml", "stages": {"eval": {"status": "running", "metrics": {
+        "init": {"accuracy": 0.25, "n": 4}, "sft": {"accuracy": 0.5, "n": 4}}}}}
+    assert write_report(out, manifest)["results"] == {}
+    assert "0.500" not in (out / "report.md").read_text()
