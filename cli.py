@@ -218,7 +218,9 @@ def cmd_eval(argv: list[str]) -> int:
         epilog="benchmark options (as --key value; in a chain recipe, under stages.eval):\n"
         + describe_fields(EvalStage, exclude=EVAL_CHAIN_ONLY_FIELDS),
     )
-    p.add_argument("--model_name_or_path", nargs="+", required=True, metavar="DIR", help="checkpoint directories")
+    # extend: `--model_name_or_path A --model_name_or_path B` evaluates both (argparse's default kept only B)
+    p.add_argument("--model_name_or_path", nargs="+", action="extend", required=True, metavar="DIR",
+                   help="checkpoint directories")
     p.add_argument("--output_dir", default="runs/eval", metavar="DIR",
                    help="where the JSON results go (default: runs/eval)")
     if any(a in ("-h", "--help") for a in argv):

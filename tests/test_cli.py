@@ -299,6 +299,18 @@ def test_eval_keeps_checkpoints_that_share_a_directory_name(tmp_path, monkeypatc
     assert _one_error_line(capsys.readouterr().err, "eval").endswith(f"{a} is given twice (as a/tiny)")
 
 
+def test_eval_model_name_or_path_given_twice_evaluates_both(tmp_path, monkeypatch):
+    """`eval --model_name_or_path A --model_name_or_path B` evaluated only B, silently."""
+    import eval_hooks.evaluate
+
+    a, b = _checkpoint(tmp_path / "init"), _checkpoint(tmp_path / "sft")
+    seen = {}
+    monkeypatch.setattr(eval_hooks.evaluate, "evaluate_checkpoints", lambda names, cfg, out: seen.update(names))
+    argv = ["eval", "--model_name_or_path", str(a), "--output_dir", str(tmp_path / "e"), "--model_name_or_path", str(b)]
+    assert cli.main(argv) == 0
+    assert seen == {"init": str(a), "sft": str(b)}
+
+
 @pytest.mark.parametrize("argv", [
     ["init-model", "--output", "{out}"],
     ["smoke", "--output_dir", "{out}", "--no_vllm"],
