@@ -31,7 +31,7 @@ class SamplingSettings:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # benchmarks: every completion runs to max_tokens
     # The sampled tokens' log-probs (GRPO's importance-sampling correction needs them). Off, `Completion.logprobs`
-    # is None: evaluation turns them off, as they cost (on vLLM's CPU build, about a quarter of a sampled eval).
+    # is None: evaluation turns them off, as they cost (benchmarks/bench_eval_sampling.py).
     logprobs: bool = True
 
 

@@ -517,8 +517,9 @@ class VLLMColocateEngine:
                 logprobs=0 if sampling.logprobs else None,
                 stop_token_ids=None if sampling.ignore_eos else (list(sampling.stop_token_ids) or None),
                 ignore_eos=sampling.ignore_eos,
-                # token ids in, token ids out: vLLM's detokenizer (the text, and each log-prob's token string) would
-                # be per-token Python work whose result nobody reads -- a quarter of a sampled eval on CPU
+                # token ids in, token ids out: vLLM's detokenizer (the text, and each log-prob's token string)
+                # would be per-token Python work whose result nobody reads (10 % of a sampled eval on CPU,
+                # benchmarks/bench_eval_sampling.py)
                 detokenize=False,
             )
 

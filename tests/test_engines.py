@@ -358,7 +358,7 @@ def test_vllm_colocate_engine_greedy_n_gives_n_copies_of_one_greedy_answer():
 
 def test_vllm_colocate_engine_asks_for_no_detokenization_and_log_probs_only_when_wanted():
     """Token ids in, token ids out: vLLM's detokenizer (the text and each log-prob's token string, Python work
-    per token) is off, and `logprobs=False` (evaluation) asks for none: together about a quarter of a sampled
+    per token) is off, and `logprobs=False` (evaluation) asks for none: together 12 % of a sampled
     evaluation on vLLM's CPU build (`benchmarks/RESULTS.md`, session 23)."""
     pytest.importorskip("vllm")
     from engines import SamplingSettings
