@@ -197,23 +197,11 @@ def test_eval_bar_ticks_once_per_part_of_each_checkpoint_and_names_it(tiny_model
                          ("greedy pass@1 on 2 problems", "sampled pass@1 (2 per problem)", "MTP drafter on the answers")]
 
 
-def test_a_checkpoint_with_another_config_gets_an_engine_of_its_own(tiny_model_dir, tmp_path, monkeypatch):
-    """The engine loads the first checkpoint and takes the next ones by weight sync, which carries weights only:
-    a checkpoint with another routed_scaling_factor was evaluated under the first one's (its answers depended on
-    the order of the checkpoints). Same config: one engine, synced."""
-    import shutil
-
+def _record_engines(monkeypatch, tok) -> tuple[list[str], list[int]]:
+    """Replaces the eval's vLLM engine with a scripted one that records the checkpoint each engine was built
+    from (`built`) and, per weight sync, how many engines had been built by then (`synced`)."""
     import engines.vllm_engine
-    from eval_hooks.chain import EvalStage
-    from eval_hooks.evaluate import evaluate_checkpoints
 
-    other = tmp_path / "other"
-    shutil.copytree(tiny_model_dir, other)
-    config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "routed_scaling_factor": 1.0}))
-    same = tmp_path / "same"
-    shutil.copytree(tiny_model_dir, same)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     built, synced = [], []
 
     class Recording(ScriptedEngine):
@@ -229,6 +217,26 @@ def test_a_checkpoint_with_another_config_gets_an_engine_of_its_own(tiny_model_d
             pass
 
     monkeypatch.setattr(engines.vllm_engine, "VLLMColocateEngine", Recording)
+    return built, synced
+
+
+def test_a_checkpoint_with_another_config_gets_an_engine_of_its_own(tiny_model_dir, tmp_path, monkeypatch):
+    """The engine loads the first checkpoint and takes the next ones by weight sync, which carries weights only:
+    a checkpoint with another routed_scaling_factor was evaluated under the first one's (its answers depended on
+    the order of the checkpoints). Same config: one engine, synced."""
+    import shutil
+
+    from eval_hooks.chain import EvalStage
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "routed_scaling_factor": 1.0}))
+    same = tmp_path / "same"
+    shutil.copytree(tiny_model_dir, same)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    built, synced = _record_engines(monkeypatch, tok)
     cfg = EvalStage(dataset_name=str(two_problems(tmp_path)), dataset_split="train", num_problems=2, max_tokens=8)
     evaluate_checkpoints({"a": str(tiny_model_dir), "b": str(same), "c": str(other)}, cfg, tmp_path / "eval")
     assert built == [Path(tiny_model_dir).name, "other"] and synced == [1]  # b synced into a's engine; c built
@@ -240,7 +248,6 @@ def test_a_trained_checkpoint_saved_without_use_cache_is_synced_into_the_engine(
     own (20-25 s each on CPU) instead of a weight sync."""
     import shutil
 
-    import engines.vllm_engine
     from eval_hooks.chain import EvalStage
     from eval_hooks.evaluate import evaluate_checkpoints
 
@@ -249,21 +256,7 @@ def test_a_trained_checkpoint_saved_without_use_cache_is_synced_into_the_engine(
     config = json.loads((trained / "config.json").read_text())
     (trained / "config.json").write_text(json.dumps({**config, "use_cache": False}))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    built, synced = [], []
-
-    class Recording(ScriptedEngine):
-        def __init__(self, path, max_model_len):
-            super().__init__(tok, [["\\boxed{5}"], ["\\boxed{5}"]])
-            built.append(Path(path).name)
-
-        def sync_weights(self, weights):
-            synced.append(len(built))
-            super().sync_weights(weights)
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(engines.vllm_engine, "VLLMColocateEngine", Recording)
+    built, synced = _record_engines(monkeypatch, tok)
     cfg = EvalStage(dataset_name=str(two_problems(tmp_path)), dataset_split="train", num_problems=2, max_tokens=8)
     evaluate_checkpoints({"init": str(tiny_model_dir), "sft": str(trained)}, cfg, tmp_path / "eval")
     assert built == [Path(tiny_model_dir).name] and synced == [1]
