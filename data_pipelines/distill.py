@@ -265,6 +265,7 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
     """Load, validate, deduplicate and decontaminate the prompts; returns them with counts."""
     from .loading import (answer_problem, load_rows, prompt_problem, require_columns, row_location, tests_problem,
                           to_messages)
+    from rewards import gold_answer_text
     from rewards.code_reward import parse_tests
 
     skip = cfg.on_bad_row == "skip"
@@ -328,7 +329,8 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
             continue
         seen.add(sid)
         answer = row.get(cfg.answer_column) if has_answer else None
-        items.append(PromptItem(sid, messages, None if answer is None else str(answer),
+        # as the verifier reads a gold: str(1e-05) is "1e-05", which math-verify takes for e - 5
+        items.append(PromptItem(sid, messages, gold_answer_text(answer),
                                 ref if ref and ref.strip() else None, tests))
 
     decontaminated = 0

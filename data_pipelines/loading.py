@@ -17,6 +17,7 @@ JSON lines are parsed here, line by line, so a malformed line is reported as
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -438,6 +439,8 @@ def answer_problem(value: Any) -> str | None:
         return f"answer is a {type(value).__name__}, not a string or number"
     if isinstance(value, str) and not value.strip():
         return "answer is empty"
+    if isinstance(value, float) and math.isnan(value):
+        return "answer is NaN (a missing value)"
     return None
 
 

@@ -15,8 +15,8 @@ def verify_math_answers(responses: Sequence[str], golds: Sequence[Any], timeout_
     from rewards import extract_final_answer, verify_math_batch
 
     preds = [extract_final_answer(r) for r in responses]
-    # A missing gold stays None (unverifiable): str(None) would be the answer "None".
-    results = verify_math_batch(preds, [None if g is None else str(g) for g in golds], timeout_s=timeout_s)
+    # verify_math_batch reads each gold as rewards.gold_answer_text does (None stays unverifiable)
+    results = verify_math_batch(preds, list(golds), timeout_s=timeout_s)
     out = []
     for pred, ok in zip(preds, results):
         if pred is None:

@@ -22,6 +22,7 @@ from .length_reward import SoftOverlong, make_soft_overlong, soft_overlong
 from .math_verifier import (
     MathAccuracy,
     extract_final_answer,
+    gold_answer_text,
     make_math_accuracy,
     math_accuracy,
     verify_math,
@@ -40,6 +41,7 @@ __all__ = [
     "completion_text", "split_think",
     # math
     "math_accuracy", "make_math_accuracy", "MathAccuracy", "extract_final_answer", "verify_math", "verify_math_batch",
+    "gold_answer_text",
     # code
     "code_tests", "code_tests_all", "make_code_tests", "CodeTests", "extract_code", "parse_tests", "outputs_match",
     "run_python", "SandboxLimits", "SandboxResult",

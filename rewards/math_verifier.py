@@ -25,6 +25,7 @@ __all__ = [
     "extract_final_answer",
     "verify_math",
     "verify_math_batch",
+    "gold_answer_text",
     "math_accuracy",
     "make_math_accuracy",
     "MathAccuracy",
@@ -110,7 +111,7 @@ def extract_final_answer(text: str, formats: Sequence[str] = ("boxed",)) -> str 
     return None
 
 
-def _gold_text(gold: Any) -> str | None:
+def gold_answer_text(gold: Any) -> str | None:
     """The gold answer as text for math-verify; None if there is none (None, blank, NaN).
 
     A numeric column gives Python/numpy floats: ``str(1e-05)`` is ``'1e-05'``, which math-verify
@@ -135,7 +136,7 @@ def _verify_statuses(
     if len(preds) != len(golds):
         raise ValueError(f"{len(preds)} predictions but {len(golds)} gold answers")
     statuses = ["wrong"] * len(preds)
-    gold_texts = [_gold_text(g) for g in golds]
+    gold_texts = [gold_answer_text(g) for g in golds]
     for i, g in enumerate(gold_texts):
         if g is None:
             statuses[i] = "gold_unparseable"

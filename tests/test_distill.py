@@ -598,3 +598,28 @@ def test_the_teacher_is_asked_for_no_log_probs(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "make_teacher", lambda cfg: Stub())
     run_distill(_cfg(tmp_path / "o", dataset_name="builtin:arith?n_train=8", num_generations=2))
     assert asked and all(s.logprobs is False for s in asked)
+
+
+def test_a_float_gold_in_scientific_notation_is_read_as_the_verifier_reads_it(tmp_path, monkeypatch):
+    """A JSON answer 1e-05 was kept as the text "1e-05", which math-verify reads as e - 5: a correct
+    \\boxed{0.00001} was rejected as wrong_answer. A NaN answer (a missing value) is a bad row, not the gold "nan"."""
+    import data_pipelines.teachers as T
+    from engines import Completion
+
+    class Stub:
+        name = "stub"
+
+        def generate(self, prompts, n, sampling):
+            return [[Completion(text="<think>\nsmall\n</think>\n\n\\boxed{0.00001}", finish_reason="stop")] * n
+                    for _ in prompts]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(T, "make_teacher", lambda cfg: Stub())
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 10^-5?", "answer": 1e-05}) + "\n"
+                    + '{"prompt": "What is missing?", "answer": NaN}\n')
+    stats = run_distill(_cfg(tmp_path / "o", dataset_name=str(path), num_generations=1, on_bad_row="skip"))
+    assert stats["samples"]["kept"] == 1 and stats["samples"]["total"] == 1, stats["samples"]
+    assert [r["answer"] for r in _rows(tmp_path / "o")] == ["0.00001"]
