@@ -301,7 +301,8 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
         if i >= n_rows:
             break
         tests = row.get(cfg.tests_column) if has_tests else None
-        if tests is not None and not tests_problem(tests) and not parse_tests(tests):
+        tests_error = None if tests is None else tests_problem(tests)
+        if tests is not None and tests_error is None and not parse_tests(tests):
             # No test cases ([], "", "null": how a math row of a mixed math/code set often reads) is
             # no tests: the row is checked by its answer, not sent to the code verifier (all "no_code").
             tests = None
@@ -309,7 +310,7 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
         if tests is None:  # checked by its answer, so it needs one
             problems.append((cfg.answer_column, answer_problem(row.get(cfg.answer_column))))
         else:
-            problems.append((cfg.tests_column, tests_problem(tests)))
+            problems.append((cfg.tests_column, tests_error))
             if has_answer and row.get(cfg.answer_column) is not None:
                 problems.append((cfg.answer_column, answer_problem(row[cfg.answer_column])))
         ref = row.get(cfg.reference_column) if cfg.reference_column else None
