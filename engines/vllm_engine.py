@@ -314,6 +314,18 @@ def _fill_group(group: list[Completion], n: int) -> list[Completion]:
                      for _ in range(n - 1)]
 
 
+def chat_prompt_lengths(llm: Any, chats: Sequence[Messages]) -> list[int]:
+    """Each chat's prompt length in tokens as `chat_completions` renders it (the model's chat template with
+    the generation prompt): callers keep chats that do not fit the engine's context out of a batch, which
+    vLLM would refuse whole."""
+    tok = llm.get_tokenizer()
+    lengths = []
+    for chat in chats:
+        ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+        lengths.append(len(ids["input_ids"] if hasattr(ids, "keys") else ids))  # transformers 5: a BatchEncoding
+    return lengths
+
+
 def chat_completions(llm: Any, chats: Sequence[Messages], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
     """`n` completions for each chat (rendered by the model's chat template), in order. With a seed,
     each chat is seeded by `prompt_seed`: its samples do not depend on the batch (resumed runs
@@ -727,5 +739,6 @@ __all__ = [
     "on_cpu",
     "resolved_dtype",
     "shutdown_llm",
+    "chat_prompt_lengths",
     "vllm_engine_kwargs",
 ]

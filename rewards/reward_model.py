@@ -325,19 +325,12 @@ class GenerativeJudge:
 
     def _vllm_generate(self, chats: list[list[dict[str, str]]]) -> list[str | None]:
         from engines import SamplingSettings
-        from engines.vllm_engine import chat_completions
+        from engines.vllm_engine import chat_completions, chat_prompt_lengths
 
         llm = self._engine()
-        tok = llm.get_tokenizer()
         budget = self.max_model_len - self.max_tokens
         out: list[str | None] = [None] * len(chats)
-        fits = []
-        for i, chat in enumerate(chats):
-            ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
-            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            if len(ids) <= budget:
-                fits.append(i)
+        fits = [i for i, n in enumerate(chat_prompt_lengths(llm, chats)) if n <= budget]
         if fits:
             sampling = SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed)
             for i, (c,) in zip(fits, chat_completions(llm, [chats[i] for i in fits], 1, sampling)):

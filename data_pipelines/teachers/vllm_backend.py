@@ -37,18 +37,14 @@ class VLLMTeacher:
         self.llm, self.name, self._owned = llm, name, False
         return self
 
-    def _prompt_tokens(self, prompt: Messages) -> int:
-        ids = self.llm.get_tokenizer().apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
     def generate(self, prompts: Sequence[Messages], n: int, sampling: SamplingSettings) -> list[list[Completion]]:
-        from engines.vllm_engine import chat_completions
+        from engines.vllm_engine import chat_completions, chat_prompt_lengths
 
         # One prompt longer than the engine's context made vLLM raise for the whole batch: a traceback, and
         # the same one on every resume. Such a prompt is not sent; its samples come back empty and cut
         # (finish_reason "length"), which rejection sampling records as too_long.
         limit = getattr(getattr(self.llm, "model_config", None), "max_model_len", None)
-        lengths = [self._prompt_tokens(p) for p in prompts] if limit else [None] * len(prompts)
+        lengths = chat_prompt_lengths(self.llm, prompts) if limit else [None] * len(prompts)
         fits = [i for i, k in enumerate(lengths) if k is None or k < limit]
         if len(fits) < len(prompts):
             log.warning("%d prompt(s) of %d tokens or more do not fit max_model_len %d: their samples are "
