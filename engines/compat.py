@@ -731,10 +731,13 @@ def prefer_regional_compilation(args: Any) -> None:
         os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
 
 
-def apply_training_patches() -> None:
-    """The patches every trainer needs; called before `accelerator.prepare`."""
+def apply_training_patches(*, grpo: bool = False) -> None:
+    """The patches every trainer needs; called before `accelerator.prepare`. `grpo`: also TRL's GRPO module's
+    (only the GRPO trainer asks: importing that module imports vLLM, 4-5 s that an SFT or RM process would pay
+    for nothing)."""
     apply_accelerate_fsdp2_loading()
-    apply_trl_fsdp2_reference()
+    if grpo:
+        apply_trl_fsdp2_reference()
     allow_side_effects_in_compiled_checkpointing()
 
 

@@ -102,7 +102,7 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         # TRL must not start its own vLLM (its sync cannot send fused experts); ours comes in
         # through `rollout_func`, and the flags below route TRL's IS-correction code to it.
         args.use_vllm = False
-        apply_training_patches()  # before accelerator.prepare (FSDP2 loading)
+        apply_training_patches(grpo=True)  # before accelerator.prepare (FSDP2 loading, the reference model)
         avoid_cudnn_sdpa_replanning()  # sequence lengths change at every step
         silence_trl_rollout_func_warning()
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, rollout_func=self._rollout, **kwargs)
