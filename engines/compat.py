@@ -131,6 +131,13 @@ VLLM_CPU_SPEC_EXPAND = ContactPoint(
     "and never writes it back, so the per-token temperature, top-k and top-p of speculative decoding are "
     "uninitialised memory: target log-probs and the sampled distribution are wrong whenever temperature > 0",
 )
+VLLM_CPU_LOGPROB_RANKS = ContactPoint(
+    "vllm", VLLM, "vllm.v1.sample.sampler:batched_count_greater_than", "patch",
+    "engines.compat.apply_vllm_cpu_eager_logprob_ranks",
+    "the sampler counts each log-prob's rank with an inductor-compiled kernel, compiled again in every fresh "
+    "engine process the first time log-probs are asked for (3+ s on CPU, each GRPO start); counted eagerly in "
+    "row chunks instead, so no (tokens x vocab) temporary is made whole",
+)
 VLLM_KERNEL_OVERRIDES = ContactPoint(
     "vllm", VLLM, "vllm.triton_utils.dispatcher:register_kernels", "calls",
     "engines.compat.apply_vllm_cpu_spec_expand",
@@ -350,7 +357,7 @@ CONTACT_POINTS: list[ContactPoint] = [
     VLLM_CPU_ROPE, VLLM_CPU_LINEAR, VLLM_POST_LOAD, VLLM_EXPERT_PREPACK, VLLM_RELOAD_WEIGHTS, VLLM_CPU_MLA,
     VLLM_SPEC_DRAFT_ATTENTION, VLLM_LOADER_REGISTRY, VLLM_LOADER_WEIGHTS, VLLM_FP8_KERNEL_LIST, VLLM_WORKER_CLS, VLLM_IN_PROCESS,
     VLLM_API_SERVER, VLLM_SERVE_ARGS, VLLM_DEV_MODE, VLLM_CPU_SPEC_EXPAND, VLLM_KERNEL_OVERRIDES, VLLM_SPEC_DRAFTER,
-    VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS, VLLM_GREEDY_EPS,
+    VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS, VLLM_GREEDY_EPS, VLLM_CPU_LOGPROB_RANKS,
     TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
     TRL_REFERENCE_LOADER, TRL_FSDP2_REFERENCE, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT, TRL_VLLM_CLIENT_KWARGS,
     HF_LOAD_FROM_CHECKPOINT, HF_SAVE_CHECKPOINT, HF_GENERATION_CONFIG_FILL, HF_OUTPUT_DIR, HF_HUB_KERNEL_NAME,
@@ -521,10 +528,31 @@ def apply_vllm_cpu_spec_expand() -> None:
         dispatcher.register_kernels({EXPAND_KERNEL: expand_kernel_cpu})
 
 
+LOGPROB_RANK_ROWS = 256  # rows per chunk: 256 x V3's 129,280-token vocabulary is a 33 MB boolean temporary
+
+
+def count_at_least_cpu(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """What vLLM's `batched_count_greater_than` computes, `(x >= values).sum(-1)` (the rank of each row's
+    token: how many entries are at least its log-prob), eagerly, `LOGPROB_RANK_ROWS` rows at a time."""
+    if x.shape[0] <= LOGPROB_RANK_ROWS:
+        return (x >= values).sum(-1)
+    return torch.cat([(x[i:i + LOGPROB_RANK_ROWS] >= values[i:i + LOGPROB_RANK_ROWS]).sum(-1)
+                      for i in range(0, x.shape[0], LOGPROB_RANK_ROWS)])
+
+
+def apply_vllm_cpu_eager_logprob_ranks() -> None:
+    """vLLM's sampler counts log-prob ranks with `count_at_least_cpu` (VLLM_CPU_LOGPROB_RANKS); it looks the
+    function up in its module at call time."""
+    import vllm.v1.sample.sampler as sampler
+
+    _replace(sampler, "batched_count_greater_than", count_at_least_cpu)
+
+
 def apply_vllm_cpu_patches(weight_sync: bool = False) -> None:
     """The CPU build's fixes, in the process about to build vLLM's worker (engines.vllm_worker)."""
     apply_vllm_cpu_rope()
     apply_vllm_cpu_spec_expand()
+    apply_vllm_cpu_eager_logprob_ranks()
     if weight_sync:
         apply_vllm_plain_cpu_linear()
 
@@ -751,12 +779,14 @@ __all__ = [
     "apply_triton_interpreter_index",
     "apply_trl_fsdp2_reference",
     "apply_trl_reference_loader",
+    "apply_vllm_cpu_eager_logprob_ranks",
     "apply_vllm_cpu_patches",
     "apply_vllm_cpu_rope",
     "apply_vllm_cpu_spec_expand",
     "apply_vllm_plain_cpu_linear",
     "avoid_cudnn_sdpa_replanning",
     "check_contact_points",
+    "count_at_least_cpu",
     "enable_vllm_dev_endpoints",
     "expand_kernel_cpu",
     "fsdp2_load_full_state_dict",

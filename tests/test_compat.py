@@ -133,11 +133,15 @@ def test_vllm_cpu_patches_apply_and_restore():
     import vllm.model_executor.layers.utils as vllm_layer_utils
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
+    import vllm.v1.sample.sampler as vllm_sampler
+
     compat.restore()  # an engine earlier in this process may have applied them
     rope, gemm = RotaryEmbedding.forward_cpu, vllm_layer_utils.dispatch_cpu_unquantized_gemm
+    ranks = vllm_sampler.batched_count_greater_than
     try:
         compat.apply_vllm_cpu_patches(weight_sync=False)
         assert RotaryEmbedding.forward_cpu is RotaryEmbedding.forward_native
+        assert vllm_sampler.batched_count_greater_than is compat.count_at_least_cpu
         assert vllm_layer_utils.dispatch_cpu_unquantized_gemm is gemm  # only engines that take weight syncs
         compat.apply_vllm_cpu_patches(weight_sync=True)
         compat.apply_vllm_cpu_patches(weight_sync=True)
@@ -147,6 +151,22 @@ def test_vllm_cpu_patches_apply_and_restore():
     finally:
         compat.restore()
     assert RotaryEmbedding.forward_cpu is rope and vllm_layer_utils.dispatch_cpu_unquantized_gemm is gemm
+    assert vllm_sampler.batched_count_greater_than is ranks
+
+
+def test_the_eager_log_prob_rank_is_vllms_count_in_chunks_of_rows():
+    """`count_at_least_cpu` stands in for vLLM's compiled `(x >= values).sum(-1)` (VLLM_CPU_LOGPROB_RANKS): the
+    same counts, ties included, over fewer rows than a chunk, a chunk exactly, and several chunks with a rest."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, compat.LOGPROB_RANK_ROWS, 2 * compat.LOGPROB_RANK_ROWS + 3):
+        x = torch.randint(-4, 4, (rows, 50), generator=g).float()  # small integers: many ties
+        values = x.gather(-1, torch.randint(0, 50, (rows, 1), generator=g))
+        got = compat.count_at_least_cpu(x, values)
+        assert got.dtype == torch.int64 and got.shape == (rows,)
+        assert torch.equal(got, (x >= values).sum(-1))
+        assert torch.equal(got, torch.tensor([sum(int(v >= values[r, 0]) for v in x[r]) for r in range(rows)]))
 
 
 def test_peft_target_remapping_is_off_only_inside_the_block():

@@ -55,17 +55,24 @@ def test_greedy_n_copies_the_length_cap_warning_and_finish_reasons_on_a_real_eng
     the tokens (`_finish_reason`) are the ones vLLM reports."""
     import logging
 
+    import torch._dynamo.utils
+    import vllm.v1.sample.sampler as vllm_sampler
     from transformers import AutoTokenizer
 
-    from engines import SamplingSettings
+    from engines import SamplingSettings, compat
     from engines.vllm_engine import VLLMColocateEngine, chat_completions
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = tok("Mia has 12 apples. She buys 7 more.", add_special_tokens=False)["input_ids"]
     engine = VLLMColocateEngine(str(tiny_model_dir), max_model_len=64)
+    compiled_before = torch._dynamo.utils.counters["frames"]["total"]
     try:
-        greedy = SamplingSettings(temperature=0.0, max_tokens=6, seed=3)
+        greedy = SamplingSettings(temperature=0.0, max_tokens=6, seed=3)  # log-probs asked for (the default)
         (one,) = engine.generate([prompt], 1, greedy)[0]
+        # their ranks are counted eagerly on CPU, not by an inductor kernel compiled in each fresh engine process the
+        # first time log-probs are asked for (VLLM_CPU_LOGPROB_RANKS: 3+ s per GRPO start)
+        assert vllm_sampler.batched_count_greater_than is compat.count_at_least_cpu
+        assert torch._dynamo.utils.counters["frames"]["total"] == compiled_before
         group = engine.generate([prompt], 4, greedy)[0]
         assert [(c.token_ids, c.logprobs, c.finish_reason) for c in group] == [(one.token_ids, one.logprobs,
                                                                                  one.finish_reason)] * 4
