@@ -433,6 +433,11 @@ def test_grpo_from_fp8_checkpoint_without_vllm_fp8_kernels(tmp_path, tiny_model_
         trainer = build_grpo(cfg, engine=engine)
         policy = trainer.accelerator.unwrap_model(trainer.model)
         assert fp8_source(policy) is not None and any(isinstance(m, FP8Linear) for m in policy.modules())
+        # TRL's reference model (beta > 0) came through our FP8 loader, which the GRPO trainer installs: the policy's
+        # dequantized weights (transformers' FP8 loading reads the tiny preset's partial blocks wrong)
+        ref, start_weights = trainer.ref_model.state_dict(), policy.state_dict()
+        shared = [k for k in ref if k in start_weights]
+        assert len(shared) == 31 and all(torch.equal(ref[k], start_weights[k]) for k in shared)
         tok = trainer.processing_class
         question = [{"role": "user", "content": "Mia has 12 apples. She buys 7 more. How many?"}]
         prompt = tok.apply_chat_template(question, add_generation_prompt=True, tokenize=True, return_dict=True)
@@ -476,6 +481,8 @@ from posttrain.fp8.training import load_pretrained
 from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
 if sys.argv[1] != "baseline":
     model = load_pretrained(DeepseekV3ForCausalLMWithMTP, sys.argv[1], dtype=torch.float32)
+# only GRPO hooks TRL's reference loading: a load alone imports neither TRL's GRPO module nor vLLM (seconds)
+assert not {"trl.trainer.grpo_trainer", "vllm"} & set(sys.modules), "a checkpoint load imported TRL's GRPO / vLLM"
 """
 _LOAD_ENV = {"OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
 

@@ -121,7 +121,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     For an FP8 checkpoint the weights come in as ``kwargs["dtype"]`` (default fp32) master
     weights, ``quantization_config`` is dropped from the live config (so intermediate
     checkpoints are plain high-precision ones), and the checkpoint's metadata is kept on the
-    model for :func:`finalize_fp8_export`. It also installs :func:`install_trl_reference_loader`.
+    model for :func:`finalize_fp8_export`. (GRPO's trainer installs :func:`install_trl_reference_loader`, so that
+    TRL's reference model loads the same way.)
     """
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
     if not is_fp8_checkpoint(path, **hub_kwargs):
@@ -165,7 +166,6 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     except OSError:
         pass
     setattr(model, FP8_SOURCE_ATTR, meta)
-    install_trl_reference_loader()
     log.info("loaded FP8 checkpoint %s: %d FP8 weights dequantized to %s master weights",
              path, len(meta.fp8_weights), str(dtype).replace("torch.", ""))
     return model

@@ -48,6 +48,7 @@ from ..balancing import BALANCER_STATE_FILE, BalancingCallback, ExpertLoadBalanc
 from ..checkpoints import DeepSeekLayoutCheckpoints
 from ..distributed import check_launch
 from ..errors import ConfigError
+from ..fp8.training import install_trl_reference_loader
 from ..layout import weights_for_engine
 from ..modeling import IGNORE_INDEX, DeepseekV3ForCausalLMWithMTP
 from .config import GRPORecipeConfig
@@ -103,6 +104,7 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         # through `rollout_func`, and the flags below route TRL's IS-correction code to it.
         args.use_vllm = False
         apply_training_patches(grpo=True)  # before accelerator.prepare (FSDP2 loading, the reference model)
+        install_trl_reference_loader()  # TRL builds the reference model (beta > 0) in super().__init__
         avoid_cudnn_sdpa_replanning()  # sequence lengths change at every step
         silence_trl_rollout_func_warning()
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, rollout_func=self._rollout, **kwargs)
