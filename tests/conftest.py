@@ -95,23 +95,23 @@ def device():
 
 
 # Seconds each module takes (setup + calls + teardown) on a 2-core machine, from `make test
-# PYTEST_ARGS=--durations=0` (session 23, Intel Xeon with AMX, nothing else running: 1024 s in all); modules not
+# PYTEST_ARGS=--durations=0` (session 24, Intel Xeon with AMX, nothing else running: 970 s in all); modules not
 # listed take under 4 s. `make test` runs the suite on one pytest-xdist worker per core with `--dist loadfile`,
 # which hands out whole modules in collection order, each to the worker whose queue is nearly empty. Longest first
 # (LPT): test_demo (the whole demo recipe, the suite's critical path) starts at once, and the last modules handed
 # out are the short ones, so neither worker is left with a long module while the other idles. (Session 19's replay
 # of xdist's scheduling: 846 s with this order, 870 s with the seven longest first and the rest alphabetical.)
 MODULE_SECONDS = {
-    "test_demo.py": 680, "test_fsdp.py": 260, "test_resume.py": 142, "test_chain.py": 109, "test_reward_model.py": 98,
-    "test_scaleout.py": 85, "test_sft.py": 67, "test_fp8_training.py": 65, "test_spec_rollouts.py": 41,
-    "test_fp8_triton_gemm.py": 35, "test_mla_attention.py": 32, "test_fp8_quant.py": 25, "test_serve.py": 24,
-    "test_fp8_triton_quant.py": 24, "test_grpo.py": 24, "test_fp8_vllm.py": 22, "test_rewards.py": 22,
-    "test_fp8_convert.py": 18, "test_fp8_gemm_contract.py": 17, "test_chunked_loss.py": 16, "test_distill_kill.py": 14,
-    "test_fp8_experts_grouped.py": 14, "test_rollout_engines.py": 13, "test_balancing.py": 13, "test_cli.py": 11,
-    "test_sandbox.py": 11, "test_count_experts_traffic.py": 11, "test_count_fp8_kernels.py": 11, "test_distill.py": 11,
-    "test_count_mla_traffic.py": 9, "test_routed_experts.py": 9, "test_distill_models.py": 7, "test_compat.py": 7,
-    "test_modeling.py": 7, "test_model_init.py": 7, "test_swiglu.py": 7, "test_dynamic_sampling.py": 6,
-    "test_bench_fp8_host.py": 5, "test_bench_gpu_sft.py": 5, "test_bench_gpu_smoke.py": 4,
+    "test_demo.py": 639, "test_fsdp.py": 139, "test_resume.py": 126, "test_reward_model.py": 106,
+    "test_chain.py": 89, "test_scaleout.py": 88, "test_fp8_training.py": 74, "test_sft.py": 69,
+    "test_fp8_triton_gemm.py": 48, "test_mla_attention.py": 40, "test_spec_rollouts.py": 28, "test_serve.py": 27,
+    "test_fp8_convert.py": 26, "test_rewards.py": 26, "test_distill_kill.py": 23, "test_fp8_triton_quant.py": 22,
+    "test_fp8_vllm.py": 22, "test_compat.py": 21, "test_balancing.py": 21, "test_fp8_gemm_contract.py": 20,
+    "test_rollout_engines.py": 18, "test_count_experts_traffic.py": 17, "test_fp8_quant.py": 17, "test_grpo.py": 16,
+    "test_routed_experts.py": 15, "test_chunked_loss.py": 15, "test_distill.py": 13, "test_count_mla_traffic.py": 13,
+    "test_cli.py": 12, "test_count_fp8_kernels.py": 12, "test_sandbox.py": 11, "test_fp8_experts_grouped.py": 11,
+    "test_swiglu.py": 10, "test_distill_models.py": 9, "test_model_init.py": 9, "test_bench_fp8_host.py": 6,
+    "test_dynamic_sampling.py": 6, "test_bench_gpu_smoke.py": 5, "test_bench_gpu_sft.py": 4,
 }
 UNLISTED_MODULE_SECONDS = 2
 
