@@ -131,9 +131,8 @@ def test_the_greedy_threshold_the_engines_copy_is_still_vllms():
 def test_vllm_cpu_patches_apply_and_restore():
     pytest.importorskip("vllm")
     import vllm.model_executor.layers.utils as vllm_layer_utils
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
-
     import vllm.v1.sample.sampler as vllm_sampler
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
     compat.restore()  # an engine earlier in this process may have applied them
     rope, gemm = RotaryEmbedding.forward_cpu, vllm_layer_utils.dispatch_cpu_unquantized_gemm

@@ -426,7 +426,7 @@ def test_preference_pairs_with_the_same_response_are_dropped(caplog):
         to_preference_examples(rows[1:], source="pairs")
 
 
-def test_backbone_loads_from_an_fp8_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+def test_backbone_loads_from_an_fp8_checkpoint(tiny_model_dir, tmp_path):
     """The released V3 and an `fp8: true` SFT output are block-FP8 checkpoints; `rm train` on one was a
     RuntimeError traceback from transformers' FP8 loading. Dequantized as SFT and GRPO load them."""
     import torch
