@@ -55,7 +55,9 @@ os._exit(0)
 
 def _run(code: str, *argv: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+           "VLLM_CPU_KVCACHE_SPACE": "1",
+           # the repository first, the parent's entries kept (a GPU machine carries its stack on PYTHONPATH)
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         sys.exit(f"child {argv} exited {r.returncode}:\n{r.stderr[-3000:]}")
