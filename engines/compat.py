@@ -191,6 +191,12 @@ TRL_VLLM_FLAGS = ContactPoint(
     "TRL reads use_vllm, vllm_generation.sync_weights() and vllm_importance_sampling_correction here; "
     "the trainer sets them so that our engine is synced and its log-probs feed TIS",
 )
+TRL_PER_TOKEN_LOGPS = ContactPoint(
+    "trl", TRL, "trl.trainer.grpo_trainer:GRPOTrainer._get_per_token_logps_and_entropies", "override",
+    "posttrain.grpo.trainer.V3GRPOTrainer",
+    "with on-policy rollouts the loss's own policy forward gives TIS its old log-probs (posttrain/grpo/tis.py, TRL's "
+    "ratio rule checked against TRL's in tests/test_tis.py): TRL runs a separate forward over the batch for them",
+)
 TRL_FUSED_LM_HEAD = ContactPoint(
     "trl", TRL, "trl.trainer.utils:add_fused_lm_head", "calls", "posttrain.grpo.trainer.V3GRPOTrainer._wrap_forward",
     "the trainer wraps the forward TRL patched onto the policy to add the MTP loss and balancing",
@@ -358,8 +364,8 @@ CONTACT_POINTS: list[ContactPoint] = [
     VLLM_SPEC_DRAFT_ATTENTION, VLLM_LOADER_REGISTRY, VLLM_LOADER_WEIGHTS, VLLM_FP8_KERNEL_LIST, VLLM_WORKER_CLS, VLLM_IN_PROCESS,
     VLLM_API_SERVER, VLLM_SERVE_ARGS, VLLM_DEV_MODE, VLLM_CPU_SPEC_EXPAND, VLLM_KERNEL_OVERRIDES, VLLM_SPEC_DRAFTER,
     VLLM_MTP_LOAD_WEIGHTS, VLLM_SPEC_METRICS, VLLM_GREEDY_EPS, VLLM_CPU_LOGPROB_RANKS,
-    TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_FUSED_LM_HEAD,
-    TRL_REFERENCE_LOADER, TRL_FSDP2_REFERENCE, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT, TRL_VLLM_CLIENT_KWARGS,
+    TRL_ROLLOUT_FUNC, TRL_GENERATE_AND_SCORE, TRL_CALCULATE_REWARDS, TRL_VLLM_FLAGS, TRL_PER_TOKEN_LOGPS,
+    TRL_FUSED_LM_HEAD, TRL_REFERENCE_LOADER, TRL_FSDP2_REFERENCE, TRL_EXPERIMENTAL_SILENCE, TRL_VLLM_CLIENT, TRL_VLLM_CLIENT_KWARGS,
     HF_LOAD_FROM_CHECKPOINT, HF_SAVE_CHECKPOINT, HF_GENERATION_CONFIG_FILL, HF_OUTPUT_DIR, HF_HUB_KERNEL_NAME,
     HF_SIGNATURE_COLUMNS, HF_EXPERTS_KERNEL_FLAG, HF_REVERT_WEIGHT_CONVERSION, HF_ASYNC_LOAD,
     HF_RMS_NORM, HF_GROUPED_MM_EXPERTS, HF_DEFAULT_APPLY_GATE, HF_MLA_ATTENTION,

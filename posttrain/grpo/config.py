@@ -133,6 +133,15 @@ class GRPORecipeConfig(RunDirFields, V3TrainingFields, GRPOConfig):
         default="token_truncate", metadata={"help": "TIS granularity: token_truncate | token_mask | sequence_*."}
     )
     vllm_importance_sampling_clip_max: float = field(default=2.0, metadata={"help": "TIS cap."})
+    old_logps_from_training_forward: bool = field(
+        default=True,
+        metadata={"help": "When each optimizer step trains only on rollouts generated at its start "
+                  "(gradient_accumulation_steps a multiple of steps_per_generation x num_iterations, the default), "
+                  "the old policy is the training forward's own: TIS and rollout/logprob_diff_* take its detached "
+                  "log-probs, as TRL does without vLLM, and no separate forward scores the batch (nor the groups "
+                  "dynamic_sampling drops) before training. The same numbers up to floating-point order, one forward "
+                  "fewer per step. False: a separate no-grad forward, as TRL does with vLLM. Otherwise always that."},
+    )
     # On CPU bf16 is several times slower than fp32 and gradient checkpointing only costs time.
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 (GPU)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})

@@ -8,7 +8,9 @@ reference, its loss variants), reward bookkeeping, logging and checkpointing. Th
   names, router biases, MTP, FP8 re-quantized for an FP8 engine) — TRL's own vLLM sync sends
   fused expert names that vLLM rejects;
 - train/rollout agreement: the engine's sampled-token log-probs feed TRL's truncated importance
-  sampling, and their difference from the trainer's is logged as `rollout/logprob_diff_*`;
+  sampling, and their difference from the trainer's is logged as `rollout/logprob_diff_*`; with
+  on-policy rollouts the trainer's side comes from the training forward, with no separate forward
+  over the batch (`old_logps_from_training_forward`, `tis.py`);
 - the MTP loss on the policy's own samples and `mtp/accept_rate` (V3 report §2.2); with
   `rollout_speculative_tokens` the engine drafts with the policy's MTP module and its measured
   acceptance is logged as `rollout/spec_accept_rate`;
@@ -20,7 +22,8 @@ reference, its loss variants), reward bookkeeping, logging and checkpointing. Th
 
 Contact points with TRL internals are listed in `engines.compat` (TRL_*; exercised by
 tests/test_grpo.py): `rollout_func`, `add_fused_lm_head`'s patched `model.forward`,
-`_generate_and_score_completions`, `_calculate_rewards`, `_metrics`, and the `use_vllm` /
+`_generate_and_score_completions`, `_calculate_rewards`, `_get_per_token_logps_and_entropies`, `_metrics`,
+and the `use_vllm` /
 `vllm_generation.sync_weights()` / `vllm_importance_sampling_correction` attributes that TRL's
 `_generate` and `_generate_and_score_completions` read.
 """
@@ -55,6 +58,7 @@ from .config import GRPORecipeConfig
 from .dynamic_sampling import (TopUp, concat_batches, extra_prompt_indices, group_rows, groups_with_spread,
                                round_seed, select_rows, split_draw)
 from .mtp_control import MTPWeightController, split_mtp_param_groups
+from .tis import AgreementStats, importance_ratio
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,9 @@ class _EngineSync:
 
 
 MTP_CONTROL_FILE = "mtp_control.json"
+# TRL's train/engine agreement metrics, also logged under the names this project's reports use
+AGREEMENT_ALIASES = (("sampling/sampling_logp_difference/mean", "rollout/logprob_diff_mean"),
+                     ("sampling/sampling_logp_difference/max", "rollout/logprob_diff_max"))
 
 
 class _MTPWeightCallback(TrainerCallback):
@@ -112,7 +119,14 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         check_launch(self.accelerator.num_processes, self.accelerator.distributed_type)
         self.engine = engine
         self.use_vllm = wants_engine_logprobs
-        self.vllm_importance_sampling_correction = True  # always score old log-probs to measure agreement
+        # TIS's old-policy log-probs: on-policy rollouts take them from the training forward (tis.py), and TRL's
+        # flag stays off but inside the loss; otherwise TRL scores them in a separate forward (kept when the user
+        # turned TIS off, to measure agreement).
+        self._old_logps_in_loss = args.old_logps_from_training_forward and \
+            args.gradient_accumulation_steps % (args.steps_per_generation * self.num_iterations) == 0
+        self.vllm_importance_sampling_correction = not self._old_logps_in_loss
+        self._loss_inputs: dict[str, Any] | None = None  # the micro-batch whose loss is being computed
+        self._agreement = {"train": AgreementStats(), "eval": AgreementStats()}
         self.vllm_generation = _EngineSync(self)
         self._last_loaded_step = -1
         self._timing: dict[str, float] = defaultdict(float)
@@ -233,9 +247,8 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        for src, dst in (("sampling/sampling_logp_difference/mean", "rollout/logprob_diff_mean"),
-                         ("sampling/sampling_logp_difference/max", "rollout/logprob_diff_max")):
-            if metrics.get(src):
+        for src, dst in AGREEMENT_ALIASES:
+            if metrics.get(src) and not self._old_logps_in_loss:
                 metrics[dst].append(metrics[src][-1])
         serves_fp8 = getattr(self.engine, "serves_fp8", None)
         if serves_fp8 is not None:  # 1: vLLM's FP8 layers; 0: high precision (incl. FP8 dequantized, no kernel)
@@ -395,9 +408,47 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         terms["mtp_loss"] = mtp_loss if weight > 0 else (mtp_loss.detach() if mtp_loss is not None else None)
         return terms
 
+    # -- TIS from the training forward (tis.py) ----------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                         *args, **kwargs)
+        inputs, self._loss_inputs = self._loss_inputs, None  # set by compute_loss: this is its policy forward
+        sampling = inputs.get("sampling_per_token_logps") if inputs is not None else None
+        if sampling is not None:
+            old = out[0].detach()
+            mask = inputs["completion_mask"] if inputs.get("tool_mask") is None else \
+                inputs["completion_mask"] * inputs["tool_mask"]
+            ratio = importance_ratio(old, sampling, mask, self.vllm_importance_sampling_mode,
+                                     self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
+            self._agreement["train" if self.model.training else "eval"].add(old, sampling, mask, ratio)
+            # TRL's loss reads it after this forward (times the per-token loss; vespo's weights)
+            inputs["importance_sampling_ratio"] = ratio if self._apply_tis else torch.ones_like(ratio)
+        return out
+
+    def _log_agreement(self, mode: str) -> None:
+        """Before TRL's log: the agreement over the batches trained (or evaluated) since the last log, as
+        TRL's sampling/* metrics and rollout/logprob_diff_*."""
+        stats = self._agreement[mode]
+        if stats.empty:  # alike on every rank: each trains the same number of micro-batches
+            return
+        gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
+        metrics = stats.metrics(gather, device=self.accelerator.device)
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        for src, dst in AGREEMENT_ALIASES:
+            self._metrics[mode][dst].append(metrics[src])
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._mtp_stash.clear()
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._old_logps_in_loss:
+            self._loss_inputs = inputs
+            self.vllm_importance_sampling_correction = self._apply_tis  # TRL weights the loss by the ratio
+        try:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            if self._old_logps_in_loss:
+                self._loss_inputs = None
+                self.vllm_importance_sampling_correction = False
         mode = "train" if self.model.training else "eval"
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         hits = total = 0
@@ -513,6 +564,7 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._log_agreement("train" if self.model.training else "eval")
         if self.model.training and self._timing.get("step"):
             t = self._timing
             other = t.get("generation", 0.0) + t.get("scoring", 0.0) + t.get("sync_weights", 0.0)
