@@ -48,11 +48,13 @@ def test_agreement_stats_add_up_over_micro_batches_and_ranks():
     stats = AgreementStats()
     assert stats.empty
     mask = torch.tensor([[1, 1, 0]])
-    stats.add(torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -2.0, 9.0]]), mask, torch.tensor([[1.5, 1.0, 7.0]]))
+    stats.add(torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -2.0, 9.0]]), mask, torch.tensor([[1.5, 1.0, 7.0]]),
+              per_sequence=False)
     stats.add(torch.tensor([[-1.0, -1.0, -1.0]]), torch.tensor([[-1.0, float("nan"), -1.25]]), torch.tensor([[1, 1, 1]]),
-              torch.tensor([[1.0, 1.0, 1.25]]))
+              torch.tensor([[1.0, 1.0, 1.25]]), per_sequence=False)
     other_rank = AgreementStats()
-    other_rank.add(torch.tensor([[0.0]]), torch.tensor([[-2.0]]), torch.tensor([[1]]), torch.tensor([[0.5]]))
+    other_rank.add(torch.tensor([[0.0]]), torch.tensor([[-2.0]]), torch.tensor([[1]]), torch.tensor([[0.5]]),
+                    per_sequence=True)
     rows = torch.stack([stats.totals, other_rank.totals])  # what accelerate's gather hands back, flattened
     m = stats.metrics(lambda t: rows.flatten())
     assert stats.empty  # reset by metrics()

@@ -140,7 +140,8 @@ class GRPORecipeConfig(RunDirFields, V3TrainingFields, GRPOConfig):
                   "the old policy is the training forward's own: TIS and rollout/logprob_diff_* take its detached "
                   "log-probs, as TRL does without vLLM, and no separate forward scores the batch (nor the groups "
                   "dynamic_sampling drops) before training. The same numbers up to floating-point order, one forward "
-                  "fewer per step. False: a separate no-grad forward, as TRL does with vLLM. Otherwise always that."},
+                  "fewer per step. False: a separate no-grad forward, as TRL does with vLLM (always so when rollouts are reused "
+                  "over several optimizer steps)."},
     )
     # On CPU bf16 is several times slower than fp32 and gradient checkpointing only costs time.
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 (GPU)."})

@@ -57,12 +57,14 @@ class AgreementStats:
     def empty(self) -> bool:
         return self.totals is None
 
-    def add(self, old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, ratio: torch.Tensor) -> None:
+    def add(self, old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, ratio: torch.Tensor,
+            per_sequence: bool) -> None:
+        """One micro-batch: `ratio` as `importance_ratio` gave it, per token or (`per_sequence`) per sequence."""
         with torch.no_grad():
             valid = mask.bool()
             delta = (old_logps.double() - sampling_logps.double()).abs()
             delta = torch.where(valid & ~torch.isnan(delta), delta, torch.nan)
-            flat = ratio.double().flatten() if ratio.shape[-1] == 1 else torch.where(valid, ratio.double(), torch.nan)
+            flat = ratio.double().flatten() if per_sequence else torch.where(valid, ratio.double(), torch.nan)
             row = torch.stack([
                 delta.nansum(), (~torch.isnan(delta)).sum().double(), delta.nan_to_num(-math.inf).max(),
                 flat.nan_to_num(math.inf).min(), flat.nansum(), (~torch.isnan(flat)).sum().double(),

@@ -420,7 +420,8 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
                 inputs["completion_mask"] * inputs["tool_mask"]
             ratio = importance_ratio(old, sampling, mask, self.vllm_importance_sampling_mode,
                                      self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
-            self._agreement["train" if self.model.training else "eval"].add(old, sampling, mask, ratio)
+            self._agreement["train" if self.model.training else "eval"].add(
+                old, sampling, mask, ratio, per_sequence=self.vllm_importance_sampling_mode.startswith("sequence"))
             # TRL's loss reads it after this forward (times the per-token loss; vespo's weights)
             inputs["importance_sampling_ratio"] = ratio if self._apply_tis else torch.ones_like(ratio)
         return out
