@@ -162,8 +162,10 @@ def test_the_ratio_from_the_training_forward_is_trls_from_its_separate_forward(t
     assert bound[mask].any() and (~bound[mask]).any(), ratio
     assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
     assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
+    for name, expected_grad in grads[0].items():
+        # fp32 sums over the batch's tokens in another order (a GPU's atomics): ~1e-6 of the tensor's scale at most
+        scale = expected_grad.abs().max().item()
+        torch.testing.assert_close(grads[1][name], expected_grad, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=name)
     # the agreement metrics TRL logged from its scoring, ours from the loss
     ours._log_agreement("train")
     for key, value in logged.items():

@@ -268,7 +268,9 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         Metrics: TRL's per-batch metrics (reward, completion lengths, …) are those of the first
         round — the policy on TRL's own draw of prompts, as without dynamic sampling — except
         `frac_reward_zero_std`, which is the trained batch's; the first round's value is logged as
-        `sampling/frac_reward_zero_std_sampled`."""
+        `sampling/frac_reward_zero_std_sampled`. The train/engine agreement (`sampling/sampling_logp_difference/*`,
+        `rollout/logprob_diff_*`, the IS ratios) is the trained batch's when the training forward gives it
+        (`old_logps_from_training_forward`), else the first round's."""
         G = self.num_generations
         if len(inputs) % G:
             raise ValueError(f"dynamic_sampling: each rank's generation batch ({len(inputs)} rows) must hold whole "
