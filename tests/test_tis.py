@@ -4,6 +4,7 @@ gradients and agreement metrics as TRL's separate forward, and that forward no l
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def test_the_ratio_from_the_training_forward_is_trls_from_its_separate_forward(t
 
 
 @pytest.mark.slow
-def test_on_policy_scoring_runs_no_forward_and_other_schedules_keep_trls(trainers, tmp_path, tiny_model_dir, monkeypatch):
+def test_on_policy_scoring_runs_no_forward_and_other_schedules_keep_trls(trainers, tmp_path, tiny_model_dir, monkeypatch,
+                                                                        caplog):
     _, ours = trainers
     ds = ours.train_dataset
     forwards = _count_policy_forwards(ours, monkeypatch)
@@ -190,5 +192,7 @@ def test_on_policy_scoring_runs_no_forward_and_other_schedules_keep_trls(trainer
 
     # rollouts reused across optimizer steps (generated every 2): the old policy is not the training
     # forward's, so TRL's separate forward stays
-    off_policy = _trainer(tmp_path, tiny_model_dir, in_loss=True, steps_per_generation=2)
+    with caplog.at_level(logging.INFO, logger="posttrain.grpo.trainer"):
+        off_policy = _trainer(tmp_path, tiny_model_dir, in_loss=True, steps_per_generation=2)
     assert not off_policy._old_logps_in_loss and off_policy.vllm_importance_sampling_correction
+    assert "rollouts are reused over 2 optimizer steps" in caplog.text

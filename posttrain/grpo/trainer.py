@@ -125,6 +125,10 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         self._old_logps_in_loss = args.old_logps_from_training_forward and \
             args.gradient_accumulation_steps % (args.steps_per_generation * self.num_iterations) == 0
         self.vllm_importance_sampling_correction = not self._old_logps_in_loss
+        if args.old_logps_from_training_forward and not self._old_logps_in_loss:
+            log.info("old_logps_from_training_forward: rollouts are reused over %s optimizer steps (steps_per_generation "
+                     "x num_iterations / gradient_accumulation_steps), so the old policy is not the training forward's: "
+                     "a separate forward scores its log-probs", self._generation_cycle_steps())
         self._loss_inputs: dict[str, Any] | None = None  # the micro-batch whose loss is being computed
         self._agreement = {"train": AgreementStats(), "eval": AgreementStats()}
         self.vllm_generation = _EngineSync(self)
