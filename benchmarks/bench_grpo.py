@@ -27,16 +27,22 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 KEYS = ("timing/step", "timing/generation", "timing/scoring", "timing/training", "timing/sync_weights")
 
 
-def run_one(model_dir: str, engine_kind: str, steps: int, out_dir: str, G: int, prompts: int, length: int) -> dict:
+def grpo_config(model_dir: str, out_dir: str, steps: int, G: int, prompts: int, length: int, **overrides):
+    """The benchmarked run: G x `prompts` completions per step (of exactly `length` tokens with the trainer's
+    `rollout_ignore_eos`), math_accuracy, fp32; `overrides` set other GRPORecipeConfig fields."""
     from posttrain.grpo.config import GRPORecipeConfig
-    from posttrain.grpo.run import build_trainer
 
-    cfg = GRPORecipeConfig(
+    return GRPORecipeConfig(
         output_dir=out_dir, model_name_or_path=model_dir, max_steps=steps, per_device_train_batch_size=G * prompts,
         num_generations=G, max_completion_length=length, learning_rate=1e-5, save_strategy="no", seed=0,
-        use_vllm=(engine_kind == "vllm"), vllm_max_model_length=512, max_prompts=256,
+        vllm_max_model_length=512, max_prompts=256, **overrides,
     )
-    trainer = build_trainer(cfg)
+
+
+def run_one(model_dir: str, engine_kind: str, steps: int, out_dir: str, G: int, prompts: int, length: int) -> dict:
+    from posttrain.grpo.run import build_trainer
+
+    trainer = build_trainer(grpo_config(model_dir, out_dir, steps, G, prompts, length, use_vllm=(engine_kind == "vllm")))
     trainer.rollout_ignore_eos = True  # both engines generate exactly `length` tokens per completion
     trainer.train()
     trainer.engine.close()

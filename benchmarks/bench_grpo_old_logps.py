@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_grpo's configuration
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 KEYS = ("timing/step", "timing/training", "timing/generation", "timing/extra_rounds")
@@ -51,14 +52,10 @@ def demo_grpo_config(sft_dir: str, out_dir: str, steps: int, in_loss: bool):
 
 def preset_grpo_config(model_dir: str, out_dir: str, steps: int, in_loss: bool, G: int, prompts: int, length: int):
     """bench_grpo.py's run: G x prompts completions of exactly `length` tokens, math_accuracy."""
-    from posttrain.grpo.config import GRPORecipeConfig
+    from bench_grpo import grpo_config
 
-    return GRPORecipeConfig(
-        output_dir=out_dir, model_name_or_path=model_dir, max_steps=steps, per_device_train_batch_size=G * prompts,
-        num_generations=G, max_completion_length=length, learning_rate=1e-5, save_strategy="no", seed=0,
-        vllm_max_model_length=512, max_prompts=256, report_to="none", disable_tqdm=True,
-        old_logps_from_training_forward=in_loss,
-    )
+    return grpo_config(model_dir, out_dir, steps, G, prompts, length, report_to="none", disable_tqdm=True,
+                       old_logps_from_training_forward=in_loss)
 
 
 def run_one(cfg, ignore_eos: bool) -> dict:

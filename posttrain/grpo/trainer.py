@@ -122,13 +122,15 @@ class V3GRPOTrainer(DeepSeekLayoutCheckpoints, GRPOTrainer):
         # TIS's old-policy log-probs: on-policy rollouts take them from the training forward (tis.py), and TRL's
         # flag stays off but inside the loss; otherwise TRL scores them in a separate forward (kept when the user
         # turned TIS off, to measure agreement).
-        self._old_logps_in_loss = args.old_logps_from_training_forward and \
-            args.gradient_accumulation_steps % (args.steps_per_generation * self.num_iterations) == 0
+        # (TRL's test: gradient_accumulation_steps % (steps_per_generation * num_iterations) == 0)
+        cycle = self._generation_cycle_steps()
+        on_policy = (1 / cycle).denominator == 1
+        self._old_logps_in_loss = args.old_logps_from_training_forward and on_policy
         self.vllm_importance_sampling_correction = not self._old_logps_in_loss
-        if args.old_logps_from_training_forward and not self._old_logps_in_loss:
+        if args.old_logps_from_training_forward and not on_policy:
             log.info("old_logps_from_training_forward: rollouts are reused over %s optimizer steps (steps_per_generation "
                      "x num_iterations / gradient_accumulation_steps), so the old policy is not the training forward's: "
-                     "a separate forward scores its log-probs", self._generation_cycle_steps())
+                     "a separate forward scores its log-probs", cycle)
         self._loss_inputs: dict[str, Any] | None = None  # the micro-batch whose loss is being computed
         self._agreement = {"train": AgreementStats(), "eval": AgreementStats()}
         self.vllm_generation = _EngineSync(self)
