@@ -28,7 +28,8 @@ from .math_verifier import (
     verify_math,
     verify_math_batch,
 )
-from .registry import ENTRY_POINT_GROUP, RewardInfo, builtin_names, list_rewards, resolve, resolve_named
+from .registry import (ENTRY_POINT_GROUP, RewardInfo, builtin_names, check_spec, gold_column, list_rewards, resolve,
+                       resolve_named)
 from .sandbox import SandboxLimits, SandboxResult, run_python
 from .scoring import GuardedReward, RewardFailure, RewardResult, RewardSuite, score_rewards
 from .text import completion_text, split_think
@@ -36,7 +37,8 @@ from .text import completion_text, split_think
 __all__ = [
     "RewardError", "RowFailure",
     # API
-    "resolve", "resolve_named", "list_rewards", "builtin_names", "RewardInfo", "ENTRY_POINT_GROUP",
+    "resolve", "resolve_named", "check_spec", "list_rewards", "builtin_names", "gold_column", "RewardInfo",
+    "ENTRY_POINT_GROUP",
     "score_rewards", "RewardSuite", "RewardResult", "RewardFailure", "GuardedReward",
     "completion_text", "split_think",
     # math

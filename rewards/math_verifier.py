@@ -204,6 +204,8 @@ class MathAccuracy:
         for name in formats:
             if name not in ANSWER_FORMATS:
                 raise ValueError(f"unknown answer format {name!r}; known: {sorted(ANSWER_FORMATS)}")
+        if timeout_s is not None and not timeout_s > 0:  # 0 or less timed out every check: every answer 0.0
+            raise ValueError(f"timeout_s must be > 0 seconds (or None: no deadline, trusted inputs only), got {timeout_s}")
         self.formats = tuple(formats)
         self.timeout_s = timeout_s
         self.gold_column = gold_column

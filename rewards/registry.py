@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from .length_reward import make_soft_overlong, soft_overlong
 from .math_verifier import make_math_accuracy, math_accuracy
 
 __all__ = ["ENTRY_POINT_GROUP", "RewardInfo", "resolve", "resolve_named", "list_rewards", "builtin_names",
-           "callable_name"]
+           "callable_name", "gold_column", "check_spec"]
 
 ENTRY_POINT_GROUP = "dsv3_posttrain.rewards"
 
@@ -215,6 +216,33 @@ def resolve_named(spec: str) -> tuple[str, RewardFn]:
     if not callable(obj):
         raise RewardError(f"reward {spec!r} resolved to a non-callable {type(obj).__name__}")
     return name, obj
+
+
+def check_spec(spec: str) -> None:
+    """Raises :class:`RewardError` where ``spec`` would not resolve, as :func:`resolve` would (files imported,
+    built-ins built with their options), except that a ``reward_model:PATH`` is checked for a directory
+    only, not loaded: for validating a recipe before anything runs."""
+    target, _ = _split_params(spec) if isinstance(spec, str) else (spec, None)
+    if isinstance(target, str) and target.startswith("reward_model:"):
+        path = target[len("reward_model:"):].strip()
+        if not path or not Path(path).expanduser().is_dir():
+            raise RewardError(f"reward spec {spec!r}: no reward model directory at {path!r} "
+                              "(a `dsv3-posttrain rm train` output)")
+        return
+    resolve_named(spec)
+
+
+def gold_column(spec: str) -> str | None:
+    """The dataset column a built-in reward scores against (``math_accuracy``'s ``gold_column``, "answer"
+    unless the spec sets it), read from the spec alone: no file is imported and no model loaded, so a
+    trainer can check its data before it builds its rewards. None for every other reward."""
+    target, params = _split_params(spec) if isinstance(spec, str) else (None, None)
+    builtin = _BUILTINS.get(_ALIASES.get(target, target)) if target else None
+    param = inspect.signature(builtin.factory).parameters.get("gold_column") if builtin is not None else None
+    if param is None:
+        return None
+    default = param.default
+    return (params or {}).get("gold_column", default)
 
 
 def resolve(spec: str) -> RewardFn:

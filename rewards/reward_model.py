@@ -168,7 +168,7 @@ class RewardModelScorer:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.sigmoid, self.show_progress = batch_size, sigmoid, show_progress
         limit = getattr(model.config, "max_position_embeddings", None)
-        self.max_length = max_length or limit or 4096
+        self.max_length = max_length if max_length is not None else (limit or 4096)  # 0 is refused below, not unset
         if self.max_length < 2:
             raise RewardError(f"reward_model: max_length must be >= 2, got {max_length}")
 

@@ -79,6 +79,11 @@ class SandboxLimits:
     stdout_bytes: int = 1 << 20  # output caps; the run is killed when one is passed
     stderr_bytes: int = 64 << 10
 
+    def __post_init__(self) -> None:
+        # 0 or less killed every run at once, and every test case then scored 0.0 as a failed program
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
+
 
 @dataclass
 class SandboxResult:

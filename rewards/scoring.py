@@ -19,13 +19,15 @@ reason, by returning :class:`~rewards.errors.RowFailure` there, a NaN that carri
 
 Timeouts: with ``timeout_s`` each reward call runs in a daemon thread and is abandoned after
 ``timeout_s`` seconds. Python cannot kill a thread, so an abandoned call keeps running in the
-background until it returns (it cannot block interpreter exit). The built-in verifiers do
+background until it returns (it cannot block interpreter exit). An ``async def`` reward runs on
+the process's one reward event loop (``_reward_loop``) and is cancelled at its timeout. The built-in verifiers do
 their heavy work in killable child processes with their own hard per-item timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import math
@@ -87,20 +89,52 @@ def _is_async(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
-def _invoke(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    out = fn(**kwargs)
-    if inspect.isawaitable(out):  # async rewards get their own event loop in this thread
-        async def _await() -> Any:
-            return await out
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
 
-        out = asyncio.run(_await())
-    return out
+
+def _reward_loop() -> asyncio.AbstractEventLoop:
+    """The one event loop every async reward of this process runs on, in a daemon thread (as TRL runs its
+    async rewards): state a reward keeps between calls (a semaphore, an HTTP client session) is bound to
+    the loop that made it, so each call cannot get a fresh loop."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            threading.Thread(target=run, name="rewards-async-loop", daemon=True).start()
+            ready.wait()
+            _loop = loop
+        return _loop
+
+
+def _invoke(fn: Callable[..., Any], kwargs: dict[str, Any], timeout_s: float | None = None) -> Any:
+    out = fn(**kwargs)
+    if not inspect.isawaitable(out):
+        return out
+
+    async def _await() -> Any:
+        return await out
+
+    future = asyncio.run_coroutine_threadsafe(_await(), _reward_loop())
+    try:
+        return future.result(timeout_s)
+    except concurrent.futures.TimeoutError:
+        future.cancel()  # unlike a thread, a coroutine can be stopped
+        raise TimeoutError(f"timed out after {timeout_s} s (the call was cancelled)") from None
 
 
 def _call_with_timeout(fn: Callable[..., Any], kwargs: dict[str, Any], timeout_s: float | None) -> Any:
-    """Run ``fn(**kwargs)``; raise TimeoutError after ``timeout_s`` (the call is abandoned)."""
-    if timeout_s is None:
-        return _invoke(fn, kwargs)
+    """Run ``fn(**kwargs)``; raise TimeoutError after ``timeout_s`` (a coroutine is cancelled, a
+    synchronous call abandoned)."""
+    if timeout_s is None or _is_async(fn):
+        return _invoke(fn, kwargs, timeout_s)
     box: dict[str, Any] = {}
     done = threading.Event()
 

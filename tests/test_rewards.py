@@ -165,6 +165,80 @@ def test_async_reward_and_conversational_completions():
     assert res.values["async_len"] == [3.0, 2.0]
 
 
+def test_async_rewards_share_one_event_loop_across_calls_and_rewards():
+    """An async reward that keeps asyncio state between calls (here a rate-limiting semaphore, which
+    asyncio binds to the loop of its first contended use) must see the same loop at every call, as under
+    TRL: with a fresh loop per call the second call raised "bound to a different event loop". Two async
+    rewards scored concurrently, and the GuardedReward TRL calls, share it too."""
+    import asyncio
+
+    from rewards.scoring import GuardedReward
+
+    semaphore = asyncio.Semaphore(1)
+    loops: list[asyncio.AbstractEventLoop] = []  # kept alive: distinct loops have distinct ids
+
+    async def rate_limited(prompts, completions, **kwargs):
+        loops.append(asyncio.get_running_loop())
+
+        async def one(c):
+            async with semaphore:  # contended: the semaphore binds to the running loop
+                await asyncio.sleep(0)
+                return 1.0
+
+        return list(await asyncio.gather(*(one(c) for c in completions)))
+
+    async def other(prompts, completions, **kwargs):
+        loops.append(asyncio.get_running_loop())
+        return [0.5] * len(completions)
+
+    suite = RewardSuite([rate_limited, other])
+    for step in range(3):
+        res = suite.score(P, C)
+        assert res.values["rate_limited"] == [1.0] * len(C) and res.values["other"] == [0.5] * len(C), step
+    for guarded in suite.trl_reward_funcs():  # the way TRL calls them, with a timeout too
+        assert len(GuardedReward(guarded.__name__, guarded.fn, timeout_s=5.0)(P, C)) == len(C)
+    assert len(loops) == 8 and len({id(loop) for loop in loops}) == 1
+
+
+def test_an_async_reward_past_its_timeout_is_cancelled():
+    import asyncio
+
+    seen: dict[str, bool] = {}
+
+    async def slow(prompts, completions, **kwargs):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen["cancelled"] = True
+            raise
+        return [1.0] * len(completions)
+
+    t0 = time.monotonic()
+    res = score_rewards([slow], P, C, policy="skip", timeout_s=0.3)
+    assert time.monotonic() - t0 < 5 and res.values["slow"] == [None] * len(C)
+    assert "timed out after 0.3 s (the call was cancelled)" in res.failures[0].cause
+    for _ in range(50):
+        if seen.get("cancelled"):
+            break
+        time.sleep(0.02)
+    assert seen.get("cancelled")
+
+
+@pytest.mark.parametrize("spec", ["math_accuracy(timeout_s=0)", "math_accuracy(timeout_s=-1)",
+                                  "code_tests(timeout_s=0)", "code_tests_all(timeout_s=-2.5)"])
+def test_a_verifier_timeout_of_zero_or_less_is_refused(spec):
+    """It timed out every check, so every answer scored 0.0 with no failure counted."""
+    with pytest.raises(RewardError, match=r"timeout_s must be > 0 seconds"):
+        rewards.resolve(spec)
+
+
+def test_gold_column_is_read_from_the_spec_alone():
+    assert rewards.gold_column("math_accuracy") == rewards.gold_column("math_accuracy(timeout_s=3)") == "answer"
+    assert rewards.gold_column("math_accuracy(gold_column='solution')") == "solution"
+    assert rewards.gold_column("format") is None and rewards.gold_column("code_tests") is None
+    assert rewards.gold_column("no/such/file.py:f") is None  # nothing imported
+
+
 def test_rewards_imports_no_other_toolkit_package():
     code = ("import sys; sys.path.insert(0, %r); import rewards; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('posttrain', 'data_pipelines', 'eval_hooks')]; "
