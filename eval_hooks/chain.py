@@ -59,7 +59,8 @@ class EvalStage:
     dataset_split: str = field(default="test", metadata={"help": "Split of the evaluation set."})
     num_problems: int = field(default=200, metadata={"help": "How many problems to evaluate on."})
     max_tokens: int = field(default=160, metadata={"help": "Generation budget per answer."})
-    k: int = field(default=1, metadata={"help": "Samples per problem for pass@k / maj@k (1: greedy only)."})
+    k: int = field(default=1, metadata={"help": "Samples per problem for pass@k / maj@k, drawn at temperature 1.0, "
+                                         "top-p 1.0 (1: greedy only)."})
     sampled_pass1_k: int = field(
         default=0, metadata={"help": "Also report pass@1 as DeepSeek-R1 (§3.1) does: the mean correctness of this "
                              "many samples per problem at sampled_temperature / sampled_top_p, with 95% "
@@ -143,6 +144,18 @@ def validate_chain_recipe(recipe: ChainRecipe) -> dict[str, Any]:
     return {stage: _stage_config(recipe, stage, recipe.output_dir) for stage in STAGES if stage in recipe.stages}
 
 
+def _check_rewards(specs: list[str], source: str) -> None:
+    """A misspelt reward name or a broken reward file, said before the first stage runs (GRPO would say it
+    only after init, distill and SFT)."""
+    from rewards import RewardError, check_spec
+
+    for spec in specs:
+        try:
+            check_spec(spec)
+        except RewardError as e:
+            raise ConfigError(f"{source}: reward_funcs: {e}") from None
+
+
 # -- wiring ----------------------------------------------------------------------------------------
 def _stage_config(recipe: ChainRecipe, stage: str, out: Path) -> Any:
     values = dict(recipe.stages.get(stage, {}))
@@ -172,7 +185,9 @@ def _stage_config(recipe: ChainRecipe, stage: str, out: Path) -> Any:
 
         values.setdefault("model_name_or_path", str(out / "sft") if "sft" in recipe.stages else model0)
         values.setdefault("output_dir", str(out / "grpo"))
-        return build_config(GRPORecipeConfig, values, source)
+        cfg = build_config(GRPORecipeConfig, values, source)
+        _check_rewards(cfg.reward_funcs, source)
+        return cfg
     if stage == "eval":
         return build_config(EvalStage, values, source)
     raise AssertionError(stage)
@@ -222,8 +237,8 @@ def run_chain(recipe_path: str | Path, output_dir: str | None = None, only: list
         raise UserError(f"--only {' '.join(absent)}: not a stage of {recipe.source} (its stages: "
                         f"{', '.join(recipe.stages)})")
     out = recipe.output_dir
+    configs = validate_chain_recipe(recipe)  # every stage's config checked before anything runs (or is written)
     out.mkdir(parents=True, exist_ok=True)
-    configs = validate_chain_recipe(recipe)  # every stage's config checked before anything runs
     manifest = Manifest(out / MANIFEST)
     manifest.data.update({"recipe": recipe.source, "name": recipe.name})
     upstream: dict[str, Any] = {}

@@ -26,13 +26,38 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
+    value without a word, so a recipe edited by appending `max_steps: 1` under an earlier `max_steps: 300`
+    ran with whichever came last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:  # the mapping's own keys: a `<<` merge's may be overridden
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"line {line}: key {key_node.value!r} is given twice (first at line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """Reads a YAML recipe into a mapping; a missing or malformed file is a `ConfigError`."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"recipe {p} is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"recipe file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_RecipeLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -99,6 +124,16 @@ def require_output_path(path: str | os.PathLike | None, field: str = "output_dir
             if not parent.is_dir():
                 raise ConfigError(f"{field}: {os.fspath(path)}: {parent} exists and is not a directory")
             break
+
+
+def require_empty_output(path: str | os.PathLike, field: str = "output") -> None:
+    """A command that writes a whole model directory (init-model, export) must not write into one that holds
+    anything: its files would be mixed with another model's or run's, and theirs partly written over."""
+    out = Path(os.fspath(path)).expanduser()
+    held = sorted(f.name for f in out.iterdir()) if out.is_dir() else []
+    if held:
+        raise ConfigError(f"--{field} {os.fspath(path)} already exists and is not empty (holds {', '.join(held[:3])}"
+                          f"{' …' if len(held) > 3 else ''}): choose a new or empty directory, or remove it first")
 
 
 def field_names(cls: type) -> list[str]:
@@ -172,12 +207,20 @@ def _read_resume(value: Any) -> str | None:
     return normalize_resume(value)
 
 
+def _read_scale_rewards(value: Any) -> str:
+    from .trainer_args import normalize_scale_rewards
+
+    return normalize_scale_rewards(value)
+
+
 # Fields read as TRL/transformers read them rather than by their declared type (SFT, GRPO, RM):
 # `--report_to none` means no integration there, while coercing to `str | None` would make it None,
 # which transformers turns into `[None]` and rejects when the trainer is built.
 # `resume_from_checkpoint` is `str | None` in transformers, but a YAML `true` or a bare
 # `--resume_from_checkpoint` flag (a bool) means "the newest checkpoint" to posttrain.checkpoints.
-_FIELD_READERS: dict[str, Any] = {"report_to": _read_report_to, "resume_from_checkpoint": _read_resume}
+# GRPO's `scale_rewards` is `str` in TRL, which documents `true` / `false` for it too.
+_FIELD_READERS: dict[str, Any] = {"report_to": _read_report_to, "resume_from_checkpoint": _read_resume,
+                                  "scale_rewards": _read_scale_rewards}
 
 # org/name, as the Hub spells a repository id
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -203,6 +246,9 @@ def require_model_dir(
     if local.is_dir():
         config = local / "config.json"
         if not config.is_file():
+            if (local / "adapter_config.json").is_file():  # a LoRA run's checkpoint-N: peft alone misloads it
+                raise ConfigError(f"{field}: {text} is a LoRA checkpoint (adapter weights only, no config.json); "
+                                  f"make it a full model with `dsv3-posttrain export {text} --output OUT` and use OUT")
             raise ConfigError(f"{field}: {text} is not a checkpoint directory (no config.json in it)")
         try:
             data = json.loads(config.read_bytes().decode("utf-8"))

@@ -1,5 +1,5 @@
 """The embedded tokenizer: a byte-level BPE trained locally, with DeepSeek-V3's special tokens and
-chat template.
+chat template; and `load_checkpoint_tokenizer`, how every trainer loads a checkpoint's tokenizer.
 
 Byte-level BPE covers every input byte, so the tokenizer never fails on text outside the built-in
 task; the merges are trained on the task's alphabet so the tiny model sees short sequences.
@@ -65,3 +65,22 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, model_max_len
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def load_checkpoint_tokenizer(path: str, field: str = "model_name_or_path"):
+    """The tokenizer saved with a checkpoint, with a pad token (eos where it has none: pad tokens are never
+    targets). A directory without a usable one is a `UserError` naming it; transformers' own error is a
+    traceback about converting a slow tokenizer (sentencepiece, tiktoken)."""
+    from transformers import AutoTokenizer
+
+    from .errors import UserError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{field} {path}: cannot load its tokenizer ({lines[0] if lines else type(e).__name__}); a "
+                        "checkpoint directory holds tokenizer.json and tokenizer_config.json beside the weights") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

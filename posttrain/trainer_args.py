@@ -62,11 +62,48 @@ def normalize_report_to(value: Any) -> str | list[str]:
     return names
 
 
+def check_reporting_installed(args: Any) -> None:
+    """Each integration in `report_to` is installed here. transformers says so only when it builds the
+    callback, after the model is loaded; the trainers call this before. (Not part of the config's own checks:
+    a recipe for a cluster validates on a machine without its logger.)"""
+    names = args.report_to if isinstance(args.report_to, list) else []
+    installed = _installed_integrations()
+    for name in names:
+        if installed is not None and name in _known_integrations() and name not in installed:
+            raise ConfigError(f"'report_to': {name} is not installed in this environment (pip install it, or "
+                              "leave it out of report_to)")
+
+
+def _installed_integrations() -> list[str] | None:
+    try:
+        from transformers.integrations import get_available_reporting_integrations
+    except ImportError:  # another transformers layout: let transformers judge
+        return None
+    return list(get_available_reporting_integrations())
+
+
 # `resume_from_checkpoint`'s help in every recipe config (transformers' own says "Not directly used by
 # Trainer", which is not so here: posttrain.checkpoints.resolve_resume reads it).
 RESUME_HELP = ("Resume training: false / none (default) starts fresh; true / last resumes from the newest complete "
                "checkpoint-N in output_dir (an error if there is none); a path resumes from that checkpoint "
                "directory. A bare --resume_from_checkpoint means true.")
+
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def normalize_scale_rewards(value: Any) -> str:
+    """GRPO's `scale_rewards` as TRL documents it: "group", "batch" or "none", with `true` meaning "group" and
+    `false` "none". TRL types the field `str` and maps only real bools, so from a recipe parser `false` was
+    refused, and from the command line "false" reached the first step's advantages and stopped there."""
+    if isinstance(value, bool):
+        return "group" if value else "none"
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "false"):
+        return "group" if text == "true" else "none"
+    if text not in SCALE_REWARDS:
+        raise ConfigError(f"'scale_rewards' expects group, batch or none (true: group, false: none), got {value!r}")
+    return text
 
 
 def normalize_resume(value: Any) -> str | None:
@@ -92,8 +129,8 @@ def normalize_resume(value: Any) -> str | None:
 
 def check_training_sizes(args: Any) -> None:
     """The transformers numbers that would fail only once training runs (a ZeroDivisionError in the
-    step count, a batch sampler of size 0, an optimizer refusing a negative rate), checked for SFT
-    and GRPO before anything is loaded."""
+    step count, a batch sampler of size 0, an optimizer refusing a negative rate), and run lengths that would
+    train nothing, checked for SFT, GRPO and the RM before anything is loaded."""
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -101,6 +138,29 @@ def check_training_sizes(args: Any) -> None:
     lr = args.learning_rate
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:  # `not >=` also catches NaN
         raise ConfigError(f"learning_rate must be a number >= 0, got {lr!r}")
+    # transformers reads max_steps > 0 as the run's length and anything else as "use num_train_epochs": 0 ran one
+    # step, and -5 or num_train_epochs 0 trained nothing, wrote the input model back and reported success
+    steps, epochs = args.max_steps, args.num_train_epochs
+    if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
+        raise ConfigError(f"max_steps must be an integer >= 1, or -1 to train for num_train_epochs, got {steps!r}")
+    if steps == -1 and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0):
+        raise ConfigError(f"num_train_epochs must be > 0 when max_steps is -1, got {epochs!r}")
+    check_lr_scheduler(args.lr_scheduler_type, args.lr_scheduler_kwargs)
+
+
+def check_lr_scheduler(name: Any, kwargs: Any) -> None:
+    """Builds the schedule once on a throw-away optimizer, as Trainer will (transformers' `get_scheduler`): a
+    misspelt `lr_scheduler_kwargs` key, or one the schedule needs, failed only after the model was loaded."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10,
+                      scheduler_specific_kwargs=dict(kwargs or {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"lr_scheduler_type {getattr(name, 'value', name)!r} with lr_scheduler_kwargs "
+                          f"{dict(kwargs or {})}: {e}") from None
 
 
 def _known_integrations() -> list[str]:

@@ -154,3 +154,26 @@ def test_a_stage_whose_inputs_changed_starts_afresh_and_keeps_the_earlier_output
     assert "[sft] resuming" in capsys.readouterr().out
     state = json.loads((out / "sft" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]  # nothing to resume: afresh
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("math_acuracy", "unknown reward 'math_acuracy'"),
+    ("{tmp}/r.py:nope", "nope"),
+    ("reward_model:{tmp}/no-rm", "no reward model directory at"),
+])
+def test_a_bad_grpo_reward_stops_the_chain_before_its_first_stage(tmp_path, capsys, reward, message):
+    """`run --validate` said "valid" and `run` went through init, distill and SFT before GRPO named the typo,
+    without naming the recipe or the field."""
+    import cli
+
+    (tmp_path / "r.py").write_text("def yes(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "x", "output_dir": str(tmp_path / "out"), "stages": {
+        "init": {"preset": "tiny"}, "grpo": {"reward_funcs": [reward.format(tmp=tmp_path)], "max_steps": 1}}}))
+    for argv in (["run", str(recipe), "--validate"], ["run", str(recipe)]):
+        assert cli.main(argv) == cli.EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert f"{recipe} (stages.grpo): reward_funcs: " in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # no stage ran
+    recipe.write_text(recipe.read_text().replace(reward.format(tmp=tmp_path), f"{tmp_path}/r.py:yes"))
+    assert cli.main(["run", str(recipe), "--validate"]) == 0

@@ -57,6 +57,20 @@ def test_report_to_none_means_no_reporting_for_every_trainer(command, tmp_path):
         load_config(cls, None, ["--report_to", "wandbb", *out])
 
 
+@pytest.mark.parametrize("command", ["sft", "grpo", "rm"])
+def test_a_logger_that_is_not_installed_is_named_before_the_model_loads(command, tmp_path, monkeypatch, capsys):
+    """transformers said so only when it built the callback, after the model was loaded. The config itself
+    accepts it: a recipe for a cluster validates on a machine without its logger."""
+    monkeypatch.setattr("posttrain.trainer_args._installed_integrations", lambda: ["tensorboard"])
+    model = _checkpoint(tmp_path / "model")  # config.json only: loading it would fail, later
+    options = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "out"),
+               "--report_to", "tensorboard,wandb", *(["--dataset_name", "rows.jsonl"] if command == "sft" else [])]
+    load_config(_config_classes()[command], None, options)
+    assert cli.main([command, *(["train"] if command == "rm" else []), *options]) == cli.EXIT_USER_ERROR
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert "'report_to': wandb is not installed in this environment" in line, line
+
+
 def test_report_to_spellings():
     for none in (None, "none", " NONE ", "", [], ["none"], [None]):
         assert normalize_report_to(none) == "none", none
@@ -493,3 +507,20 @@ def test_run_only_eval_before_the_stages_it_evaluates_ran_is_one_line(tmp_path, 
     assert cli.main(["run", str(recipe), "--output_dir", str(out), "--only", "eval"]) == cli.EXIT_USER_ERROR
     line = _one_error_line(capsys.readouterr().err, "run")
     assert f"error: stages.eval: the init checkpoint: no checkpoint directory at {out / 'model-init'}" in line
+
+
+def test_init_model_does_not_write_over_a_directory_that_holds_something(tmp_path, capsys):
+    """A trained checkpoint there was replaced by random weights with exit 0 (its checkpoint-N and
+    trainer_state.json left beside them)."""
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"trained")
+    (out / "trainer_state.json").write_text("{}")
+    assert cli.main(["init-model", "--output", str(out)]) == cli.EXIT_USER_ERROR
+    assert _one_error_line(capsys.readouterr().err, "init-model").endswith(
+        f"--output {out} already exists and is not empty (holds model.safetensors, trainer_state.json): choose a "
+        "new or empty directory, or remove it first")
+    assert (out / "model.safetensors").read_bytes() == b"trained"
+    (out / "model.safetensors").unlink()
+    (out / "trainer_state.json").unlink()
+    assert cli.main(["init-model", "--output", str(out)]) == 0  # an empty directory is fine

@@ -68,6 +68,24 @@ def _cli(*args, cwd=None):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
+def test_a_key_given_twice_is_refused_and_a_directory_is_not_missing(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: a recipe with `max_steps: 3` and, appended
+    later, `max_steps: 1` ran 1 step. YAML merge keys may still override what they merge in."""
+    from posttrain.recipe import read_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_steps: 3\nlearning_rate: 1.0\nmax_steps: 1\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: line 3: key 'max_steps' is given twice \(first at line 1\)"):
+        load_config(ToyConfig, recipe)
+    recipe.write_text("stages:\n  sft: {max_steps: 3, max_steps: 4}\n")
+    with pytest.raises(ConfigError, match=r"line 2: key 'max_steps' is given twice"):
+        read_recipe(recipe)
+    recipe.write_text("base: &b {max_steps: 3, seed: 1}\nrun:\n  <<: *b\n  max_steps: 4\n'1': a\n1: b\n")
+    assert read_recipe(recipe)["run"] == {"max_steps": 4, "seed": 1}
+    with pytest.raises(ConfigError, match=r"recipe \S+ is a directory, not a YAML file"):
+        read_recipe(tmp_path)
+
+
 def test_cli_help_lists_every_subcommand():
     r = _cli("--help")
     assert r.returncode == 0

@@ -119,6 +119,9 @@ def test_preference_rows_normalise_and_name_bad_rows():
         to_preference_example({"prompt": "q", "chosen": "a", "rejected": "b", "chosen_rationale": "why"})
     with pytest.raises(UserError, match=r"data\.jsonl line 3: missing 'rejected'"):
         to_preference_example({"prompt": "q", "chosen": "a", "__where__": "data.jsonl line 3"})
+    # a table's columns are every row's: the message lists what this row has (it listed 'rejected' as present)
+    with pytest.raises(UserError, match=r"missing 'rejected'.*\(this row has: \['chosen', 'prompt'\]\)"):
+        to_preference_example({"prompt": "q", "chosen": "a", "rejected": None})
     with pytest.raises(UserError, match="pairs row 1: 'chosen' has no assistant message"):
         to_preference_examples([{"prompt": "q", "chosen": "a", "rejected": "b"},
                                 {"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}],
@@ -183,6 +186,19 @@ def test_rm_resume_restores_the_routed_experts(untrained_rm, tiny_model_dir):
     assert load_deepseek_checkpoint(fresh, untrained_rm)
     assert torch.equal(fresh.state_dict()[experts], saved.state_dict()[experts])
     assert torch.equal(fresh.score.weight, saved.score.weight)
+
+
+
+def test_the_saved_rm_config_promises_no_mtp_module(untrained_rm):
+    """The RM loads no MTP layer and saves none; its config.json said num_nextn_predict_layers: 1."""
+    import json
+
+    from safetensors import safe_open
+
+    config = json.loads((untrained_rm / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0
+    with safe_open(str(untrained_rm / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith(f"model.layers.{config['num_hidden_layers']}.")]
 
 
 # --- scoring as a reward ---------------------------------------------------------------------------
@@ -453,7 +469,8 @@ def test_reward_model_spec_bad_options_and_unfinished_directory(untrained_rm, tm
 
     for options, message in (("dtype='fp16'", "dtype must name a torch floating-point type .* got 'fp16'"),
                              ("device='gpu'", "device 'gpu'"),
-                             ("device='cuda:7'", "device 'cuda:7', but torch sees")):
+                             ("device='cuda:7'", "device 'cuda:7', but torch sees"),
+                             ("max_length=0", r"max_length must be >= 2, got 0")):  # 0 was read as unset
         with pytest.raises(RewardError, match=message):
             rewards.resolve(f"reward_model:{untrained_rm}({options})")
     partial = tmp_path / "partial"

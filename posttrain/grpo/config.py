@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from ..errors import ConfigError
-from ..trainer_args import RunDirFields, V3TrainingFields, check_mtp_loss_weight, check_training_sizes
+from ..trainer_args import (RunDirFields, V3TrainingFields, check_mtp_loss_weight, check_training_sizes,
+                            normalize_scale_rewards)
 
 
 # The loss types TRL's GRPOTrainer implements (TRL 1.16, the range pinned in engines.compat.TRL): TRL keeps
@@ -45,9 +46,13 @@ class GRPORecipeConfig(RunDirFields, V3TrainingFields, GRPOConfig):
         metadata={"help": "Prompt dataset: `builtin:arith`, a local jsonl/parquet file or directory, or a Hub id."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of `dataset_name` to train on."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (chat messages or text)."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column with the prompt (chat messages or text); TRL reads it as `prompt`, "
+                                    "the rewards get it under its own name too."}
+    )
     answer_column: str = field(
-        default="answer", metadata={"help": "Column with the gold answer, passed to rewards as `answer`."}
+        default="answer", metadata={"help": "Column with the gold answer, passed to rewards as `answer` and under its "
+                                    "own name. Left at `answer`, a dataset with TRL's `solution` column instead uses that."}
     )
     max_prompts: int | None = field(
         default=None, metadata={"help": "Use at most this many prompts (>= 1; None: all)."}
@@ -65,7 +70,9 @@ class GRPORecipeConfig(RunDirFields, V3TrainingFields, GRPOConfig):
         metadata={"help": "A reward that raises, hangs, returns the wrong length or NaN: `error` stops the run "
                   "naming the reward and row; `skip` scores that row None and counts it in rewards/<name>/failures."},
     )
-    reward_timeout_s: float | None = field(default=120.0, metadata={"help": "Per-call timeout of each reward."})
+    reward_timeout_s: float | None = field(
+        default=120.0, metadata={"help": "Per-call timeout of each reward, in seconds (> 0; null: none)."}
+    )
     # -- dynamic sampling (DAPO §3.2) -------------------------------------------------------------
     dynamic_sampling: bool = field(
         default=False,
@@ -168,6 +175,17 @@ class GRPORecipeConfig(RunDirFields, V3TrainingFields, GRPOConfig):
             raise ValueError(f"max_prompts must be >= 1 (or unset: all prompts), got {self.max_prompts}")
         if self.loss_type not in TRL_LOSS_TYPES:  # TRL checks it only inside the first loss computation
             raise ValueError(f"loss_type must be one of {', '.join(TRL_LOSS_TYPES)}, got {self.loss_type!r}")
+        # TRL checks these two only at the first step's advantages, after the model and the engine are up
+        self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
+        if self.multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError("multi_objective_aggregation must be sum_then_normalize or normalize_then_sum, got "
+                             f"{self.multi_objective_aggregation!r}")
+        if not self.temperature > 0:  # TRL divides the logits by it (ZeroDivisionError in the first log-probs)
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.reward_timeout_s is not None and not self.reward_timeout_s > 0:
+            raise ValueError(f"reward_timeout_s must be > 0 seconds (or null: no timeout), got {self.reward_timeout_s}")
         # TRL needs >= 2 for the group advantages, but divides by it before it says so (ZeroDivisionError on 0)
         if self.num_generations is None or self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (GRPO compares each prompt's completions), "

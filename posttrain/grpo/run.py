@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,43 +20,61 @@ from .config import GRPORecipeConfig, check_reward_weights
 
 log = logging.getLogger(__name__)
 
-# Built-in rewards that score against the gold answer column (None where a row has none).
-ANSWER_REWARDS = ("math_accuracy",)
-
-
 def load_prompts(cfg: GRPORecipeConfig):
     """The prompt dataset with a `prompt` column and, when present, `answer`; clear errors otherwise
-    (naming the file line, as SFT and distill do, for rows read from a local file)."""
+    (naming the file line, as SFT and distill do, for rows read from a local file).
+
+    TRL reads the prompt from `prompt` and passes every other column to the rewards under its own name. So
+    `prompt_column` and `answer_column` add `prompt` and `answer` as copies and keep the user's columns; with
+    `answer_column` left at `answer`, a dataset that has TRL's `solution` instead gives that as `answer`."""
+    from rewards import gold_column
+
     from data_pipelines.loading import answer_problem, load_rows, prompt_problem, require_columns, row_location
 
     ds = load_rows(cfg.dataset_name, cfg.dataset_split)
     if len(ds) == 0:
         raise UserError(f"{cfg.dataset_name} ({cfg.dataset_split}): the dataset is empty")
     require_columns(ds, [cfg.prompt_column], cfg.dataset_name)
-    answer_rewards = [name for name in cfg.reward_funcs if re.split(r"[?(]", name)[0].strip() in ANSWER_REWARDS]
-    if answer_rewards:
-        require_columns(ds, [cfg.answer_column], cfg.dataset_name)
+    answer_source = cfg.answer_column
+    if answer_source == "answer" and "answer" not in ds.column_names and "solution" in ds.column_names:
+        answer_source = "solution"  # TRL's accuracy_reward column
+    # the columns the rewards score against (math_accuracy's gold_column: `answer` unless its spec names another)
+    golds = [gold_column(spec) for spec in cfg.reward_funcs]
+    needed = sorted({answer_source if g == "answer" else g for g in golds if g})
+    require_columns(ds, needed, cfg.dataset_name)
     n_used = len(ds) if cfg.max_prompts is None else min(cfg.max_prompts, len(ds))  # rows past it are not used
-    for i in range(min(n_used, 10_000)):
-        problem = prompt_problem(ds[i][cfg.prompt_column])
+    # every row used (one column read): a blank prompt at row 10,001 trained as an empty prompt
+    for i, prompt in enumerate(ds.select_columns([cfg.prompt_column]).select(range(n_used))[cfg.prompt_column]):
+        problem = prompt_problem(prompt)
         if problem:
             raise UserError(f"{row_location(ds, i, cfg.dataset_name)}: {problem} (column {cfg.prompt_column!r})")
-    if answer_rewards and len(answer_rewards) == len(cfg.reward_funcs):
-        # Every reward needs the gold answer: a row without one is scored None by all of them and trains on
+    if all(golds):
+        # Every reward needs a gold answer: a row without one is scored None by all of them and trains on
         # nothing (TRL only warns). With other rewards too (math and code rows in one set) None is the
         # reward's "not mine" and the row is theirs. One column read, so every used row is checked.
-        for i, answer in enumerate(ds.select_columns([cfg.answer_column]).select(range(n_used))[cfg.answer_column]):
-            problem = answer_problem(answer)
-            if problem:
-                raise UserError(f"{row_location(ds, i, cfg.dataset_name)}: {problem} (column {cfg.answer_column!r}); "
-                                f"{answer_rewards[0]} needs a gold answer for every prompt")
-    if cfg.prompt_column != "prompt":
-        ds = ds.rename_column(cfg.prompt_column, "prompt")
-    if cfg.answer_column in ds.column_names and cfg.answer_column != "answer":
-        ds = ds.rename_column(cfg.answer_column, "answer")
+        for column in needed:
+            for i, answer in enumerate(ds.select_columns([column]).select(range(n_used))[column]):
+                problem = answer_problem(answer)
+                if problem:
+                    reward = cfg.reward_funcs[0] if len(cfg.reward_funcs) == 1 else "every reward"
+                    raise UserError(f"{row_location(ds, i, cfg.dataset_name)}: {problem} (column {column!r}); "
+                                    f"{reward} needs a gold answer for every prompt")
     if cfg.max_prompts is not None:
-        ds = ds.select(range(min(cfg.max_prompts, len(ds))))
+        ds = ds.select(range(n_used))
+    ds = _copy_column(ds, cfg.prompt_column, "prompt", "prompt_column", cfg.dataset_name)
+    if answer_source in ds.column_names:
+        ds = _copy_column(ds, answer_source, "answer", "answer_column", cfg.dataset_name)
     return ds
+
+
+def _copy_column(ds, source: str, name: str, field: str, dataset: str):
+    """`ds` with column `source` also under `name`, the name TRL or the built-in rewards read."""
+    if source == name:
+        return ds
+    if name in ds.column_names:
+        raise UserError(f"{dataset}: {field} is {source!r}, but the dataset also has a column {name!r}, which is the "
+                        f"one read as the {name}; drop or rename one of them, or set {field}: {name}")
+    return ds.add_column(name, ds[source])
 
 
 def check_server_mode(cfg: GRPORecipeConfig) -> None:
@@ -122,28 +139,31 @@ def build_engine(cfg: GRPORecipeConfig, model, tokenizer) -> RolloutEngine:
 
 def build_trainer(cfg: GRPORecipeConfig, engine: RolloutEngine | None = None, model=None, train_dataset=None):
     from rewards import RewardSuite
-    from transformers import AutoTokenizer
 
+    from ..tokenizer import load_checkpoint_tokenizer
     from .trainer import V3GRPOTrainer
 
     from ..recipe import require_model_dir
+    from ..trainer_args import check_reporting_installed
 
     require_model_dir(cfg.model_name_or_path, required_hint="a checkpoint directory, e.g. from `dsv3-posttrain sft`")
+    check_reporting_installed(cfg)
     if engine is None:
         check_server_mode(cfg)
         check_speculative_rollouts(cfg)
     if train_dataset is None:
         train_dataset = load_prompts(cfg)  # before the model: a bad row is reported in seconds, whatever the model size
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-    if model is None:
-        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        model = load_pretrained(DeepseekV3ForCausalLMWithMTP, cfg.model_name_or_path, dtype=dtype)  # FP8 too
     check_reward_weights(cfg.reward_funcs, cfg.reward_weights)  # again: a caller may have changed either list
     weights = cfg.reward_weights if cfg.reward_weights is not None else [1.0] * len(cfg.reward_funcs)
+    # before the policy: a misspelt reward name or a broken reward file is reported before a model is loaded
     suite = RewardSuite(list(zip(cfg.reward_funcs, weights, strict=True)),
                         policy=cfg.reward_failure_policy, timeout_s=cfg.reward_timeout_s)
     if cfg.reward_weights is None:
         cfg.reward_weights = list(suite.weights)
+    tokenizer = load_checkpoint_tokenizer(cfg.model_name_or_path)
+    if model is None:
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = load_pretrained(DeepseekV3ForCausalLMWithMTP, cfg.model_name_or_path, dtype=dtype)  # FP8 too
     if engine is None:
         engine = build_engine(cfg, model, tokenizer)
     trainer = V3GRPOTrainer(

@@ -103,6 +103,9 @@ class RMRecipeConfig(RunDirFields, RewardConfig):
             raise ConfigError(f"max_eval_samples must be >= 0, got {self.max_eval_samples}")
         from engines.compat import prefer_regional_compilation
 
+        from ..trainer_args import check_training_sizes
+
+        check_training_sizes(self)
         prefer_regional_compilation(self)  # as SFT and GRPO (posttrain.trainer_args.apply_process_defaults)
         sync_each_batch_under_fsdp(self)
         super().__post_init__()

@@ -241,9 +241,10 @@ def to_preference_example(row: Mapping[str, Any], index: int = 0, source: str = 
     where = str(row.get("__where__") or f"{source} row {index}")
     missing = [c for c in ("prompt", "chosen", "rejected") if row.get(c) is None]
     if missing:
-        have = sorted(k for k in row if not k.startswith("__"))
+        # the row's own fields: a table's columns are the union over rows, and a missing one reads as null here
+        have = sorted(k for k, v in row.items() if not k.startswith("__") and v is not None)
         raise UserError(f"{where}: missing {', '.join(repr(c) for c in missing)}; a preference row needs "
-                        f"'prompt', 'chosen' and 'rejected' (columns present: {have})")
+                        f"'prompt', 'chosen' and 'rejected' (this row has: {have})")
     prompt = _messages(row["prompt"], "prompt", where)
     if prompt[-1]["role"] == "assistant":
         raise UserError(f"{where}: 'prompt' ends with an assistant message; the responses go in chosen/rejected")

@@ -25,17 +25,12 @@ log = logging.getLogger(__name__)
 
 def load_tokenizer(path: str):
     """The backbone's tokenizer with a pad token (eos when the tokenizer has none)."""
-    from transformers import AutoTokenizer
+    from ..tokenizer import load_checkpoint_tokenizer
 
     local = Path(path).expanduser()
     if not local.exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
         raise UserError(f"model_name_or_path {path}: no such directory")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model_name_or_path {path}: cannot load a tokenizer: {e}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_checkpoint_tokenizer(path)
     if not getattr(tok, "chat_template", None):
         raise UserError(f"model_name_or_path {path}: the tokenizer has no chat template; the RM reads "
                         "prompt + response through it")
@@ -79,6 +74,7 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
     use_fused_kernels(model)  # the fused kernels on CUDA; transformers' own code elsewhere
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.architectures = [cls.__name__]
+    model.config.num_nextn_predict_layers = 0  # no MTP module is loaded or saved: the config must not promise one
     for key in ("topk_method", "scoring_func"):  # keep what vLLM / the V3 layout read from config.json
         if hasattr(config, key):
             setattr(model.config, key, getattr(config, key))

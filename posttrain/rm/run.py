@@ -34,8 +34,9 @@ def _check(cfg: RMRecipeConfig) -> None:
                       required_hint="e.g. runs/sft-tiny, or runs/tiny-model from `dsv3-posttrain init-model`")
     if not cfg.output_dir:
         raise ConfigError("output_dir is required")
-    if cfg.max_steps is None or (cfg.max_steps <= 0 and cfg.num_train_epochs <= 0):
-        raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+    from ..trainer_args import check_reporting_installed
+
+    check_reporting_installed(cfg)
 
 
 def load_pairs(name: str, split: str, limit: int | None, cfg: RMRecipeConfig) -> list[dict[str, Any]]:
