@@ -167,6 +167,10 @@ class DistillConfig:
             keys.append("wrong_fraction")
         if self.backend == "hf":  # its samples are seeded per micro-batch
             keys.append("generation_batch_size")
+        if self.backend in ("hf", "vllm"):  # the teacher's numerics: another dtype samples other answers
+            keys.append("dtype")
+        if self.backend == "vllm":  # so do its engine options and a tensor-parallel split (reduction order)
+            keys += ["tensor_parallel_size", "vllm_kwargs"]
         return {**{k: getattr(self, k) for k in keys}, **input_contents(self)}
 
 
@@ -263,8 +267,8 @@ def _hash(*parts: Any) -> str:
 
 def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any]]:
     """Load, validate, deduplicate and decontaminate the prompts; returns them with counts."""
-    from .loading import (answer_problem, load_rows, prompt_problem, require_columns, row_location, tests_problem,
-                          to_messages)
+    from .loading import (answer_problem, bad_rows_in_use, load_rows, prompt_problem, require_columns, row_location,
+                          tests_problem, to_messages)
     from rewards import gold_answer_text
     from rewards.code_reward import parse_tests
 
@@ -281,19 +285,9 @@ def prepare_prompts(cfg: DistillConfig) -> tuple[list[PromptItem], dict[str, Any
     loader_skipped = len(bad)  # unreadable lines the loader dropped (skip mode)
 
     n_rows = ds.num_rows if cfg.max_prompts is None else min(ds.num_rows, cfg.max_prompts)
-    if loader_skipped and n_rows < ds.num_rows:
-        # max_prompts cut the rows: count only the unreadable lines before the last used row
-        # (by file, then line), not ones in the part of the file that was never used.
-        import re
-
-        def _key(loc: str) -> tuple[Path, int] | None:
-            m = re.fullmatch(r"(.*) (?:line|row|item) (\d+)", loc)
-            return (Path(m.group(1)), int(m.group(2))) if m else None
-
-        last = _key(row_location(ds, n_rows - 1, source)) if n_rows else None
-        bad[:] = [b for b in bad if (k := _key(b["location"])) is None
-                  or (last is not None and k < last)]
-        loader_skipped = len(bad)
+    # max_prompts cut the rows: only the unreadable lines before the last used row count
+    bad[:] = bad_rows_in_use(bad, ds, n_rows, source)
+    loader_skipped = len(bad)
     items: list[PromptItem] = []
     seen: set[str] = set()
     duplicates = 0
@@ -474,6 +468,16 @@ def teacher_display_name(cfg: DistillConfig) -> str:
 # --- the run ------------------------------------------------------------------------
 
 
+def greedy_copies_warning(cfg: DistillConfig) -> str | None:
+    """What to say when the teacher decodes greedily and several answers are asked per prompt: they are all
+    the same answer, and each kept copy becomes its own SFT row."""
+    if cfg.backend == "scripted" or cfg.temperature != 0 or cfg.num_generations < 2:
+        return None
+    return (f"temperature 0 with num_generations {cfg.num_generations}: greedy decoding gives each prompt the same "
+            f"answer {cfg.num_generations} times, and every kept copy becomes its own SFT row; sample "
+            "(temperature > 0) or set num_generations 1")
+
+
 def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     """Generate, filter and write the distillation dataset; resumes an interrupted run in
     the same ``output_dir``.  Returns the statistics also written to ``stats.json``."""
@@ -485,6 +489,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     from .tokens import TokenCounter
 
     started = time.time()
+    if (warning := greedy_copies_warning(cfg)) is not None:
+        log.warning(warning)
     # Before the prompts are read: an input edited while they are read is refused on resume
     # rather than recorded as what produced the shards.
     fingerprint = cfg.run_fingerprint()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,53 +213,108 @@ def _drop_mixed_types(rows: list[dict[str, Any]], where: list[str], bad: list[di
     return keep_rows, keep_where
 
 
-def _first_conflict(columns: dict[str, list[Any]], where: list[str]) -> str | None:
-    """``"file line N: column 'c'"`` for the first row whose value cannot share one Arrow type with the
-    same column's values in the rows before it (a type mixed inside nested values, which
-    :func:`_drop_mixed_types` does not see: an int ``output`` among string ones in a list of test
-    cases), found by bisecting the column's prefixes; None when every column builds on its own."""
+# what pyarrow raises for values that cannot be one array (ArrowInvalid and ArrowTypeError subclass these)
+_ARROW_ERRORS = (TypeError, ValueError, OverflowError)
+
+
+def _arrow_problem(values: list[Any]) -> str | None:
+    """Why ``values`` cannot be one Arrow array (pyarrow's message), or None when they can."""
     import pyarrow as pa
 
-    def builds(values: list[Any]) -> bool:
-        try:
-            pa.array(values)
-            return True
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-            return False
+    try:
+        pa.array(values)
+        return None
+    except _ARROW_ERRORS as e:
+        return str(e) or type(e).__name__
 
-    first: tuple[int, str] | None = None
-    for name, values in columns.items():
-        if builds(values):
+
+def _odd_rows(columns: dict[str, list[Any]]) -> dict[int, str]:
+    """Row index -> why, for the rows whose value in some column cannot share one Arrow type with the
+    same column's values in the other rows: a type mixed inside nested values, which
+    :func:`_drop_mixed_types` does not see (an int ``output`` among string ones in a list of test
+    cases, an int message ``content``).
+
+    The odd row is the one that differs from most rows, wherever it is in the file (the first row
+    included): a column's usual type is the one most values have on their own, and a value is odd
+    when it cannot be an array even alone, or not next to a value of the usual type.  Should the
+    clash be between rare shapes only, the first row that cannot join the rows before it is named
+    (found by bisecting the column's prefixes)."""
+    import pyarrow as pa
+
+    odd: dict[int, str] = {}
+    failing = [name for name, values in columns.items() if _arrow_problem(values)]
+    for name in failing:
+        values = columns[name]
+        types: list[Any] = []
+        alone: dict[int, str] = {}  # rows whose value is no array even on its own (an int among strs in one list)
+        for i, v in enumerate(values):
+            if v is None:
+                types.append(None)
+                continue
+            try:
+                types.append(pa.array([v]).type)
+            except _ARROW_ERRORS as e:
+                types.append(None)
+                alone[i] = str(e)
+        counts = Counter(t for t in types if t is not None)
+        usual = counts.most_common(1)[0][0] if counts else None
+        for i, why in alone.items():
+            if usual is not None:
+                try:
+                    pa.array([values[i]], type=usual)
+                except _ARROW_ERRORS as e:  # says what does not fit: "Expected bytes, got a 'int' object"
+                    why = str(e)
+            odd.setdefault(i, f"column {name!r} has a value of another type than in most rows"
+                              f"{f' ({usual})' if usual is not None else ''}: {why}")
+        if usual is None:
             continue
+        ref = values[types.index(usual)]
+        for i, t in enumerate(types):
+            if t is not None and t != usual and i not in odd and _arrow_problem([ref, values[i]]):
+                odd[i] = (f"column {name!r} has a value of another type than in most rows: {t} here, "
+                          f"{usual} in most rows")
+    if odd:
+        return odd
+    for name in failing:
+        values = columns[name]
         lo, hi = 0, len(values)  # values[:lo] builds, values[:hi] does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if builds(values[:mid]) else (lo, mid)
-        if first is None or hi - 1 < first[0]:
-            first = (hi - 1, name)
-    if first is None or first[0] >= len(where):
-        return None
-    return f"{where[first[0]]}: column {first[1]!r}"
+            lo, hi = (mid, hi) if _arrow_problem(values[:mid]) is None else (lo, mid)
+        if hi - 1 not in odd:
+            odd[hi - 1] = (f"column {name!r} has a value of another type than in the rows before it "
+                           f"({_arrow_problem(values[:hi])})")
+    return odd
 
 
-def _rows_to_dataset(rows: list[dict[str, Any]], source: str, where: list[str] | None = None) -> "datasets.Dataset":
+def _rows_to_dataset(rows: list[dict[str, Any]], source: str, where: list[str] | None = None,
+                     bad: list[dict[str, str]] | None = None) -> tuple["datasets.Dataset", list[str] | None]:
+    """The rows as a table, and ``where`` for the rows kept: a row whose values cannot share the table
+    with the others is named (``file line N: column 'c' …``), or, when collecting ``bad`` rows,
+    recorded there and dropped."""
     import datasets
     import pyarrow as pa
 
-    columns: dict[str, list[Any]] = {}
-    for r in rows:  # union of keys in first-seen order; a missing key is a null
-        for k in r:
-            columns.setdefault(k, [])
-    for k in columns:
-        columns[k] = [r.get(k) for r in rows]
-    try:
-        return datasets.Dataset.from_dict(columns)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
-        # name the row and column, not only the file: a big file is otherwise searched by hand
-        at = _first_conflict(columns, where) if where else None
-        if at:
-            raise DataError(f"{at} has a value of another type than in the rows before it ({e})") from None
-        raise DataError(f"{source}: cannot build a table: {e}") from None
+    while True:
+        columns: dict[str, list[Any]] = {}
+        for r in rows:  # union of keys in first-seen order; a missing key is a null
+            for k in r:
+                columns.setdefault(k, [])
+        for k in columns:
+            columns[k] = [r.get(k) for r in rows]
+        try:
+            return datasets.Dataset.from_dict(columns), where
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
+            # name the row and column, not only the file: a big file is otherwise searched by hand
+            odd = {i: why for i, why in _odd_rows(columns).items() if i < len(where)} if where else {}
+            if not odd:
+                raise DataError(f"{source}: cannot build a table: {e}") from None
+            if bad is None:
+                first = min(odd)
+                raise DataError(f"{where[first]}: {odd[first]}") from None
+            bad.extend({"location": where[i], "reason": odd[i]} for i in sorted(odd))
+            rows = [r for i, r in enumerate(rows) if i not in odd]
+            where = [w for i, w in enumerate(where) if i not in odd]
 
 
 def _read_parquet(path: Path) -> "datasets.Dataset":
@@ -317,7 +373,8 @@ def _load_local(path: Path, split: str, bad: list[dict[str, str]] | None = None)
         raise DataError(f"{path}: mixes parquet and JSON files")
     if all_rows:
         all_rows, where = _drop_mixed_types(all_rows, where, bad)
-        parts.append(_rows_to_dataset(all_rows, str(path), where))
+        table, where = _rows_to_dataset(all_rows, str(path), where, bad)
+        parts.append(table)
     if not parts:
         ds = datasets.Dataset.from_dict({})
     elif len(parts) == 1:
@@ -401,6 +458,31 @@ def row_location(ds: Any, index: int, source: str = "dataset") -> str:
     if where and 0 <= index < len(where):
         return where[index]
     return f"{source} row {index}"
+
+
+def first_rows(ds: Any, n: int) -> Any:
+    """The first ``n`` rows of ``ds`` (``ds.select``), still named by their file lines in :func:`row_location`."""
+    out = ds.select(range(n))
+    where = _LOCATIONS.get(getattr(ds, "_fingerprint", None) or "")
+    if where is not None:
+        _LOCATIONS[out._fingerprint] = where[:n]
+    return out
+
+
+def _location_key(location: str) -> tuple[Path, int] | None:
+    m = re.fullmatch(r"(.*) (?:line|row|item) (\d+)", location)
+    return (Path(m.group(1)), int(m.group(2))) if m else None
+
+
+def bad_rows_in_use(bad_rows: list[dict[str, str]], ds: Any, n_used: int, source: str = "dataset"
+                    ) -> list[dict[str, str]]:
+    """Of the rows `load_rows` skipped (its ``bad_rows``), those a run reading only the first ``n_used``
+    rows of ``ds`` passed over: the ones before its last used row (by file, then line), not ones in the
+    part of the file that is never used.  All of them when every row is used."""
+    if n_used >= len(ds):
+        return list(bad_rows)
+    last = _location_key(row_location(ds, n_used - 1, source)) if n_used > 0 else None
+    return [b for b in bad_rows if (k := _location_key(b["location"])) is None or (last is not None and k < last)]
 
 
 def require_columns(ds: Any, cols: Iterable[str | None], source: str) -> None:

@@ -23,19 +23,28 @@ def adapt_row(row: dict[str, Any], index: int, source: str, where: str | None = 
               ) -> tuple[list[dict[str, str]], str]:
     """One row -> (prompt messages, gold answer), by the columns it has. `where` names the row in
     errors (e.g. "set.jsonl line 3"; default "<source> row <index>")."""
-    from data_pipelines.loading import answer_problem
+    from data_pipelines.loading import answer_problem, prompt_problem, to_messages
 
     where = where or f"{source} row {index}"
     question = next((c for c in ("prompt", "question", "problem") if c in row), None)
     if question is not None and "answer" in row:
         # str(None) would be graded as the literal "None" (a missing key in a JSONL row reads as null)
-        col, problem = ((question, f"{question} is null") if row[question] is None
-                        else ("answer", answer_problem(row["answer"])))
+        value = row[question]
+        if value is None:
+            col, problem = question, f"{question} is null"
+        elif question == "prompt" or isinstance(value, str):
+            # as GRPO checks its prompts: an empty text, or messages that are no chat (unknown role, no
+            # content, no user turn) would be sent to the model and scored
+            col, problem = question, prompt_problem(value)
+        else:
+            col, problem = question, None
+        if not problem:
+            col, problem = "answer", answer_problem(row["answer"])
         if problem:
             raise UserError(f"{where}: {problem} (column {col!r})")
     if "prompt" in row and "answer" in row:
         prompt = row["prompt"]
-        return (prompt if isinstance(prompt, list) else _messages(str(prompt))), str(row["answer"])
+        return to_messages(prompt), str(row["answer"])
     if "question" in row and "answer" in row:  # GSM8K: the answer column is a worked solution
         m = _GSM8K_FINAL.search(str(row["answer"]))
         gold = m.group(1).replace(",", "") if m else str(row["answer"])

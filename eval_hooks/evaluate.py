@@ -37,9 +37,12 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
 
     from data_pipelines.shards import atomic_write_bytes
     from engines.vllm_engine import VLLMColocateEngine
+    from posttrain.fp8.training import check_checkpoint
     from posttrain.layout import weights_for_engine
     from posttrain.modeling import DeepseekV3ForCausalLMWithMTP
 
+    for path in checkpoints.values():  # a corrupt or foreign checkpoint in one line, not a vLLM traceback
+        check_checkpoint(path, DeepseekV3ForCausalLMWithMTP)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts, answers, groups = load_benchmark_with_groups(cfg.dataset_name, cfg.dataset_split, cfg.num_problems)
@@ -120,8 +123,10 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
             if groups is not None:
                 res["groups"] = groups  # what each problem asks: the report's intervals are over these
             atomic_write_bytes(out / f"{name}.json", (json.dumps(res, indent=2) + "\n").encode())  # whole or absent
-            sampled_note = (f", sampled pass@1 {res['sampled_pass1']['pass@1']:.3f} (k={cfg.sampled_pass1_k}, "
-                            f"T={cfg.sampled_temperature})" if "sampled_pass1" in res else "")
+            sampled_note = (f", pass@{cfg.k} {res[f'pass@{cfg.k}']:.3f}, maj@{cfg.k} {res[f'maj@{cfg.k}']:.3f} (T=1.0)"
+                            if cfg.k > 1 else "")
+            sampled_note += (f", sampled pass@1 {res['sampled_pass1']['pass@1']:.3f} (k={cfg.sampled_pass1_k}, "
+                             f"T={cfg.sampled_temperature})" if "sampled_pass1" in res else "")
             if "mtp_acceptance" in res:
                 measured = res["mtp_acceptance"]
                 sampled_note += f", MTP drafts accepted {measured['rate']:.3f} of {measured['drafts']}"

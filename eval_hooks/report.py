@@ -218,6 +218,10 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
                 diff = paired_difference(a, b)
             results[after][f"vs_{before}"] = diff
             comparisons.append((before, after, diff))
+    # pass@k / maj@k (eval stage `k` > 1): computed by the eval stage, reported here too
+    for name in names:
+        results[name].update({key: value for key, value in evaluated[name].items()
+                              if key.startswith(("pass@", "maj@")) and isinstance(value, (int, float))})
     # pass@1 as DeepSeek-R1 reports it (k samples per problem), where the eval stage measured it
     sampled = {name: _sampled(evaluated[name]) for name in names}
     sampled_comparisons: list[tuple[str, str, dict[str, Any]]] = []
@@ -268,6 +272,16 @@ def write_report(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         lines += ["", f"Paired differences on the same problems (95% interval {over}; the interval excludes 0 "
                   "when the change is not noise at that level).", ""]
         lines += _difference_table(comparisons, "only the later right", "only the earlier right")
+    sampled_keys = sorted({key for r in results.values() for key in r if key.startswith(("pass@", "maj@"))},
+                          key=lambda key: (key.split("@")[0] != "pass", int(key.split("@")[1])))
+    if sampled_keys:
+        k = sampled_keys[0].split("@")[1]
+        lines += ["", f"## Held-out {' and '.join(sampled_keys)} ({k} samples per problem at temperature 1.0, "
+                  "top-p 1.0; measured)", "", "| stage | " + " | ".join(sampled_keys) + " | problems |",
+                  "| --- | " + " | ".join("---" for _ in sampled_keys) + " | --- |"]
+        for name, r in results.items():
+            cells = " | ".join(f"{r[key]:.3f}" if key in r else "" for key in sampled_keys)
+            lines.append(f"| {name} | {cells} | {r['n']} |")
     clustered = " (clustered)" if n_groups else ""
     paired_note = f"Paired differences on the same problems and sampling seeds (95% interval {over})."
     with_sampled = [name for name in names if "sampled_pass1" in results[name]]

@@ -68,6 +68,8 @@ def last_complete_checkpoint(output_dir: str | Path, required_files: Sequence[st
 
 
 RUN_CONFIG_FILE = "run_config.json"
+# What a saved model leaves in a directory (the final output of sft, grpo, rm train; init-model; convert)
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json")
 # Settings a resumed run may change without changing what it trains: bookkeeping and where it stops.
 _RESUME_FREE = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "run_name", "report_to",
                 "disable_tqdm", "overwrite_output_dir", "dataloader_num_workers", "push_to_hub", "project"}
@@ -130,10 +132,17 @@ class DeepSeekLayoutCheckpoints:
 
         out = Path(self.args.output_dir)
         checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit())
-        if not checkpoints and not (out / "trainer_state.json").is_file():
+        # a model written there (another run's output, or the very model this run starts from) would be written over
+        model_files = [name for name in MODEL_FILES if (out / name).is_file()]
+        if not checkpoints and not (out / "trainer_state.json").is_file() and not model_files:
             return
         if not getattr(self.args, "overwrite_output_dir", False):
-            earlier = [p.name for p in checkpoints[:3]] or ["trainer_state.json"]
+            source = getattr(self.args, "model_name_or_path", None)
+            if source and Path(source).expanduser().resolve() == out.expanduser().resolve():
+                raise ConfigError(f"output_dir {out} is model_name_or_path: the run would write over the model it "
+                                  "starts from; choose another output_dir")
+            earlier = [p.name for p in checkpoints[:3]] or (["trainer_state.json"] if (out / "trainer_state.json").is_file()
+                                                            else model_files)
             raise ConfigError(f"output_dir {out} holds an earlier run ({', '.join(earlier)}{' …' if len(checkpoints) > 3 else ''}): "
                               "resume it with --resume_from_checkpoint true, choose another output_dir, or start "
                               "over with --overwrite_output_dir true")

@@ -623,3 +623,30 @@ def test_a_float_gold_in_scientific_notation_is_read_as_the_verifier_reads_it(tm
     stats = run_distill(_cfg(tmp_path / "o", dataset_name=str(path), num_generations=1, on_bad_row="skip"))
     assert stats["samples"]["kept"] == 1 and stats["samples"]["total"] == 1, stats["samples"]
     assert [r["answer"] for r in _rows(tmp_path / "o")] == ["0.00001"]
+
+
+def test_a_resume_with_another_teacher_dtype_or_engine_split_is_another_run():
+    """A killed hf distill resumed with --dtype bfloat16 mixed float32 and bfloat16 shards into one dataset, its
+    stats.json saying bfloat16 for all of it: the teacher's dtype, engine options and tensor-parallel split
+    change what it samples, so they are settings a resume must match."""
+    from data_pipelines.distill import DistillConfig
+
+    def fingerprint(backend: str, **kw) -> dict:
+        return DistillConfig(output_dir="o", backend=backend, model_name_or_path="m", **kw).run_fingerprint()
+
+    assert fingerprint("hf") != fingerprint("hf", dtype="bfloat16")
+    assert fingerprint("vllm") != fingerprint("vllm", dtype="bfloat16")
+    assert fingerprint("vllm") != fingerprint("vllm", tensor_parallel_size=2)
+    assert fingerprint("vllm") != fingerprint("vllm", vllm_kwargs={"quantization": "fp8"})
+    assert fingerprint("vllm") == fingerprint("vllm", max_model_len=4096)  # a bound, not how it samples
+
+
+def test_greedy_decoding_with_several_answers_per_prompt_is_warned_about():
+    from data_pipelines.distill import DistillConfig, greedy_copies_warning
+
+    def cfg(**kw):
+        return DistillConfig(output_dir="o", backend="hf", model_name_or_path="m", **kw)
+
+    assert "the same answer 4 times" in greedy_copies_warning(cfg(temperature=0.0, num_generations=4))
+    assert greedy_copies_warning(cfg(temperature=0.6, num_generations=4)) is None
+    assert greedy_copies_warning(cfg(temperature=0.0, num_generations=1)) is None

@@ -155,6 +155,20 @@ def test_eval_stage_writes_sampled_pass1_per_problem(tiny_model_dir, tmp_path):
     assert res["sft"]["accuracy"] == pytest.approx(0.5)  # greedy: the first answer of each problem
 
 
+def test_eval_prints_pass_at_k_and_maj_at_k_it_computed(tiny_model_dir, tmp_path, capsys):
+    """`eval --k 4` wrote pass@4 / maj@4 to its JSON, and its line said only the greedy accuracy."""
+    from eval_hooks.chain import EvalStage
+    from eval_hooks.evaluate import evaluate_checkpoints
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    right, wrong = r"\boxed{5}", r"\boxed{6}"
+    engine = ScriptedEngine(tok, [[right, wrong, right, right], [wrong, wrong, right, wrong]])
+    cfg = EvalStage(dataset_name=str(two_problems(tmp_path)), dataset_split="train", num_problems=2, max_tokens=8, k=2)
+    res = evaluate_checkpoints({"sft": str(tiny_model_dir)}, cfg, tmp_path / "eval", engine=engine)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[eval] sft: "))
+    assert f"pass@2 {res['sft']['pass@2']:.3f}, maj@2 {res['sft']['maj@2']:.3f} (T=1.0)" in line, line
+
+
 def test_eval_bar_ticks_once_per_part_of_each_checkpoint_and_names_it(tiny_model_dir, tmp_path, monkeypatch):
     """The eval stage runs for minutes (the demo's: about 2, silent before): on a terminal a bar advances once per
     part of each checkpoint (greedy, sampled pass@1, the MTP drafter) and says which one runs; off a terminal
@@ -489,3 +503,22 @@ def test_the_report_leaves_out_a_stage_the_recipe_no_longer_has(tmp_path, monkey
     assert chain.run_chain(path, str(out))["results"] == {}
     assert "0.500" not in (out / "report.md").read_text()
     assert json.loads((out / "manifest.json").read_text())["stages"]["eval"]["status"] == "done"  # kept there
+
+
+def test_prompts_that_are_no_chat_or_empty_are_refused_with_their_line(tmp_path):
+    """A prompt of unknown-role messages without content, or an empty one, was scored (GRPO refuses both)."""
+    for prompt, message in (([{"role": "bot", "text": "x"}], "prompt message 0 is not a"),
+                            ([{"role": "bot", "content": "x"}], "prompt message 0 has unknown role 'bot'"),
+                            ("  ", "prompt is empty"), ([], "prompt is an empty message list")):
+        with pytest.raises(UserError, match=rf"set row 2: {re.escape(message)}.*\(column 'prompt'\)"):
+            adapt_row({"prompt": prompt, "answer": "2"}, 2, "set")
+    with pytest.raises(UserError, match=r"set row 0: prompt is empty \(column 'problem'\)"):
+        adapt_row({"problem": "", "answer": "2"}, 0, "set")
+    f = tmp_path / "e.jsonl"
+    good = {"prompt": [{"role": "user", "content": "What is 1+1?"}], "answer": "2"}
+    f.write_text("".join(json.dumps(r) + "\n" for r in [good, good, {"prompt": [{"role": "bot", "text": "x"}],
+                                                                     "answer": "2"}]))
+    with pytest.raises(UserError, match=r"e\.jsonl line 3: prompt message 0 is not a"):
+        load_benchmark(str(f), "train")
+    # Arrow's null keys of the other rows' messages are not passed on to the chat template
+    assert load_benchmark(str(f), "train", limit=2)[0] == [good["prompt"]] * 2

@@ -179,3 +179,48 @@ def test_bytes_that_are_not_utf8_are_named_by_their_exact_line(tmp_path):
     assert load_rows(str(as_lines), bad_rows=bad)["prompt"] == ["a"] and bad[0]["location"].endswith("line 2")
     (tmp_path / "ok.json").write_text(json.dumps([{"prompt": "été"}], ensure_ascii=False), encoding="utf-8")
     assert load_rows(str(tmp_path / "ok.json"))["prompt"] == ["été"]
+
+
+def _chat(content, answer="a"):
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+
+
+def test_nested_type_clash_names_the_odd_row_even_when_it_is_the_first(tmp_path):
+    """Line 1 with an int `content` among string ones was reported as "line 2: … another type than in
+    the rows before it" (the first row that disagreed with the rows before it, not the odd one); with
+    `bad_rows` such a row raised instead of being skipped."""
+    rows = [_chat(5, 6)] + [_chat(f"q{i}") for i in range(5)]
+    p = _write_jsonl(tmp_path / "first.jsonl", rows)
+    with pytest.raises(DataError, match=r"first\.jsonl line 1: column 'messages' has a value of another type "
+                                        r"than in most rows: .*content: int64.* here, .*content: string.* in most"):
+        load_rows(str(p))
+    bad: list = []
+    ds = load_rows(str(p), bad_rows=bad)
+    assert [b["location"] for b in bad] == [f"{p} line 1"] and ds.num_rows == 5
+    assert row_location(ds, 0) == f"{p} line 2"
+
+    rows = [_chat(f"q{i}") for i in range(6)]  # an int and a str `content` inside one row, mid-file
+    rows[3] = {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}
+    p = _write_jsonl(tmp_path / "mid.jsonl", rows)
+    with pytest.raises(DataError, match=r"mid\.jsonl line 4: column 'messages' has a value of another type than in "
+                                        r"most rows \(.*content: string.*\): Expected bytes, got a 'int' object"):
+        load_rows(str(p))
+    bad = []
+    ds = load_rows(str(p), bad_rows=bad)
+    assert [b["location"] for b in bad] == [f"{p} line 4"] and ds.num_rows == 5
+    assert row_location(ds, 3) == f"{p} line 5"
+
+
+def test_first_rows_keep_their_lines_and_bad_rows_past_them_are_not_counted(tmp_path):
+    from data_pipelines.loading import bad_rows_in_use, first_rows
+
+    p = tmp_path / "d.jsonl"
+    lines = [json.dumps({"prompt": f"q{i}"}) for i in range(6)]
+    lines[1] = lines[4] = "{oops"
+    p.write_text("\n".join(lines) + "\n")
+    bad: list = []
+    ds = load_rows(str(p), bad_rows=bad)
+    head = first_rows(ds, 2)  # lines 1 and 3
+    assert head["prompt"] == ["q0", "q2"] and row_location(head, 1) == f"{p} line 3"
+    assert [b["location"] for b in bad_rows_in_use(bad, ds, 2)] == [f"{p} line 2"]
+    assert bad_rows_in_use(bad, ds, 4) == bad

@@ -105,6 +105,23 @@ def test_grouped_interval_counts_facts_not_wordings():
     assert clu == pytest.approx(ind, abs=0.03)
 
 
+def test_report_prints_pass_at_k_and_maj_at_k_the_eval_stage_computed(tmp_path, capsys):
+    """With `stages.eval.k: 2` the eval files held pass@2 and maj@2, and neither report.md nor results.json did."""
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    for name, (acc, p2, m2) in {"sft": (0.3, 0.45, 0.35), "grpo": (0.4, 0.5, 0.4)}.items():
+        (out / "eval" / f"{name}.json").write_text(json.dumps({"accuracy": acc, "n": 20, "pass@2": p2, "maj@2": m2}))
+    manifest = {"name": "t", "recipe": "r.yaml", "stages": {"eval": {"status": "done", "metrics": {
+        name: {"accuracy": acc, "n": 20} for name, acc in (("sft", 0.3), ("grpo", 0.4))}}}}
+    write_report(out, manifest)
+    printed = capsys.readouterr().out
+    assert "## Held-out pass@2 and maj@2 (2 samples per problem at temperature 1.0, top-p 1.0; measured)" in printed
+    assert "| sft | 0.450 | 0.350 | 20 |" in printed and "| grpo | 0.500 | 0.400 | 20 |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["grpo"]["pass@2"] == 0.5 and results["sft"]["maj@2"] == 0.35
+    assert "maj@2" in (out / "report.md").read_text()
+
+
 def test_report_prints_sampled_pass1_and_clustered_intervals_when_the_eval_names_groups(tmp_path, capsys):
     """With `sampled_pass1_k`, the eval writes each problem's fraction of correct samples, and for the
     built-in task each problem's fact: the report prints DeepSeek-R1's pass@1 per stage and GRPO − SFT,

@@ -109,5 +109,7 @@ def test_sft_killed_and_restarted_logs_the_uninterrupted_losses(tmp_path, tiny_m
     cuda = torch.cuda.is_available()  # what the cli.py runs saw: they inherit this environment
     for s in range(9, 13):
         assert resumed[s] == same_loss(uninterrupted[s], cuda), (s, resumed, uninterrupted)
+    # the logged token count goes on from the checkpoint's (it restarted at 0: 3282 against 4985 at step 3)
+    assert _log(killed, "num_tokens") == _log(full, "num_tokens")
     _run(args(killed, "--resume_from_checkpoint", "true"))  # at max_steps: nothing more
     assert sorted(_log(killed)) == list(range(1, 13))

@@ -69,6 +69,13 @@ def test_sft_two_processes_match_one(tmp_path, tiny_model_dir, sft_data):
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=2e-3), (step, one, two)
+    # SFT's own metrics are over all ranks, as Trainer's loss is: the main-head loss and the token count
+    # were rank 0's alone (num_tokens about half the 1-process run's)
+    for key, rel in (("lm_loss", 2e-3), ("num_tokens", 0)):
+        one, two = _losses(tmp_path / "one", key), _losses(tmp_path / "two", key)
+        assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=rel), (key, step, one, two)
 
 
 def test_grpo_two_processes_match_one(tmp_path, tiny_model_dir):

@@ -756,6 +756,27 @@ def test_a_fresh_start_over_an_earlier_run_is_refused_unless_overwritten(tiny_mo
     assert not (out / "checkpoint-7").exists() and (out / "model.safetensors").exists()
 
 
+def test_an_output_dir_that_holds_a_model_is_not_written_over(tiny_model_dir, distill_dir, tmp_path):
+    """`--output_dir` = `--model_name_or_path` finished with "done" and the input model's weights replaced;
+    a directory holding another model was written over the same way. Both are refused, nothing touched."""
+    import hashlib
+
+    from posttrain.errors import ConfigError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(ConfigError, match=r"is model_name_or_path: the run would write over the model it starts from"):
+        run_sft(_cfg(model, distill_dir, model, max_steps=1))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    with pytest.raises(ConfigError, match=r"output_dir \S+ holds an earlier run \(config\.json, model\.safetensors"):
+        run_sft(_cfg(model, distill_dir, other, max_steps=1))
+    for d in (model, other):
+        assert hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() == digest
+        assert not (d / "trainer_state.json").exists()
+
+
 def test_gradient_accumulation_is_token_weighted(tiny_model_dir, distill_dir, tmp_path):
     """bs 2 × 1 micro-batch and bs 1 × 2 micro-batches take the same (SGD: scale-sensitive) step."""
     states = []
@@ -926,6 +947,15 @@ def test_recipes_parse_with_report_defaults():
     (["--attn_implementation", "flash_attention2"], "did you mean flash_attention_2"),
     (["--lr_scheduler_kwargs", "min_lr=1"], "'lr_scheduler_kwargs' expects a mapping"),
     (["--max_length", "none"], "'max_length' expects int, got 'none'"),
+    # trained nothing (or one step for 0), wrote the input model back and said "done"
+    (["--max_steps", "0"], "max_steps must be an integer >= 1, or -1 to train for num_train_epochs, got 0"),
+    (["--max_steps", "-5"], "max_steps must be an integer >= 1, or -1 to train for num_train_epochs, got -5"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs must be > 0 when max_steps is -1, got 0"),
+    # a TypeError / ValueError from the schedule once the model was loaded
+    (["--lr_scheduler_kwargs", '{"min_lrr": 0.1}'], "unexpected keyword argument 'min_lrr'"),
+    (["--lr_scheduler_kwargs", "{}"], "One of min_lr or min_lr_rate should be set"),
+    # said "the dataset is empty" of a file with rows
+    (["--max_train_samples", "0"], "max_train_samples must be an integer >= 1 (or unset for every row), got 0"),
 ])
 def test_config_rejects_what_would_fail_only_in_the_run(argv, message, tmp_path):
     """Each used to be accepted and to fail after the model was loaded (ZeroDivisionError, peft's rank
@@ -947,3 +977,36 @@ def test_config_accepts_every_kernel_transformers_and_this_package_offer(tmp_pat
 
     entry = describe_fields(SFTRecipeConfig).split("--max_length ")[1].split("\n  --")[0]
     assert "no truncation" not in entry and "not None" in entry  # the help says what the check enforces
+
+
+def test_on_bad_row_skip_drops_rows_the_loader_cannot_read_and_counts_them(tmp_path, tiny_model_dir, tokenizer):
+    """`on_bad_row: skip` stopped at an invalid-JSON line, a string `messages` and a number `content`
+    (load_rows was called without bad_rows); they are now skipped and counted with the other bad rows."""
+    from posttrain.sft.run import build_train_dataset
+
+    good = sft_rows(8)
+    lines = [json.dumps(r) for r in good]
+    lines[2] = '{"messages": [ {"role":"user"'  # line 3: invalid JSON
+    lines[4] = json.dumps({"messages": "hello"})  # line 5: a string among lists
+    lines[5] = json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]})
+    lines[6] = json.dumps({"messages": [{"role": "user", "content": "q"}]})  # line 7: no assistant turn
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = _cfg(tiny_model_dir, path, tmp_path / "o", on_bad_row="skip", packing=False)
+    _, info = build_train_dataset(cfg, tokenizer)
+    assert (info["rows"], info["bad_rows"], info["kept"]) == (8, 4, 4)
+    assert sorted(int(b["location"].rsplit(" ", 1)[1]) for b in info["bad_examples"]) == [3, 5, 6, 7]
+    assert all(b["location"].startswith(f"{path} line ") for b in info["bad_examples"])
+    # max_train_samples: rows past the ones used (lines 1, 2, 4) are not read, so not counted
+    _, info = build_train_dataset(_cfg(tiny_model_dir, path, tmp_path / "o", on_bad_row="skip",
+                                       max_train_samples=3), tokenizer)
+    assert (info["rows"], info["bad_rows"], info["kept"]) == (4, 1, 3)
+    with pytest.raises(DataError, match=r"bad\.jsonl line 3: invalid JSON"):  # error (the default) still stops
+        build_train_dataset(_cfg(tiny_model_dir, path, tmp_path / "o"), tokenizer)
+    all_bad = tmp_path / "all_bad.jsonl"
+    all_bad.write_text('{"messages": [\n{oops\n')
+    with pytest.raises(DataError, match=r"no trainable sample left of 2 rows \(2 bad; the first, .*all_bad\.jsonl "
+                                        r"line 1: invalid JSON"):
+        build_train_dataset(_cfg(tiny_model_dir, all_bad, tmp_path / "o", on_bad_row="skip"), tokenizer)
+
+

@@ -250,6 +250,9 @@ class SFTRecipeConfig(RunDirFields, V3TrainingFields, SFTConfig):
             raise ConfigError(f"truncation must be 'drop' or 'truncate', got {self.truncation!r}")
         if self.on_bad_row not in ("error", "skip"):
             raise ConfigError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        n = self.max_train_samples  # 0 said "the dataset is empty" of a file with rows
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"max_train_samples must be an integer >= 1 (or unset for every row), got {n!r}")
         if self.lm_loss_backend not in LM_LOSS_BACKENDS:
             raise ConfigError(f"lm_loss_backend must be one of {', '.join(LM_LOSS_BACKENDS)}, got {self.lm_loss_backend!r}")
         from ..fp8.training import check_fp8_fields

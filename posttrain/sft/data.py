@@ -187,9 +187,12 @@ def tokenize_dataset(
     assistant_only_loss: bool = True,
     completion_only_loss: bool | None = None,
     source: str = "dataset",
+    skipped_rows: list[dict[str, str]] | None = None,
 ):
     """Rows → a `datasets.Dataset` with `input_ids` and `labels`, and the `DataStats`.
 
+    `skipped_rows`: the rows the loader already dropped as unreadable (`load_rows(..., bad_rows=...)` with
+    `on_bad_row='skip'`: invalid JSON, a value of another type), counted and reported as bad rows too.
     Raises `DataError` for an empty dataset, an unknown format, a bad row (with `on_bad_row='error'`),
     or when no sample is left.
     """
@@ -199,10 +202,15 @@ def tokenize_dataset(
 
     if truncation not in ("drop", "truncate"):
         raise DataError(f"truncation must be 'drop' or 'truncate', got {truncation!r}")
+    skipped_rows = list(skipped_rows or [])
     if ds is None or len(ds) == 0:
+        if skipped_rows:  # every row was unreadable
+            raise DataError(f"{source}: no trainable sample left of {len(skipped_rows)} rows ({len(skipped_rows)} bad; "
+                            f"the first, {skipped_rows[0]['location']}: {skipped_rows[0]['reason']})")
         raise DataError(f"{source}: the dataset is empty")
     fmt = detect_format(list(ds.column_names))
-    stats = DataStats(format=fmt, rows=len(ds))
+    stats = DataStats(format=fmt, rows=len(ds) + len(skipped_rows), bad_rows=len(skipped_rows),
+                      bad_examples=skipped_rows[:MAX_REPORTED_BAD_ROWS])
     sample_tok = SampleTokenizer(tokenizer, assistant_only_loss, completion_only_loss)
     columns = ["messages"] if fmt == "messages" else ["prompt", "completion"]
     all_ids: list[list[int]] = []

@@ -29,22 +29,26 @@ def load_model(cfg: SFTRecipeConfig) -> DeepseekV3ForCausalLMWithMTP:
 
 
 def load_tokenizer(cfg: SFTRecipeConfig):
-    from transformers import AutoTokenizer
+    from ..tokenizer import load_checkpoint_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # pad tokens are never targets and sit in their own segment
-    return tok
+    return load_checkpoint_tokenizer(cfg.model_name_or_path)  # pad tokens are never targets, in their own segment
 
 
 def build_train_dataset(cfg: SFTRecipeConfig, tokenizer, split: str | None = None):
     """Rows (load_rows) → tokenized samples → BFD-packed rows. Returns (dataset, data stats dict)."""
-    from data_pipelines.loading import load_rows
+    from data_pipelines.loading import bad_rows_in_use, first_rows, load_rows
 
     split = split or cfg.dataset_train_split
-    rows = load_rows(cfg.dataset_name, split, dataset_config=cfg.dataset_config)
+    source = f"{cfg.dataset_name} ({split})"
+    # with on_bad_row: skip, rows the loader cannot read (invalid JSON, a value of another type) are
+    # dropped and counted like the rows tokenize_dataset finds malformed
+    bad: list[dict[str, str]] = []
+    rows = load_rows(cfg.dataset_name, split, dataset_config=cfg.dataset_config,
+                     bad_rows=bad if cfg.on_bad_row == "skip" else None)
     if cfg.max_train_samples is not None and split == cfg.dataset_train_split:
-        rows = rows.select(range(min(cfg.max_train_samples, len(rows))))
+        n_used = min(cfg.max_train_samples, len(rows))
+        bad = bad_rows_in_use(bad, rows, n_used, source)  # not those past the rows used
+        rows = first_rows(rows, n_used)  # its bad rows still named by file line
     samples, stats = tokenize_dataset(
         rows,
         tokenizer,
@@ -53,7 +57,8 @@ def build_train_dataset(cfg: SFTRecipeConfig, tokenizer, split: str | None = Non
         on_bad_row=cfg.on_bad_row,
         assistant_only_loss=cfg.assistant_only_loss,
         completion_only_loss=cfg.completion_only_loss,
-        source=f"{cfg.dataset_name} ({split})",
+        source=source,
+        skipped_rows=bad,
     )
     info = stats.as_dict()
     if cfg.packing:
@@ -74,6 +79,9 @@ def _check(cfg: SFTRecipeConfig) -> None:
         raise ConfigError("dataset_name is required (a distill output directory, a .jsonl/.parquet file or a Hub id)")
     if not cfg.output_dir:
         raise ConfigError("output_dir is required")
+    from ..trainer_args import check_reporting_installed
+
+    check_reporting_installed(cfg)
 
 
 def build_trainer(cfg: SFTRecipeConfig) -> DeepseekV3SFTTrainer:

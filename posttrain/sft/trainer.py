@@ -15,6 +15,7 @@ private `_load_from_checkpoint` (transformers 5.19; see there why).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections import defaultdict
@@ -31,6 +32,9 @@ from ..modeling import sample_ids_from_positions, unwrap_model
 from .config import SFTRecipeConfig
 
 log = logging.getLogger(__name__)
+
+# The run's token count as of a checkpoint (the logged `num_tokens`), beside the balancer's state
+TOKENS_STATE_FILE = "sft_progress.json"
 
 class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
     """transformers `Trainer` for DeepSeek-V3 SFT with MTP and routing balance.
@@ -55,8 +59,9 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
         self.loss_is_scaled_for_ga = True
         self.balancer = balancer
         self._metrics: dict[str, list[torch.Tensor | float]] = defaultdict(list)
-        self._tokens_since_log = 0
-        self._total_tokens = 0
+        self._tokens_since_log = 0  # this rank's, since the last log
+        self._total_tokens = 0  # all ranks', up to the last log (restored on resume)
+        self._tokens_at_save = 0
         self._last_log_time: float | None = None
         if balancer is not None:
             cb = BalancingCallback(balancer, expert_load_plot)
@@ -138,25 +143,35 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
             if n_tokens is None:
                 n_tokens = int(inputs["input_ids"].numel())
             self._tokens_since_log += int(n_tokens)
-            self._total_tokens += int(n_tokens)
             if self._last_log_time is None:
                 self._last_log_time = time.perf_counter()
         return (loss, out) if return_outputs else loss
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Every rank calls it (Trainer does). The metrics are means over every rank's micro-batches and the
+        token counts sums over the ranks, as Trainer's `loss` and TRL's metrics are: one all-reduce per log."""
         is_eval = any(k.startswith("eval_") for k in logs)
-        metrics = {}
-        for key, values in list(self._metrics.items()):
-            if is_eval != key.startswith("eval_") or not values:
-                continue
-            vals = [float(v) for v in values]  # one device sync per log, not per micro-batch
-            metrics[key] = sum(vals) / len(vals)
-            self._metrics[key] = []
-        if "loss" in logs and not is_eval:
+        keys = sorted(k for k, v in self._metrics.items() if is_eval == k.startswith("eval_") and v)
+        train_log = "loss" in logs and not is_eval
+        device = self.accelerator.device
+        # [sum of each metric, count of each metric, tokens since the last log]
+        stats = torch.zeros(2 * len(keys) + 1, dtype=torch.float64, device=device)
+        for i, k in enumerate(keys):
+            stats[i] = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in self._metrics[k]]).sum()
+            stats[len(keys) + i] = len(self._metrics[k])
+            self._metrics[k] = []
+        stats[-1] = self._tokens_since_log
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, "sum")
+        values = stats.tolist()  # one device sync per log, not per micro-batch
+        metrics = {k: values[i] / values[len(keys) + i] for i, k in enumerate(keys)}
+        if train_log:
             now = time.perf_counter()
+            tokens_since_log = int(values[-1])
             if self._last_log_time is not None and now > self._last_log_time:
-                metrics["train/tokens_per_second"] = self._tokens_since_log / (now - self._last_log_time)
+                metrics["train/tokens_per_second"] = tokens_since_log / (now - self._last_log_time)
+            self._total_tokens += tokens_since_log
             metrics["num_tokens"] = float(self._total_tokens)
             self._tokens_since_log = 0
             self._last_log_time = now
@@ -167,13 +182,29 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
     def checkpoint_state_files(self) -> list[str]:
         return [BALANCER_STATE_FILE] if self.balancer is not None else []
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # every rank: the run's token count as of this step, all ranks' tokens since the last log included
+        pending = torch.tensor([float(self._tokens_since_log)], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            pending = self.accelerator.reduce(pending, "sum")
+        self._tokens_at_save = self._total_tokens + int(pending.item())
+        super()._save_checkpoint(model, trial)
+
     def save_checkpoint_state(self, checkpoint_dir: Path) -> None:
         if self.balancer is not None:
             self.balancer.save(checkpoint_dir)
+        from data_pipelines.shards import atomic_write_bytes
+
+        # not one of checkpoint_state_files: a checkpoint without it (older) resumes, counting tokens from 0
+        atomic_write_bytes(checkpoint_dir / TOKENS_STATE_FILE, json.dumps({"num_tokens": self._tokens_at_save}).encode())
 
     def load_checkpoint_state(self, checkpoint_dir: Path) -> None:
         if self.balancer is not None and not self.balancer.load(checkpoint_dir):
             log.warning("%s has no balancer state; expert-load history restarts", checkpoint_dir)
+        try:  # the logged num_tokens goes on from the checkpoint's count instead of restarting at 0
+            self._total_tokens = int(json.loads((checkpoint_dir / TOKENS_STATE_FILE).read_text())["num_tokens"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.info("%s has no token count (%s); num_tokens counts from 0", checkpoint_dir, TOKENS_STATE_FILE)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         self._last_log_time = None
