@@ -103,6 +103,17 @@ def resolved_dtype(model: str, dtype: str) -> str:
     return dtype
 
 
+def _fp8_engine_dtype(model: str, dtype: str | None) -> str | None:
+    """The dtype of an engine serving the block-FP8 checkpoint `model` in FP8: `dtype` if it is half precision
+    (`auto` where the checkpoint's own is), else bfloat16 -- vLLM runs FP8 layers in bf16/fp16 only."""
+    wanted = dtype if dtype is not None else ("float32" if on_cpu() else "auto")
+    if str(resolved_dtype(model, wanted)).removeprefix("torch.") in _HALF_DTYPES:
+        return dtype
+    log.warning("%s is an FP8 checkpoint: vLLM serves FP8 in bf16/fp16 only, engine dtype %s -> bfloat16",
+                model, resolved_dtype(model, wanted))
+    return "bfloat16"
+
+
 CPU_WORKER = "engines.vllm_worker.CPUWorker"
 WEIGHT_SYNC_CPU_WORKER = "engines.vllm_worker.WeightSyncCPUWorker"
 GPU_WORKER = "engines.vllm_worker.GPUWorker"
@@ -118,9 +129,13 @@ def engine_kwargs(model: str, *, weight_sync: bool = False, dequantize_fp8: bool
     platform: a sync hands vLLM a generator). `dequantize_fp8`: None decides by itself (a block-FP8
     checkpoint is served dequantized where vLLM has no FP8 kernel, `fp8_fallback_reason`); a reason
     string or True serves the dequantized view; False serves the checkpoint as stored. The dequantized
-    view logs one warning with the reason."""
+    view logs one warning with the reason. A block-FP8 checkpoint served in FP8 runs in bf16/fp16 only
+    (vLLM: "torch.float32 is not supported for quantization method fp8"): any other `dtype`, the CPU
+    default float32 included, becomes bfloat16 (logged)."""
     if dequantize_fp8 is None:
         dequantize_fp8 = fp8_fallback_reason(model) or False
+    if not dequantize_fp8 and fp8_checkpoint_config(model) is not None:
+        kwargs["dtype"] = _fp8_engine_dtype(model, kwargs.get("dtype"))
     kwargs = vllm_engine_kwargs(model, weight_sync=weight_sync, **kwargs)
     in_process = weight_sync or on_cpu()
     if dequantize_fp8:
@@ -476,11 +491,7 @@ class VLLMColocateEngine:
         fp8 = fp8_block_and_scale_format(model_dir)
         fp8_problem = fp8_kernel_problem() if fp8 is not None else None  # why it is served dequantized, if it is
         if fp8 is not None and fp8_problem is None:
-            self.fp8_block, self.fp8_scale_fmt = fp8
-            if dtype not in _HALF_DTYPES:
-                log.warning("%s is an FP8 checkpoint: vLLM serves FP8 in bf16/fp16 only, engine dtype %s -> bfloat16",
-                            model_dir, dtype)
-                dtype = "bfloat16"
+            self.fp8_block, self.fp8_scale_fmt = fp8  # its float32 dtype becomes bfloat16 in engine_kwargs
         if self.speculative_tokens:
             problem = _spec_tokens_problem(model_dir, fp8_served=self.fp8_block is not None)
             if problem:

@@ -400,3 +400,37 @@ def test_vllm_colocate_engine_warns_once_when_max_model_len_caps_the_completions
     message = record.getMessage()
     for part in ("prompt 1 has 60 tokens", "max_tokens=20", "max_model_len (64)", "after 4 tokens", "1 of 2 prompts"):
         assert part in message, message
+
+
+def test_engine_kwargs_run_a_block_fp8_checkpoint_served_in_fp8_in_bfloat16(tmp_path, monkeypatch, caplog):
+    """vLLM runs FP8 layers in bf16/fp16 only; only the colocated engine promoted its float32, so `make_llm` (smoke
+    checks, the vLLM teacher) failed on an FP8 checkpoint with "torch.float32 is not supported for quantization
+    method fp8". The promotion is in `engine_kwargs`, which every engine goes through."""
+    import json
+    import logging
+
+    from engines import vllm_engine as V
+
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):  # engine_kwargs readies the process
+        monkeypatch.delenv(name, raising=False)
+    fp8, plain, half = tmp_path / "fp8", tmp_path / "fp32", tmp_path / "fp8-bf16"
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    for d, config in ((fp8, {"dtype": "float32", "quantization_config": qc}), (plain, {"dtype": "float32"}),
+                      (half, {"torch_dtype": "bfloat16", "quantization_config": qc})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+
+    def dtype(model, **kwargs):
+        return V.engine_kwargs(str(model), **kwargs)["dtype"]
+
+    with caplog.at_level(logging.WARNING, logger="engines.vllm_engine"):
+        assert dtype(fp8, dequantize_fp8=False) == "bfloat16"  # the default: float32 on CPU, the checkpoint's on GPU
+        assert dtype(fp8, dequantize_fp8=False, dtype="float32") == "bfloat16"
+        assert dtype(fp8, dequantize_fp8=False, dtype="auto") == "bfloat16"
+    assert "engine dtype float32 -> bfloat16" in caplog.records[0].getMessage()
+    assert dtype(fp8, dequantize_fp8=False, dtype="float16") == "float16"
+    assert dtype(half, dequantize_fp8=False, dtype="auto") == "auto"
+    assert dtype(plain, dequantize_fp8=False, dtype="float32") == "float32"
+    # the dequantized view runs in any dtype
+    monkeypatch.setattr(V, "_dequantized_fp8_kwargs", lambda kwargs: kwargs)
+    assert dtype(fp8, dequantize_fp8="no FP8 kernel", dtype="float32") == "float32"

@@ -10,7 +10,13 @@ import torch
 from safetensors import safe_open
 
 from posttrain.errors import UserError
-from posttrain.fp8.convert import convert_bf16_to_fp8, convert_fp8_to_bf16, main, vllm_block_shape_problems
+from posttrain.fp8.convert import (
+    INCOMPLETE_MARKER,
+    convert_bf16_to_fp8,
+    convert_fp8_to_bf16,
+    main,
+    vllm_block_shape_problems,
+)
 from posttrain.fp8.layout import INDEX_FILE, fp8_quantization_config, is_fp8_weight_name
 from posttrain.fp8.quant import FP8_DTYPE, dequantize_blockwise, e4m3_error_bound, expand_scale
 from posttrain.fp8.synthetic import write_synthetic_checkpoint
@@ -140,6 +146,94 @@ def test_convert_input_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     (bf / "config.json").write_text("{bad")
     with pytest.raises(UserError, match=r"config\.json: not a valid JSON file"):
         convert_bf16_to_fp8(bf, dst, progress=False)
+    assert not dst.exists()
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_convert_refuses_a_destination_with_other_content_and_nested_directories(tmp_path, capsys):
+    """A finished SFT run given as DST had its model.safetensors and config.json replaced while trainer_state.json
+    and checkpoint-2 stayed: a mixed, corrupt directory. Now refused, one line, before anything is written."""
+    bf = write_synthetic_checkpoint(tmp_path / "bf16", fp8=False, shard_bytes=300_000)
+    fp8 = write_synthetic_checkpoint(tmp_path / "fp8", fp8=True, shard_bytes=300_000)
+    run = tmp_path / "sft-run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{}\n")
+    (run / "trainer_state.json").write_text('{"global_step": 2}\n')
+    (run / "model.safetensors").write_bytes(b"weights")
+    (run / "config.json").write_text('{"dtype": "float32"}\n')
+    before = _snapshot(run)
+    prefix = "dsv3-posttrain convert: error: "
+    for direction, src in (("bf16-to-fp8", bf), ("fp8-to-bf16", fp8)):
+        assert _cli_error(["convert", direction, str(src), str(run)], capsys) == (
+            f"{prefix}dst: {run} already exists and is not empty (holds checkpoint-2 and 3 more); "
+            "choose a new or empty directory, or remove it first")
+        assert _snapshot(run) == before
+    # inside the source: it would become part of the input checkpoint; the source inside the destination
+    assert _cli_error(["convert", "bf16-to-fp8", str(bf), str(bf / "fp8")], capsys) == (
+        f"{prefix}dst: {bf / 'fp8'} is inside the source checkpoint {bf}; choose a directory outside it")
+    assert not (bf / "fp8").exists()
+    assert _cli_error(["convert", "bf16-to-fp8", str(bf), str(tmp_path)], capsys) == (
+        f"{prefix}dst: {tmp_path} contains the source checkpoint {bf}; choose a directory outside it")
+    # a new or an empty directory is fine
+    (tmp_path / "empty").mkdir()
+    convert_bf16_to_fp8(bf, tmp_path / "empty", progress=False)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(p.name for p in bf.iterdir())
+
+
+def test_an_interrupted_conversion_reruns_into_its_own_destination(tmp_path, monkeypatch, capsys):
+    """The converter marks its destination unfinished until config.json is written: a killed conversion can be
+    rerun into the same directory; a finished one, or another conversion's leftovers, are refused."""
+    import posttrain.fp8.convert as conv
+
+    src = write_synthetic_checkpoint(tmp_path / "fp8", fp8=True, shard_bytes=300_000)
+    assert len(set(json.loads((src / INDEX_FILE).read_text())["weight_map"].values())) > 2
+    dst, fresh = tmp_path / "bf16", tmp_path / "bf16-fresh"
+    real_save, calls = conv.save_file, []
+
+    def killed_after_one_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "save_file", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert_fp8_to_bf16(src, dst, progress=False)
+    monkeypatch.setattr(conv, "save_file", real_save)
+    assert sorted(p.name for p in dst.iterdir()) == sorted([INCOMPLETE_MARKER, Path(calls[0]).name])
+    # the other direction, or another source, may not take the unfinished directory over
+    other = write_synthetic_checkpoint(tmp_path / "other", fp8=True, shard_bytes=300_000, seed=1)
+    prefix = "dsv3-posttrain convert: error: "
+    assert _cli_error(["convert", "fp8-to-bf16", str(other), str(dst)], capsys).startswith(
+        f"{prefix}dst: {dst} holds an unfinished conversion of another source or direction (fp8-to-bf16 of {src}")
+
+    convert_fp8_to_bf16(src, dst, progress=False)  # the rerun
+    convert_fp8_to_bf16(src, fresh, progress=False)
+    assert _snapshot(dst) == _snapshot(fresh) and not (dst / INCOMPLETE_MARKER).exists()
+    # finished: a second run into it is refused like any other non-empty directory
+    assert _cli_error(["convert", "fp8-to-bf16", str(src), str(dst)], capsys).startswith(
+        f"{prefix}dst: {dst} already exists and is not empty")
+    # an unfinished directory that also holds something the conversion did not write
+    (fresh / INCOMPLETE_MARKER).write_text(json.dumps({"src": str(src.resolve()), "direction": "fp8-to-bf16"}))
+    (fresh / "notes.txt").write_text("mine\n")
+    assert _cli_error(["convert", "fp8-to-bf16", str(src), str(fresh)], capsys) == (
+        f"{prefix}dst: {fresh} holds an unfinished conversion and also notes.txt, which the conversion did not "
+        "write; choose a new or empty directory, or remove it first")
+    # an unfinished conversion is no source
+    assert _cli_error(["convert", "bf16-to-fp8", str(fresh), str(tmp_path / "x")], capsys).startswith(
+        f"{prefix}src: {fresh} is an unfinished conversion")
+    assert (fresh / "notes.txt").read_text() == "mine\n" and not (tmp_path / "x").exists()
+
+
+def test_fp8_to_bf16_refuses_a_checkpoint_without_fp8_weights(tiny_model_dir, tmp_path, capsys):
+    """The tiny float32 model "converted" fine and came out with config dtype bfloat16 over float32 tensors."""
+    dst = tmp_path / "bf16"
+    assert _cli_error(["convert", "fp8-to-bf16", str(tiny_model_dir), str(dst)], capsys) == (
+        f"dsv3-posttrain convert: error: {tiny_model_dir}: not an FP8 checkpoint (no float8_e4m3fn weights, "
+        "no quantization_config), nothing to dequantize")
     assert not dst.exists()
 
 

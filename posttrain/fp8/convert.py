@@ -10,7 +10,19 @@ for this) is read from that shard alone.
 The output is a complete checkpoint: same shard file names, a rewritten
 ``model.safetensors.index.json``, ``config.json`` with ``quantization_config`` dropped
 (fp8 -> bf16) or added (bf16 -> fp8), and the tokenizer / generation config / other
-top-level files copied, so transformers and vLLM load it without hand edits.
+top-level files copied, so it loads without hand edits: a bf16 result in transformers, vLLM and
+this project's loaders; an FP8 result in this project's loaders (``posttrain.fp8.training.
+load_pretrained``, ``engines.vllm_engine``) and in vLLM where it has block-FP8 kernels (GPU, AMX
+CPU), but not in transformers' own FP8 dequantizer, which fails on a dimension that is not a
+multiple of 128 (``kv_a_proj_with_mqa`` has 576 rows).
+
+The destination must be a new or empty directory: anything else (a training run, another
+checkpoint) is refused before anything is written, as is a destination inside the source or
+the source inside the destination. While it runs the converter keeps a marker file
+(``INCOMPLETE_MARKER``, naming the source and direction) in the destination and removes it
+last, so an interrupted conversion can be rerun into the same directory: a destination with
+the marker of the same source and direction, holding only files this conversion writes, is
+written over. Nothing is skipped on a rerun (every shard is converted again).
 
 CLI: ``python -m posttrain.fp8.convert fp8-to-bf16 SRC DST`` or
 ``python -m posttrain.fp8.convert bf16-to-fp8 SRC DST [--scale-fmt ue8m0]``.
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import time
@@ -50,12 +63,17 @@ from .layout import (
 )
 from .quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise, scale_grid_shape
 
-__all__ = ["ConversionStats", "convert_fp8_to_bf16", "convert_bf16_to_fp8", "vllm_block_shape_problems", "main"]
+__all__ = ["ConversionStats", "INCOMPLETE_MARKER", "convert_fp8_to_bf16", "convert_bf16_to_fp8",
+           "vllm_block_shape_problems", "main"]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+# In the destination from before the first shard is written until after config.json is: its presence
+# means "an unfinished conversion of {"src": ..., "direction": ...}" (JSON).
+INCOMPLETE_MARKER = ".dsv3-posttrain-convert-incomplete"
 
 
 @dataclass
@@ -208,15 +226,68 @@ class _ScaleLookup:
         self._handles.clear()
 
 
-def _open_source(src: Path, dst: Path) -> tuple[dict, ShardedLayout]:
+def _read_marker(d: Path) -> dict | None:
+    """The marker of an unfinished conversion in ``d`` ({} if unreadable), None if there is none."""
+    marker = d / INCOMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_destination(src: Path, dst: Path, layout: ShardedLayout, direction: str) -> None:
+    """Refuse a destination that holds anything but this conversion's own unfinished output."""
+    if not dst.exists():
+        return
+    try:
+        names = sorted(p.name for p in dst.iterdir())
+    except OSError as e:
+        raise UserError(f"dst: cannot list {dst} ({e.strerror or e})") from None
+    if not names:
+        return
+    advice = "choose a new or empty directory, or remove it first"
+    marker = _read_marker(dst)
+    if marker is None:
+        raise UserError(f"dst: {dst} already exists and is not empty (holds {names[0]}"
+                        + (f" and {len(names) - 1} more" if len(names) > 1 else "") + f"); {advice}")
+    if marker.get("src") != str(src.resolve()) or marker.get("direction") != direction:
+        raise UserError(f"dst: {dst} holds an unfinished conversion of another source or direction "
+                        f"({marker.get('direction', '?')} of {marker.get('src', '?')}); {advice}")
+    ours = set(layout.shards()) | {INDEX_FILE, CONFIG_FILE, INCOMPLETE_MARKER}
+    ours |= {p.name for p in src.iterdir() if p.is_file()}  # the side files copied from the source
+    foreign = [n for n in names if n not in ours or not (dst / n).is_file()]
+    if foreign:
+        raise UserError(f"dst: {dst} holds an unfinished conversion and also {foreign[0]}, which the conversion "
+                        f"did not write; {advice}")
+
+
+def _start_destination(src: Path, dst: Path, direction: str) -> None:
+    """Create ``dst`` and mark it unfinished (after every check of the input passed)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / INCOMPLETE_MARKER).write_text(json.dumps({"src": str(src.resolve()), "direction": direction}) + "\n")
+
+
+def _open_source(src: Path, dst: Path, direction: str) -> tuple[dict, ShardedLayout]:
     """The source's config and layout, checked before anything is written: a problem with the
-    input is a `UserError` and leaves no (empty or partial) destination directory behind."""
+    input or the destination is a `UserError` and leaves no (empty or partial) destination
+    directory behind, and nothing already in the destination is touched."""
     if not src.is_dir():
         raise UserError(f"src: no checkpoint directory at {src}")
     if dst.exists() and not dst.is_dir():
         raise UserError(f"dst: {dst} exists and is not a directory")
-    if src.resolve() == dst.resolve():
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if src_r == dst_r:
         raise UserError(f"convert into a different directory: source and destination are both {src}")
+    if dst_r.is_relative_to(src_r):
+        raise UserError(f"dst: {dst} is inside the source checkpoint {src}; choose a directory outside it")
+    if src_r.is_relative_to(dst_r):
+        raise UserError(f"dst: {dst} contains the source checkpoint {src}; choose a directory outside it")
+    if _read_marker(src) is not None:
+        raise UserError(f"src: {src} is an unfinished conversion ({INCOMPLETE_MARKER} is there); "
+                        "rerun the conversion that wrote it first")
     try:
         config = read_config(src)
     except OSError as e:
@@ -235,6 +306,7 @@ def _open_source(src: Path, dst: Path) -> tuple[dict, ShardedLayout]:
     if missing:
         raise UserError(f"{src / INDEX_FILE} names shard files that are not there: {', '.join(missing[:3])}"
                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    _check_destination(src, dst, layout, direction)
     return config, layout
 
 
@@ -243,6 +315,7 @@ def _finish(src: Path, dst: Path, layout: ShardedLayout, weight_map: dict[str, s
         write_index(dst, weight_map, total_size, layout.metadata)
     copy_side_files(src, dst)
     write_config(dst, config)
+    (dst / INCOMPLETE_MARKER).unlink()  # last: the checkpoint is complete
 
 
 def convert_fp8_to_bf16(
@@ -261,18 +334,22 @@ def convert_fp8_to_bf16(
     :func:`limit_malloc_retention`.
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    config, layout = _open_source(src, dst)
+    config, layout = _open_source(src, dst, "fp8-to-bf16")
     try:
         block = block_size_from_config(config)
     except ValueError as e:
         raise UserError(f"{src / CONFIG_FILE}: {e}") from None
     all_keys = set(layout.weight_map)
-    missing = sorted(k for k, dt in _stored_dtypes(src, layout).items()
-                     if dt == "F8_E4M3" and scale_name_for(k) not in all_keys)
+    fp8_names = sorted(k for k, dt in _stored_dtypes(src, layout).items() if dt == "F8_E4M3")
+    if not fp8_names:
+        raise UserError(f"{src}: not an FP8 checkpoint (no float8_e4m3fn weights"
+                        + ("" if "quantization_config" in config else ", no quantization_config")
+                        + "), nothing to dequantize")
+    missing = [k for k in fp8_names if scale_name_for(k) not in all_keys]
     if missing:
         raise UserError(f"{src}: fp8 tensor {missing[0]} has no {scale_name_for(missing[0])}"
                         + (f" ({len(missing)} fp8 tensors without a scale)" if len(missing) > 1 else ""))
-    dst.mkdir(parents=True, exist_ok=True)
+    _start_destination(src, dst, "fp8-to-bf16")
     if tune_malloc:
         limit_malloc_retention()
 
@@ -318,14 +395,14 @@ def convert_bf16_to_fp8(
     :func:`limit_malloc_retention`.
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    config, layout = _open_source(src, dst)
+    config, layout = _open_source(src, dst, "bf16-to-fp8")
     if "quantization_config" in config:
         raise UserError(f"{src} already has a quantization_config (an FP8 checkpoint?): "
                         f"{config['quantization_config']}")
     fp8 = next((k for k, dt in _stored_dtypes(src, layout).items() if dt.startswith("F8")), None)
     if fp8 is not None:
         raise UserError(f"{src}: {fp8} is already fp8 (convert fp8-to-bf16 first)")
-    dst.mkdir(parents=True, exist_ok=True)
+    _start_destination(src, dst, "bf16-to-fp8")
     if tune_malloc:
         limit_malloc_retention()
 

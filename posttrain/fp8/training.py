@@ -43,15 +43,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..modeling import unwrap_model
 from .checkpoint import FP8CheckpointMeta, open_fp8_checkpoint, save_fp8_checkpoint
-from .layout import CONFIG_FILE, INDEX_FILE, read_config
+from .layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, read_config
 from .linear import FP8Recipe, swap_linears_to_fp8
 
 __all__ = [
     "FP8_SOURCE_ATTR",
     "apply_fp8_training",
+    "check_checkpoint",
     "finalize_fp8_export",
     "fp8_row_multiple",
     "fp8_source",
@@ -123,10 +124,30 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     checkpoints are plain high-precision ones), and the checkpoint's metadata is kept on the
     model for :func:`finalize_fp8_export`. (GRPO's trainer installs :func:`install_trl_reference_loader`, so that
     TRL's reference model loads the same way.)
+
+    Before anything is built, :func:`check_checkpoint` turns what the user can fix (no such directory, no
+    or corrupt weight files, a config.json that is not JSON or not of ``cls``'s model_type) into a
+    one-line :class:`~posttrain.errors.UserError`; so is a config field of the wrong type, weights whose
+    shapes do not match config.json, and weights the model has but the checkpoint lacks (transformers
+    would initialise them randomly and only warn). ``output_loading_info=True`` returns ``(model, info)``
+    as transformers does.
     """
+    if isinstance(path, str) and path.startswith("~"):
+        path = os.path.expanduser(path)
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
-    if not is_fp8_checkpoint(path, **hub_kwargs):
-        return cls.from_pretrained(path, **kwargs)
+    check_checkpoint(path, cls, config=kwargs.get("config"), **hub_kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    with _user_errors(path):
+        if is_fp8_checkpoint(path, **hub_kwargs):
+            model, info = _load_fp8(cls, path, kwargs, hub_kwargs)
+        else:
+            model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    _check_loading_info(path, model, info)
+    return (model, info) if want_info else model
+
+
+def _load_fp8(cls: type, path: str | os.PathLike, kwargs: dict[str, Any],
+              hub_kwargs: dict[str, Any]) -> tuple[nn.Module, dict]:
     if not Path(path).is_dir():
         # a Hub id (deepseek-ai/DeepSeek-V3 is block FP8): our loader reads local shards, so fetch them as
         # from_pretrained would; left to transformers they go through the dequantizer this loader replaces
@@ -135,6 +156,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
         path = snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"], **hub_kwargs)
         for k in _HUB_KWARGS:
             kwargs.pop(k, None)
+        check_checkpoint(path, cls, config=kwargs.get("config"))  # the files, now that they are here
     from transformers import AutoConfig, GenerationConfig
 
     dtype = kwargs.pop("dtype", torch.float32)
@@ -158,7 +180,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
         n = config.num_hidden_layers
         state = {k: v for k, v in state.items() if not _is_layer_at_or_after(k, n)}
     with _materialize_one_tensor_at_a_time():
-        model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, **kwargs)
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                          output_loading_info=True, **kwargs)
     del state
     model.config._name_or_path = str(path)  # TRL builds the GRPO reference model from it
     try:
@@ -168,7 +191,147 @@ def load_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     setattr(model, FP8_SOURCE_ATTR, meta)
     log.info("loaded FP8 checkpoint %s: %d FP8 weights dequantized to %s master weights",
              path, len(meta.fp8_weights), str(dtype).replace("torch.", ""))
-    return model
+    return model, info
+
+
+_WEIGHT_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+_TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # transformers still loads these
+DEEPSEEK_V3 = "deepseek_v3"
+
+
+def _looks_local(path: str) -> bool:
+    """A path the user meant as a directory (a Hub id is ``name`` or ``org/name``)."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def _expected_model_type(cls: type) -> str | None:
+    return getattr(getattr(cls, "config_class", None), "model_type", None) or None
+
+
+def check_checkpoint(path: str | os.PathLike, cls: type | None = None, *, config: Any = None,
+                     **hub_kwargs: Any) -> None:
+    """Raise a one-line :class:`~posttrain.errors.UserError` naming the file for what a user can fix in the
+    checkpoint ``path`` before ``cls.from_pretrained`` reads it: no such directory, no or unreadable
+    ``config.json``, a model_type other than ``cls``'s (``deepseek_v3``: a Llama checkpoint, or a V3 one
+    relabelled, would load with its routed experts randomly initialised), no weight files, an index naming
+    missing shards, a safetensors file whose header is corrupt or that is truncated. Only the headers are
+    read. For a Hub id only the model_type is checked (from its config.json, as from_pretrained fetches it).
+    ``cls`` None: any model_type. ``config``: the config object the caller passes to from_pretrained (its
+    model_type is the one checked)."""
+    p = str(path)
+    local = Path(p)
+    if not local.is_dir():
+        if local.exists():
+            raise UserError(f"{p}: not a directory (a model checkpoint is a directory with config.json and "
+                            "model*.safetensors)")
+        if _looks_local(p):
+            raise UserError(f"{p}: no such directory")
+        _check_model_type(p, cls, config, _checkpoint_config(p, **hub_kwargs))  # a Hub id
+        return
+    config_file = local / CONFIG_FILE
+    config_dict: dict | None = None
+    if config is None:
+        if not config_file.is_file():
+            raise UserError(f"{p}: no {CONFIG_FILE}; not a model checkpoint directory")
+        try:
+            config_dict = json.loads(config_file.read_text())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{config_file}: not valid JSON ({e})") from None
+        if not isinstance(config_dict, dict):
+            raise UserError(f"{config_file}: not a JSON object")
+    _check_model_type(p, cls, config, config_dict)
+    _check_weight_files(local)
+
+
+def _check_model_type(path: str, cls: type | None, config: Any, config_dict: dict | None) -> None:
+    want = _expected_model_type(cls) if cls is not None else None
+    if want is None:  # no class (a distillation teacher may be any model), or one without a model_type
+        return
+    if config is not None:
+        got, where = getattr(config, "model_type", None), f"{path}: config"
+    elif config_dict:
+        got, where = config_dict.get("model_type"), f"{path}/{CONFIG_FILE}" if Path(path).is_dir() else path
+    else:
+        return  # a Hub id whose config.json could not be fetched: from_pretrained says why
+    if got == want:
+        return
+    have = f"model_type {got!r}" if got else "no model_type"
+    if want == DEEPSEEK_V3:
+        raise UserError(f"{where}: {have}; this toolkit trains DeepSeek-V3-architecture checkpoints "
+                        f"(model_type '{DEEPSEEK_V3}')")
+    raise UserError(f"{where}: {have}; {cls.__name__} loads model_type {want!r}")
+
+
+def _check_weight_files(d: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    files: list[Path] = []
+    index = d / INDEX_FILE
+    if (d / SINGLE_FILE).is_file():
+        files.append(d / SINGLE_FILE)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a safetensors index (JSON with a weight_map of tensor -> file): "
+                            f"{type(e).__name__}: {e}") from None
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise UserError(f"{index}: names {missing[0]}{more}, not in {d}")
+        files += [d / s for s in shards]
+    if not files:
+        if any((d / f).is_file() for f in _TORCH_WEIGHTS):
+            return  # transformers' pickle format: from_pretrained reads it
+        shards = sorted(f.name for f in d.glob("model-*-of-*.safetensors") if _WEIGHT_SHARD.match(f.name))
+        if shards:
+            raise UserError(f"{d}: {shards[0]} ... but no {INDEX_FILE} to say which tensor is in which shard")
+        raise UserError(f"{d}: no weight files ({SINGLE_FILE} or model-*-of-*.safetensors with {INDEX_FILE})")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except SafetensorError as e:  # reads the header only; a truncated file fails the size check too
+            problem = str(e).removeprefix("Error while deserializing header: ")
+            raise UserError(f"{f}: not a valid safetensors file ({problem})") from None
+
+
+@contextlib.contextmanager
+def _user_errors(path: str | os.PathLike) -> Iterator[None]:
+    """The failures of ``from_pretrained`` that are the checkpoint's, as one-line UserErrors naming it."""
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    try:
+        yield
+    except StrictDataclassFieldValidationError as e:
+        # "Validation error for field 'hidden_size':\n    TypeError: Field 'hidden_size' expected int, got str ..."
+        problem = re.sub(r"^\w+Error: ", "", str(e).strip().splitlines()[-1].strip())
+        where = f"{path}/{CONFIG_FILE}" if Path(path).is_dir() else str(path)
+        raise UserError(f"{where}: {problem}") from None
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise UserError(f"{path}: weights of another shape than {CONFIG_FILE} gives them (transformers' load "
+                        "report above lists them as MISMATCH; a routed-expert stack of the wrong size means "
+                        "experts missing from the checkpoint)") from None
+
+
+def _check_loading_info(path: str | os.PathLike, model: nn.Module, info: Mapping[str, Any]) -> None:
+    """Weights the model has and the checkpoint lacks were initialised randomly: an error, not a warning.
+    (What a class legitimately adds, e.g. the reward model's score head, is in its
+    ``_keys_to_ignore_on_load_missing`` and not reported.)"""
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    hint = ""
+    n_main = getattr(model.config, "num_hidden_layers", None)
+    if n_main is not None and all(_is_layer_at_or_after(k, n_main) for k in missing):
+        hint = (f"; config.json has num_nextn_predict_layers: {getattr(model.config, 'num_nextn_predict_layers', 0)} "
+                "but the checkpoint has no such MTP module (set it to 0 to train without MTP)")
+    raise UserError(f"{path}: the checkpoint lacks {len(missing)} of the model's weights ({shown}); they would "
+                    f"be initialised randomly{hint}")
 
 
 @contextlib.contextmanager
