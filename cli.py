@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "run": "run a recipe that chains the stages (init, distill, SFT, GRPO, eval)",
     "rewards": "list the reward functions that resolve (built-ins, plugins)",
     "convert": "convert checkpoints between FP8 (DeepSeek block-scaled) and bf16",
+    "export": "turn a LoRA SFT checkpoint-N into a full model directory (merged, with the routers' biases)",
     "plan": "estimate per-GPU memory and step time for a model on a cluster",
     "serve": "serve a model over an OpenAI-compatible API (vLLM with the engine fixes; --trl for GRPO's server mode)",
     "smoke": "check the install: init the tiny model, a forward/backward pass, a vLLM generation",
@@ -58,6 +59,9 @@ def cmd_init_model(argv: list[str]) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype (default: float32)")
     args = p.parse_args(argv)
     require_output_dir(args.output, "output")
+    from posttrain.recipe import require_empty_output
+
+    require_empty_output(args.output)  # a trained model there was replaced by random weights
     from posttrain.model_init import count_parameters, init_model
 
     out = init_model(args.preset, args.output, seed=args.seed, vocab_size=args.vocab_size, dtype=args.dtype)
@@ -99,8 +103,11 @@ def cmd_rewards(argv: list[str]) -> int:
 def cmd_convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="dsv3-posttrain convert",
-        description="Stream a checkpoint shard by shard between DeepSeek's FP8 (e4m3, 128x128 block scales) and bf16; "
-        "the index and config are rewritten so the result loads in transformers and vLLM.",
+        description="Stream a checkpoint shard by shard between DeepSeek's FP8 (e4m3, 128x128 block scales) and bf16, "
+        "rewriting the index and config so the result loads without hand edits: a bf16 result in transformers, vLLM "
+        "and this toolkit's commands; an FP8 result in this toolkit's commands and in vLLM (GPUs, or CPUs with AMX), "
+        "but not in transformers on a CPU, whose FP8 dequantizer needs every dimension a multiple of 128 "
+        "(kv_a_proj_with_mqa has 576 rows). DST must be new or empty (or a killed conversion's own output).",
     )
     p.add_argument("direction", choices=["fp8-to-bf16", "bf16-to-fp8"])
     p.add_argument("src", help="input checkpoint directory")
@@ -116,6 +123,38 @@ def cmd_convert(argv: list[str]) -> int:
     else:
         fp8_convert.convert_bf16_to_fp8(args.src, args.dst, scale_fmt=args.scale_fmt)
     print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="dsv3-posttrain export",
+        usage="dsv3-posttrain export CHECKPOINT_DIR --output OUT_DIR [--base BASE_MODEL_DIR]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Turn an intermediate checkpoint of a LoRA SFT run (checkpoint-N: the peft adapter and the balancer's "
+            "state) into a full model directory, as the run's final output_dir is: base + adapter merged, with "
+            "the routers' e_score_correction_bias as balancing left it at that step, in the DeepSeek layout (FP8 "
+            "again for an FP8 base), plus the tokenizer. Plain transformers and vLLM load the result.",
+            width=100, break_on_hyphens=False),
+        epilog=textwrap.fill(
+            "Why not peft's PeftModel.from_pretrained: with transformers 5 peft moves a V3 adapter's "
+            "gate_proj/up_proj/down_proj onto the fused routed experts (the dense and shared-expert MLPs lose "
+            "theirs), and the moved router biases are not in the adapter. A full (non-LoRA) checkpoint-N needs "
+            "no export: it loads as it is.", width=100, break_on_hyphens=False),
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a LoRA checkpoint-N directory (adapter_config.json)")
+    p.add_argument("--output", "--output_dir", dest="output", required=True, metavar="OUT_DIR",
+                   help="directory to write the full model to")
+    p.add_argument("--base", default=None, metavar="BASE_MODEL_DIR",
+                   help="the model the run trained (default: base_model_name_or_path in adapter_config.json)")
+    args = p.parse_args(argv)
+    require_output_dir(args.output, "output")
+    from posttrain.sft.lora_export import export_lora_checkpoint, read_adapter_config
+
+    read_adapter_config(Path(args.checkpoint).expanduser())  # not a LoRA checkpoint: said before torch loads
+    out = export_lora_checkpoint(args.checkpoint, args.output, base=args.base)
+    print(f"wrote {out}")
     return 0
 
 
@@ -380,6 +419,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "smoke": cmd_smoke,
     "rewards": cmd_rewards,
     "convert": cmd_convert,
+    "export": cmd_export,
     **{name: partial(command, name) for name, command in RECIPE_COMMANDS.items()},
     "rm": lambda argv: __import__("posttrain.rm.cli", fromlist=["main_rm"]).main_rm(argv),
     "eval": cmd_eval,

@@ -341,7 +341,7 @@ TRITON_INTERPRETER_INDEX = ContactPoint(
 # -- peft --------------------------------------------------------------------------------------------
 PEFT_CONFIG_CONVERTER = ContactPoint(
     "peft", PEFT, "peft.utils.transformers_weight_conversion:convert_peft_config_for_transformers", "patch",
-    "engines.compat.plain_lora_targets (posttrain.sft.lora, posttrain.sft.trainer)",
+    "engines.compat.plain_lora_targets (posttrain.sft.lora, posttrain.sft.trainer, posttrain.sft.lora_export)",
     "for V3 peft remaps gate/up/down_proj targets onto the fused routed experts and drops them from the "
     "dense and shared-expert MLPs",
 )

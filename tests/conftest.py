@@ -111,7 +111,8 @@ MODULE_SECONDS = {
     "test_routed_experts.py": 15, "test_chunked_loss.py": 15, "test_distill.py": 13, "test_count_mla_traffic.py": 13,
     "test_cli.py": 12, "test_count_fp8_kernels.py": 12, "test_sandbox.py": 11, "test_fp8_experts_grouped.py": 11,
     "test_swiglu.py": 10, "test_distill_models.py": 9, "test_model_init.py": 9, "test_bench_fp8_host.py": 6,
-    "test_tis.py": 8, "test_dynamic_sampling.py": 6, "test_bench_gpu_smoke.py": 5, "test_bench_gpu_sft.py": 4,
+    "test_tis.py": 8, "test_dynamic_sampling.py": 6, "test_lora_export.py": 6, "test_bench_gpu_smoke.py": 5,
+    "test_bench_gpu_sft.py": 4, "test_model_loading.py": 6,
 }
 UNLISTED_MODULE_SECONDS = 2
 

@@ -3,6 +3,9 @@ experts, not the router), merged back into the full weights on export."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 # peft's transformers-v5 MoE target remapping is switched off around LoRA set-up and loading: for V3
@@ -28,10 +31,23 @@ def apply_lora(model: torch.nn.Module, cfg: SFTRecipeConfig):
     )
     with plain_lora_targets():
         peft_model = get_peft_model(model, config)
+    record_base_model(peft_model, cfg.model_name_or_path)
     if cfg.gradient_checkpointing:
         # checkpointed blocks need an input that requires grad when the embeddings are frozen
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def record_base_model(peft_model, name_or_path: str | None) -> None:
+    """The base the checkpoints' adapter_config.json names (`base_model_name_or_path`): `name_or_path`, the
+    path the run loaded, absolute when it is a local directory (a Hub id stays as it is). peft records the
+    model's `name_or_path` as typed (runs/tiny-model, not found from another working directory), and
+    "None" for an FP8 base (`load_pretrained` builds that model from a state dict)."""
+    for adapter in peft_model.peft_config.values():
+        base = name_or_path or adapter.base_model_name_or_path
+        if base and Path(base).expanduser().is_dir():
+            base = os.path.abspath(Path(base).expanduser())
+        adapter.base_model_name_or_path = base
 
 
 def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
