@@ -1,6 +1,10 @@
 """SFT samples: rows of TRL's conversational (`messages`) or prompt-completion (`prompt` + `completion`)
 formats → token ids and labels, with the loss on assistant / completion tokens only.
 
+As in TRL's SFTTrainer, messages reach the chat template with all their keys (`tool_calls`,
+`reasoning_content`, ...), with a row's `tools` and `chat_template_kwargs` columns; a tool call or tool
+result the template does not render makes the row a bad row rather than a sample trained without it.
+
 Labels are unshifted (transformers' convention: `labels[j]` is the target of position j-1), -100 where
 there is no loss. The first token of every sample is never a target, so once samples are packed no
 sample's loss depends on the sample before it. Samples longer than `max_length` are dropped or
@@ -12,6 +16,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from trl.data_utils import common_prefix_length
 
 from data_pipelines.errors import DataError
 
@@ -60,16 +66,95 @@ def _message_problem(messages: Any, what: str) -> str | None:
     if not isinstance(messages, (list, tuple)) or not messages:
         return f"'{what}' is not a non-empty list of messages"
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"{what} message {i} is not a {{'role': str, 'content': str}} dict"
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, (list, tuple)) or not all(isinstance(c, dict) for c in calls):
+                return f"{what} message {i}: 'tool_calls' is not a list of {{'type': 'function', ...}} dicts"
+            if calls and m["role"] != "assistant":
+                return f"{what} message {i} (role {m['role']!r}) has tool_calls; only assistant messages call tools"
+            if any(not isinstance(_call_name(c), str) for c in calls):
+                return f"{what} message {i}: a tool call has no function name"
+        # content may be null in an assistant message that calls tools (the OpenAI form)
+        if not isinstance(m.get("content"), str) and not (m.get("content") is None and calls):
             return f"{what} message {i} is not a {{'role': str, 'content': str}} dict"
         if m["role"] not in CHAT_ROLES:
             return f"{what} message {i} has unknown role {m['role']!r}"
     return None
 
 
-def _clean(messages: Any) -> list[dict[str, str]]:
-    # Arrow may add null keys of other rows' messages (e.g. tool fields); the template needs role/content.
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+def _call_name(call: dict) -> Any:
+    fn = call.get("function")
+    return fn.get("name") if isinstance(fn, dict) else call.get("name")
+
+
+def _drop_nulls(value: Any) -> Any:
+    """`value` without the dict keys whose value is null, at every depth."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _clean(messages: Any) -> list[dict[str, Any]]:
+    """The messages as the chat template gets them (as in TRL, every key is passed on: tool_calls,
+    reasoning_content, name, ...), less the null keys Arrow adds to each message from the keys of other rows'
+    messages (a `'tool_calls': None` is a tool call to templates that test `'tool_calls' in message`).
+    `content` is kept even when null (an assistant message that only calls tools), and an empty `tool_calls`
+    list is dropped (DeepSeek-V3's template renders an assistant turn's content within its calls, so none with
+    no calls). In tool calls, nulls are dropped at every depth too: Arrow also unions the argument dicts of every
+    call in the dataset (give `arguments` as a JSON string, the OpenAI form, to keep null argument values)."""
+    out = []
+    for m in messages:
+        c = {k: v for k, v in m.items() if v is not None}
+        c["content"] = m.get("content")
+        if "tool_calls" in c:
+            c["tool_calls"] = _drop_nulls(c["tool_calls"])
+            if not c["tool_calls"]:  # no calls: templates that test `'tool_calls' in message` would drop the content
+                del c["tool_calls"]
+        out.append(c)
+    return out
+
+
+# apply_chat_template arguments this module sets itself; a row's chat_template_kwargs may not override them
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tools", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+})
+
+
+def _row_template_kwargs(row: dict[str, Any]) -> dict[str, Any]:
+    """As TRL 1.16's SFTTrainer (`tokenize_fn` in `_prepare_dataset`): `tools` from the row's `tools` column (a
+    JSON string is decoded) and the row's `chat_template_kwargs`, both passed to `apply_chat_template`. Null keys
+    (Arrow's union of the rows' dicts) are dropped from both; a JSON string keeps the tools' nulls."""
+    import json
+
+    kwargs: dict[str, Any] = {}
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'tools' is not valid JSON ({e})") from None
+    elif tools is not None:
+        tools = _drop_nulls(tools)
+    if tools is not None:
+        if not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools):
+            raise ValueError("'tools' is not a list of tool (JSON schema) dicts")
+        kwargs["tools"] = list(tools) or None
+    extra = row.get("chat_template_kwargs")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise ValueError("'chat_template_kwargs' is not a dict")
+        extra = {k: v for k, v in extra.items() if v is not None}
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(extra))
+        if reserved:
+            raise ValueError(f"'chat_template_kwargs' sets {reserved[0]!r}, which SFT sets itself")
+        kwargs.update(extra)
+    return kwargs
 
 
 class SampleTokenizer:
@@ -93,33 +178,63 @@ class SampleTokenizer:
                         "assistant_only_loss needs a chat template with {% generation %} markers around the "
                         f"assistant turns; this tokenizer's template has none ({e})"
                     ) from None
-        self.eos = tokenizer.eos_token_id
 
     def __call__(self, row: dict[str, Any], fmt: str) -> tuple[list[int], list[int]]:
         """Raises ValueError with the reason for a bad row."""
         if fmt == "messages":
-            return self._messages(row.get("messages"))
-        return self._prompt_completion(row.get("prompt"), row.get("completion"))
+            return self._messages(row.get("messages"), _row_template_kwargs(row))
+        return self._prompt_completion(row.get("prompt"), row.get("completion"), row)
 
-    def _check_tool_turns(self, messages: list[dict[str, str]]) -> None:
-        """A chat template without a tool branch (the embedded one has none) drops tool results without a
-        word, and the next assistant turn would be trained without the output it answers."""
-        tools = [i for i, m in enumerate(messages) if m["role"] == "tool" and m["content"].strip()]
-        if not tools:
+    def _check_tool_turns(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> None:
+        """A chat template without a tool branch (the embedded one has none) drops tool calls and tool results
+        without a word: an assistant turn that only calls a tool would be trained as an empty reply, and the next
+        assistant turn without the output it answers. Such rows are refused."""
+        results = [i for i, m in enumerate(messages) if m["role"] == "tool" and m["content"].strip()]
+        calls = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("tool_calls")]
+        if not results and not calls:
             return
-        text = self.tok.apply_chat_template(messages, tokenize=False, chat_template=self.chat_template)
-        dropped = [i for i in tools if messages[i]["content"].strip() not in text]
-        if dropped:
-            raise ValueError(f"message {dropped[0]} (role 'tool') is not in the chat template's rendering: this "
-                             "tokenizer's template has no tool turns")
+        # Each call's function name is replaced by a sentinel, so a name that the prompt or the tools' schemas
+        # mention does not count as the call rendered (as TRL's `supports_tool_calling`). A null content is
+        # rendered as '' here: whether the template can render the row at all is `_render`'s to say.
+        probe = [dict(m) for m in messages]
+        sentinels: dict[int, list[str]] = {}
+        for i in calls:
+            probe[i]["tool_calls"] = [dict(c) for c in probe[i]["tool_calls"]]
+            if probe[i]["content"] is None:
+                probe[i]["content"] = ""
+            for j, c in enumerate(probe[i]["tool_calls"]):
+                sentinel = f"toolcallprobe{i}x{j}q"
+                if isinstance(c.get("function"), dict):
+                    c["function"] = {**c["function"], "name": sentinel}
+                else:
+                    c["name"] = sentinel
+                sentinels.setdefault(i, []).append(sentinel)
+        text = self._apply(probe, tokenize=False, **kwargs)
+        for i in sorted(results + calls):
+            if i in sentinels:
+                missing = [n for n, s in zip((_call_name(c) for c in messages[i]["tool_calls"]), sentinels[i])
+                           if s not in text]
+                if missing:
+                    raise ValueError(f"message {i} (role 'assistant') calls {missing[0]!r}, and the chat template's "
+                                     "rendering has no such call: this tokenizer's template renders no tool calls "
+                                     "(the turn would be trained as a reply without its call)")
+            elif messages[i]["content"].strip() not in text:
+                raise ValueError(f"message {i} (role 'tool') is not in the chat template's rendering: this "
+                                 "tokenizer's template has no tool turns")
+
+    def _apply(self, messages, **kwargs):
+        import jinja2
+
+        try:
+            return self.tok.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+        except (jinja2.TemplateError, TypeError) as e:  # raise_exception() in the template, or None + str
+            raise ValueError(f"the chat template cannot render it ({type(e).__name__}: {e})") from None
 
     def _render(self, messages, **kwargs) -> dict[str, list[int]]:
-        out = self.tok.apply_chat_template(
-            messages, tokenize=True, return_dict=True, chat_template=self.chat_template, **kwargs
-        )
+        out = self._apply(messages, tokenize=True, return_dict=True, **kwargs)
         return {k: list(v) for k, v in out.items()}
 
-    def _messages(self, messages: Any) -> tuple[list[int], list[int]]:
+    def _messages(self, messages: Any, kwargs: dict[str, Any]) -> tuple[list[int], list[int]]:
         problem = _message_problem(messages, "messages")
         if problem:
             raise ValueError(problem)
@@ -128,8 +243,8 @@ class SampleTokenizer:
             raise ValueError("conversation has no assistant turn (nothing to train on)")
         if self.tok.chat_template is None:
             raise DataError("the tokenizer has no chat template; conversational SFT data needs one")
-        self._check_tool_turns(messages)
-        out = self._render(messages, return_assistant_tokens_mask=self.assistant_only_loss)
+        self._check_tool_turns(messages, kwargs)
+        out = self._render(messages, return_assistant_tokens_mask=self.assistant_only_loss, **kwargs)
         ids = out["input_ids"]
         if self.assistant_only_loss:
             mask = out["assistant_masks"]
@@ -138,30 +253,25 @@ class SampleTokenizer:
             labels = list(ids)
         return ids, labels
 
-    def _prompt_completion(self, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    def _prompt_completion(self, prompt: Any, completion: Any, row: dict[str, Any]) -> tuple[list[int], list[int]]:
         if prompt is None or completion is None:
             raise ValueError(f"no '{'prompt' if prompt is None else 'completion'}' (null)")
         if isinstance(prompt, str) and isinstance(completion, str):
-            # TRL's standard prompt-completion: raw text, EOS appended to the completion.
-            p = self.tok(prompt, add_special_tokens=False)["input_ids"]
-            c = self.tok(completion, add_special_tokens=False)["input_ids"] + [self.eos]
-            ids = list(p) + list(c)
-            n_prompt = len(p)
+            return self._text_prompt_completion(prompt, completion)
         elif isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
+            kwargs = _row_template_kwargs(row)
             problem = _message_problem(prompt, "prompt") or _message_problem(completion, "completion")
             if problem:
                 raise ValueError(problem)
             prompt, completion = _clean(prompt), _clean(completion)
             if not any(m["role"] == "assistant" for m in completion):
                 raise ValueError("completion has no assistant turn (nothing to train on)")
-            self._check_tool_turns(prompt + completion)
-            p = self._render(prompt, add_generation_prompt=True)["input_ids"]
-            out = self._render(prompt + completion, return_assistant_tokens_mask=self.assistant_only_loss)
+            self._check_tool_turns(prompt + completion, kwargs)
+            p = self._render(prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+            out = self._render(prompt + completion, return_assistant_tokens_mask=self.assistant_only_loss, **kwargs)
             ids = out["input_ids"]
             # As TRL: the completion starts where the rendered prompt and prompt+completion diverge.
-            n_prompt = 0
-            while n_prompt < min(len(p), len(ids)) and p[n_prompt] == ids[n_prompt]:
-                n_prompt += 1
+            n_prompt = common_prefix_length(p, ids)
             if self.assistant_only_loss:
                 # As TRL (1.16) too: on top of the completion mask, only assistant turns carry loss (a completion
                 # may hold later user turns; without completion_only_loss the prompt's system/user turns would)
@@ -171,11 +281,38 @@ class SampleTokenizer:
                 return ids, labels
         else:
             raise ValueError("'prompt' and 'completion' must both be strings or both be message lists")
+        return ids, self._completion_labels(ids, n_prompt)
+
+    def _text_prompt_completion(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        """Plain-text prompt-completion, exactly as TRL 1.16's SFTTrainer (`_prepare_dataset`: `add_eos`, then
+        `tokenize_fn`'s prompt-completion case): the EOS token is appended to the completion text unless it already
+        ends with it; the prompt and prompt + completion are tokenized with the tokenizer's defaults (special tokens
+        included: a BOS where the tokenizer adds one, as DeepSeek-V3's does), and the completion starts where the two
+        token sequences diverge (`trl.data_utils.common_prefix_length`: tokens may merge across the boundary)."""
+        if self.assistant_only_loss and self.completion_only_loss is False:
+            # TRL refuses assistant_only_loss=True for any dataset that is not conversational. Here it is on by
+            # default (SFTRecipeConfig), so plain text trains on the completion only, which is the reply; it is an
+            # error only where it cannot be honoured: with completion_only_loss=False, which asks for the prompt.
+            raise DataError(
+                "assistant_only_loss=True (the default) with completion_only_loss=False, but the dataset is plain-text "
+                "prompt-completion (not conversational): it has no assistant turns, and training on the prompt too "
+                "contradicts assistant-only loss (TRL's SFTTrainer refuses assistant_only_loss=True for a dataset that "
+                "is not conversational). Set assistant_only_loss: false to train on prompt and completion, or leave "
+                "completion_only_loss unset to train on the completion only."
+            )
+        eos = self.tok.eos_token
+        if eos is None:
+            raise DataError("the tokenizer has no eos_token; prompt-completion SFT appends it to each completion")
+        if not completion.endswith(eos):
+            completion = completion + eos
+        p = list(self.tok(text=prompt)["input_ids"])
+        ids = list(self.tok(text=prompt + completion)["input_ids"])
+        return ids, self._completion_labels(ids, common_prefix_length(p, ids))
+
+    def _completion_labels(self, ids: list[int], n_prompt: int) -> list[int]:
         if self.completion_only_loss:
-            labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-        else:
-            labels = list(ids)
-        return ids, labels
+            return [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        return list(ids)
 
 
 def tokenize_dataset(
@@ -213,6 +350,7 @@ def tokenize_dataset(
                       bad_examples=skipped_rows[:MAX_REPORTED_BAD_ROWS])
     sample_tok = SampleTokenizer(tokenizer, assistant_only_loss, completion_only_loss)
     columns = ["messages"] if fmt == "messages" else ["prompt", "completion"]
+    columns += [c for c in ("tools", "chat_template_kwargs") if c in ds.column_names]  # passed to the template
     all_ids: list[list[int]] = []
     all_labels: list[list[int]] = []
     for i, row in enumerate(ds.select_columns(columns)):
