@@ -70,7 +70,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
-    """`--key value`, `--key=value` and bare `--flag` (meaning true) → {key: raw string or True}."""
+    """`--key value`, `--key=value`, `--key v1 v2 …` (a list, as TRL's parser reads a list field) and bare
+    `--flag` (meaning true) → {key: raw string, list of raw strings, or True}."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -82,8 +83,11 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
             key, value = key.split("=", 1)
             i += 1
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
-            i += 2
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            value = argv[i + 1] if j == i + 2 else list(argv[i + 1:j])
+            i = j
         else:
             value, i = True, i + 1
         out[key.replace("-", "_")] = value

@@ -35,6 +35,14 @@ def test_recipe_then_overrides(tmp_path):
     assert load_config(ToyConfig, None, ["--reward_funcs", "x,y", "--beta", "none"]).reward_funcs == ["x", "y"]
 
 
+def test_a_list_field_takes_space_separated_values_as_trl_parser_does(tmp_path):
+    """`--reward_funcs a b` was refused ("unexpected argument 'b'"); TRL's HfArgumentParser reads it as a list."""
+    cfg = load_config(ToyConfig, None, ["--reward_funcs", "a", "b", "--max_steps", "3"])
+    assert cfg.reward_funcs == ["a", "b"] and cfg.max_steps == 3
+    with pytest.raises(ConfigError, match=r"'max_steps' expects int, got \['3', '4'\]"):
+        load_config(ToyConfig, None, ["--max_steps", "3", "4"])
+
+
 def test_unknown_key_names_closest(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rat: 1e-5\n")

@@ -953,7 +953,9 @@ def test_recipes_parse_with_report_defaults():
     (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs must be > 0 when max_steps is -1, got 0"),
     # a TypeError / ValueError from the schedule once the model was loaded
     (["--lr_scheduler_kwargs", '{"min_lrr": 0.1}'], "unexpected keyword argument 'min_lrr'"),
-    (["--lr_scheduler_kwargs", "{}"], "One of min_lr or min_lr_rate should be set"),
+    (["--lr_scheduler_kwargs", '{"num_cycles": 0.5}'], "One of min_lr or min_lr_rate should be set"),
+    # transformers refused it once the data and the model were loaded, in a traceback
+    (["--eval_strategy", "steps"], "eval_strategy 'steps' needs dataset_test_split"),
     # said "the dataset is empty" of a file with rows
     (["--max_train_samples", "0"], "max_train_samples must be an integer >= 1 (or unset for every row), got 0"),
 ])
@@ -964,6 +966,17 @@ def test_config_rejects_what_would_fail_only_in_the_run(argv, message, tmp_path)
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(SFTRecipeConfig, None, ["--output_dir", str(tmp_path), *argv])
+
+
+def test_another_lr_schedule_does_not_inherit_the_reports_min_lr(tmp_path):
+    """The default kwargs {'min_lr': 1e-6} stayed with `--lr_scheduler_type linear`, which then failed
+    ("unexpected keyword argument 'min_lr'"); TRL's own default schedule takes no kwargs."""
+    def kwargs(*argv):
+        return load_config(SFTRecipeConfig, None, ["--output_dir", str(tmp_path), *argv]).lr_scheduler_kwargs
+
+    assert kwargs() == kwargs("--lr_scheduler_kwargs", "{}") == {"min_lr": 1e-6}  # cosine_with_min_lr, the report's
+    assert kwargs("--lr_scheduler_type", "linear") == kwargs("--lr_scheduler_type", "constant") == {}
+    assert kwargs("--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}') == {"min_lr_rate": 0.1}
 
 
 def test_config_accepts_every_kernel_transformers_and_this_package_offer(tmp_path):
@@ -1010,3 +1023,42 @@ def test_on_bad_row_skip_drops_rows_the_loader_cannot_read_and_counts_them(tmp_p
         build_train_dataset(_cfg(tiny_model_dir, all_bad, tmp_path / "o", on_bad_row="skip"), tokenizer)
 
 
+
+
+def test_eval_strategy_evaluates_the_test_split_and_refuses_a_single_file(tiny_model_dir, tmp_path):
+    """With a directory of splits, eval_lm_loss is logged on the held-out rows. A single file is every split to
+    the loader, so `dataset_test_split` there evaluated on the training rows without a word."""
+    from posttrain.errors import ConfigError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", sft_rows(24))
+    write_jsonl(data / "test.jsonl", sft_rows(30)[24:])
+    cfg = _cfg(tiny_model_dir, data, tmp_path / "o", max_steps=2, eval_strategy="steps", eval_steps=2,
+               dataset_test_split="test", save_strategy="no", save_final_model=False)
+    trainer = build_trainer(cfg)
+    assert trainer.data_info["eval"]["rows"] == 6 and trainer.data_info["rows"] == 24
+    run_sft(cfg, trainer=trainer)
+    assert any("eval_lm_loss" in h for h in trainer.state.log_history)
+    single = _cfg(tiny_model_dir, data / "train.jsonl", tmp_path / "o2", max_steps=1, eval_strategy="steps",
+                  dataset_test_split="test")
+    with pytest.raises(ConfigError, match=r"is a single file, whose rows are the training split"):
+        run_sft(single)
+
+
+def test_the_logged_losses_do_not_move_with_how_the_batch_is_split(tiny_model_dir, tmp_path):
+    """lm_loss and mtp_loss were plain means of per-micro-batch means: with samples of different lengths, 4 x 1
+    and 1 x 4 logged different values for the same optimised loss. They are token-weighted now."""
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows(8))
+    logged = []
+    for bs, ga in ((4, 1), (1, 4)):
+        cfg = _cfg(tiny_model_dir, data, tmp_path / f"ga{ga}", max_steps=1, per_device_train_batch_size=bs,
+                   gradient_accumulation_steps=ga, packing=False, save_strategy="no", save_final_model=False,
+                   logging_steps=1)
+        trainer = build_trainer(cfg)
+        run_sft(cfg, trainer=trainer)
+        logged.append(next(h for h in trainer.state.log_history if "lm_loss" in h))
+    lengths = {len(r["messages"][-1]["content"]) for r in sft_rows(4)}
+    assert len(lengths) > 1  # samples of different lengths: micro-batch means differ from the token mean
+    for key in ("loss", "lm_loss", "mtp_loss"):
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-5), (key, logged)

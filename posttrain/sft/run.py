@@ -79,6 +79,11 @@ def _check(cfg: SFTRecipeConfig) -> None:
         raise ConfigError("dataset_name is required (a distill output directory, a .jsonl/.parquet file or a Hub id)")
     if not cfg.output_dir:
         raise ConfigError("output_dir is required")
+    if cfg.dataset_test_split and cfg.eval_strategy != "no" and Path(cfg.dataset_name).expanduser().is_file():
+        # a single file is every split to the loader: the evaluation ran on the training rows
+        raise ConfigError(f"dataset_test_split {cfg.dataset_test_split!r}: {cfg.dataset_name} is a single file, whose "
+                          "rows are the training split; give a directory with a file per split (train.jsonl, "
+                          "test.jsonl) to evaluate on held-out rows")
     from ..trainer_args import check_reporting_installed
 
     check_reporting_installed(cfg)

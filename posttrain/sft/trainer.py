@@ -133,9 +133,11 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
 
         mode = "train" if training else "eval"
         prefix = "" if training else "eval_"
-        self._metrics[f"{prefix}lm_loss"].append(lm_loss.detach())
+        # (sum, weight): both losses are means over this micro-batch's main-head targets, logged token-weighted
+        # as the optimised loss is (a mean of micro-batch means moved with the batch split)
+        self._metrics[f"{prefix}lm_loss"].append((lm_loss.detach() * n_valid, n_valid))
         if out.mtp_loss is not None:
-            self._metrics[f"{prefix}mtp_loss"].append(out.mtp_loss.detach())
+            self._metrics[f"{prefix}mtp_loss"].append((out.mtp_loss.detach() * n_valid, n_valid))
         if mode == "train":
             self._metrics["mtp_loss_weight"].append(lam if compute_mtp else 0.0)
             if balance_loss is not None:
@@ -149,17 +151,19 @@ class DeepseekV3SFTTrainer(DeepSeekLayoutCheckpoints, Trainer):
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Every rank calls it (Trainer does). The metrics are means over every rank's micro-batches and the
-        token counts sums over the ranks, as Trainer's `loss` and TRL's metrics are: one all-reduce per log."""
+        """Every rank calls it (Trainer does). The metrics are means over every rank's micro-batches (the losses
+        weighted by their target tokens) and the token counts sums over the ranks, as Trainer's `loss` and TRL's
+        metrics are: one all-reduce per log."""
         is_eval = any(k.startswith("eval_") for k in logs)
         keys = sorted(k for k, v in self._metrics.items() if is_eval == k.startswith("eval_") and v)
         train_log = "loss" in logs and not is_eval
         device = self.accelerator.device
         # [sum of each metric, count of each metric, tokens since the last log]
         stats = torch.zeros(2 * len(keys) + 1, dtype=torch.float64, device=device)
-        for i, k in enumerate(keys):
-            stats[i] = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in self._metrics[k]]).sum()
-            stats[len(keys) + i] = len(self._metrics[k])
+        for i, k in enumerate(keys):  # an entry is a value, or (weighted sum, weight)
+            pairs = [v if isinstance(v, tuple) else (v, 1.0) for v in self._metrics[k]]
+            stats[i] = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v, _ in pairs]).sum()
+            stats[len(keys) + i] = torch.stack([torch.as_tensor(w, dtype=torch.float64).to(device) for _, w in pairs]).sum()
             self._metrics[k] = []
         stats[-1] = self._tokens_since_log
         if self.accelerator.num_processes > 1:
