@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
-__all__ = ["FORCE_NO_FP8_KERNELS_ENV", "fp8_kernel_problem", "vllm_has_fp8_kernels"]
+__all__ = ["FORCE_NO_FP8_KERNELS_ENV", "fp8_kernel_problem", "vllm_block_shape_problems", "vllm_has_fp8_kernels"]
 
 FORCE_NO_FP8_KERNELS_ENV = "DSV3_FORCE_NO_FP8_KERNELS"
 
@@ -82,3 +83,17 @@ def _amx_problem() -> str | None:
         except OSError:
             has_amx = False
     return None if has_amx else "this CPU has no AMX tiles (vLLM's CPU FP8 kernels need Sapphire Rapids or newer)"
+
+
+def vllm_block_shape_problems(config: dict[str, Any], block_rows: int = 128) -> list[str]:
+    """Shapes vLLM's block-FP8 path refuses (``validate_fp8_block_shape`` / ``..._moe``) in a model config.
+
+    vLLM fuses ``gate_proj``+``up_proj`` (dense and MoE) and ``q_a_proj``+``kv_a_proj_with_mqa``; every fused
+    part but the last must fill whole ``block_rows``-row blocks, and the MoE intermediate size must be a multiple
+    of the block. The checkpoint itself is valid (this project's loaders read it)."""
+    problems = []
+    for key in ("moe_intermediate_size", "intermediate_size", "q_lora_rank"):
+        v = config.get(key)
+        if v and v % block_rows:
+            problems.append(f"{key}={v} is not a multiple of the {block_rows}-row block")
+    return problems

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from . import compat
-from .capabilities import fp8_kernel_problem
+from .capabilities import fp8_kernel_problem, vllm_block_shape_problems
 from .types import Completion, Messages, SamplingSettings, prompt_seed
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def engine_kwargs(model: str, *, weight_sync: bool = False, dequantize_fp8: bool
     kwargs = vllm_engine_kwargs(model, weight_sync=weight_sync, **kwargs)
     in_process = weight_sync or on_cpu()
     if dequantize_fp8:
-        why = f"vLLM has no FP8 kernel here ({dequantize_fp8})" if isinstance(dequantize_fp8, str) else "as asked"
+        why = f"vLLM cannot serve it in FP8 here ({dequantize_fp8})" if isinstance(dequantize_fp8, str) else "as asked"
         log.warning("%s is a block-FP8 checkpoint; %s: serving it dequantized to %s (generations not in FP8)",
                     model, why, resolved_dtype(model, kwargs["dtype"]))
         kwargs = _dequantized_fp8_kwargs(kwargs)
@@ -194,10 +194,18 @@ def fp8_block_and_scale_format(model: str) -> tuple[tuple[int, int], str | None]
 
 def fp8_fallback_reason(model: str) -> str | None:
     """Why `model` is served dequantized: None unless it is a block-FP8 checkpoint and vLLM has no
-    FP8 kernel here (`engines.capabilities.fp8_kernel_problem`)."""
-    if fp8_checkpoint_config(model) is None:
+    FP8 kernel here (`engines.capabilities.fp8_kernel_problem`), or its shapes are ones vLLM's block-FP8
+    layers refuse (`vllm_block_shape_problems`: the tiny preset's; vLLM failed deep in its weight loader)."""
+    block = fp8_block_and_scale_format(model)
+    if block is None:
         return None
-    return fp8_kernel_problem()
+    kernel = fp8_kernel_problem()  # the machine's reason first: it holds for every checkpoint
+    if kernel is not None:
+        return f"no FP8 kernel: {kernel}"
+    shapes = vllm_block_shape_problems(json.loads((Path(model) / "config.json").read_text()), block[0][0])
+    if shapes:
+        return f"its block-FP8 layers cannot load these shapes: {'; '.join(shapes)}"
+    return None
 
 
 def dequantize_block_fp8(
@@ -489,7 +497,7 @@ class VLLMColocateEngine:
         self.fp8_block: tuple[int, int] | None = None  # set when the engine holds FP8 weights + scales
         self.fp8_scale_fmt: str | None = None
         fp8 = fp8_block_and_scale_format(model_dir)
-        fp8_problem = fp8_kernel_problem() if fp8 is not None else None  # why it is served dequantized, if it is
+        fp8_problem = fp8_fallback_reason(model_dir) if fp8 is not None else None  # why it is served dequantized
         if fp8 is not None and fp8_problem is None:
             self.fp8_block, self.fp8_scale_fmt = fp8  # its float32 dtype becomes bfloat16 in engine_kwargs
         if self.speculative_tokens:

@@ -434,3 +434,24 @@ def test_engine_kwargs_run_a_block_fp8_checkpoint_served_in_fp8_in_bfloat16(tmp_
     # the dequantized view runs in any dtype
     monkeypatch.setattr(V, "_dequantized_fp8_kwargs", lambda kwargs: kwargs)
     assert dtype(fp8, dequantize_fp8="no FP8 kernel", dtype="float32") == "float32"
+
+
+def test_an_fp8_checkpoint_vllm_cannot_load_in_fp8_is_served_dequantized(tmp_path, monkeypatch):
+    """The tiny preset's FP8 checkpoint (experts 64 rows, q_a 96: not whole 128-row blocks) made vLLM fail deep
+    in its weight loader ("output with shape [2, 1] doesn't match the broadcast shape [2, 2]") on a CPU with FP8
+    kernels, in GRPO, eval and serve alike; the engines now serve it dequantized, saying why."""
+    import json
+
+    from engines import vllm_engine as V
+
+    monkeypatch.setattr(V, "fp8_kernel_problem", lambda: None)  # as on a machine whose vLLM has FP8 kernels
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    tiny, aligned, plain = tmp_path / "tiny", tmp_path / "aligned", tmp_path / "plain"
+    for d, config in ((tiny, {"moe_intermediate_size": 64, "q_lora_rank": 96, "quantization_config": qc}),
+                      (aligned, {"moe_intermediate_size": 128, "q_lora_rank": 128, "quantization_config": qc}),
+                      (plain, {"moe_intermediate_size": 64})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+    reason = V.fp8_fallback_reason(str(tiny))
+    assert reason.startswith("its block-FP8 layers cannot load these shapes: moe_intermediate_size=64")
+    assert V.fp8_fallback_reason(str(aligned)) is None and V.fp8_fallback_reason(str(plain)) is None

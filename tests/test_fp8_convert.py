@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from engines.capabilities import vllm_block_shape_problems
 from posttrain.errors import UserError
 from posttrain.fp8.convert import (
     INCOMPLETE_MARKER,
     convert_bf16_to_fp8,
     convert_fp8_to_bf16,
     main,
-    vllm_block_shape_problems,
 )
 from posttrain.fp8.layout import INDEX_FILE, fp8_quantization_config, is_fp8_weight_name
 from posttrain.fp8.quant import FP8_DTYPE, dequantize_blockwise, e4m3_error_bound, expand_scale

@@ -180,6 +180,9 @@ def test_fp8_recipe_fields_are_validated(tiny_model_dir, sft_data, tmp_path):
 
     with pytest.raises(ConfigError, match="fp8_backward"):
         GRPORecipeConfig(output_dir=str(tmp_path), fp8_backward="e5m2")
+    # accepted and ignored before: without fp8 there are no FP8 layers for it to set the backward of
+    with pytest.raises(ConfigError, match=r"fp8_backward='bf16' sets the backward of FP8 layers, which only fp8: true"):
+        _sft_cfg(tiny_model_dir, sft_data, tmp_path, fp8=False, fp8_backward="bf16")
     with pytest.raises(ConfigError, match="use_lora"):
         build_trainer(_sft_cfg(tiny_model_dir, sft_data, tmp_path / "l", fp8=True, use_lora=True, max_train_samples=8))
 

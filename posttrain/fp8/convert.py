@@ -45,6 +45,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from engines.capabilities import vllm_block_shape_problems
+
 from ..errors import UserError
 from .layout import (
     CONFIG_FILE,
@@ -63,8 +65,7 @@ from .layout import (
 )
 from .quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise, scale_grid_shape
 
-__all__ = ["ConversionStats", "INCOMPLETE_MARKER", "convert_fp8_to_bf16", "convert_bf16_to_fp8",
-           "vllm_block_shape_problems", "main"]
+__all__ = ["ConversionStats", "INCOMPLETE_MARKER", "convert_fp8_to_bf16", "convert_bf16_to_fp8", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -423,26 +424,10 @@ def convert_bf16_to_fp8(
 
     weight_map, total_size, stats = _stream(src, dst, layout, convert_shard, progress, "bf16->fp8")
     config["quantization_config"] = fp8_quantization_config(block, scale_fmt)
-    for problem in vllm_block_shape_problems(config):
+    for problem in vllm_block_shape_problems(config, block_size_from_config(config)[0]):
         log.warning("FP8 checkpoint may not load in vLLM: %s", problem)
     _finish(src, dst, layout, weight_map, total_size, config)
     return stats
-
-
-def vllm_block_shape_problems(config: dict) -> list[str]:
-    """Shapes vLLM's block-FP8 path refuses (``validate_fp8_block_shape``/``..._moe``).
-
-    vLLM fuses ``gate_proj``+``up_proj`` (dense and MoE) and ``q_a_proj``+``kv_a_proj_with_mqa``;
-    every fused part but the last must fill whole 128-row blocks, and the MoE
-    intermediate size must be a multiple of the block. The checkpoint itself is valid.
-    """
-    bn = block_size_from_config(config)[0]
-    problems = []
-    for key in ("moe_intermediate_size", "intermediate_size", "q_lora_rank"):
-        v = config.get(key)
-        if v and v % bn:
-            problems.append(f"{key}={v} is not a multiple of the {bn}-row block")
-    return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -111,6 +111,10 @@ def check_fp8_fields(cfg: Any) -> None:
     """Validate the ``fp8*`` recipe fields (called from the recipe configs' ``__post_init__``)."""
     if getattr(cfg, "fp8_backward", "fp8") not in FP8_BACKWARDS:
         raise ConfigError(f"fp8_backward must be one of {FP8_BACKWARDS}, got {cfg.fp8_backward!r}")
+    if not getattr(cfg, "fp8", False) and getattr(cfg, "fp8_backward", "fp8") != "fp8":
+        # it picks the backward of the FP8 layers; without fp8 there are none, and it was ignored without a word
+        raise ConfigError(f"fp8_backward={cfg.fp8_backward!r} sets the backward of FP8 layers, which only fp8: true "
+                          "creates; set fp8: true, or leave fp8_backward unset")
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -417,10 +421,10 @@ def apply_fp8_training(trainer: Any, cfg: Any) -> dict[str, Any]:
         _use_bf16_moments(trainer, cfg)
     if summary["fp8"] or summary["bf16_moments"] or source is not None:
         log.info(
-            "FP8 (DeepSeek-V3 report §3.3): %d Linear layers and %d fused expert modules on FP8 layers "
-            "(backward: %s); embeddings, lm_head, router, norms and MTP eh_proj in %s; AdamW moments in %s; "
-            "final export: %s",
-            summary["fp8_linear_layers"], summary["fp8_expert_modules"], summary["fp8_backward"],
+            "FP8 (DeepSeek-V3 report §3.3): %d Linear layers and %d fused expert modules on FP8 layers%s; "
+            "embeddings, lm_head, router, norms and MTP eh_proj in %s; AdamW moments in %s; final export: %s",
+            summary["fp8_linear_layers"], summary["fp8_expert_modules"],
+            f" (backward: {summary['fp8_backward']})" if summary["fp8"] else "",
             str(next(model.parameters()).dtype).replace("torch.", ""),
             "bf16" if summary["bf16_moments"] else "the parameter dtype",
             "FP8 (input checkpoint format)" if source is not None else "high precision",
