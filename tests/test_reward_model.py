@@ -122,7 +122,7 @@ def test_preference_rows_normalise_and_name_bad_rows():
     # a table's columns are every row's: the message lists what this row has (it listed 'rejected' as present)
     with pytest.raises(UserError, match=r"missing 'rejected'.*\(this row has: \['chosen', 'prompt'\]\)"):
         to_preference_example({"prompt": "q", "chosen": "a", "rejected": None})
-    with pytest.raises(UserError, match="pairs row 1: 'chosen' has no assistant message"):
+    with pytest.raises(UserError, match="pairs row 1: 'chosen' has a user turn"):
         to_preference_examples([{"prompt": "q", "chosen": "a", "rejected": "b"},
                                 {"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}],
                                source="pairs")
@@ -477,3 +477,36 @@ def test_reward_model_spec_bad_options_and_unfinished_directory(untrained_rm, tm
     shutil.copytree(untrained_rm, partial, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(RewardError, match="partial: cannot load its weights"):
         rewards.resolve(f"reward_model:{partial}")
+
+
+def test_the_final_held_out_accuracy_uses_the_pairs_trls_evaluation_uses(tiny_model_dir, tmp_path):
+    """TRL's evaluation drops pairs longer than max_length; the final summary's eval_accuracy / eval_margin scored
+    every pair with long rows shortened (0.5625 on 16 pairs where TRL said 0.875 on 8, for the same weights)."""
+    from posttrain.rm.run import run_rm_training
+
+    long = "\\boxed{7} because " + "seven is the count " * 12
+    rows = _PAIRS + [{**_PAIRS[0], "rejected": long}, {**_PAIRS[1], "rejected": long}]
+    data = str(_pairs_file(tmp_path, rows))
+    summary = run_rm_training(load_config(RMRecipeConfig, RECIPE, {
+        "model_name_or_path": str(tiny_model_dir), "dataset_name": data, "eval_dataset_name": data,
+        "dataset_test_split": "train", "output_dir": str(tmp_path / "o"), "max_steps": 1, "max_length": 40,
+        "per_device_train_batch_size": 2, "disable_tqdm": True}))
+    # the two long pairs: dropped by TRL from training and from its evaluation, and now from the summary's too
+    assert summary["train_pairs"] == 2 and summary["dropped_too_long"] == 2
+    assert summary["eval_pairs"] == 2 and summary["eval_pairs_dropped_too_long"] == 2
+
+
+def test_preference_rows_in_trls_implicit_prompt_format_and_multi_turn_responses():
+    """TRL's implicit-prompt rows (chosen/rejected are whole conversations sharing their opening turns) were
+    refused for want of a 'prompt'; a response with a user turn inside was merged into one assistant reply."""
+    q = {"role": "user", "content": "What is 2+2?"}
+    ex = to_preference_example({"chosen": [q, {"role": "assistant", "content": "4"}],
+                                "rejected": [q, {"role": "assistant", "content": "5"}]})
+    assert ex["prompt"] == [q] and ex["chosen"][0]["content"] == "4" and ex["rejected"][0]["content"] == "5"
+    with pytest.raises(UserError, match="share no opening turn"):
+        to_preference_example({"chosen": [{"role": "assistant", "content": "4"}],
+                               "rejected": [{"role": "assistant", "content": "5"}]})
+    with pytest.raises(UserError, match=r"'chosen' has a user turn; a response is assistant messages only"):
+        to_preference_example({"prompt": "2+2?", "rejected": "5", "chosen": [
+            {"role": "assistant", "content": "x"}, {"role": "user", "content": "really?"},
+            {"role": "assistant", "content": "4"}]})

@@ -11,8 +11,9 @@ the chat template (prompt + response as the assistant turn)::
 the RM is trained and applied on one format.
 
 Accepted input columns: `prompt` (text or chat messages), `chosen` and `rejected` (text, or
-assistant messages / a message list whose assistant turns are joined), optional `margin` (a
-number; TRL's margin loss), and an optional chain-of-thought.
+assistant messages, whose contents are joined into one response), optional `margin` (a number;
+TRL's margin loss), and an optional chain-of-thought. Without `prompt`, conversational `chosen` /
+`rejected` that share their opening turns give it, as TRL's implicit-prompt format (`extract_prompt`).
 
 **Chain-of-thought** (DeepSeek-V3 report §5.2.1: the RM's preference data "includes the
 chain-of-thought leading to the reward"). A scalar RM reads the reasoning that leads to a
@@ -193,15 +194,32 @@ def _messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
                     f"{type(value).__name__}")
 
 
+def _implicit_prompt(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """TRL's implicit-prompt preference row (chosen and rejected are whole conversations that share their
+    opening turns): the shared turns become the prompt, as TRL's `extract_prompt` makes them."""
+    from trl.data_utils import extract_prompt
+
+    chosen, rejected = _messages(row["chosen"], "chosen", where), _messages(row["rejected"], "rejected", where)
+    split = extract_prompt({"chosen": chosen, "rejected": rejected})
+    if not split["prompt"]:
+        raise UserError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no opening turn to take it from "
+                        "(TRL's implicit-prompt format)")
+    return split
+
+
 def _response_text(value: Any, field: str, where: str) -> str:
-    """A response column as text: a string, one assistant message, or messages (assistant turns joined)."""
+    """A response column as text: a string, or assistant messages (their contents joined: one response)."""
     if isinstance(value, Mapping):
         value = [value]
     if isinstance(value, str):
         text = value
     else:
         msgs = _messages(value, field, where)
-        assistant = [m["content"] for m in msgs if m["role"] == "assistant"]
+        others = [m["role"] for m in msgs if m["role"] != "assistant"]
+        if others:  # the RM scores one response to the prompt; a later user turn was dropped without a word
+            raise UserError(f"{where}: '{field}' has a {others[0]} turn; a response is assistant messages only (put "
+                            "earlier turns of a conversation in 'prompt')")
+        assistant = [m["content"] for m in msgs]
         if not assistant:
             raise UserError(f"{where}: '{field}' has no assistant message")
         text = "\n".join(assistant)
@@ -239,6 +257,9 @@ def with_rationale(response: str, rationale: str | None) -> str:
 def to_preference_example(row: Mapping[str, Any], index: int = 0, source: str = "dataset") -> dict[str, Any]:
     """One raw row → TRL's conversational preference example (see the module docstring)."""
     where = str(row.get("__where__") or f"{source} row {index}")
+    if row.get("prompt") is None and isinstance(row.get("chosen"), (list, tuple)) \
+            and isinstance(row.get("rejected"), (list, tuple)):
+        row = {**row, **_implicit_prompt(row, where)}
     missing = [c for c in ("prompt", "chosen", "rejected") if row.get(c) is None]
     if missing:
         # the row's own fields: a table's columns are the union over rows, and a missing one reads as null here

@@ -128,10 +128,21 @@ def _run(cfg: RMRecipeConfig) -> dict[str, Any]:
         summary["last_train_accuracy"] = logged[-1]["accuracy"]
     trainer.model.eval()
     if held_out:
-        scorer = RewardModelScorer.from_model(trainer.model, tokenizer, batch_size=cfg.per_device_eval_batch_size,
-                                              max_length=cfg.max_length)
-        ev = pairwise_accuracy(scorer, held_out)
+        scorer = RewardModelScorer.from_model(trainer.model, tokenizer, batch_size=cfg.per_device_eval_batch_size)
+        # the pairs TRL's own evaluation (eval_accuracy, eval_margin) uses: those whose both sides fit max_length
+        # (the scorer would shorten a longer row, and the same metric names then meant other pairs)
+        fitting = held_out if cfg.max_length is None else [
+            e for e in held_out if max(len(scorer.encode(e["prompt"], e[side])) for side in ("chosen", "rejected"))
+            <= cfg.max_length]
+        if not fitting:
+            raise UserError(f"{eval_source[0]} ({eval_source[1]}): every held-out pair is longer than "
+                            f"max_length={cfg.max_length} tokens")
+        if len(fitting) < len(held_out):
+            log.warning("%d of %d held-out pairs are longer than max_length=%s tokens and were dropped, as TRL's "
+                        "evaluation drops them", len(held_out) - len(fitting), len(held_out), cfg.max_length)
+        ev = pairwise_accuracy(scorer, fitting)
         summary.update({"eval_dataset": f"{eval_source[0]} ({eval_source[1]})", "eval_pairs": int(ev["pairs"]),
+                        "eval_pairs_dropped_too_long": len(held_out) - len(fitting),
                         "eval_accuracy": ev["accuracy"], "eval_margin": ev["margin"]})
         log.info("held-out pairwise accuracy %.3f on %d pairs (mean margin %.3f)", ev["accuracy"],
                  int(ev["pairs"]), ev["margin"])
