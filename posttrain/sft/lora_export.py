@@ -132,11 +132,9 @@ def _training_dtype(ckpt: Path) -> torch.dtype:
 
 
 def _tokenizer(ckpt: Path, base: str):
-    """The checkpoint's tokenizer (the trainer saves it there), else the base's."""
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer (the trainer saves it there), else the base's; with the pad token the SFT run's
+    tokenizer had (its final model has it too)."""
+    from ..tokenizer import load_checkpoint_tokenizer
 
-    source = str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else base
-    tok = AutoTokenizer.from_pretrained(source)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # as the SFT run's tokenizer (run.load_tokenizer), which its final model has
-    return tok
+    from_checkpoint = (ckpt / "tokenizer_config.json").is_file()
+    return load_checkpoint_tokenizer(str(ckpt) if from_checkpoint else base, "checkpoint" if from_checkpoint else "base")
