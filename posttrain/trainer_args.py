@@ -67,9 +67,10 @@ def check_reporting_installed(args: Any) -> None:
     callback, after the model is loaded; the trainers call this before. (Not part of the config's own checks:
     a recipe for a cluster validates on a machine without its logger.)"""
     names = args.report_to if isinstance(args.report_to, list) else []
-    installed = _installed_integrations()
+    installed = _installed_integrations() if names else None
+    known = _known_integrations() if installed is not None else []
     for name in names:
-        if installed is not None and name in _known_integrations() and name not in installed:
+        if installed is not None and name in known and name not in installed:
             raise ConfigError(f"'report_to': {name} is not installed in this environment (pip install it, or "
                               "leave it out of report_to)")
 

@@ -48,9 +48,6 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path {path}: not a model checkpoint: {e}") from None
-    if config.model_type != "deepseek_v3":
-        raise UserError(f"model_name_or_path {path}: model_type {config.model_type!r}; the reward model needs a "
-                        "DeepSeek-V3-architecture checkpoint (model_type 'deepseek_v3')")
     n_main, n_mtp = config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0) or 0
     # Expected differences from a causal-LM checkpoint: the new head, and the LM head / MTP layer(s)
     # that a classifier does not have. Anything else missing is still reported by transformers.
@@ -67,6 +64,7 @@ def load_reward_backbone(path: str, tokenizer: Any, **model_kwargs: Any):
         # DeepSeek's FP8 checkpoints (the released V3, an `fp8: true` SFT output) dequantized by our
         # loader, as SFT and GRPO load them; transformers' own FP8 path cannot load one for training
         config.num_labels = 1  # on the config: the FP8 path builds the model from it
+        # a checkpoint of another model_type is refused there (check_checkpoint), as for SFT and GRPO
         model = load_pretrained(cls, path, config=config, **model_kwargs)
     finally:
         cls._keys_to_ignore_on_load_unexpected, cls._keys_to_ignore_on_load_missing = saved
